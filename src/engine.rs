@@ -1,0 +1,377 @@
+//! The engine: `check_and_reserve` and `commit_usage`, and applying a new policy.
+//!
+//! This module holds the decision logic: which levels apply to a request, in which
+//! order, and what a refusal tells the client. Counters live behind `store`.
+
+use std::sync::Arc as StdArc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
+
+use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::denial::{Denial, DenialReason, Error, Quota, Scope};
+use crate::money::{picos_to_decimal, token_cost};
+use crate::policy::{KeyStatus, Policy, WorkspaceStatus};
+use crate::request::{Credential, Request, Usage};
+use crate::reservation::{Receipt, Reservation, LEVELS};
+use crate::snapshot::Snapshot;
+use crate::store::{reserve_level, Ask, Refusal, Tightest};
+use crate::sync::{Arc, SwapCell};
+
+/// The HTTP status a budget or wallet denial answers with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BudgetStatus {
+    /// 402 Payment Required (the default, as OpenRouter does).
+    #[default]
+    PaymentRequired,
+    /// 429 Too Many Requests, for clients that only understand that.
+    TooManyRequests,
+}
+
+impl BudgetStatus {
+    fn code(self) -> u16 {
+        match self {
+            BudgetStatus::PaymentRequired => 402,
+            BudgetStatus::TooManyRequests => 429,
+        }
+    }
+}
+
+/// Enforces a policy's rate limits and budgets, in memory.
+///
+/// Cheap to clone: clones share counters. Safe to call from any number of threads.
+///
+/// ```
+/// use rust_decimal::Decimal;
+/// use tollgate::*;
+///
+/// let policy = Policy::new(
+///     PolicyDocument::new(OrgSpec::new("acme"))
+///         .model(ModelSpec::new("gpt-4o-mini", Decimal::new(15, 2), Decimal::new(60, 2)))
+///         .workspace(
+///             WorkspaceSpec::new("ws1", "chatbot-production")
+///                 .grant("gpt-4o-mini")
+///                 .limits(LimitsSpec { rpm: Some(60), tpm: Some(100_000), ..LimitsSpec::default() })
+///                 .budget(BudgetSpec::new(Decimal::new(100, 0), BudgetPeriod::Month)),
+///         )
+///         .key(KeySpec::new("k1", "ws1", "sk-secret")),
+/// )?;
+/// let engine = Engine::new(policy);
+///
+/// let request = Request::with_secret("sk-secret", "gpt-4o-mini").input_tokens(500).max_output_tokens(200);
+/// let reservation = engine.check_and_reserve(&request).expect("admitted");
+/// let receipt = engine.commit_usage(reservation, Usage::new(480, 150))?;
+/// assert_eq!(receipt.cost, Decimal::new(162, 6)); // 480 × 0.15/M + 150 × 0.60/M
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct Engine {
+    inner: StdArc<Inner>,
+}
+
+struct Inner {
+    snapshot: SwapCell<Snapshot>,
+    /// Serialises policy changes so none is lost; requests never take it.
+    apply_lock: Mutex<()>,
+    clock: StdArc<dyn Clock>,
+    budget_status: u16,
+}
+
+/// Sets up an [`Engine`].
+#[must_use]
+pub struct EngineBuilder {
+    policy: Policy,
+    clock: StdArc<dyn Clock>,
+    budget_status: BudgetStatus,
+}
+
+impl EngineBuilder {
+    /// Use this clock instead of the system clock (e.g. a `ManualClock` in tests).
+    pub fn clock(mut self, clock: StdArc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The status budget and wallet denials answer with.
+    pub fn budget_status(mut self, status: BudgetStatus) -> Self {
+        self.budget_status = status;
+        self
+    }
+
+    /// Start the engine.
+    #[must_use]
+    pub fn build(self) -> Engine {
+        let now = self.clock.now();
+        Engine {
+            inner: StdArc::new(Inner {
+                snapshot: SwapCell::new(Arc::new(Snapshot::build(self.policy, None, now))),
+                apply_lock: Mutex::new(()),
+                clock: self.clock,
+                budget_status: self.budget_status.code(),
+            }),
+        }
+    }
+}
+
+impl Engine {
+    /// An engine on the system clock.
+    #[must_use]
+    pub fn new(policy: Policy) -> Self {
+        Self::builder(policy).build()
+    }
+
+    /// An engine with options.
+    pub fn builder(policy: Policy) -> EngineBuilder {
+        EngineBuilder {
+            policy,
+            clock: StdArc::new(SystemClock::new()),
+            budget_status: BudgetStatus::default(),
+        }
+    }
+
+    /// The engine's clock.
+    #[must_use]
+    pub fn clock(&self) -> &StdArc<dyn Clock> {
+        &self.inner.clock
+    }
+
+    /// May this key call this model now? If so, hold the request's worst case on every
+    /// level (key, workspace, workspace × model, org budget, wallet), all or nothing.
+    ///
+    /// Allocates nothing and takes no lock.
+    ///
+    /// # Errors
+    /// A [`Denial`] naming the scope and limit that refused; nothing stays held.
+    pub fn check_and_reserve(&self, request: &Request<'_>) -> Result<Reservation, Denial> {
+        let now = self.inner.clock.now();
+        let snapshot = self.inner.snapshot.load();
+        let snap: &Snapshot = &snapshot;
+        let policy = &snap.policy;
+
+        let key_index = match request.credential {
+            Credential::Secret(secret) => {
+                let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+                snap.key_by_digest.get(&digest)
+            }
+            Credential::KeyId(id) => snap.key_by_id.get(id),
+        };
+        let Some(&key_index) = key_index else {
+            return Err(self.deny(DenialReason::UnknownKey, Scope::Key));
+        };
+        let key = &policy.keys[key_index as usize];
+        if key.status == KeyStatus::Revoked {
+            return Err(self.deny(DenialReason::KeyRevoked, Scope::Key));
+        }
+        if key.expires_at.is_some_and(|at| now >= at) {
+            return Err(self.deny(DenialReason::KeyExpired, Scope::Key));
+        }
+        let ws_index = key.workspace as usize;
+        let ws = &policy.workspaces[ws_index];
+        if ws.status != WorkspaceStatus::Active {
+            return Err(self.deny(
+                DenialReason::WorkspaceNotActive(ws.status),
+                Scope::Workspace,
+            ));
+        }
+        let Some(&model_index) = snap.model_by_name.get(request.model) else {
+            return Err(self.deny(DenialReason::UnknownModel, Scope::WorkspaceModel));
+        };
+        let model_index = model_index as usize;
+        if !ws.granted[model_index] {
+            return Err(self.deny(DenialReason::ModelNotGranted, Scope::WorkspaceModel));
+        }
+        let model = &policy.models[model_index];
+
+        let output_tokens = request
+            .max_output_tokens
+            .or(key.default_max_output)
+            .or(model.default_max_output)
+            .or(ws.default_max_output)
+            .unwrap_or(policy.org.default_max_output);
+        let input = u64::from(request.input_tokens);
+        let output = u64::from(output_tokens);
+        let ask = Ask {
+            input_tokens: input,
+            output_tokens: output,
+            cost: token_cost(input, model.input_price)
+                .saturating_add(token_cost(output, model.output_price)),
+        };
+
+        let key_rules = key.rules.as_deref().unwrap_or(&ws.plain_key_rules);
+        let levels = [
+            (Scope::Key, &snap.keys[key_index as usize], Some(key_rules)),
+            (
+                Scope::Workspace,
+                &snap.workspaces[ws_index],
+                Some(&ws.rules),
+            ),
+            (
+                Scope::WorkspaceModel,
+                &snap.workspace_models[ws_index][model_index],
+                Some(&ws.model_rules[model_index]),
+            ),
+            (Scope::Org, &snap.org, Some(&policy.org.rules)),
+            (Scope::Org, &snap.wallet, policy.org.wallet.as_ref()),
+        ];
+
+        let mut tightest = Tightest::default();
+        let mut holds: [_; LEVELS] = Default::default();
+        for (level, (scope, state, rules)) in levels.into_iter().enumerate() {
+            let Some(rules) = rules else { continue };
+            match reserve_level(state, rules, ask, now, &mut tightest) {
+                Ok(hold) => holds[level] = Some(hold),
+                Err(refusal) => {
+                    // All or nothing: give back the levels already taken.
+                    for hold in holds.iter_mut().filter_map(Option::take) {
+                        hold.release(now);
+                    }
+                    let wallet = level == LEVELS - 1;
+                    return Err(self.refused(scope, wallet, refusal, ask, now));
+                }
+            }
+        }
+
+        Ok(Reservation {
+            levels: holds,
+            ask,
+            input_price: model.input_price,
+            output_price: model.output_price,
+            tightest,
+            clock: StdArc::clone(&self.inner.clock),
+        })
+    }
+
+    /// Replace a reservation by what the request really used. Consumes the
+    /// reservation, so usage is charged exactly once.
+    ///
+    /// # Errors
+    /// Never for the in-memory engine; the `Result` leaves room for stores that can
+    /// fail (a distributed store's transient errors).
+    pub fn commit_usage(&self, reservation: Reservation, usage: Usage) -> Result<Receipt, Error> {
+        Ok(reservation.commit(usage))
+    }
+
+    /// Apply a new policy to the running engine. Counters of keys, workspaces and
+    /// models whose ids persist are kept; changed limits apply from the next request;
+    /// in-flight reservations settle against the counters they were taken from.
+    pub fn apply_policy(&self, policy: Policy) {
+        let _writer = self.inner.apply_lock.lock();
+        let now = self.inner.clock.now();
+        let previous = self.inner.snapshot.load_full();
+        let next = Snapshot::build(policy, Some(&previous), now);
+        self.inner.snapshot.store(Arc::new(next));
+    }
+
+    /// The policy the engine runs now.
+    #[must_use]
+    pub fn policy(&self) -> Policy {
+        self.inner.snapshot.load_full().policy.clone()
+    }
+
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
+        self.inner.snapshot.load_full()
+    }
+
+    pub(crate) fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    fn deny(&self, reason: DenialReason, scope: Scope) -> Denial {
+        Denial {
+            budget_status: self.inner.budget_status,
+            ..Denial::new(reason, scope)
+        }
+    }
+
+    fn refused(
+        &self,
+        scope: Scope,
+        wallet: bool,
+        refusal: Refusal,
+        ask: Ask,
+        now: Timestamp,
+    ) -> Denial {
+        match refusal {
+            Refusal::Requests {
+                per_day,
+                rule,
+                remaining,
+                retry_after,
+                reset,
+            } => Denial {
+                quota: Some(Quota::Requests {
+                    limit: rule.limit,
+                    remaining,
+                    window: rule.window,
+                }),
+                retry_after,
+                reset_after: Some(reset),
+                ..self.deny(
+                    if per_day {
+                        DenialReason::RequestsPerDay
+                    } else {
+                        DenialReason::RequestsPerMinute
+                    },
+                    scope,
+                )
+            },
+            Refusal::Tokens {
+                rule,
+                requested,
+                remaining,
+                retry_after,
+                reset,
+            } => Denial {
+                quota: Some(Quota::Tokens {
+                    limit: rule.limit,
+                    remaining,
+                    window: rule.window,
+                    requested,
+                }),
+                retry_after,
+                reset_after: Some(reset),
+                ..self.deny(DenialReason::TokensPerMinute, scope)
+            },
+            Refusal::Concurrency { limit, in_flight } => Denial {
+                quota: Some(Quota::Concurrent { limit, in_flight }),
+                // A slot frees when some request finishes: there is no time to promise.
+                retry_after: Some(Duration::from_secs(1)),
+                ..self.deny(DenialReason::Concurrency, scope)
+            },
+            Refusal::Budget {
+                limit,
+                remaining,
+                period_end,
+            } => {
+                let reset_after = (period_end.as_unix_nanos() != u64::MAX)
+                    .then(|| period_end.saturating_since(now));
+                Denial {
+                    quota: Some(Quota::Money {
+                        limit: picos_to_decimal(limit),
+                        remaining: picos_to_decimal(remaining),
+                        requested: picos_to_decimal(ask.cost),
+                    }),
+                    retry_after: None,
+                    reset_after,
+                    ..self.deny(
+                        if wallet {
+                            DenialReason::Wallet
+                        } else {
+                            DenialReason::Budget
+                        },
+                        scope,
+                    )
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("policy", &self.inner.snapshot.load_full().policy)
+            .finish()
+    }
+}

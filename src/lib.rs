@@ -1,0 +1,82 @@
+//! # tollgate
+//!
+//! Rate limits and spend budgets for LLM gateways, enforced on the hot path.
+//!
+//! A gateway asks [`Engine::check_and_reserve`] before forwarding a request (may
+//! this key call this model now? hold the worst case) and [`Engine::commit_usage`]
+//! when the provider has answered (here is what it really used). Every applicable
+//! limit must admit the request: the key's, its workspace's, the workspace's limits
+//! for the model, the org's budget and the org's wallet. Spend rolls up: a key's
+//! spend is also its workspace's and its org's.
+//!
+//! ```
+//! use tollgate::{Engine, Policy, Request, Usage};
+//!
+//! let policy = Policy::from_toml_str(r#"
+//!     [org]
+//!     id = "acme"
+//!     budget = { limit = "100.00", period = "month" }
+//!
+//!     [[models]]
+//!     name = "gpt-4o-mini"
+//!     input_per_million = "0.15"
+//!     output_per_million = "0.60"
+//!
+//!     [[workspaces]]
+//!     id = "ws-chat"
+//!     name = "chatbot-production"
+//!     models = ["gpt-4o-mini"]
+//!     limits = { rpm = 600, tpm = 200000 }
+//!
+//!     [[keys]]
+//!     id = "key-1"
+//!     workspace = "ws-chat"
+//!     secret_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08" # "test"
+//! "#)?;
+//! let engine = Engine::new(policy);
+//!
+//! match engine.check_and_reserve(&Request::with_secret("test", "gpt-4o-mini").input_tokens(900)) {
+//!     Ok(reservation) => {
+//!         // ... forward to the provider, then:
+//!         let receipt = engine.commit_usage(reservation, Usage::new(900, 312))?;
+//!         println!("cost ${}", receipt.cost);
+//!     }
+//!     Err(denial) => println!("{} {}", denial.http_status(), denial),
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![deny(missing_docs)]
+
+mod bucket;
+mod budget;
+mod clock;
+mod denial;
+mod engine;
+mod headers;
+#[cfg(all(test, loom))]
+mod loom_tests;
+mod money;
+mod period;
+mod policy;
+mod request;
+mod reservation;
+mod snapshot;
+mod store;
+mod sync;
+mod usage;
+
+pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use denial::{Denial, DenialReason, Error, Quota, Scope};
+pub use engine::{BudgetStatus, Engine, EngineBuilder};
+pub use headers::{HeaderValue, RateLimitHeaders, TOKEN_QUOTA_UNIT};
+pub use period::BudgetPeriod;
+pub use policy::{
+    BudgetSpec, DefaultsSpec, Environment, KeySpec, KeyStatus, LimitsSpec, ModelLimitSpec,
+    ModelSpec, OrgSpec, Policy, PolicyDocument, PolicyError, PolicyIssue, Problem, TokenCount,
+    WorkspaceSpec, WorkspaceStatus,
+};
+pub use request::{Credential, Request, Usage};
+pub use reservation::{LimitWindow, RateLimitStatus, Receipt, Reservation};
+pub use usage::{KeyUsage, ModelUsage, ScopeReport, ScopeUsage, UsageSnapshot, WorkspaceUsage};
+
+pub use rust_decimal::Decimal;

@@ -1,0 +1,463 @@
+//! The policy as written in a file or built in code: plain serde types.
+//!
+//! Everything here may still be wrong (a zero limit, a key in a workspace that does
+//! not exist); [`Policy::new`](crate::Policy::new) checks it all and reports every
+//! problem at once. Numbers are signed on purpose, so a negative limit reaches the
+//! validator and is reported with its path instead of failing to parse.
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::period::BudgetPeriod;
+
+/// A whole policy: the org, its price table, workspaces and API keys.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDocument {
+    /// The account everything rolls up into.
+    pub org: OrgSpec,
+    /// Values used when nothing more specific is set.
+    #[serde(default)]
+    pub defaults: DefaultsSpec,
+    /// The price table: every model that may be called.
+    #[serde(default)]
+    pub models: Vec<ModelSpec>,
+    /// The org's workspaces.
+    #[serde(default)]
+    pub workspaces: Vec<WorkspaceSpec>,
+    /// API keys, each in one workspace.
+    #[serde(default)]
+    pub keys: Vec<KeySpec>,
+}
+
+/// The org (account): wallet, org-wide budget and caps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrgSpec {
+    /// Stable id.
+    pub id: String,
+    /// Prepaid balance in USD; spend beyond it is refused. `None`: no wallet check.
+    #[serde(default, deserialize_with = "exact_decimal::optional")]
+    pub wallet: Option<Decimal>,
+    /// Spend budget across all workspaces.
+    #[serde(default)]
+    pub budget: Option<BudgetSpec>,
+    /// Most workspaces the org may have (default 20).
+    #[serde(default = "default_cap")]
+    pub max_workspaces: i64,
+    /// Most keys one workspace may have (default 20).
+    #[serde(default = "default_cap")]
+    pub max_keys_per_workspace: i64,
+    /// Id of the default workspace, which may call every priced model.
+    #[serde(default)]
+    pub default_workspace: Option<String>,
+}
+
+fn default_cap() -> i64 {
+    20
+}
+
+impl OrgSpec {
+    /// An org with default caps, no wallet and no budget.
+    #[must_use]
+    pub fn new(id: impl Into<String>) -> Self {
+        OrgSpec {
+            id: id.into(),
+            wallet: None,
+            budget: None,
+            max_workspaces: default_cap(),
+            max_keys_per_workspace: default_cap(),
+            default_workspace: None,
+        }
+    }
+}
+
+impl Default for OrgSpec {
+    fn default() -> Self {
+        OrgSpec::new("org")
+    }
+}
+
+/// Fallbacks for values a request or scope does not set.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DefaultsSpec {
+    /// Output tokens assumed (and reserved) when a request names no `max_tokens`.
+    #[serde(default = "default_max_output")]
+    pub max_output_tokens: i64,
+}
+
+fn default_max_output() -> i64 {
+    4096
+}
+
+impl Default for DefaultsSpec {
+    fn default() -> Self {
+        DefaultsSpec {
+            max_output_tokens: default_max_output(),
+        }
+    }
+}
+
+/// One model's price, in USD per million tokens.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// The model name requests use, e.g. `gpt-4o-mini`.
+    pub name: String,
+    /// USD per million input tokens (at most 6 decimals, at most 1000).
+    #[serde(deserialize_with = "exact_decimal::required")]
+    pub input_per_million: Decimal,
+    /// USD per million output tokens (at most 6 decimals, at most 1000).
+    #[serde(deserialize_with = "exact_decimal::required")]
+    pub output_per_million: Decimal,
+    /// Output tokens assumed for this model when a request names none.
+    #[serde(default)]
+    pub default_max_output_tokens: Option<i64>,
+}
+
+impl ModelSpec {
+    /// A priced model.
+    #[must_use]
+    pub fn new(
+        name: impl Into<String>,
+        input_per_million: Decimal,
+        output_per_million: Decimal,
+    ) -> Self {
+        ModelSpec {
+            name: name.into(),
+            input_per_million,
+            output_per_million,
+            default_max_output_tokens: None,
+        }
+    }
+}
+
+/// Which tokens a token limit counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenCount {
+    /// Input plus output tokens (the default).
+    #[default]
+    Total,
+    /// Input (prompt) tokens only.
+    Input,
+    /// Output (completion) tokens only.
+    Output,
+}
+
+/// Rate limits of one scope. Unset means unlimited.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSpec {
+    /// Requests per minute.
+    #[serde(default)]
+    pub rpm: Option<i64>,
+    /// Requests per day (a rolling 24 hours).
+    #[serde(default)]
+    pub rpd: Option<i64>,
+    /// Tokens per minute.
+    #[serde(default)]
+    pub tpm: Option<i64>,
+    /// Which tokens `tpm` counts.
+    #[serde(default)]
+    pub tpm_counts: TokenCount,
+    /// Requests in flight at once.
+    #[serde(default)]
+    pub max_concurrent: Option<i64>,
+}
+
+/// A spend budget.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetSpec {
+    /// USD per period (at most 12 decimals).
+    #[serde(deserialize_with = "exact_decimal::required")]
+    pub limit: Decimal,
+    /// When spend starts again from zero.
+    #[serde(default)]
+    pub period: BudgetPeriod,
+    /// Percentages of the limit at which to alert, each within 0–100.
+    #[serde(default)]
+    pub alert_thresholds: Vec<i64>,
+}
+
+impl BudgetSpec {
+    /// A budget of `limit` USD per `period`, alerting at 50, 80 and 100 %.
+    #[must_use]
+    pub fn new(limit: Decimal, period: BudgetPeriod) -> Self {
+        BudgetSpec {
+            limit,
+            period,
+            alert_thresholds: vec![50, 80, 100],
+        }
+    }
+}
+
+/// Deployment stage of a workspace.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Environment {
+    /// Live traffic (the default).
+    #[default]
+    Production,
+    /// Pre-production.
+    Staging,
+    /// Experiments.
+    Sandbox,
+}
+
+/// Whether a workspace may make requests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkspaceStatus {
+    /// Requests are served (the default).
+    #[default]
+    Active,
+    /// Held for review: requests are refused with 403.
+    Review,
+    /// Suspended: requests are refused with 403.
+    Suspended,
+}
+
+/// Per-model limits inside a workspace.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelLimitSpec {
+    /// The model these limits apply to.
+    pub model: String,
+    /// Requests per minute for this model in this workspace.
+    #[serde(default)]
+    pub rpm: Option<i64>,
+    /// Tokens per minute for this model in this workspace.
+    #[serde(default)]
+    pub tpm: Option<i64>,
+    /// Which tokens `tpm` counts.
+    #[serde(default)]
+    pub tpm_counts: TokenCount,
+}
+
+/// A workspace: a product and environment with its own keys, grants and limits.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceSpec {
+    /// Stable id.
+    pub id: String,
+    /// Display name, at most 30 characters of `A-Z a-z 0-9 - _`, e.g. `chatbot-production`.
+    pub name: String,
+    /// Deployment stage.
+    #[serde(default)]
+    pub environment: Environment,
+    /// Where its traffic is served, free text such as `eu-west`.
+    #[serde(default)]
+    pub region: String,
+    /// Whether it may make requests.
+    #[serde(default)]
+    pub status: WorkspaceStatus,
+    /// Models this workspace may call (the default workspace may call all).
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Workspace-wide rate limits.
+    #[serde(default)]
+    pub limits: LimitsSpec,
+    /// Per-model rate limits.
+    #[serde(default)]
+    pub model_limits: Vec<ModelLimitSpec>,
+    /// Spend budget; rolls up into the org's.
+    #[serde(default)]
+    pub budget: Option<BudgetSpec>,
+    /// Output tokens assumed when neither request, key nor model says.
+    #[serde(default)]
+    pub default_max_output_tokens: Option<i64>,
+}
+
+impl WorkspaceSpec {
+    /// An active production workspace with no grants and no limits.
+    #[must_use]
+    pub fn new(id: impl Into<String>, name: impl Into<String>) -> Self {
+        WorkspaceSpec {
+            id: id.into(),
+            name: name.into(),
+            ..WorkspaceSpec::default()
+        }
+    }
+
+    /// Grant a model.
+    #[must_use]
+    pub fn grant(mut self, model: impl Into<String>) -> Self {
+        self.models.push(model.into());
+        self
+    }
+
+    /// Set the workspace rate limits.
+    #[must_use]
+    pub fn limits(mut self, limits: LimitsSpec) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Set the spend budget.
+    #[must_use]
+    pub fn budget(mut self, budget: BudgetSpec) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+}
+
+/// Whether a key may be used.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyStatus {
+    /// Usable (the default).
+    #[default]
+    Active,
+    /// Refused with 401.
+    Revoked,
+}
+
+/// An API key. Only the SHA-256 digest of its secret is kept.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySpec {
+    /// Stable id (not secret), e.g. `key_live_01`.
+    pub id: String,
+    /// Id of the workspace the key belongs to.
+    pub workspace: String,
+    /// Lower- or upper-case hex SHA-256 of the secret; see [`KeySpec::digest_of`].
+    pub secret_sha256: String,
+    /// Whether the key may be used.
+    #[serde(default)]
+    pub status: KeyStatus,
+    /// The key is refused from this instant on (RFC 3339).
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The key's own rate limits, on top of its workspace's.
+    #[serde(default)]
+    pub limits: LimitsSpec,
+    /// The key's own spend budget, on top of its workspace's.
+    #[serde(default)]
+    pub budget: Option<BudgetSpec>,
+    /// Output tokens assumed for this key when a request names none.
+    #[serde(default)]
+    pub default_max_output_tokens: Option<i64>,
+}
+
+impl KeySpec {
+    /// An active key for `secret` (which is hashed here and not kept).
+    #[must_use]
+    pub fn new(id: impl Into<String>, workspace: impl Into<String>, secret: &str) -> Self {
+        KeySpec {
+            id: id.into(),
+            workspace: workspace.into(),
+            secret_sha256: Self::digest_of(secret),
+            ..KeySpec::default()
+        }
+    }
+
+    /// The lower-case hex SHA-256 of a secret, as `secret_sha256` expects.
+    #[must_use]
+    pub fn digest_of(secret: &str) -> String {
+        hex::encode(Sha256::digest(secret.as_bytes()))
+    }
+}
+
+impl PolicyDocument {
+    /// A document for `org` with nothing else in it.
+    #[must_use]
+    pub fn new(org: OrgSpec) -> Self {
+        PolicyDocument {
+            org,
+            ..PolicyDocument::default()
+        }
+    }
+
+    /// Add a model to the price table.
+    #[must_use]
+    pub fn model(mut self, model: ModelSpec) -> Self {
+        self.models.push(model);
+        self
+    }
+
+    /// Add a workspace.
+    #[must_use]
+    pub fn workspace(mut self, workspace: WorkspaceSpec) -> Self {
+        self.workspaces.push(workspace);
+        self
+    }
+
+    /// Add a key.
+    #[must_use]
+    pub fn key(mut self, key: KeySpec) -> Self {
+        self.keys.push(key);
+        self
+    }
+}
+
+/// Money read from files without any rounding.
+///
+/// `rust_decimal`'s own `Deserialize` silently rounds text with more than 28
+/// significant digits; here such text is an error, so the validator sees exactly what
+/// was written. Numbers written as floats (TOML `0.075`) go through their shortest
+/// round-trip text, which is the literal as written.
+mod exact_decimal {
+    use std::fmt;
+
+    use rust_decimal::Decimal;
+    use serde::de::{self, Deserializer, Visitor};
+
+    struct Exact;
+
+    impl Visitor<'_> for Exact {
+        type Value = Decimal;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a decimal amount such as \"0.075\"")
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Decimal, E> {
+            Decimal::from_str_exact(text.trim())
+                .map_err(|e| E::custom(format_args!("{text:?} is not an exact decimal amount: {e}")))
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Decimal, E> {
+            Ok(Decimal::from(v))
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Decimal, E> {
+            Ok(Decimal::from(v))
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Decimal, E> {
+            if !v.is_finite() {
+                return Err(E::custom(format_args!("{v} is not an amount of money")));
+            }
+            self.visit_str(&v.to_string())
+        }
+    }
+
+    pub(super) fn required<'de, D: Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {
+        d.deserialize_any(Exact)
+    }
+
+    pub(super) fn optional<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Error> {
+        struct Maybe;
+        impl<'de> Visitor<'de> for Maybe {
+            type Value = Option<Decimal>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                Exact.expecting(f)
+            }
+            fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(None)
+            }
+            fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<Self::Value, D2::Error> {
+                required(d).map(Some)
+            }
+        }
+        d.deserialize_option(Maybe)
+    }
+}

@@ -1,0 +1,106 @@
+//! The checked, typed form of a policy that the engine runs on.
+
+use crate::bucket::RateRule;
+use crate::clock::Timestamp;
+use crate::period::Span;
+use crate::policy::document::{Environment, KeyStatus, TokenCount, WorkspaceStatus};
+
+/// A token limit and which tokens it counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TokenRule {
+    pub(crate) rate: RateRule,
+    pub(crate) counts: TokenCount,
+}
+
+impl TokenCount {
+    /// The tokens a limit of this kind counts out of an input and an output count.
+    pub(crate) fn pick(self, input: u64, output: u64) -> u64 {
+        match self {
+            TokenCount::Total => input.saturating_add(output),
+            TokenCount::Input => input,
+            TokenCount::Output => output,
+        }
+    }
+}
+
+/// A spend limit in pico-dollars.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct BudgetRule {
+    pub(crate) limit: i64,
+    pub(crate) thresholds: Box<[u8]>,
+}
+
+/// Every limit one level (key, workspace, workspace × model, org, wallet) enforces,
+/// and the span its usage counters cover.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct LevelRules {
+    pub(crate) rpm: Option<RateRule>,
+    pub(crate) rpd: Option<RateRule>,
+    pub(crate) tpm: Option<TokenRule>,
+    pub(crate) max_concurrent: Option<u32>,
+    pub(crate) budget: Option<BudgetRule>,
+    pub(crate) span: Span,
+}
+
+impl LevelRules {
+    pub(crate) fn unlimited(span: Span) -> Self {
+        LevelRules {
+            rpm: None,
+            rpd: None,
+            tpm: None,
+            max_concurrent: None,
+            budget: None,
+            span,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ModelPolicy {
+    pub(crate) name: Box<str>,
+    /// Pico-dollars per input token.
+    pub(crate) input_price: u64,
+    /// Pico-dollars per output token.
+    pub(crate) output_price: u64,
+    pub(crate) default_max_output: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct WorkspacePolicy {
+    pub(crate) id: Box<str>,
+    pub(crate) name: Box<str>,
+    pub(crate) environment: Environment,
+    pub(crate) region: Box<str>,
+    pub(crate) status: WorkspaceStatus,
+    /// Granted, by model index (all true for the default workspace).
+    pub(crate) granted: Box<[bool]>,
+    pub(crate) rules: LevelRules,
+    /// Workspace × model limits, by model index.
+    pub(crate) model_rules: Box<[LevelRules]>,
+    /// Rules of a key that sets none of its own: nothing to enforce, usage counted
+    /// over the workspace's period.
+    pub(crate) plain_key_rules: LevelRules,
+    pub(crate) default_max_output: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct KeyPolicy {
+    pub(crate) id: Box<str>,
+    pub(crate) workspace: u32,
+    pub(crate) digest: [u8; 32],
+    pub(crate) status: KeyStatus,
+    pub(crate) expires_at: Option<Timestamp>,
+    /// `None` for the common key without limits of its own, to keep keys small.
+    pub(crate) rules: Option<Box<LevelRules>>,
+    pub(crate) default_max_output: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct OrgPolicy {
+    pub(crate) id: Box<str>,
+    pub(crate) rules: LevelRules,
+    pub(crate) wallet: Option<LevelRules>,
+    pub(crate) default_max_output: u32,
+    pub(crate) max_workspaces: u32,
+    pub(crate) max_keys_per_workspace: u32,
+}

@@ -1,0 +1,92 @@
+//! What a gateway asks about, and what it reports back.
+
+/// How the caller identifies the API key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Credential<'a> {
+    /// The secret the client presented (e.g. the bearer token); it is hashed with
+    /// SHA-256 and looked up by digest, never stored.
+    Secret(&'a str),
+    /// A key id, for gateways that have already authenticated the client.
+    KeyId(&'a str),
+}
+
+/// One request to admit. Borrowed, so building one allocates nothing.
+///
+/// ```
+/// use tollgate::Request;
+/// let request = Request::with_secret("sk-live-abc", "gpt-4o-mini")
+///     .input_tokens(1_200)
+///     .max_output_tokens(400);
+/// assert_eq!(request.max_output_tokens, Some(400));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Request<'a> {
+    /// Who is asking.
+    pub credential: Credential<'a>,
+    /// The model asked for, as named in the price table.
+    pub model: &'a str,
+    /// Estimated input (prompt) tokens.
+    pub input_tokens: u32,
+    /// The request's `max_tokens`; when absent the key's, model's, workspace's or
+    /// policy default is reserved.
+    pub max_output_tokens: Option<u32>,
+}
+
+impl<'a> Request<'a> {
+    /// A request authenticated by a presented secret.
+    #[must_use]
+    pub fn with_secret(secret: &'a str, model: &'a str) -> Self {
+        Self::new(Credential::Secret(secret), model)
+    }
+
+    /// A request for a key id the gateway has authenticated itself.
+    #[must_use]
+    pub fn with_key_id(key_id: &'a str, model: &'a str) -> Self {
+        Self::new(Credential::KeyId(key_id), model)
+    }
+
+    /// A request with no input tokens and the default output reservation.
+    #[must_use]
+    pub fn new(credential: Credential<'a>, model: &'a str) -> Self {
+        Request {
+            credential,
+            model,
+            input_tokens: 0,
+            max_output_tokens: None,
+        }
+    }
+
+    /// Set the input-token estimate.
+    #[must_use]
+    pub fn input_tokens(mut self, tokens: u32) -> Self {
+        self.input_tokens = tokens;
+        self
+    }
+
+    /// Set `max_tokens`.
+    #[must_use]
+    pub fn max_output_tokens(mut self, tokens: u32) -> Self {
+        self.max_output_tokens = Some(tokens);
+        self
+    }
+}
+
+/// What a request really used, as the provider reported it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Input (prompt) tokens.
+    pub input_tokens: u32,
+    /// Output (completion) tokens.
+    pub output_tokens: u32,
+}
+
+impl Usage {
+    /// Usage of `input_tokens` in and `output_tokens` out.
+    #[must_use]
+    pub fn new(input_tokens: u32, output_tokens: u32) -> Self {
+        Usage {
+            input_tokens,
+            output_tokens,
+        }
+    }
+}

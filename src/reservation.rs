@@ -1,0 +1,157 @@
+//! A reservation: what one admitted request holds until it is committed or dropped.
+
+use std::fmt;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+
+use crate::budget::Settlement;
+use crate::clock::Clock;
+use crate::money::{picos_to_decimal, token_cost};
+use crate::request::Usage;
+use crate::store::{Ask, LevelHold, Tightest, Window};
+
+/// Levels a request is checked against, in order: key, workspace, workspace × model,
+/// org budget, org wallet.
+pub(crate) const LEVELS: usize = 5;
+
+/// Worst-case tokens and cost held for one admitted request on every level.
+///
+/// Commit it with [`Engine::commit_usage`](crate::Engine::commit_usage) (or
+/// [`Reservation::commit`]) once the real usage is known. Dropping it instead (client
+/// gone, upstream failed) gives everything back: request slots, tokens, concurrency
+/// and money. Committing consumes it, so usage is charged exactly once.
+#[must_use = "dropping a Reservation releases it; commit it with the real usage"]
+pub struct Reservation {
+    pub(crate) levels: [Option<LevelHold>; LEVELS],
+    pub(crate) ask: Ask,
+    pub(crate) input_price: u64,
+    pub(crate) output_price: u64,
+    pub(crate) tightest: Tightest,
+    pub(crate) clock: std::sync::Arc<dyn Clock>,
+}
+
+/// What a committed request cost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub struct Receipt {
+    /// The real cost in USD, exact.
+    pub cost: Decimal,
+    /// The worst-case cost that was held.
+    pub reserved_cost: Decimal,
+    /// Cost beyond the reservation, charged as debt (zero when usage fit).
+    pub overage: Decimal,
+    /// Input tokens charged.
+    pub input_tokens: u32,
+    /// Output tokens charged.
+    pub output_tokens: u32,
+}
+
+/// Where the tightest request and token limits stand for an admitted request: the
+/// numbers behind the `x-ratelimit-*` and `RateLimit` headers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimitStatus {
+    /// The request-count limit with the fewest requests left, if any applies.
+    pub requests: Option<LimitWindow>,
+    /// The token limit with the fewest tokens left, if any applies.
+    pub tokens: Option<LimitWindow>,
+}
+
+/// One rate limit's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LimitWindow {
+    /// Allowed per window.
+    pub limit: u64,
+    /// Left now.
+    pub remaining: u64,
+    /// Time until the limit is fully replenished.
+    pub reset: Duration,
+    /// The window the limit is defined over.
+    pub window: Duration,
+}
+
+impl From<Window> for LimitWindow {
+    fn from(w: Window) -> Self {
+        LimitWindow {
+            limit: w.limit,
+            remaining: w.remaining,
+            reset: w.reset,
+            window: w.window,
+        }
+    }
+}
+
+impl Reservation {
+    /// The worst-case cost held, in USD.
+    #[must_use]
+    pub fn reserved_cost(&self) -> Decimal {
+        picos_to_decimal(self.ask.cost)
+    }
+
+    /// The input and output tokens held.
+    #[must_use]
+    pub fn reserved_tokens(&self) -> (u64, u64) {
+        (self.ask.input_tokens, self.ask.output_tokens)
+    }
+
+    /// Where the tightest limits stand after this admission, for response headers.
+    #[must_use]
+    pub fn rate_limits(&self) -> RateLimitStatus {
+        RateLimitStatus {
+            requests: self.tightest.requests.map(LimitWindow::from),
+            tokens: self.tightest.tokens.map(LimitWindow::from),
+        }
+    }
+
+    /// Replace the hold by the real usage. Unused tokens and money go back (never past
+    /// a limit's capacity); usage beyond the reservation is charged as debt, never
+    /// dropped, so the next request may be refused until it is paid down.
+    pub fn commit(mut self, usage: Usage) -> Receipt {
+        let now = self.clock.now();
+        let input = u64::from(usage.input_tokens);
+        let output = u64::from(usage.output_tokens);
+        let cost = token_cost(input, self.input_price)
+            .saturating_add(token_cost(output, self.output_price));
+        let settlement = Settlement {
+            cost,
+            input_tokens: input,
+            output_tokens: output,
+        };
+        for level in self.levels.iter_mut() {
+            if let Some(hold) = level.take() {
+                hold.settle(self.ask, settlement, now);
+            }
+        }
+        Receipt {
+            cost: picos_to_decimal(cost),
+            reserved_cost: picos_to_decimal(self.ask.cost),
+            overage: picos_to_decimal(cost.saturating_sub(self.ask.cost).max(0)),
+            input_tokens: usage.input_tokens,
+            output_tokens: usage.output_tokens,
+        }
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.levels.iter().all(Option::is_none) {
+            return;
+        }
+        let now = self.clock.now();
+        for level in self.levels.iter_mut() {
+            if let Some(hold) = level.take() {
+                hold.release(now);
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reservation")
+            .field("input_tokens", &self.ask.input_tokens)
+            .field("output_tokens", &self.ask.output_tokens)
+            .field("cost", &self.reserved_cost())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,319 @@
+//! The in-memory counter store: per-scope atomics, and taking, settling and giving
+//! back one level's share of a request.
+//!
+//! This is the only module that knows where counters live. The engine decides which
+//! levels apply and in what order and turns a [`Refusal`] into a `Denial`; a
+//! distributed store runs the same per-level steps (in a script) against its own
+//! counters.
+
+use std::time::Duration;
+
+use crate::bucket::{Gcra, RateRule, Slots, Taken};
+use crate::budget::{PeriodCell, PeriodCounters, Settlement};
+use crate::clock::{duration_nanos, Timestamp};
+use crate::policy::rules::{LevelRules, TokenRule};
+use crate::policy::TokenCount;
+use crate::sync::Arc;
+
+/// All counters of one scope (a key, workspace, workspace × model, the org or its
+/// wallet). Shared by `Arc` so a policy swap keeps them for ids that persist and
+/// in-flight reservations settle against them even after the scope is gone.
+#[derive(Debug)]
+pub(crate) struct ScopeState {
+    pub(crate) rpm: Gcra,
+    pub(crate) rpd: Gcra,
+    pub(crate) tpm: Gcra,
+    pub(crate) slots: Slots,
+    pub(crate) periods: PeriodCell,
+}
+
+impl ScopeState {
+    pub(crate) fn new(rules: &LevelRules, now: Timestamp) -> Arc<Self> {
+        Arc::new(ScopeState {
+            rpm: Gcra::default(),
+            rpd: Gcra::default(),
+            tpm: Gcra::default(),
+            slots: Slots::default(),
+            periods: PeriodCell::new(rules.span, now),
+        })
+    }
+}
+
+/// A take from one GCRA bucket: what to give back, and the end of its slot in the
+/// bucket's schedule (the part before "now" has already drained and is not refunded).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct BucketHold {
+    added: u64,
+    end: u64,
+}
+
+impl BucketHold {
+    fn of(taken: &Taken, at: u64) -> Self {
+        BucketHold {
+            added: taken.added_nanos,
+            end: at.saturating_add(duration_nanos(taken.reset)),
+        }
+    }
+
+    /// Give back whatever part of the `nanos` at the tail of this take has not drained.
+    fn give_back(self, bucket: &Gcra, nanos: u64, now: u64) {
+        bucket.refund(nanos.min(self.added).min(self.end.saturating_sub(now)), now);
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct TokenHold {
+    bucket: BucketHold,
+    interval: u64,
+    counts: TokenCount,
+}
+
+/// What one level holds for a request.
+#[derive(Debug)]
+pub(crate) struct LevelHold {
+    state: Arc<ScopeState>,
+    period: Arc<PeriodCounters>,
+    rpm: Option<BucketHold>,
+    rpd: Option<BucketHold>,
+    tokens: Option<TokenHold>,
+    slot: bool,
+    held_cost: i64,
+}
+
+/// The tokens and worst-case cost a request asks each level for.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ask {
+    pub(crate) input_tokens: u64,
+    pub(crate) output_tokens: u64,
+    pub(crate) cost: i64,
+}
+
+/// Which limit of a level refused, with its numbers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Refusal {
+    Requests {
+        per_day: bool,
+        rule: RateRule,
+        remaining: u64,
+        retry_after: Option<Duration>,
+        reset: Duration,
+    },
+    Tokens {
+        rule: RateRule,
+        requested: u64,
+        remaining: u64,
+        retry_after: Option<Duration>,
+        reset: Duration,
+    },
+    Concurrency {
+        limit: u32,
+        in_flight: u32,
+    },
+    Budget {
+        limit: i64,
+        remaining: i64,
+        period_end: Timestamp,
+    },
+}
+
+/// The tightest request and token windows seen while reserving, for headers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Tightest {
+    pub(crate) requests: Option<Window>,
+    pub(crate) tokens: Option<Window>,
+}
+
+/// Where one rate limit stands after an admitted take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Window {
+    pub(crate) limit: u64,
+    pub(crate) remaining: u64,
+    pub(crate) reset: Duration,
+    pub(crate) window: Duration,
+}
+
+fn keep_tightest(slot: &mut Option<Window>, candidate: Window) {
+    let tighter = match slot {
+        None => true,
+        Some(current) => {
+            (candidate.remaining, candidate.limit) < (current.remaining, current.limit)
+        }
+    };
+    if tighter {
+        *slot = Some(candidate);
+    }
+}
+
+/// Take everything `rules` asks of `state` for one request, all or nothing.
+pub(crate) fn reserve_level(
+    state: &Arc<ScopeState>,
+    rules: &LevelRules,
+    ask: Ask,
+    now: Timestamp,
+    tightest: &mut Tightest,
+) -> Result<LevelHold, Refusal> {
+    let at = now.as_unix_nanos();
+    let mut hold = LevelHold {
+        state: Arc::clone(state),
+        period: state.periods.current(rules.span, now),
+        rpm: None,
+        rpd: None,
+        tokens: None,
+        slot: false,
+        held_cost: 0,
+    };
+    // On refusal `hold` is dropped half-built: `release` gives back what it has.
+    let refuse = |hold: LevelHold, refusal: Refusal| {
+        hold.release(now);
+        Err(refusal)
+    };
+
+    for (per_day, rule, bucket) in [
+        (false, &rules.rpm, &state.rpm),
+        (true, &rules.rpd, &state.rpd),
+    ] {
+        let Some(rule) = rule else { continue };
+        match bucket.try_take(rule, 1, at) {
+            Ok(taken) => {
+                let taken_hold = BucketHold::of(&taken, at);
+                if per_day {
+                    hold.rpd = Some(taken_hold);
+                } else {
+                    hold.rpm = Some(taken_hold);
+                }
+                keep_tightest(
+                    &mut tightest.requests,
+                    Window {
+                        limit: rule.limit,
+                        remaining: taken.remaining,
+                        reset: taken.reset,
+                        window: rule.window,
+                    },
+                );
+            }
+            Err(refused) => {
+                return refuse(
+                    hold,
+                    Refusal::Requests {
+                        per_day,
+                        rule: *rule,
+                        remaining: refused.remaining,
+                        retry_after: refused.retry_after,
+                        reset: refused.reset,
+                    },
+                )
+            }
+        }
+    }
+
+    if let Some(TokenRule { rate, counts }) = &rules.tpm {
+        let units = counts.pick(ask.input_tokens, ask.output_tokens);
+        match state.tpm.try_take(rate, units, at) {
+            Ok(taken) => {
+                hold.tokens = Some(TokenHold {
+                    bucket: BucketHold::of(&taken, at),
+                    interval: rate.interval,
+                    counts: *counts,
+                });
+                keep_tightest(
+                    &mut tightest.tokens,
+                    Window {
+                        limit: rate.limit,
+                        remaining: taken.remaining,
+                        reset: taken.reset,
+                        window: rate.window,
+                    },
+                );
+            }
+            Err(refused) => {
+                return refuse(
+                    hold,
+                    Refusal::Tokens {
+                        rule: *rate,
+                        requested: units,
+                        remaining: refused.remaining,
+                        retry_after: refused.retry_after,
+                        reset: refused.reset,
+                    },
+                )
+            }
+        }
+    }
+
+    if let Some(max) = rules.max_concurrent {
+        match state.slots.try_acquire(max) {
+            Ok(_) => hold.slot = true,
+            Err(in_flight) => {
+                return refuse(
+                    hold,
+                    Refusal::Concurrency {
+                        limit: max,
+                        in_flight,
+                    },
+                )
+            }
+        }
+    }
+
+    // Hold the cost on every level, budget or not, so usage shows what is in flight
+    // and a budget applied later counts holds already taken.
+    let limit = rules.budget.as_ref().map_or(i64::MAX, |budget| budget.limit);
+    match hold.period.try_hold(ask.cost, limit) {
+        Ok(_) => hold.held_cost = ask.cost,
+        Err(remaining) => {
+            let period_end = hold.period.end;
+            return refuse(
+                hold,
+                Refusal::Budget {
+                    limit,
+                    remaining,
+                    period_end,
+                },
+            );
+        }
+    }
+    Ok(hold)
+}
+
+impl LevelHold {
+    /// Give back everything: the request did not happen.
+    pub(crate) fn release(self, now: Timestamp) {
+        let at = now.as_unix_nanos();
+        if let Some(rpm) = self.rpm {
+            rpm.give_back(&self.state.rpm, u64::MAX, at);
+        }
+        if let Some(rpd) = self.rpd {
+            rpd.give_back(&self.state.rpd, u64::MAX, at);
+        }
+        if let Some(tokens) = self.tokens {
+            tokens.bucket.give_back(&self.state.tpm, u64::MAX, at);
+        }
+        if self.slot {
+            self.state.slots.release();
+        }
+        self.period.release(self.held_cost);
+    }
+
+    /// Replace the hold by real usage: refund unused tokens and money, charge any
+    /// overage as debt, count the request in this level's period.
+    pub(crate) fn settle(self, reserved: Ask, used: Settlement, now: Timestamp) {
+        let at = now.as_unix_nanos();
+        if let Some(tokens) = self.tokens {
+            let reserved_units = tokens
+                .counts
+                .pick(reserved.input_tokens, reserved.output_tokens);
+            let used_units = tokens.counts.pick(used.input_tokens, used.output_tokens);
+            if used_units < reserved_units {
+                let unused = (reserved_units - used_units).saturating_mul(tokens.interval);
+                tokens.bucket.give_back(&self.state.tpm, unused, at);
+            } else {
+                let overage = (used_units - reserved_units).saturating_mul(tokens.interval);
+                self.state.tpm.force_take(overage, at);
+            }
+        }
+        if self.slot {
+            self.state.slots.release();
+        }
+        self.period.settle(self.held_cost, used);
+    }
+}

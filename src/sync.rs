@@ -1,0 +1,115 @@
+//! The one place the engine's shared-state primitives come from.
+//!
+//! Normally these are std atomics and `arc-swap`; under `--cfg loom` they are loom's
+//! instrumented versions, so the same engine code is model-checked unchanged
+//! (the pattern tokio and bytes use).
+
+#[cfg(loom)]
+pub(crate) use loom::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+#[cfg(loom)]
+pub(crate) use loom::sync::Arc;
+#[cfg(not(loom))]
+pub(crate) use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+#[cfg(not(loom))]
+pub(crate) use std::sync::Arc;
+
+/// An `Arc<T>` that readers load without locking and writers replace atomically.
+///
+/// Backed by `arc_swap::ArcSwap`; under loom by a loom mutex, because arc-swap's
+/// internals are not loom-instrumented. Readers only ever see a whole old or a whole
+/// new value in both.
+pub(crate) struct SwapCell<T> {
+    #[cfg(not(loom))]
+    inner: arc_swap::ArcSwap<T>,
+    #[cfg(loom)]
+    inner: loom::sync::Mutex<Arc<T>>,
+}
+
+impl<T> SwapCell<T> {
+    pub(crate) fn new(value: Arc<T>) -> Self {
+        Self {
+            #[cfg(not(loom))]
+            inner: arc_swap::ArcSwap::new(value),
+            #[cfg(loom)]
+            inner: loom::sync::Mutex::new(value),
+        }
+    }
+
+    /// A cheap borrow of the current value (no reference-count write on the fast path).
+    #[cfg(not(loom))]
+    pub(crate) fn load(&self) -> arc_swap::Guard<Arc<T>> {
+        self.inner.load()
+    }
+
+    /// A borrow of the current value.
+    #[cfg(loom)]
+    pub(crate) fn load(&self) -> Arc<T> {
+        self.inner.lock().unwrap().clone()
+    }
+
+    /// An owned handle to the current value.
+    pub(crate) fn load_full(&self) -> Arc<T> {
+        #[cfg(not(loom))]
+        return self.inner.load_full();
+        #[cfg(loom)]
+        return self.inner.lock().unwrap().clone();
+    }
+
+    /// Replace the value unconditionally.
+    pub(crate) fn store(&self, value: Arc<T>) {
+        #[cfg(not(loom))]
+        self.inner.store(value);
+        #[cfg(loom)]
+        {
+            *self.inner.lock().unwrap() = value;
+        }
+    }
+
+    /// Replace the value only if it is still `current`; returns the value now installed.
+    pub(crate) fn compare_and_swap(&self, current: &Arc<T>, new: Arc<T>) -> Arc<T> {
+        #[cfg(not(loom))]
+        {
+            let previous = self.inner.compare_and_swap(current, Arc::clone(&new));
+            if Arc::ptr_eq(&previous, current) {
+                new
+            } else {
+                arc_swap::Guard::into_inner(previous)
+            }
+        }
+        #[cfg(loom)]
+        {
+            let mut slot = self.inner.lock().unwrap();
+            if Arc::ptr_eq(&slot, current) {
+                *slot = Arc::clone(&new);
+                new
+            } else {
+                Arc::clone(&slot)
+            }
+        }
+    }
+}
+
+/// Adds `delta` to `cell`, pinning at the `i64` range instead of wrapping, so an
+/// absurd overage can never turn a large debt into a large credit.
+pub(crate) fn saturating_add_i64(cell: &AtomicI64, delta: i64) {
+    let mut current = cell.load(Ordering::Relaxed);
+    loop {
+        let next = current.saturating_add(delta);
+        match cell.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(actual) => current = actual,
+        }
+    }
+}
+
+/// Adds `delta` to `cell`, pinning at `u64::MAX` instead of wrapping.
+pub(crate) fn saturating_add_u64(cell: &AtomicU64, delta: u64) {
+    let mut current = cell.load(Ordering::Relaxed);
+    loop {
+        let next = current.saturating_add(delta);
+        match cell.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(actual) => current = actual,
+        }
+    }
+}
