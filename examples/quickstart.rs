@@ -35,18 +35,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .max_output_tokens(300);
 
     let reservation = engine.check_and_reserve(&request)?;
-    println!("admitted: holding ${} worst case", reservation.reserved_cost());
+    println!(
+        "admitted: holding ${} worst case",
+        reservation.reserved_cost()
+    );
     for (name, value) in RateLimitHeaders::for_reservation(&reservation).iter() {
         println!("  {name}: {value}");
     }
     let receipt = engine.commit_usage(reservation, Usage::new(1_180, 214))?;
-    println!("committed: cost ${} (reserved ${})", receipt.cost, receipt.reserved_cost);
+    println!(
+        "committed: cost ${} (reserved ${})",
+        receipt.cost, receipt.reserved_cost
+    );
 
     // The workspace allows one request per minute: the second is refused.
     match engine.check_and_reserve(&request) {
         Ok(_) => println!("unexpectedly admitted"),
         Err(denial) => {
-            println!("denied: HTTP {} {}: {}", denial.http_status(), denial.code(), denial);
+            println!(
+                "denied: HTTP {} {}: {}",
+                denial.http_status(),
+                denial.code(),
+                denial
+            );
             for (name, value) in RateLimitHeaders::for_denial(&denial).iter() {
                 println!("  {name}: {value}");
             }

@@ -33,7 +33,6 @@ pub struct Reservation {
 
 /// What a committed request cost.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[must_use]
 pub struct Receipt {
     /// The real cost in USD, exact.
     pub cost: Decimal,

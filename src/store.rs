@@ -257,7 +257,10 @@ pub(crate) fn reserve_level(
 
     // Hold the cost on every level, budget or not, so usage shows what is in flight
     // and a budget applied later counts holds already taken.
-    let limit = rules.budget.as_ref().map_or(i64::MAX, |budget| budget.limit);
+    let limit = rules
+        .budget
+        .as_ref()
+        .map_or(i64::MAX, |budget| budget.limit);
     match hold.period.try_hold(ask.cost, limit) {
         Ok(_) => hold.held_cost = ask.cost,
         Err(remaining) => {

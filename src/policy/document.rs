@@ -417,8 +417,9 @@ mod exact_decimal {
         }
 
         fn visit_str<E: de::Error>(self, text: &str) -> Result<Decimal, E> {
-            Decimal::from_str_exact(text.trim())
-                .map_err(|e| E::custom(format_args!("{text:?} is not an exact decimal amount: {e}")))
+            Decimal::from_str_exact(text.trim()).map_err(|e| {
+                E::custom(format_args!("{text:?} is not an exact decimal amount: {e}"))
+            })
         }
 
         fn visit_i64<E: de::Error>(self, v: i64) -> Result<Decimal, E> {
