@@ -62,7 +62,7 @@ impl BudgetStatus {
 /// let request = Request::with_secret("sk-secret", "gpt-4o-mini").input_tokens(500).max_output_tokens(200);
 /// let reservation = engine.check_and_reserve(&request).expect("admitted");
 /// let receipt = engine.commit_usage(reservation, Usage::new(480, 150))?;
-/// assert_eq!(receipt.cost, Decimal::new(162, 6)); // 480 × 0.15/M + 150 × 0.60/M
+/// assert_eq!(receipt.cost(), Decimal::new(162, 6)); // 480 × 0.15/M + 150 × 0.60/M
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Clone)]

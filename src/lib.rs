@@ -39,7 +39,7 @@
 //!     Ok(reservation) => {
 //!         // ... forward to the provider, then:
 //!         let receipt = engine.commit_usage(reservation, Usage::new(900, 312))?;
-//!         println!("cost ${}", receipt.cost);
+//!         println!("cost ${}", receipt.cost());
 //!     }
 //!     Err(denial) => println!("{} {}", denial.http_status(), denial),
 //! }

@@ -32,18 +32,59 @@ pub struct Reservation {
 }
 
 /// What a committed request cost.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+///
+/// Amounts are kept in the engine's fixed-point unit and turned into `Decimal` only
+/// when asked for, so committing builds no `Decimal` on the hot path.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Receipt {
+    cost: i64,
+    reserved_cost: i64,
+    input_tokens: u32,
+    output_tokens: u32,
+}
+
+impl Receipt {
     /// The real cost in USD, exact.
-    pub cost: Decimal,
-    /// The worst-case cost that was held.
-    pub reserved_cost: Decimal,
-    /// Cost beyond the reservation, charged as debt (zero when usage fit).
-    pub overage: Decimal,
+    #[must_use]
+    pub fn cost(&self) -> Decimal {
+        picos_to_decimal(self.cost)
+    }
+
+    /// The worst-case cost that was held, in USD.
+    #[must_use]
+    pub fn reserved_cost(&self) -> Decimal {
+        picos_to_decimal(self.reserved_cost)
+    }
+
+    /// Cost beyond the reservation, charged as debt (zero when usage fit), in USD.
+    #[must_use]
+    pub fn overage(&self) -> Decimal {
+        picos_to_decimal(self.cost.saturating_sub(self.reserved_cost).max(0))
+    }
+
     /// Input tokens charged.
-    pub input_tokens: u32,
+    #[must_use]
+    pub fn input_tokens(&self) -> u32 {
+        self.input_tokens
+    }
+
     /// Output tokens charged.
-    pub output_tokens: u32,
+    #[must_use]
+    pub fn output_tokens(&self) -> u32 {
+        self.output_tokens
+    }
+}
+
+impl fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Receipt")
+            .field("cost", &self.cost())
+            .field("reserved_cost", &self.reserved_cost())
+            .field("overage", &self.overage())
+            .field("input_tokens", &self.input_tokens)
+            .field("output_tokens", &self.output_tokens)
+            .finish()
+    }
 }
 
 /// Where the tightest request and token limits stand for an admitted request: the
@@ -122,9 +163,8 @@ impl Reservation {
             }
         }
         Receipt {
-            cost: picos_to_decimal(cost),
-            reserved_cost: picos_to_decimal(self.ask.cost),
-            overage: picos_to_decimal(cost.saturating_sub(self.ask.cost).max(0)),
+            cost,
+            reserved_cost: self.ask.cost,
             input_tokens: usage.input_tokens,
             output_tokens: usage.output_tokens,
         }

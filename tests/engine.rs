@@ -71,11 +71,11 @@ fn admitted_request_is_charged_exactly_and_refunds_the_rest() {
 
     let receipt = engine.commit_usage(r, Usage::new(97, 13)).unwrap();
     assert_eq!(
-        receipt.cost,
+        receipt.cost(),
         dec("0.075") * dec("97") / dec("1000000") + dec("0.3") * dec("13") / dec("1000000")
     );
-    assert_eq!(receipt.cost, dec("0.000011175"));
-    assert_eq!(receipt.overage, Decimal::ZERO);
+    assert_eq!(receipt.cost(), dec("0.000011175"));
+    assert_eq!(receipt.overage(), Decimal::ZERO);
     let usage = ws_usage(&engine).current;
     assert_eq!(
         (usage.requests, usage.input_tokens, usage.output_tokens),
@@ -483,7 +483,7 @@ fn overage_is_charged_as_debt_and_blocks_the_next_request() {
     let r = e.check_and_reserve(&req(100)).unwrap(); // holds 0.0003
     let receipt = e.commit_usage(r, Usage::new(100, 5_000)).unwrap(); // costs 0.0101
     assert_eq!(
-        (receipt.cost, receipt.overage),
+        (receipt.cost(), receipt.overage()),
         (dec("0.0101"), dec("0.0098"))
     );
     assert_eq!(ws_usage(&e).current.cost, dec("0.0101"));
@@ -605,7 +605,7 @@ fn extreme_token_counts_never_panic_or_wrap() {
     let r = e.check_and_reserve(&huge).unwrap(); // no limit applies
     assert_eq!(r.reserved_cost(), dec("8589934.59"));
     let receipt = e.commit_usage(r, Usage::new(u32::MAX, u32::MAX)).unwrap();
-    assert_eq!(receipt.cost, dec("8589934.59"));
+    assert_eq!(receipt.cost(), dec("8589934.59"));
     // Ten more of them saturate the spend counter instead of wrapping negative.
     for _ in 0..10 {
         let r = e.check_and_reserve(&huge).unwrap();
@@ -620,7 +620,7 @@ fn extreme_token_counts_never_panic_or_wrap() {
     // Usage far beyond the reservation is debt, not a panic or overflow.
     let r = e.check_and_reserve(&req(1)).unwrap();
     let receipt = e.commit_usage(r, Usage::new(u32::MAX, u32::MAX)).unwrap();
-    assert_eq!(receipt.cost, dec("8589934.59"));
+    assert_eq!(receipt.cost(), dec("8589934.59"));
     assert_eq!(denial(&e, &req(0)).reason, DenialReason::TokensPerMinute);
     clock.advance(Duration::from_secs(3_600 * 24 * 365));
     assert_eq!(
