@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 #[path = "../benches/common/mod.rs"]
-#[allow(missing_docs, dead_code)]
+#[allow(missing_docs)]
 mod common;
 
 use common::{by_id, reserve_commit, KeyTable, Shape};

@@ -45,7 +45,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let receipt = engine.commit_usage(reservation, Usage::new(1_180, 214))?;
     println!(
         "committed: cost ${} (reserved ${})",
-        receipt.cost(), receipt.reserved_cost()
+        receipt.cost(),
+        receipt.reserved_cost()
     );
 
     // The workspace allows one request per minute: the second is refused.

@@ -1,29 +1,19 @@
-//! Spend and usage counters per period, with rollover that loses nothing in flight.
+//! Spend and usage counters of one scope, with a period rollover that loses nothing
+//! in flight.
 //!
-//! Each period's counters live in their own `Arc`. A reservation keeps the `Arc` of
-//! the period it reserved in and settles or releases against exactly that one, so a
-//! hold taken before a boundary can never be released into (and erase spend of) the
-//! next period, and its commit is charged to the period it was admitted under.
+//! The counters of the current period live inline (no `Arc` to clone or swap per
+//! request: on the hot path a period costs one plain load of its end). When a period
+//! ends, the first access after the boundary moves what the old period counted out
+//! of the live counters into the `previous` totals, under a lock only rollover takes.
+//! Money still held by reservations in flight stays in the live admission word: it is
+//! carried into the new period, and such a reservation's commit is counted in the
+//! period it is committed in. Every counter is only ever added to or swapped out, so
+//! a commit racing the rollover lands whole in one period or the other, never in
+//! neither and never in both.
 
 use crate::clock::Timestamp;
 use crate::period::{bounds, Span};
-use crate::sync::{
-    saturating_add_i64, saturating_add_u64, Arc, AtomicI64, AtomicU64, Ordering, SwapCell,
-};
-
-/// Counters for one scope in one period.
-#[derive(Debug)]
-pub(crate) struct PeriodCounters {
-    pub(crate) start: Timestamp,
-    pub(crate) end: Timestamp,
-    /// Committed spend plus outstanding holds, in pico-dollars: the admission word.
-    committed_and_held: AtomicI64,
-    /// Committed spend only.
-    spent: AtomicI64,
-    requests: AtomicU64,
-    input_tokens: AtomicU64,
-    output_tokens: AtomicU64,
-}
+use crate::sync::{saturating_add_i64, saturating_add_u64, AtomicI64, AtomicU64, Mutex, Ordering};
 
 /// What a commit adds to a period.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -45,17 +35,82 @@ pub(crate) struct PeriodTotals {
     pub(crate) output_tokens: u64,
 }
 
-impl PeriodCounters {
-    pub(crate) fn new(start: Timestamp, end: Timestamp) -> Self {
-        PeriodCounters {
-            start,
-            end,
+/// The counters of one scope: the live period inline, the one before it as totals.
+#[derive(Debug)]
+pub(crate) struct PeriodCell {
+    start: AtomicU64,
+    /// Read on every access to spot the boundary; written last by a rollover.
+    end: AtomicU64,
+    /// Committed spend plus outstanding holds, in pico-dollars: the admission word.
+    committed_and_held: AtomicI64,
+    /// Committed spend only.
+    spent: AtomicI64,
+    requests: AtomicU64,
+    input_tokens: AtomicU64,
+    output_tokens: AtomicU64,
+    /// The period before the current one; its lock also serialises rollovers.
+    previous: Mutex<PeriodTotals>,
+}
+
+impl PeriodCell {
+    pub(crate) fn new(span: Span, now: Timestamp) -> Self {
+        let (start, end) = bounds(span, now);
+        PeriodCell {
+            start: AtomicU64::new(start.as_unix_nanos()),
+            end: AtomicU64::new(end.as_unix_nanos()),
             committed_and_held: AtomicI64::new(0),
             spent: AtomicI64::new(0),
             requests: AtomicU64::new(0),
             input_tokens: AtomicU64::new(0),
             output_tokens: AtomicU64::new(0),
+            previous: Mutex::new(empty_period_before(span, start)),
         }
+    }
+
+    /// Make the period containing `now` the current one. A load and a compare unless
+    /// a boundary has passed.
+    #[inline]
+    pub(crate) fn roll(&self, span: Span, now: Timestamp) {
+        if now.as_unix_nanos() >= self.end.load(Ordering::Acquire) {
+            self.roll_over(span, now);
+        }
+    }
+
+    #[cold]
+    fn roll_over(&self, span: Span, now: Timestamp) {
+        let mut previous = self.previous.lock();
+        let end = self.end.load(Ordering::Acquire);
+        if now.as_unix_nanos() < end {
+            return; // another thread rolled over while this one waited
+        }
+        let start = self.start.load(Ordering::Acquire);
+        // Swap the ended period's counts out before lowering the admission word:
+        // in between, a concurrent hold sees too much spend (a spurious refusal at
+        // the boundary instant), never too little.
+        let spent = self.spent.swap(0, Ordering::AcqRel);
+        let requests = self.requests.swap(0, Ordering::AcqRel);
+        let input_tokens = self.input_tokens.swap(0, Ordering::AcqRel);
+        let output_tokens = self.output_tokens.swap(0, Ordering::AcqRel);
+        saturating_add_i64(&self.committed_and_held, spent.saturating_neg());
+
+        let (next_start, next_end) = bounds(span, now);
+        *previous = if next_start.as_unix_nanos() == end {
+            PeriodTotals {
+                start: Timestamp::from_unix_nanos(start),
+                end: Timestamp::from_unix_nanos(end),
+                spent,
+                held: 0,
+                requests,
+                input_tokens,
+                output_tokens,
+            }
+        } else {
+            // Whole periods passed with no access: the one just before `now` was empty.
+            empty_period_before(span, next_start)
+        };
+        self.start
+            .store(next_start.as_unix_nanos(), Ordering::Release);
+        self.end.store(next_end.as_unix_nanos(), Ordering::Release);
     }
 
     /// Hold `amount` if spend plus holds stays within `limit`: one CAS, so concurrent
@@ -82,24 +137,37 @@ impl PeriodCounters {
     /// Give back a hold that will not be committed.
     pub(crate) fn release(&self, held: i64) {
         if held != 0 {
-            saturating_add_i64(&self.committed_and_held, -held);
+            saturating_add_i64(&self.committed_and_held, held.saturating_neg());
         }
     }
 
-    /// Replace a hold by real usage; overage beyond the hold stays as debt.
+    /// Replace a hold by real usage in the current period; overage beyond the hold
+    /// stays as debt.
     pub(crate) fn settle(&self, held: i64, usage: Settlement) {
-        saturating_add_i64(&self.committed_and_held, usage.cost.saturating_sub(held));
+        let change = usage.cost.saturating_sub(held);
+        if change != 0 {
+            saturating_add_i64(&self.committed_and_held, change);
+        }
         saturating_add_i64(&self.spent, usage.cost);
         saturating_add_u64(&self.requests, 1);
         saturating_add_u64(&self.input_tokens, usage.input_tokens);
         saturating_add_u64(&self.output_tokens, usage.output_tokens);
     }
 
-    pub(crate) fn totals(&self) -> PeriodTotals {
+    /// The end of the current period.
+    pub(crate) fn end(&self) -> Timestamp {
+        Timestamp::from_unix_nanos(self.end.load(Ordering::Acquire))
+    }
+
+    /// Totals of the current and the previous period as of `now`.
+    pub(crate) fn totals(&self, span: Span, now: Timestamp) -> (PeriodTotals, PeriodTotals) {
+        self.roll(span, now);
+        // Under the rollover lock, so the pair is never torn by a rollover.
+        let previous = self.previous.lock();
         let spent = self.spent.load(Ordering::Acquire);
-        PeriodTotals {
-            start: self.start,
-            end: self.end,
+        let current = PeriodTotals {
+            start: Timestamp::from_unix_nanos(self.start.load(Ordering::Acquire)),
+            end: self.end(),
             spent,
             held: self
                 .committed_and_held
@@ -108,57 +176,18 @@ impl PeriodCounters {
             requests: self.requests.load(Ordering::Acquire),
             input_tokens: self.input_tokens.load(Ordering::Acquire),
             output_tokens: self.output_tokens.load(Ordering::Acquire),
-        }
+        };
+        (current, *previous)
     }
 }
 
-/// The current and the previous period of one scope.
-pub(crate) struct PeriodCell {
-    current: SwapCell<PeriodCounters>,
-    previous: SwapCell<PeriodCounters>,
-}
-
-impl std::fmt::Debug for PeriodCell {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeriodCell")
-            .field("current", &self.current.load_full().totals())
-            .finish_non_exhaustive()
-    }
-}
-
-impl PeriodCell {
-    pub(crate) fn new(span: Span, now: Timestamp) -> Self {
-        let (start, end) = bounds(span, now);
-        PeriodCell {
-            current: SwapCell::new(Arc::new(PeriodCounters::new(start, end))),
-            previous: SwapCell::new(Arc::new(PeriodCounters::new(
-                Timestamp::EPOCH,
-                Timestamp::EPOCH,
-            ))),
-        }
-    }
-
-    /// The counters of the period containing `now`, starting a new period if the
-    /// current one has ended. Allocates only on that rollover.
-    pub(crate) fn current(&self, span: Span, now: Timestamp) -> Arc<PeriodCounters> {
-        let current = self.current.load_full();
-        if now < current.end {
-            return current;
-        }
-        let (start, end) = bounds(span, now);
-        let fresh = Arc::new(PeriodCounters::new(start, end));
-        let installed = self.current.compare_and_swap(&current, Arc::clone(&fresh));
-        if Arc::ptr_eq(&installed, &fresh) {
-            // Only the thread that ended the period files it as the previous one.
-            self.previous.store(current);
-        }
-        installed
-    }
-
-    /// Totals of the current and the previous period as of `now`.
-    pub(crate) fn totals(&self, span: Span, now: Timestamp) -> (PeriodTotals, PeriodTotals) {
-        let current = self.current(span, now);
-        (current.totals(), self.previous.load_full().totals())
+/// The period that ends where `start` begins, with nothing counted in it.
+fn empty_period_before(span: Span, start: Timestamp) -> PeriodTotals {
+    let just_before = Timestamp::from_unix_nanos(start.as_unix_nanos().saturating_sub(1));
+    PeriodTotals {
+        start: bounds(span, just_before).0,
+        end: start,
+        ..PeriodTotals::default()
     }
 }
 
@@ -169,47 +198,63 @@ mod tests {
     use std::time::Duration;
 
     const DAY: Span = Span::Period(BudgetPeriod::Day);
+    const SECOND: u64 = 1_000_000_000;
+
+    fn day(n: u64) -> Timestamp {
+        Timestamp::from_unix_nanos(86_400 * SECOND * (20_000 + n))
+    }
+
+    fn cost(cost: i64) -> Settlement {
+        Settlement {
+            cost,
+            input_tokens: 1,
+            output_tokens: 2,
+        }
+    }
 
     #[test]
     fn holds_never_pass_the_limit_and_debt_blocks() {
-        let period = PeriodCounters::new(Timestamp::EPOCH, Timestamp::from_unix_nanos(u64::MAX));
-        assert_eq!(period.try_hold(60, 100), Ok(40));
-        assert_eq!(period.try_hold(50, 100), Err(40));
-        period.settle(
-            60,
-            Settlement {
-                cost: 130,
-                input_tokens: 1,
-                output_tokens: 2,
-            },
-        );
+        let cell = PeriodCell::new(Span::Forever, day(0));
+        assert_eq!(cell.try_hold(60, 100), Ok(40));
+        assert_eq!(cell.try_hold(50, 100), Err(40));
+        cell.settle(60, cost(130));
         // 130 spent of 100: in debt, even a zero-cost hold is refused.
-        assert_eq!(period.try_hold(0, 100), Err(0));
-        let totals = period.totals();
+        assert_eq!(cell.try_hold(0, 100), Err(0));
+        let (totals, _) = cell.totals(Span::Forever, day(0));
         assert_eq!((totals.spent, totals.held, totals.requests), (130, 0, 1));
     }
 
     #[test]
-    fn a_hold_from_the_old_period_settles_there_not_in_the_new_one() {
-        let day0 = Timestamp::from_unix_nanos(86_400 * 1_000_000_000 * 10_000);
-        let cell = PeriodCell::new(DAY, day0);
-        let old = cell.current(DAY, day0);
-        assert_eq!(old.try_hold(500, 1_000), Ok(500));
+    fn a_hold_spanning_the_boundary_is_carried_over_and_charged_when_committed() {
+        let cell = PeriodCell::new(DAY, day(0));
+        cell.settle(0, cost(100));
+        assert_eq!(cell.try_hold(500, 1_000), Ok(400));
 
-        let day1 = day0.saturating_add(Duration::from_secs(86_400));
-        let new = cell.current(DAY, day1);
-        assert!(!Arc::ptr_eq(&old, &new));
-        assert_eq!(new.try_hold(900, 1_000), Ok(100));
+        let next = day(1).saturating_add(Duration::from_secs(5));
+        cell.roll(DAY, next);
+        // The ended day's spend left; the hold in flight did not.
+        assert_eq!(cell.try_hold(600, 1_000), Err(500));
+        cell.settle(500, cost(300));
 
-        old.settle(
-            500,
-            Settlement {
-                cost: 300,
-                ..Settlement::default()
-            },
+        let (current, previous) = cell.totals(DAY, next);
+        assert_eq!((current.start, current.end), (day(1), day(2)));
+        assert_eq!((current.spent, current.held, current.requests), (300, 0, 1));
+        assert_eq!((previous.start, previous.end), (day(0), day(1)));
+        assert_eq!(
+            (previous.spent, previous.held, previous.requests),
+            (100, 0, 1)
         );
-        let (current, previous) = cell.totals(DAY, day1);
-        assert_eq!((current.spent, current.held), (0, 900));
-        assert_eq!((previous.spent, previous.held), (300, 0));
+    }
+
+    #[test]
+    fn periods_with_no_access_show_as_an_empty_previous_period() {
+        let cell = PeriodCell::new(DAY, day(0));
+        cell.settle(0, cost(100));
+        let (current, previous) = cell.totals(DAY, day(3));
+        assert_eq!((current.start, current.spent), (day(3), 0));
+        assert_eq!(
+            (previous.start, previous.end, previous.spent),
+            (day(2), day(3), 0)
+        );
     }
 }

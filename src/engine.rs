@@ -14,8 +14,8 @@ use crate::denial::{Denial, DenialReason, Error, Quota, Scope};
 use crate::money::{picos_to_decimal, token_cost};
 use crate::policy::{KeyStatus, Policy, WorkspaceStatus};
 use crate::request::{Credential, Request, Usage};
-use crate::reservation::{Receipt, Reservation, LEVELS};
-use crate::snapshot::Snapshot;
+use crate::reservation::{Receipt, Reservation};
+use crate::snapshot::{Route, Snapshot, LEVELS, WALLET_LEVEL};
 use crate::store::{reserve_level, Ask, Refusal, Tightest};
 use crate::sync::{Arc, SwapCell};
 
@@ -74,7 +74,6 @@ struct Inner {
     snapshot: SwapCell<Snapshot>,
     /// Serialises policy changes so none is lost; requests never take it.
     apply_lock: Mutex<()>,
-    clock: StdArc<dyn Clock>,
     budget_status: u16,
 }
 
@@ -102,12 +101,10 @@ impl EngineBuilder {
     /// Start the engine.
     #[must_use]
     pub fn build(self) -> Engine {
-        let now = self.clock.now();
         Engine {
             inner: StdArc::new(Inner {
-                snapshot: SwapCell::new(Arc::new(Snapshot::build(self.policy, None, now))),
+                snapshot: SwapCell::new(Arc::new(Snapshot::build(self.policy, None, self.clock))),
                 apply_lock: Mutex::new(()),
-                clock: self.clock,
                 budget_status: self.budget_status.code(),
             }),
         }
@@ -132,8 +129,8 @@ impl Engine {
 
     /// The engine's clock.
     #[must_use]
-    pub fn clock(&self) -> &StdArc<dyn Clock> {
-        &self.inner.clock
+    pub fn clock(&self) -> StdArc<dyn Clock> {
+        StdArc::clone(&self.inner.snapshot.load().clock)
     }
 
     /// May this key call this model now? If so, hold the request's worst case on every
@@ -144,9 +141,9 @@ impl Engine {
     /// # Errors
     /// A [`Denial`] naming the scope and limit that refused; nothing stays held.
     pub fn check_and_reserve(&self, request: &Request<'_>) -> Result<Reservation, Denial> {
-        let now = self.inner.clock.now();
         let snapshot = self.inner.snapshot.load();
         let snap: &Snapshot = &snapshot;
+        let now = snap.clock.now();
         let policy = &snap.policy;
 
         let key_index = match request.credential {
@@ -166,8 +163,7 @@ impl Engine {
         if key.expires_at.is_some_and(|at| now >= at) {
             return Err(self.deny(DenialReason::KeyExpired, Scope::Key));
         }
-        let ws_index = key.workspace as usize;
-        let ws = &policy.workspaces[ws_index];
+        let ws = &policy.workspaces[key.workspace as usize];
         if ws.status != WorkspaceStatus::Active {
             return Err(self.deny(
                 DenialReason::WorkspaceNotActive(ws.status),
@@ -177,11 +173,10 @@ impl Engine {
         let Some(&model_index) = snap.model_by_name.get(request.model) else {
             return Err(self.deny(DenialReason::UnknownModel, Scope::WorkspaceModel));
         };
-        let model_index = model_index as usize;
-        if !ws.granted[model_index] {
+        if !ws.granted[model_index as usize] {
             return Err(self.deny(DenialReason::ModelNotGranted, Scope::WorkspaceModel));
         }
-        let model = &policy.models[model_index];
+        let model = &policy.models[model_index as usize];
 
         let output_tokens = request
             .max_output_tokens
@@ -197,48 +192,41 @@ impl Engine {
             cost: token_cost(input, model.input_price)
                 .saturating_add(token_cost(output, model.output_price)),
         };
+        let route = Route {
+            key: key_index,
+            workspace: key.workspace,
+            model: model_index,
+        };
 
-        let key_rules = key.rules.as_deref().unwrap_or(&ws.plain_key_rules);
-        let levels = [
-            (Scope::Key, &snap.keys[key_index as usize], Some(key_rules)),
-            (
-                Scope::Workspace,
-                &snap.workspaces[ws_index],
-                Some(&ws.rules),
-            ),
-            (
-                Scope::WorkspaceModel,
-                &snap.workspace_models[ws_index][model_index],
-                Some(&ws.model_rules[model_index]),
-            ),
-            (Scope::Org, &snap.org, Some(&policy.org.rules)),
-            (Scope::Org, &snap.wallet, policy.org.wallet.as_ref()),
-        ];
-
+        let levels: [_; LEVELS] = std::array::from_fn(|level| snap.level(level, route));
         let mut tightest = Tightest::default();
-        let mut holds: [_; LEVELS] = Default::default();
-        for (level, (scope, state, rules)) in levels.into_iter().enumerate() {
+        let mut holds: [Option<_>; LEVELS] = [None; LEVELS];
+        for (level, &(scope, state, rules)) in levels.iter().enumerate() {
             let Some(rules) = rules else { continue };
             match reserve_level(state, rules, ask, now, &mut tightest) {
                 Ok(hold) => holds[level] = Some(hold),
                 Err(refusal) => {
                     // All or nothing: give back the levels already taken.
-                    for hold in holds.iter_mut().filter_map(Option::take) {
-                        hold.release(now);
+                    for (hold, &(_, state, _)) in holds.iter().zip(&levels).take(level) {
+                        if let Some(hold) = hold {
+                            hold.release(state, now);
+                        }
                     }
-                    let wallet = level == LEVELS - 1;
+                    let wallet = level == WALLET_LEVEL;
                     return Err(self.refused(scope, wallet, refusal, ask, now));
                 }
             }
         }
 
         Ok(Reservation {
+            snapshot: Arc::clone(&snapshot),
+            route,
             levels: holds,
+            settled: false,
             ask,
             input_price: model.input_price,
             output_price: model.output_price,
             tightest,
-            clock: StdArc::clone(&self.inner.clock),
         })
     }
 
@@ -257,9 +245,8 @@ impl Engine {
     /// in-flight reservations settle against the counters they were taken from.
     pub fn apply_policy(&self, policy: Policy) {
         let _writer = self.inner.apply_lock.lock();
-        let now = self.inner.clock.now();
         let previous = self.inner.snapshot.load_full();
-        let next = Snapshot::build(policy, Some(&previous), now);
+        let next = Snapshot::build(policy, Some(&previous), StdArc::clone(&previous.clock));
         self.inner.snapshot.store(Arc::new(next));
     }
 
@@ -274,7 +261,7 @@ impl Engine {
     }
 
     pub(crate) fn now(&self) -> Timestamp {
-        self.inner.clock.now()
+        self.inner.snapshot.load().clock.now()
     }
 
     fn deny(&self, reason: DenialReason, scope: Scope) -> Denial {

@@ -6,14 +6,12 @@ use std::time::Duration;
 use rust_decimal::Decimal;
 
 use crate::budget::Settlement;
-use crate::clock::Clock;
+use crate::clock::Timestamp;
 use crate::money::{picos_to_decimal, token_cost};
 use crate::request::Usage;
+use crate::snapshot::{Route, Snapshot, LEVELS};
 use crate::store::{Ask, LevelHold, Tightest, Window};
-
-/// Levels a request is checked against, in order: key, workspace, workspace × model,
-/// org budget, org wallet.
-pub(crate) const LEVELS: usize = 5;
+use crate::sync::Arc;
 
 /// Worst-case tokens and cost held for one admitted request on every level.
 ///
@@ -23,12 +21,20 @@ pub(crate) const LEVELS: usize = 5;
 /// and money. Committing consumes it, so usage is charged exactly once.
 #[must_use = "dropping a Reservation releases it; commit it with the real usage"]
 pub struct Reservation {
+    /// The snapshot the request was admitted under: it keeps the counters and the
+    /// rules of every level alive and unchanged until this reservation settles, even
+    /// if a new policy is applied meanwhile. One reference count for the whole
+    /// request instead of one per level.
+    pub(crate) snapshot: Arc<Snapshot>,
+    pub(crate) route: Route,
+    /// What each level holds; `None` for levels that do not apply.
     pub(crate) levels: [Option<LevelHold>; LEVELS],
+    /// Set once committed or released, so `Drop` gives nothing back twice.
+    pub(crate) settled: bool,
     pub(crate) ask: Ask,
     pub(crate) input_price: u64,
     pub(crate) output_price: u64,
     pub(crate) tightest: Tightest,
-    pub(crate) clock: std::sync::Arc<dyn Clock>,
 }
 
 /// What a committed request cost.
@@ -147,7 +153,7 @@ impl Reservation {
     /// a limit's capacity); usage beyond the reservation is charged as debt, never
     /// dropped, so the next request may be refused until it is paid down.
     pub fn commit(mut self, usage: Usage) -> Receipt {
-        let now = self.clock.now();
+        let now = self.snapshot.clock.now();
         let input = u64::from(usage.input_tokens);
         let output = u64::from(usage.output_tokens);
         let cost = token_cost(input, self.input_price)
@@ -157,9 +163,13 @@ impl Reservation {
             input_tokens: input,
             output_tokens: output,
         };
-        for level in self.levels.iter_mut() {
-            if let Some(hold) = level.take() {
-                hold.settle(self.ask, settlement, now);
+        self.settled = true;
+        for (level, hold) in self.levels.iter().enumerate() {
+            if let Some(hold) = hold {
+                let (_, state, rules) = self.snapshot.level(level, self.route);
+                if let Some(rules) = rules {
+                    hold.settle(state, rules, self.ask, settlement, now);
+                }
             }
         }
         Receipt {
@@ -171,16 +181,24 @@ impl Reservation {
     }
 }
 
+impl Reservation {
+    /// Give back every level's hold: the request did not happen.
+    pub(crate) fn release(&mut self, now: Timestamp) {
+        self.settled = true;
+        for (level, hold) in self.levels.iter().enumerate() {
+            if let Some(hold) = hold {
+                let (_, state, _) = self.snapshot.level(level, self.route);
+                hold.release(state, now);
+            }
+        }
+    }
+}
+
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if self.levels.iter().all(Option::is_none) {
-            return;
-        }
-        let now = self.clock.now();
-        for level in self.levels.iter_mut() {
-            if let Some(hold) = level.take() {
-                hold.release(now);
-            }
+        if !self.settled {
+            let now = self.snapshot.clock.now();
+            self.release(now);
         }
     }
 }

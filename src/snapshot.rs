@@ -6,10 +6,12 @@
 //! the counters of every id that persists.
 
 use std::collections::HashMap;
+use std::sync::Arc as StdArc;
 
 use foldhash::fast::RandomState;
 
-use crate::clock::Timestamp;
+use crate::clock::Clock;
+use crate::denial::Scope;
 use crate::period::Span;
 use crate::policy::rules::LevelRules;
 use crate::policy::Policy;
@@ -20,6 +22,9 @@ type Map<K> = HashMap<K, u32, RandomState>;
 
 pub(crate) struct Snapshot {
     pub(crate) policy: Policy,
+    /// The engine's clock, here so that a reservation, which keeps its snapshot,
+    /// needs no reference count of its own to read the time when it settles.
+    pub(crate) clock: StdArc<dyn Clock>,
     pub(crate) key_by_digest: Map<[u8; 32]>,
     pub(crate) key_by_id: Map<Box<str>>,
     pub(crate) workspace_by_id: Map<Box<str>>,
@@ -33,7 +38,12 @@ pub(crate) struct Snapshot {
 }
 
 impl Snapshot {
-    pub(crate) fn build(policy: Policy, previous: Option<&Snapshot>, now: Timestamp) -> Snapshot {
+    pub(crate) fn build(
+        policy: Policy,
+        previous: Option<&Snapshot>,
+        clock: StdArc<dyn Clock>,
+    ) -> Snapshot {
+        let now = clock.now();
         // Reuse a counter of the previous snapshot by id, or start a fresh one.
         let reuse = |found: Option<&Arc<ScopeState>>, rules: &LevelRules| {
             found.map_or_else(|| ScopeState::new(rules, now), Arc::clone)
@@ -93,6 +103,7 @@ impl Snapshot {
         );
         Snapshot {
             policy,
+            clock,
             key_by_digest,
             key_by_id,
             workspace_by_id,
@@ -102,6 +113,54 @@ impl Snapshot {
             workspace_models,
             org,
             wallet,
+        }
+    }
+}
+
+/// The levels a request is checked against, in order.
+pub(crate) const LEVELS: usize = 5;
+/// Index of the wallet in the level order.
+pub(crate) const WALLET_LEVEL: usize = LEVELS - 1;
+
+/// Where one request's counters are in a snapshot.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Route {
+    pub(crate) key: u32,
+    pub(crate) workspace: u32,
+    pub(crate) model: u32,
+}
+
+impl Snapshot {
+    /// Level `level` of a request's route: the scope it reports as, its counters, and
+    /// its rules (`None` when the level does not apply, e.g. an org without a wallet).
+    /// Reserving and settling both go through here, so they can never disagree.
+    #[inline(always)]
+    pub(crate) fn level(
+        &self,
+        level: usize,
+        route: Route,
+    ) -> (Scope, &ScopeState, Option<&LevelRules>) {
+        let policy = &self.policy;
+        let (k, w, m) = (
+            route.key as usize,
+            route.workspace as usize,
+            route.model as usize,
+        );
+        let ws = &policy.workspaces[w];
+        match level {
+            0 => {
+                let key = &policy.keys[k];
+                let rules = key.rules.as_deref().unwrap_or(&ws.plain_key_rules);
+                (Scope::Key, &self.keys[k], Some(rules))
+            }
+            1 => (Scope::Workspace, &self.workspaces[w], Some(&ws.rules)),
+            2 => (
+                Scope::WorkspaceModel,
+                &self.workspace_models[w][m],
+                Some(&ws.model_rules[m]),
+            ),
+            3 => (Scope::Org, &self.org, Some(&policy.org.rules)),
+            _ => (Scope::Org, &self.wallet, policy.org.wallet.as_ref()),
         }
     }
 }

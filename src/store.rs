@@ -9,15 +9,15 @@
 use std::time::Duration;
 
 use crate::bucket::{Gcra, RateRule, Slots, Taken};
-use crate::budget::{PeriodCell, PeriodCounters, Settlement};
+use crate::budget::{PeriodCell, Settlement};
 use crate::clock::{duration_nanos, Timestamp};
 use crate::policy::rules::{LevelRules, TokenRule};
-use crate::policy::TokenCount;
 use crate::sync::Arc;
 
 /// All counters of one scope (a key, workspace, workspace × model, the org or its
-/// wallet). Shared by `Arc` so a policy swap keeps them for ids that persist and
-/// in-flight reservations settle against them even after the scope is gone.
+/// wallet). Shared by `Arc` between snapshots, so a policy swap keeps them for ids
+/// that persist; a reservation keeps its snapshot, so it settles against them even
+/// after the scope is gone from the policy.
 #[derive(Debug)]
 pub(crate) struct ScopeState {
     pub(crate) rpm: Gcra,
@@ -41,6 +41,7 @@ impl ScopeState {
 
 /// A take from one GCRA bucket: what to give back, and the end of its slot in the
 /// bucket's schedule (the part before "now" has already drained and is not refunded).
+/// `added == 0` means nothing was taken.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct BucketHold {
     added: u64,
@@ -57,25 +58,21 @@ impl BucketHold {
 
     /// Give back whatever part of the `nanos` at the tail of this take has not drained.
     fn give_back(self, bucket: &Gcra, nanos: u64, now: u64) {
-        bucket.refund(nanos.min(self.added).min(self.end.saturating_sub(now)), now);
+        let refund = nanos.min(self.added).min(self.end.saturating_sub(now));
+        if refund != 0 {
+            bucket.refund(refund, now);
+        }
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-struct TokenHold {
-    bucket: BucketHold,
-    interval: u64,
-    counts: TokenCount,
-}
-
-/// What one level holds for a request.
-#[derive(Debug)]
+/// What one level holds for a request. Plain data: the counters it refers to are
+/// found again through the reservation's snapshot, and the rules it was taken under
+/// are that snapshot's, so nothing here is reference-counted.
+#[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct LevelHold {
-    state: Arc<ScopeState>,
-    period: Arc<PeriodCounters>,
-    rpm: Option<BucketHold>,
-    rpd: Option<BucketHold>,
-    tokens: Option<TokenHold>,
+    rpm: BucketHold,
+    rpd: BucketHold,
+    tokens: BucketHold,
     slot: bool,
     held_cost: i64,
 }
@@ -146,25 +143,18 @@ fn keep_tightest(slot: &mut Option<Window>, candidate: Window) {
 
 /// Take everything `rules` asks of `state` for one request, all or nothing.
 pub(crate) fn reserve_level(
-    state: &Arc<ScopeState>,
+    state: &ScopeState,
     rules: &LevelRules,
     ask: Ask,
     now: Timestamp,
     tightest: &mut Tightest,
 ) -> Result<LevelHold, Refusal> {
     let at = now.as_unix_nanos();
-    let mut hold = LevelHold {
-        state: Arc::clone(state),
-        period: state.periods.current(rules.span, now),
-        rpm: None,
-        rpd: None,
-        tokens: None,
-        slot: false,
-        held_cost: 0,
-    };
-    // On refusal `hold` is dropped half-built: `release` gives back what it has.
+    state.periods.roll(rules.span, now);
+    let mut hold = LevelHold::default();
+    // On refusal the half-built hold gives back what it has taken so far.
     let refuse = |hold: LevelHold, refusal: Refusal| {
-        hold.release(now);
+        hold.release(state, now);
         Err(refusal)
     };
 
@@ -177,9 +167,9 @@ pub(crate) fn reserve_level(
             Ok(taken) => {
                 let taken_hold = BucketHold::of(&taken, at);
                 if per_day {
-                    hold.rpd = Some(taken_hold);
+                    hold.rpd = taken_hold;
                 } else {
-                    hold.rpm = Some(taken_hold);
+                    hold.rpm = taken_hold;
                 }
                 keep_tightest(
                     &mut tightest.requests,
@@ -210,11 +200,7 @@ pub(crate) fn reserve_level(
         let units = counts.pick(ask.input_tokens, ask.output_tokens);
         match state.tpm.try_take(rate, units, at) {
             Ok(taken) => {
-                hold.tokens = Some(TokenHold {
-                    bucket: BucketHold::of(&taken, at),
-                    interval: rate.interval,
-                    counts: *counts,
-                });
+                hold.tokens = BucketHold::of(&taken, at);
                 keep_tightest(
                     &mut tightest.tokens,
                     Window {
@@ -261,10 +247,10 @@ pub(crate) fn reserve_level(
         .budget
         .as_ref()
         .map_or(i64::MAX, |budget| budget.limit);
-    match hold.period.try_hold(ask.cost, limit) {
+    match state.periods.try_hold(ask.cost, limit) {
         Ok(_) => hold.held_cost = ask.cost,
         Err(remaining) => {
-            let period_end = hold.period.end;
+            let period_end = state.periods.end();
             return refuse(
                 hold,
                 Refusal::Budget {
@@ -280,43 +266,44 @@ pub(crate) fn reserve_level(
 
 impl LevelHold {
     /// Give back everything: the request did not happen.
-    pub(crate) fn release(self, now: Timestamp) {
+    pub(crate) fn release(self, state: &ScopeState, now: Timestamp) {
         let at = now.as_unix_nanos();
-        if let Some(rpm) = self.rpm {
-            rpm.give_back(&self.state.rpm, u64::MAX, at);
-        }
-        if let Some(rpd) = self.rpd {
-            rpd.give_back(&self.state.rpd, u64::MAX, at);
-        }
-        if let Some(tokens) = self.tokens {
-            tokens.bucket.give_back(&self.state.tpm, u64::MAX, at);
-        }
+        self.rpm.give_back(&state.rpm, u64::MAX, at);
+        self.rpd.give_back(&state.rpd, u64::MAX, at);
+        self.tokens.give_back(&state.tpm, u64::MAX, at);
         if self.slot {
-            self.state.slots.release();
+            state.slots.release();
         }
-        self.period.release(self.held_cost);
+        state.periods.release(self.held_cost);
     }
 
     /// Replace the hold by real usage: refund unused tokens and money, charge any
-    /// overage as debt, count the request in this level's period.
-    pub(crate) fn settle(self, reserved: Ask, used: Settlement, now: Timestamp) {
+    /// overage as debt, count the request in the period containing `now`. `rules`
+    /// are the ones the hold was taken under.
+    pub(crate) fn settle(
+        self,
+        state: &ScopeState,
+        rules: &LevelRules,
+        reserved: Ask,
+        used: Settlement,
+        now: Timestamp,
+    ) {
         let at = now.as_unix_nanos();
-        if let Some(tokens) = self.tokens {
-            let reserved_units = tokens
-                .counts
-                .pick(reserved.input_tokens, reserved.output_tokens);
-            let used_units = tokens.counts.pick(used.input_tokens, used.output_tokens);
+        if let Some(TokenRule { rate, counts }) = &rules.tpm {
+            let reserved_units = counts.pick(reserved.input_tokens, reserved.output_tokens);
+            let used_units = counts.pick(used.input_tokens, used.output_tokens);
             if used_units < reserved_units {
-                let unused = (reserved_units - used_units).saturating_mul(tokens.interval);
-                tokens.bucket.give_back(&self.state.tpm, unused, at);
-            } else {
-                let overage = (used_units - reserved_units).saturating_mul(tokens.interval);
-                self.state.tpm.force_take(overage, at);
+                let unused = (reserved_units - used_units).saturating_mul(rate.interval);
+                self.tokens.give_back(&state.tpm, unused, at);
+            } else if used_units > reserved_units {
+                let overage = (used_units - reserved_units).saturating_mul(rate.interval);
+                state.tpm.force_take(overage, at);
             }
         }
         if self.slot {
-            self.state.slots.release();
+            state.slots.release();
         }
-        self.period.settle(self.held_cost, used);
+        state.periods.roll(rules.span, now);
+        state.periods.settle(self.held_cost, used);
     }
 }

@@ -13,6 +13,45 @@ pub(crate) use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 #[cfg(not(loom))]
 pub(crate) use std::sync::Arc;
 
+/// A lock for rare writers (rollover, policy changes), never taken per request.
+///
+/// `parking_lot`'s normally; loom's under `--cfg loom`, so the model checker explores
+/// the paths that take it too.
+pub(crate) struct Mutex<T> {
+    #[cfg(not(loom))]
+    inner: parking_lot::Mutex<T>,
+    #[cfg(loom)]
+    inner: loom::sync::Mutex<T>,
+}
+
+impl<T> Mutex<T> {
+    pub(crate) fn new(value: T) -> Self {
+        Self {
+            #[cfg(not(loom))]
+            inner: parking_lot::Mutex::new(value),
+            #[cfg(loom)]
+            inner: loom::sync::Mutex::new(value),
+        }
+    }
+
+    #[cfg(not(loom))]
+    pub(crate) fn lock(&self) -> parking_lot::MutexGuard<'_, T> {
+        self.inner.lock()
+    }
+
+    #[cfg(loom)]
+    pub(crate) fn lock(&self) -> loom::sync::MutexGuard<'_, T> {
+        // A poisoned lock means a test thread already panicked; that panic is the report.
+        self.inner.lock().unwrap()
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Mutex<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
 /// An `Arc<T>` that readers load without locking and writers replace atomically.
 ///
 /// Backed by `arc_swap::ArcSwap`; under loom by a loom mutex, because arc-swap's
@@ -62,29 +101,6 @@ impl<T> SwapCell<T> {
         #[cfg(loom)]
         {
             *self.inner.lock().unwrap() = value;
-        }
-    }
-
-    /// Replace the value only if it is still `current`; returns the value now installed.
-    pub(crate) fn compare_and_swap(&self, current: &Arc<T>, new: Arc<T>) -> Arc<T> {
-        #[cfg(not(loom))]
-        {
-            let previous = self.inner.compare_and_swap(current, Arc::clone(&new));
-            if Arc::ptr_eq(&previous, current) {
-                new
-            } else {
-                arc_swap::Guard::into_inner(previous)
-            }
-        }
-        #[cfg(loom)]
-        {
-            let mut slot = self.inner.lock().unwrap();
-            if Arc::ptr_eq(&slot, current) {
-                *slot = Arc::clone(&new);
-                new
-            } else {
-                Arc::clone(&slot)
-            }
         }
     }
 }

@@ -230,11 +230,14 @@ fn concurrency_slots_free_on_commit_and_on_drop() {
     assert_eq!(ws_usage(&e).in_flight, 0);
 }
 
+/// A named change to the base policy, and the denial it should cause.
+type Case = (&'static str, fn(&mut PolicyDocument), Scope, DenialReason);
+
 #[test]
 fn budgets_refuse_at_every_level_with_402_and_no_retry() {
     let clock = clock();
     // Each request: 100 in + 400 out at 1/2 per million = 0.0009 worst case.
-    let cases: [(&str, fn(&mut PolicyDocument), Scope, DenialReason); 4] = [
+    let cases: [Case; 4] = [
         (
             "key",
             |d| d.keys[0].budget = Some(BudgetSpec::new(dec("0.001"), BudgetPeriod::Month)),
@@ -530,33 +533,49 @@ fn output_reservation_falls_back_from_request_to_key_model_workspace_org() {
 }
 
 #[test]
-fn a_commit_after_the_period_ends_lands_in_the_period_it_was_reserved_in() {
+fn a_hold_spanning_the_period_end_is_carried_over_and_its_commit_counts_in_the_new_period() {
     let clock = Arc::new(ManualClock::at(
         Utc.with_ymd_and_hms(2026, 11, 30, 23, 59, 59).unwrap(),
     ));
     let mut doc = base();
     doc.workspaces[0].budget = Some(BudgetSpec::new(dec("0.001"), BudgetPeriod::Month));
     let e = engine(doc, &clock);
-    let late = e.check_and_reserve(&req(400)).unwrap(); // holds 0.0009 of November
+    e.commit_usage(e.check_and_reserve(&req(0)).unwrap(), Usage::new(100, 0))
+        .unwrap(); // 0.0001 spent in November
+    let late = e.check_and_reserve(&req(400)).unwrap(); // holds 0.0009: November is full
+    assert_eq!(denial(&e, &req(0)).reason, DenialReason::Budget);
+
     clock.advance(Duration::from_secs(2)); // December
-    let december = e.check_and_reserve(&req(400)).unwrap(); // a fresh budget
+                                           // November's spend is gone from the budget; the hold still in flight is not.
     assert_eq!(denial(&e, &req(400)).reason, DenialReason::Budget);
-    e.commit_usage(late, Usage::new(100, 100)).unwrap(); // 0.0003, to November
     let usage = ws_usage(&e);
-    assert_eq!(usage.previous.cost, dec("0.0003"));
-    assert_eq!(usage.previous.held, Decimal::ZERO);
+    assert_eq!(
+        (usage.previous.cost, usage.previous.requests),
+        (dec("0.0001"), 1)
+    );
     assert_eq!(
         usage.previous.period_end,
         Timestamp::from_datetime(Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap())
     );
-    // December's hold was not erased by November's settlement.
     assert_eq!(
         (usage.current.cost, usage.current.held),
         (Decimal::ZERO, dec("0.0009"))
     );
+
+    e.commit_usage(late, Usage::new(100, 100)).unwrap(); // 0.0003, counted in December
+    let usage = ws_usage(&e);
+    assert_eq!(
+        (
+            usage.current.cost,
+            usage.current.held,
+            usage.current.requests
+        ),
+        (dec("0.0003"), Decimal::ZERO, 1)
+    );
+    assert_eq!(usage.previous.cost, dec("0.0001"));
+    // 0.0003 spent + 0.0003 asked fits in 0.001; 0.0003 + 0.0009 would not.
     assert_eq!(denial(&e, &req(400)).reason, DenialReason::Budget);
-    e.commit_usage(december, Usage::new(100, 400)).unwrap();
-    assert_eq!(ws_usage(&e).current.cost, dec("0.0009"));
+    assert!(e.check_and_reserve(&req(100)).is_ok());
 }
 
 #[test]

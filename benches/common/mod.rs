@@ -3,8 +3,8 @@
 //! Every bench request touches every level: the key, its workspace and the workspace ×
 //! model each have an RPM and a TPM limit, the key, the workspace and the org each
 //! have a monthly budget, and the org has a wallet. Limits sit near the validator's
-//! cap (one unit per 100 ns: 600,000,000 per minute) and requests are tiny (1 input
-//! + 1 output token at 0.01 USD per million), so no bench request is ever refused:
+//! cap (one unit per 100 ns: 600,000,000 per minute) and requests are tiny (one input
+//! and one output token at 0.01 USD per million), so no bench request is ever refused:
 //! every admission is checked with `expect`, so a denial would show as a panic.
 //!
 //! Keys are spread 20 to a workspace (the default cap), so a policy of 1,000,000
