@@ -1,0 +1,86 @@
+//! Model 2: a budget under concurrent holds, commits and drop-releases.
+//!
+//! The admission word is one CAS-updated counter, so two holds can never jointly
+//! pass the limit, and commits and releases are additions that none may lose.
+
+use loom::sync::atomic::{AtomicI64, Ordering};
+use loom::thread;
+
+use crate::budget::{PeriodCell, Settlement};
+use crate::clock::Timestamp;
+use crate::period::Span;
+use crate::sync::Arc;
+
+const LIMIT: i64 = 100;
+
+fn spend(cost: i64) -> Settlement {
+    Settlement {
+        cost,
+        input_tokens: 1,
+        output_tokens: 1,
+    }
+}
+
+/// Holds `amount`, then commits `cost` (or releases, when `cost` is `None`).
+/// `Some(cost)` if admitted and committed, `Some(0)` if admitted and released.
+///
+/// `outstanding` is the test's own tally of money the engine has admitted: raised
+/// only after a hold succeeds and lowered before the engine gives it back, so it
+/// never exceeds what a correct engine holds, and it passing the limit proves
+/// the engine admitted more than the budget.
+fn hold_then(
+    cell: &PeriodCell,
+    outstanding: &AtomicI64,
+    amount: i64,
+    cost: Option<i64>,
+) -> Option<i64> {
+    cell.try_hold(amount, LIMIT).ok()?;
+    let before = outstanding.fetch_add(amount, Ordering::SeqCst);
+    assert!(
+        before + amount <= LIMIT,
+        "admitted {} against a budget of {LIMIT}",
+        before + amount
+    );
+    match cost {
+        Some(cost) => {
+            // Commits never exceed the hold here, so the tally can drop to the cost
+            // before the engine replaces the hold by it.
+            outstanding.fetch_sub(amount - cost, Ordering::SeqCst);
+            cell.settle(amount, spend(cost));
+            Some(cost)
+        }
+        None => {
+            outstanding.fetch_sub(amount, Ordering::SeqCst);
+            cell.release(amount);
+            Some(0)
+        }
+    }
+}
+
+#[test]
+fn holds_commits_and_releases_never_overspend_and_spend_adds_up() {
+    super::check("budget/hold, commit, release", || {
+        let now = Timestamp::from_unix_nanos(1_000);
+        let cell = Arc::new(PeriodCell::new(Span::Forever, now));
+        let outstanding = Arc::new(AtomicI64::new(0));
+
+        let spawn = |amount, cost| {
+            let cell = Arc::clone(&cell);
+            let outstanding = Arc::clone(&outstanding);
+            thread::spawn(move || hold_then(&cell, &outstanding, amount, cost))
+        };
+        let committer = spawn(60, Some(50));
+        let dropper = spawn(60, None);
+        let small = hold_then(&cell, &outstanding, 30, Some(30));
+
+        let results = [committer.join().unwrap(), dropper.join().unwrap(), small];
+        let committed: i64 = results.iter().flatten().sum();
+        let commits = [results[0], results[2]].iter().flatten().count() as u64;
+
+        let (totals, _) = cell.totals(Span::Forever, now);
+        assert_eq!(totals.spent, committed, "spend equals the sum of commits");
+        assert_eq!(totals.held, 0, "every hold was committed or released");
+        assert_eq!(totals.requests, commits);
+        assert_eq!(outstanding.load(Ordering::SeqCst), committed);
+    });
+}
