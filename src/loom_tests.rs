@@ -6,7 +6,9 @@
 //! clock keeps every execution deterministic and only the interleaving varies.
 
 mod bucket;
+mod budget;
 mod reserve;
+mod rollover;
 mod swap;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
