@@ -149,11 +149,11 @@ impl Engine {
         let key_index = match request.credential {
             Credential::Secret(secret) => {
                 let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
-                snap.key_by_digest.get(&digest)
+                snap.key_index_by_digest(&digest)
             }
-            Credential::KeyId(id) => snap.key_by_id.get(id),
+            Credential::KeyId(id) => snap.key_index(id),
         };
-        let Some(&key_index) = key_index else {
+        let Some(key_index) = key_index else {
             return Err(self.deny(DenialReason::UnknownKey, Scope::Key));
         };
         let key = &policy.keys[key_index as usize];
@@ -170,7 +170,7 @@ impl Engine {
                 Scope::Workspace,
             ));
         }
-        let Some(&model_index) = snap.model_by_name.get(request.model) else {
+        let Some(model_index) = snap.model_index(request.model) else {
             return Err(self.deny(DenialReason::UnknownModel, Scope::WorkspaceModel));
         };
         if !ws.granted[model_index as usize] {

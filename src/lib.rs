@@ -53,6 +53,7 @@ mod clock;
 mod denial;
 mod engine;
 mod headers;
+mod index;
 #[cfg(all(test, loom))]
 mod loom_tests;
 mod money;

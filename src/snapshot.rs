@@ -1,34 +1,30 @@
 //! An immutable view of a policy joined to its counters, swapped as a whole.
 //!
-//! Ids are interned here when a policy is applied: requests resolve `&str` and
-//! digests through hash maps to indices, and indices to counter `Arc`s, without
+//! Ids are indexed here when a policy is applied: requests resolve `&str` and
+//! digests through hash indices to positions, and positions to counters, without
 //! allocating or locking. Applying a new policy builds a new snapshot that reuses
 //! the counters of every id that persists.
 
-use std::collections::HashMap;
 use std::sync::Arc as StdArc;
-
-use foldhash::fast::RandomState;
 
 use crate::clock::Clock;
 use crate::denial::Scope;
+use crate::index::Index;
 use crate::period::Span;
 use crate::policy::rules::LevelRules;
 use crate::policy::Policy;
 use crate::store::ScopeState;
 use crate::sync::Arc;
 
-type Map<K> = HashMap<K, u32, RandomState>;
-
 pub(crate) struct Snapshot {
     pub(crate) policy: Policy,
     /// The engine's clock, here so that a reservation, which keeps its snapshot,
     /// needs no reference count of its own to read the time when it settles.
     pub(crate) clock: StdArc<dyn Clock>,
-    pub(crate) key_by_digest: Map<[u8; 32]>,
-    pub(crate) key_by_id: Map<Box<str>>,
-    pub(crate) workspace_by_id: Map<Box<str>>,
-    pub(crate) model_by_name: Map<Box<str>>,
+    key_by_digest: Index,
+    key_by_id: Index,
+    workspace_by_id: Index,
+    model_by_name: Index,
     pub(crate) keys: Vec<Arc<ScopeState>>,
     pub(crate) workspaces: Vec<Arc<ScopeState>>,
     /// Workspace × model counters, by workspace index then model index.
@@ -49,20 +45,17 @@ impl Snapshot {
             found.map_or_else(|| ScopeState::new(rules, now), Arc::clone)
         };
 
-        let mut model_by_name =
-            Map::with_capacity_and_hasher(policy.models.len(), RandomState::default());
-        for (m, model) in policy.models.iter().enumerate() {
-            model_by_name.insert(model.name.clone(), m as u32);
-        }
+        let model_by_name = Index::build(policy.models.len(), |m| &*policy.models[m as usize].name);
+        let workspace_by_id = Index::build(policy.workspaces.len(), |w| {
+            &*policy.workspaces[w as usize].id
+        });
+        let key_by_id = Index::build(policy.keys.len(), |k| &*policy.keys[k as usize].id);
+        let key_by_digest = Index::build(policy.keys.len(), |k| &policy.keys[k as usize].digest);
 
-        let mut workspace_by_id =
-            Map::with_capacity_and_hasher(policy.workspaces.len(), RandomState::default());
         let mut workspaces = Vec::with_capacity(policy.workspaces.len());
         let mut workspace_models = Vec::with_capacity(policy.workspaces.len());
-        for (w, ws) in policy.workspaces.iter().enumerate() {
-            workspace_by_id.insert(ws.id.clone(), w as u32);
-            let old =
-                previous.and_then(|p| p.workspace_by_id.get(&ws.id).map(|&i| (p, i as usize)));
+        for ws in &policy.workspaces {
+            let old = previous.and_then(|p| Some((p, p.workspace_index(&ws.id)? as usize)));
             workspaces.push(reuse(old.map(|(p, i)| &p.workspaces[i]), &ws.rules));
             let models = policy
                 .models
@@ -70,7 +63,7 @@ impl Snapshot {
                 .zip(ws.model_rules.iter())
                 .map(|(model, rules)| {
                     let found = old.and_then(|(p, i)| {
-                        let m = *p.model_by_name.get(&model.name)? as usize;
+                        let m = p.model_index(&model.name)? as usize;
                         p.workspace_models[i].get(m)
                     });
                     reuse(found, rules)
@@ -79,15 +72,9 @@ impl Snapshot {
             workspace_models.push(models);
         }
 
-        let mut key_by_digest =
-            Map::with_capacity_and_hasher(policy.keys.len(), RandomState::default());
-        let mut key_by_id =
-            Map::with_capacity_and_hasher(policy.keys.len(), RandomState::default());
         let mut keys = Vec::with_capacity(policy.keys.len());
-        for (k, key) in policy.keys.iter().enumerate() {
-            key_by_digest.insert(key.digest, k as u32);
-            key_by_id.insert(key.id.clone(), k as u32);
-            let found = previous.and_then(|p| Some(&p.keys[*p.key_by_id.get(&key.id)? as usize]));
+        for key in &policy.keys {
+            let found = previous.and_then(|p| Some(&p.keys[p.key_index(&key.id)? as usize]));
             let rules = key
                 .rules
                 .as_deref()
@@ -131,6 +118,33 @@ pub(crate) struct Route {
 }
 
 impl Snapshot {
+    /// The position of the key with this id.
+    #[inline]
+    pub(crate) fn key_index(&self, id: &str) -> Option<u32> {
+        self.key_by_id
+            .get(id, |k| &*self.policy.keys[k as usize].id)
+    }
+
+    /// The position of the key whose secret has this SHA-256 digest.
+    #[inline]
+    pub(crate) fn key_index_by_digest(&self, digest: &[u8; 32]) -> Option<u32> {
+        self.key_by_digest
+            .get(digest, |k| &self.policy.keys[k as usize].digest)
+    }
+
+    /// The position of the workspace with this id.
+    pub(crate) fn workspace_index(&self, id: &str) -> Option<u32> {
+        self.workspace_by_id
+            .get(id, |w| &*self.policy.workspaces[w as usize].id)
+    }
+
+    /// The position of the model with this name.
+    #[inline]
+    pub(crate) fn model_index(&self, name: &str) -> Option<u32> {
+        self.model_by_name
+            .get(name, |m| &*self.policy.models[m as usize].name)
+    }
+
     /// Level `level` of a request's route: the scope it reports as, its counters, and
     /// its rules (`None` when the level does not apply, e.g. an org without a wallet).
     /// Reserving and settling both go through here, so they can never disagree.
