@@ -142,16 +142,20 @@ impl PeriodCell {
     }
 
     /// Replace a hold by real usage in the current period; overage beyond the hold
-    /// stays as debt.
-    pub(crate) fn settle(&self, held: i64, usage: Settlement) {
+    /// stays as debt. `tally` also counts the request and its tokens, which a scope
+    /// that only reports money (the wallet) skips: fewer writes to a line every
+    /// request shares.
+    pub(crate) fn settle(&self, held: i64, usage: Settlement, tally: bool) {
         let change = usage.cost.saturating_sub(held);
         if change != 0 {
             saturating_add_i64(&self.committed_and_held, change);
         }
         saturating_add_i64(&self.spent, usage.cost);
-        saturating_add_u64(&self.requests, 1);
-        saturating_add_u64(&self.input_tokens, usage.input_tokens);
-        saturating_add_u64(&self.output_tokens, usage.output_tokens);
+        if tally {
+            saturating_add_u64(&self.requests, 1);
+            saturating_add_u64(&self.input_tokens, usage.input_tokens);
+            saturating_add_u64(&self.output_tokens, usage.output_tokens);
+        }
     }
 
     /// The end of the current period.
@@ -217,7 +221,7 @@ mod tests {
         let cell = PeriodCell::new(Span::Forever, day(0));
         assert_eq!(cell.try_hold(60, 100), Ok(40));
         assert_eq!(cell.try_hold(50, 100), Err(40));
-        cell.settle(60, cost(130));
+        cell.settle(60, cost(130), true);
         // 130 spent of 100: in debt, even a zero-cost hold is refused.
         assert_eq!(cell.try_hold(0, 100), Err(0));
         let (totals, _) = cell.totals(Span::Forever, day(0));
@@ -227,14 +231,14 @@ mod tests {
     #[test]
     fn a_hold_spanning_the_boundary_is_carried_over_and_charged_when_committed() {
         let cell = PeriodCell::new(DAY, day(0));
-        cell.settle(0, cost(100));
+        cell.settle(0, cost(100), true);
         assert_eq!(cell.try_hold(500, 1_000), Ok(400));
 
         let next = day(1).saturating_add(Duration::from_secs(5));
         cell.roll(DAY, next);
         // The ended day's spend left; the hold in flight did not.
         assert_eq!(cell.try_hold(600, 1_000), Err(500));
-        cell.settle(500, cost(300));
+        cell.settle(500, cost(300), true);
 
         let (current, previous) = cell.totals(DAY, next);
         assert_eq!((current.start, current.end), (day(1), day(2)));
@@ -249,7 +253,7 @@ mod tests {
     #[test]
     fn periods_with_no_access_show_as_an_empty_previous_period() {
         let cell = PeriodCell::new(DAY, day(0));
-        cell.settle(0, cost(100));
+        cell.settle(0, cost(100), true);
         let (current, previous) = cell.totals(DAY, day(3));
         assert_eq!((current.start, current.spent), (day(3), 0));
         assert_eq!(

@@ -9,7 +9,7 @@ use crate::budget::Settlement;
 use crate::clock::Timestamp;
 use crate::money::{picos_to_decimal, token_cost};
 use crate::request::Usage;
-use crate::snapshot::{Route, Snapshot, LEVELS};
+use crate::snapshot::{Route, Snapshot, LEVELS, WALLET_LEVEL};
 use crate::store::{Ask, LevelHold, Tightest, Window};
 use crate::sync::Arc;
 
@@ -168,7 +168,9 @@ impl Reservation {
             if let Some(hold) = hold {
                 let (_, state, rules) = self.snapshot.level(level, self.route);
                 if let Some(rules) = rules {
-                    hold.settle(state, rules, self.ask, settlement, now);
+                    // The wallet reports money only; requests and tokens are the org's.
+                    let tally = level != WALLET_LEVEL;
+                    hold.settle(state, rules, self.ask, settlement, now, tally);
                 }
             }
         }

@@ -278,8 +278,9 @@ impl LevelHold {
     }
 
     /// Replace the hold by real usage: refund unused tokens and money, charge any
-    /// overage as debt, count the request in the period containing `now`. `rules`
-    /// are the ones the hold was taken under.
+    /// overage as debt, count the request in the period containing `now` (its
+    /// requests and tokens only if `tally`). `rules` are the ones the hold was taken
+    /// under.
     pub(crate) fn settle(
         self,
         state: &ScopeState,
@@ -287,6 +288,7 @@ impl LevelHold {
         reserved: Ask,
         used: Settlement,
         now: Timestamp,
+        tally: bool,
     ) {
         let at = now.as_unix_nanos();
         if let Some(TokenRule { rate, counts }) = &rules.tpm {
@@ -304,6 +306,6 @@ impl LevelHold {
             state.slots.release();
         }
         state.periods.roll(rules.span, now);
-        state.periods.settle(self.held_cost, used);
+        state.periods.settle(self.held_cost, used, tally);
     }
 }

@@ -107,25 +107,23 @@ impl<T> SwapCell<T> {
 
 /// Adds `delta` to `cell`, pinning at the `i64` range instead of wrapping, so an
 /// absurd overage can never turn a large debt into a large credit.
+///
+/// One `fetch_add`, not a compare-and-swap loop: counters shared by every request
+/// (the org's, the wallet's) are contended, and a CAS loop there costs a retry per
+/// collision. The rare add that crosses the bound is pinned right after; an update
+/// racing that instant may be absorbed by the pin, which only happens at the bound.
 pub(crate) fn saturating_add_i64(cell: &AtomicI64, delta: i64) {
-    let mut current = cell.load(Ordering::Relaxed);
-    loop {
-        let next = current.saturating_add(delta);
-        match cell.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Relaxed) {
-            Ok(_) => return,
-            Err(actual) => current = actual,
-        }
+    let before = cell.fetch_add(delta, Ordering::AcqRel);
+    if before.checked_add(delta).is_none() {
+        cell.store(before.saturating_add(delta), Ordering::Release);
     }
 }
 
-/// Adds `delta` to `cell`, pinning at `u64::MAX` instead of wrapping.
+/// Adds `delta` to `cell`, pinning at `u64::MAX` instead of wrapping (see
+/// [`saturating_add_i64`]).
 pub(crate) fn saturating_add_u64(cell: &AtomicU64, delta: u64) {
-    let mut current = cell.load(Ordering::Relaxed);
-    loop {
-        let next = current.saturating_add(delta);
-        match cell.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Relaxed) {
-            Ok(_) => return,
-            Err(actual) => current = actual,
-        }
+    let before = cell.fetch_add(delta, Ordering::AcqRel);
+    if before.checked_add(delta).is_none() {
+        cell.store(u64::MAX, Ordering::Release);
     }
 }

@@ -46,7 +46,7 @@ fn hold_then(
             // Commits never exceed the hold here, so the tally can drop to the cost
             // before the engine replaces the hold by it.
             outstanding.fetch_sub(amount - cost, Ordering::SeqCst);
-            cell.settle(amount, spend(cost));
+            cell.settle(amount, spend(cost), true);
             Some(cost)
         }
         None => {

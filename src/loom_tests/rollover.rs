@@ -31,7 +31,7 @@ fn rollover_racing_holds_and_commits_loses_and_doubles_nothing() {
     super::check("rollover/hold, commit, roll", || {
         let cell = Arc::new(PeriodCell::new(DAY, day(0)));
         // Spent in day 0 before the race: must end up in the previous period only.
-        cell.settle(0, spend(10));
+        cell.settle(0, spend(10), true);
 
         // A request reserved and committed by a thread whose clock still reads day 0
         // (threads read the time at slightly different moments), so its hold and its
@@ -42,7 +42,7 @@ fn rollover_racing_holds_and_commits_loses_and_doubles_nothing() {
                 cell.roll(DAY, day(0));
                 let admitted = cell.try_hold(60, LIMIT).is_ok();
                 if admitted {
-                    cell.settle(60, spend(40));
+                    cell.settle(60, spend(40), true);
                 }
                 admitted
             })
@@ -51,7 +51,7 @@ fn rollover_racing_holds_and_commits_loses_and_doubles_nothing() {
         cell.roll(DAY, day(1));
         let fresh = cell.try_hold(30, LIMIT).is_ok();
         if fresh {
-            cell.settle(30, spend(30));
+            cell.settle(30, spend(30), true);
         }
         let spanning = spanning.join().unwrap();
 
