@@ -198,7 +198,14 @@ impl Engine {
             model: model_index,
         };
 
-        let levels: [_; LEVELS] = std::array::from_fn(|level| snap.level(level, route));
+        // Spelled out rather than `array::from_fn`, which left a call per level.
+        let levels: [_; LEVELS] = [
+            snap.level(0, route),
+            snap.level(1, route),
+            snap.level(2, route),
+            snap.level(3, route),
+            snap.level(4, route),
+        ];
         let mut tightest = Tightest::default();
         let mut holds: [Option<_>; LEVELS] = [None; LEVELS];
         for (level, &(scope, state, rules)) in levels.iter().enumerate() {
