@@ -71,7 +71,7 @@ fn tables(threads: usize, keys: usize, pick: impl Fn(usize, usize) -> bool) -> V
 fn contention(c: &mut Criterion) {
     let mut group = c.benchmark_group("contention");
     group.sampling_mode(SamplingMode::Flat);
-    group.sample_size(20);
+    group.sample_size(40);
 
     // Distinct: two workspaces; key k belongs to workspace k % 2; thread t uses
     // workspace t's keys. With one thread, only workspace 0 is used.

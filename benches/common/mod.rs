@@ -241,7 +241,7 @@ pub fn reserve_commit(engine: &Engine, request: &Request<'_>) -> tollgate::Recei
 pub fn criterion() -> criterion::Criterion {
     criterion::Criterion::default()
         .warm_up_time(std::time::Duration::from_millis(1000))
-        .measurement_time(std::time::Duration::from_millis(2500))
-        .sample_size(50)
+        .measurement_time(std::time::Duration::from_millis(4000))
+        .sample_size(100)
         .noise_threshold(0.03)
 }
