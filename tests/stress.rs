@@ -88,6 +88,18 @@ fn assert_books(label: &str, usage: &ScopeUsage, seen: &Tally) {
     assert_eq!(usage.held, Decimal::ZERO, "{label}: hold left behind");
 }
 
+/// A scope's committed spend never passes its budget (if it has one).
+fn assert_within_budget(label: &str, current: &ScopeUsage, budget: Option<&BudgetSpec>) {
+    if let Some(budget) = budget {
+        assert!(
+            current.cost <= budget.limit,
+            "{label}: spent {} of {}",
+            current.cost,
+            budget.limit
+        );
+    }
+}
+
 fn assert_idle(label: &str, report: &ScopeReport) {
     assert_eq!(report.in_flight, 0, "{label}: concurrency slot left behind");
     assert_eq!(report.current.held, Decimal::ZERO, "{label}: hold left");
@@ -553,14 +565,7 @@ fn audit(
         assert_idle(&label, &report.usage);
         assert_books(&label, &report.usage.current, &key_seen[k]);
         assert_books(&label, &report.usage.previous, &Tally::default());
-        if let Some(budget) = &spec.budget {
-            assert!(
-                report.usage.current.cost <= budget.limit,
-                "{label}: spent {} of {}",
-                report.usage.current.cost,
-                budget.limit
-            );
-        }
+        assert_within_budget(&label, &report.usage.current, spec.budget.as_ref());
         ws_from_keys[layout.key_workspace[k]].add(&key_seen[k]);
     }
 
@@ -574,14 +579,7 @@ fn audit(
         assert_idle(&label, &report.usage);
         assert_books(&label, &report.usage.current, &ws_from_keys[w]);
         assert_books(&label, &report.usage.previous, &Tally::default());
-        if let Some(budget) = &spec.budget {
-            assert!(
-                report.usage.current.cost <= budget.limit,
-                "{label}: spent {} of {}",
-                report.usage.current.cost,
-                budget.limit
-            );
-        }
+        assert_within_budget(&label, &report.usage.current, spec.budget.as_ref());
         let engine_keys = Tally::sum(
             usage
                 .keys
