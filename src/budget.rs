@@ -13,7 +13,10 @@
 
 use crate::clock::Timestamp;
 use crate::period::{bounds, Span};
-use crate::sync::{saturating_add_i64, saturating_add_u64, AtomicI64, AtomicU64, Mutex, Ordering};
+use crate::sync::{
+    saturating_add_i64, saturating_add_u64, thread_share, AtomicI64, AtomicU64, Mutex, Ordering,
+    Padded, SHARES,
+};
 
 /// What a commit adds to a period.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -43,28 +46,91 @@ pub(crate) struct PeriodCell {
     end: AtomicU64,
     /// Committed spend plus outstanding holds, in pico-dollars: the admission word.
     committed_and_held: AtomicI64,
-    /// Committed spend only.
-    spent: AtomicI64,
-    requests: AtomicU64,
-    input_tokens: AtomicU64,
-    output_tokens: AtomicU64,
+    /// What the period counted, for reports; in `spread` too for a shared scope.
+    tallies: Tallies,
+    /// More tallies, on their own cache lines, for a scope that every request writes
+    /// (the org, its wallet): each thread adds to one of them, so two cores do not
+    /// pass the same line back and forth for counts that only `usage()` reads. The
+    /// admission word stays single, so budgets stay exact.
+    spread: Option<Box<[Padded<Tallies>]>>,
     /// The period before the current one; its lock also serialises rollovers.
     previous: Mutex<PeriodTotals>,
 }
 
+/// Committed spend and usage of one period (or one share of it).
+#[derive(Debug, Default)]
+struct Tallies {
+    spent: AtomicI64,
+    requests: AtomicU64,
+    input_tokens: AtomicU64,
+    output_tokens: AtomicU64,
+}
+
+impl Tallies {
+    fn add(&self, usage: Settlement, tally: bool) {
+        saturating_add_i64(&self.spent, usage.cost);
+        if tally {
+            saturating_add_u64(&self.requests, 1);
+            saturating_add_u64(&self.input_tokens, usage.input_tokens);
+            saturating_add_u64(&self.output_tokens, usage.output_tokens);
+        }
+    }
+
+    /// Take everything counted so far, leaving zeros.
+    fn take(&self) -> PeriodTotals {
+        PeriodTotals {
+            spent: self.spent.swap(0, Ordering::AcqRel),
+            requests: self.requests.swap(0, Ordering::AcqRel),
+            input_tokens: self.input_tokens.swap(0, Ordering::AcqRel),
+            output_tokens: self.output_tokens.swap(0, Ordering::AcqRel),
+            ..PeriodTotals::default()
+        }
+    }
+
+    fn read(&self) -> PeriodTotals {
+        PeriodTotals {
+            spent: self.spent.load(Ordering::Acquire),
+            requests: self.requests.load(Ordering::Acquire),
+            input_tokens: self.input_tokens.load(Ordering::Acquire),
+            output_tokens: self.output_tokens.load(Ordering::Acquire),
+            ..PeriodTotals::default()
+        }
+    }
+}
+
+impl PeriodTotals {
+    fn plus(self, other: PeriodTotals) -> PeriodTotals {
+        PeriodTotals {
+            spent: self.spent.saturating_add(other.spent),
+            requests: self.requests.saturating_add(other.requests),
+            input_tokens: self.input_tokens.saturating_add(other.input_tokens),
+            output_tokens: self.output_tokens.saturating_add(other.output_tokens),
+            ..self
+        }
+    }
+}
+
 impl PeriodCell {
-    pub(crate) fn new(span: Span, now: Timestamp) -> Self {
+    /// Counters for one scope. `shared`: every request writes this scope (the org,
+    /// the wallet), so spread its tallies over several cache lines.
+    pub(crate) fn new(span: Span, now: Timestamp, shared: bool) -> Self {
         let (start, end) = bounds(span, now);
         PeriodCell {
             start: AtomicU64::new(start.as_unix_nanos()),
             end: AtomicU64::new(end.as_unix_nanos()),
             committed_and_held: AtomicI64::new(0),
-            spent: AtomicI64::new(0),
-            requests: AtomicU64::new(0),
-            input_tokens: AtomicU64::new(0),
-            output_tokens: AtomicU64::new(0),
+            tallies: Tallies::default(),
+            spread: shared.then(|| (1..SHARES).map(|_| Padded::default()).collect()),
             previous: Mutex::new(empty_period_before(span, start)),
         }
+    }
+
+    fn all_tallies(&self) -> impl Iterator<Item = &Tallies> {
+        std::iter::once(&self.tallies).chain(
+            self.spread
+                .iter()
+                .flat_map(|spread| spread.iter().map(|padded| &padded.0)),
+        )
     }
 
     /// Make the period containing `now` the current one. A load and a compare unless
@@ -87,22 +153,18 @@ impl PeriodCell {
         // Swap the ended period's counts out before lowering the admission word:
         // in between, a concurrent hold sees too much spend (a spurious refusal at
         // the boundary instant), never too little.
-        let spent = self.spent.swap(0, Ordering::AcqRel);
-        let requests = self.requests.swap(0, Ordering::AcqRel);
-        let input_tokens = self.input_tokens.swap(0, Ordering::AcqRel);
-        let output_tokens = self.output_tokens.swap(0, Ordering::AcqRel);
-        saturating_add_i64(&self.committed_and_held, spent.saturating_neg());
+        let ended = self
+            .all_tallies()
+            .map(Tallies::take)
+            .fold(PeriodTotals::default(), PeriodTotals::plus);
+        saturating_add_i64(&self.committed_and_held, ended.spent.saturating_neg());
 
         let (next_start, next_end) = bounds(span, now);
         *previous = if next_start.as_unix_nanos() == end {
             PeriodTotals {
                 start: Timestamp::from_unix_nanos(start),
                 end: Timestamp::from_unix_nanos(end),
-                spent,
-                held: 0,
-                requests,
-                input_tokens,
-                output_tokens,
+                ..ended
             }
         } else {
             // Whole periods passed with no access: the one just before `now` was empty.
@@ -150,12 +212,14 @@ impl PeriodCell {
         if change != 0 {
             saturating_add_i64(&self.committed_and_held, change);
         }
-        saturating_add_i64(&self.spent, usage.cost);
-        if tally {
-            saturating_add_u64(&self.requests, 1);
-            saturating_add_u64(&self.input_tokens, usage.input_tokens);
-            saturating_add_u64(&self.output_tokens, usage.output_tokens);
-        }
+        let share = match &self.spread {
+            Some(spread) => match thread_share() {
+                0 => &self.tallies,
+                i => &spread[i - 1].0,
+            },
+            None => &self.tallies,
+        };
+        share.add(usage, tally);
     }
 
     /// The end of the current period.
@@ -168,18 +232,18 @@ impl PeriodCell {
         self.roll(span, now);
         // Under the rollover lock, so the pair is never torn by a rollover.
         let previous = self.previous.lock();
-        let spent = self.spent.load(Ordering::Acquire);
+        let counted = self
+            .all_tallies()
+            .map(Tallies::read)
+            .fold(PeriodTotals::default(), PeriodTotals::plus);
         let current = PeriodTotals {
             start: Timestamp::from_unix_nanos(self.start.load(Ordering::Acquire)),
             end: self.end(),
-            spent,
             held: self
                 .committed_and_held
                 .load(Ordering::Acquire)
-                .saturating_sub(spent),
-            requests: self.requests.load(Ordering::Acquire),
-            input_tokens: self.input_tokens.load(Ordering::Acquire),
-            output_tokens: self.output_tokens.load(Ordering::Acquire),
+                .saturating_sub(counted.spent),
+            ..counted
         };
         (current, *previous)
     }
@@ -218,7 +282,7 @@ mod tests {
 
     #[test]
     fn holds_never_pass_the_limit_and_debt_blocks() {
-        let cell = PeriodCell::new(Span::Forever, day(0));
+        let cell = PeriodCell::new(Span::Forever, day(0), false);
         assert_eq!(cell.try_hold(60, 100), Ok(40));
         assert_eq!(cell.try_hold(50, 100), Err(40));
         cell.settle(60, cost(130), true);
@@ -230,7 +294,7 @@ mod tests {
 
     #[test]
     fn a_hold_spanning_the_boundary_is_carried_over_and_charged_when_committed() {
-        let cell = PeriodCell::new(DAY, day(0));
+        let cell = PeriodCell::new(DAY, day(0), false);
         cell.settle(0, cost(100), true);
         assert_eq!(cell.try_hold(500, 1_000), Ok(400));
 
@@ -252,7 +316,7 @@ mod tests {
 
     #[test]
     fn periods_with_no_access_show_as_an_empty_previous_period() {
-        let cell = PeriodCell::new(DAY, day(0));
+        let cell = PeriodCell::new(DAY, day(0), false);
         cell.settle(0, cost(100), true);
         let (current, previous) = cell.totals(DAY, day(3));
         assert_eq!((current.start, current.spent), (day(3), 0));
@@ -260,5 +324,40 @@ mod tests {
             (previous.start, previous.end, previous.spent),
             (day(2), day(3), 0)
         );
+    }
+
+    #[test]
+    fn a_shared_scope_counts_every_thread_and_rolls_all_its_tallies_over() {
+        let cell = std::sync::Arc::new(PeriodCell::new(DAY, day(0), true));
+        let threads: Vec<_> = (0..20)
+            .map(|_| {
+                let cell = std::sync::Arc::clone(&cell);
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        assert!(cell.try_hold(5, i64::MAX).is_ok());
+                        cell.settle(5, cost(3), true);
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        // Twenty threads are more than the inline tallies plus the spread: some share.
+        let (current, _) = cell.totals(DAY, day(0));
+        assert_eq!(
+            (current.spent, current.held, current.requests),
+            (6_000, 0, 2_000)
+        );
+        assert_eq!(
+            (current.input_tokens, current.output_tokens),
+            (2_000, 4_000)
+        );
+
+        let (current, previous) = cell.totals(DAY, day(1));
+        assert_eq!((current.spent, current.requests, current.held), (0, 0, 0));
+        assert_eq!((previous.spent, previous.requests), (6_000, 2_000));
+        // The admission word lost exactly the ended period's spend.
+        assert_eq!(cell.try_hold(i64::MAX, i64::MAX), Ok(0));
     }
 }

@@ -15,7 +15,7 @@ use crate::money::{picos_to_decimal, token_cost};
 use crate::policy::{KeyStatus, Policy, WorkspaceStatus};
 use crate::request::{Credential, Request, Usage};
 use crate::reservation::{Receipt, Reservation};
-use crate::snapshot::{Route, Snapshot, LEVELS, WALLET_LEVEL};
+use crate::snapshot::{Published, Route, Snapshot, LEVELS, WALLET_LEVEL};
 use crate::store::{reserve_level, Ask, Refusal, Tightest};
 use crate::sync::{Arc, SwapCell};
 
@@ -71,7 +71,7 @@ pub struct Engine {
 }
 
 struct Inner {
-    snapshot: SwapCell<Snapshot>,
+    snapshot: SwapCell<Published>,
     /// Serialises policy changes so none is lost; requests never take it.
     apply_lock: Mutex<()>,
     budget_status: u16,
@@ -103,7 +103,11 @@ impl EngineBuilder {
     pub fn build(self) -> Engine {
         Engine {
             inner: StdArc::new(Inner {
-                snapshot: SwapCell::new(Arc::new(Snapshot::build(self.policy, None, self.clock))),
+                snapshot: SwapCell::new(Arc::new(Published::new(Snapshot::build(
+                    self.policy,
+                    None,
+                    self.clock,
+                )))),
                 apply_lock: Mutex::new(()),
                 budget_status: self.budget_status.code(),
             }),
@@ -141,8 +145,8 @@ impl Engine {
     /// # Errors
     /// A [`Denial`] naming the scope and limit that refused; nothing stays held.
     pub fn check_and_reserve(&self, request: &Request<'_>) -> Result<Reservation, Denial> {
-        let snapshot = self.inner.snapshot.load();
-        let snap: &Snapshot = &snapshot;
+        let published = self.inner.snapshot.load();
+        let snap: &Snapshot = &published;
         let now = snap.clock.now();
         let policy = &snap.policy;
 
@@ -226,7 +230,7 @@ impl Engine {
         }
 
         Ok(Reservation {
-            snapshot: Arc::clone(&snapshot),
+            snapshot: published.share(),
             route,
             levels: holds,
             settled: false,
@@ -253,8 +257,9 @@ impl Engine {
     pub fn apply_policy(&self, policy: Policy) {
         let _writer = self.inner.apply_lock.lock();
         let previous = self.inner.snapshot.load_full();
-        let next = Snapshot::build(policy, Some(&previous), StdArc::clone(&previous.clock));
-        self.inner.snapshot.store(Arc::new(next));
+        let previous: &Snapshot = &previous;
+        let next = Snapshot::build(policy, Some(previous), StdArc::clone(&previous.clock));
+        self.inner.snapshot.store(Arc::new(Published::new(next)));
     }
 
     /// The policy the engine runs now.
@@ -264,7 +269,7 @@ impl Engine {
     }
 
     pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
-        self.inner.snapshot.load_full()
+        Arc::clone(self.inner.snapshot.load().snapshot())
     }
 
     pub(crate) fn now(&self) -> Timestamp {

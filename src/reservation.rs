@@ -9,7 +9,7 @@ use crate::budget::Settlement;
 use crate::clock::Timestamp;
 use crate::money::{picos_to_decimal, token_cost};
 use crate::request::Usage;
-use crate::snapshot::{Route, Snapshot, LEVELS, WALLET_LEVEL};
+use crate::snapshot::{Route, Share, LEVELS, WALLET_LEVEL};
 use crate::store::{Ask, LevelHold, Tightest, Window};
 use crate::sync::Arc;
 
@@ -24,8 +24,8 @@ pub struct Reservation {
     /// The snapshot the request was admitted under: it keeps the counters and the
     /// rules of every level alive and unchanged until this reservation settles, even
     /// if a new policy is applied meanwhile. One reference count for the whole
-    /// request instead of one per level.
-    pub(crate) snapshot: Arc<Snapshot>,
+    /// request instead of one per level, taken on this thread's share of it.
+    pub(crate) snapshot: Arc<Share>,
     pub(crate) route: Route,
     /// What each level holds; `None` for levels that do not apply.
     pub(crate) levels: [Option<LevelHold>; LEVELS],

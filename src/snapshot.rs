@@ -5,6 +5,7 @@
 //! allocating or locking. Applying a new policy builds a new snapshot that reuses
 //! the counters of every id that persists.
 
+use std::ops::Deref;
 use std::sync::Arc as StdArc;
 
 use crate::clock::Clock;
@@ -14,7 +15,7 @@ use crate::period::Span;
 use crate::policy::rules::LevelRules;
 use crate::policy::Policy;
 use crate::store::ScopeState;
-use crate::sync::Arc;
+use crate::sync::{thread_share, Arc, Padded, SHARES};
 
 pub(crate) struct Snapshot {
     pub(crate) policy: Policy,
@@ -26,11 +27,15 @@ pub(crate) struct Snapshot {
     workspace_by_id: Index,
     model_by_name: Index,
     pub(crate) keys: Vec<Arc<ScopeState>>,
-    pub(crate) workspaces: Vec<Arc<ScopeState>>,
+    // Counters that many requests write are padded to their own cache lines: scopes
+    // allocated one after another (workspace 0, workspace 1) would otherwise share a
+    // line and make two cores serving different workspaces contend. Keys are not
+    // padded: there are many, any two are rarely hot at once, and memory per key counts.
+    pub(crate) workspaces: Vec<Arc<Padded<ScopeState>>>,
     /// Workspace × model counters, by workspace index then model index.
-    pub(crate) workspace_models: Vec<Box<[Arc<ScopeState>]>>,
-    pub(crate) org: Arc<ScopeState>,
-    pub(crate) wallet: Arc<ScopeState>,
+    pub(crate) workspace_models: Vec<Box<[Arc<Padded<ScopeState>>]>>,
+    pub(crate) org: Arc<Padded<ScopeState>>,
+    pub(crate) wallet: Arc<Padded<ScopeState>>,
 }
 
 impl Snapshot {
@@ -42,7 +47,20 @@ impl Snapshot {
         let now = clock.now();
         // Reuse a counter of the previous snapshot by id, or start a fresh one.
         let reuse = |found: Option<&Arc<ScopeState>>, rules: &LevelRules| {
-            found.map_or_else(|| ScopeState::new(rules, now), Arc::clone)
+            found.map_or_else(|| Arc::new(ScopeState::new(rules, now, false)), Arc::clone)
+        };
+        let reuse_padded = |found: Option<&Arc<Padded<ScopeState>>>, rules: &LevelRules| {
+            found.map_or_else(
+                || Arc::new(Padded(ScopeState::new(rules, now, false))),
+                Arc::clone,
+            )
+        };
+        // Every request writes the org's and the wallet's counters: split their tallies.
+        let reuse_shared = |found: Option<&Arc<Padded<ScopeState>>>, rules: &LevelRules| {
+            found.map_or_else(
+                || Arc::new(Padded(ScopeState::new(rules, now, true))),
+                Arc::clone,
+            )
         };
 
         let model_by_name = Index::build(policy.models.len(), |m| &*policy.models[m as usize].name);
@@ -56,7 +74,7 @@ impl Snapshot {
         let mut workspace_models = Vec::with_capacity(policy.workspaces.len());
         for ws in &policy.workspaces {
             let old = previous.and_then(|p| Some((p, p.workspace_index(&ws.id)? as usize)));
-            workspaces.push(reuse(old.map(|(p, i)| &p.workspaces[i]), &ws.rules));
+            workspaces.push(reuse_padded(old.map(|(p, i)| &p.workspaces[i]), &ws.rules));
             let models = policy
                 .models
                 .iter()
@@ -66,7 +84,7 @@ impl Snapshot {
                         let m = p.model_index(&model.name)? as usize;
                         p.workspace_models[i].get(m)
                     });
-                    reuse(found, rules)
+                    reuse_padded(found, rules)
                 })
                 .collect();
             workspace_models.push(models);
@@ -82,9 +100,9 @@ impl Snapshot {
             keys.push(reuse(found, rules));
         }
 
-        let org = reuse(previous.map(|p| &p.org), &policy.org.rules);
+        let org = reuse_shared(previous.map(|p| &p.org), &policy.org.rules);
         // The wallet never rolls over, whether or not this policy sets one yet.
-        let wallet = reuse(
+        let wallet = reuse_shared(
             previous.map(|p| &p.wallet),
             &LevelRules::unlimited(Span::Forever),
         );
@@ -176,5 +194,58 @@ impl Snapshot {
             3 => (Scope::Org, &self.org, Some(&policy.org.rules)),
             _ => (Scope::Org, &self.wallet, policy.org.wallet.as_ref()),
         }
+    }
+}
+
+/// A snapshot as the engine publishes it, with reference-count shares for reservations.
+///
+/// Every admitted request keeps its snapshot alive until it settles. Counted on the
+/// snapshot itself, that reference count would be one cache line that every request on
+/// every core writes twice; instead a request takes its reference on its thread's
+/// share: a separate allocation, on its own cache lines, holding one reference to the
+/// snapshot.
+pub(crate) struct Published {
+    snapshot: Arc<Snapshot>,
+    shares: Box<[Arc<Share>]>,
+}
+
+/// One thread's share of a snapshot's reference count.
+#[repr(align(128))]
+pub(crate) struct Share(Arc<Snapshot>);
+
+impl Published {
+    pub(crate) fn new(snapshot: Snapshot) -> Self {
+        let snapshot = Arc::new(snapshot);
+        let shares = (0..SHARES)
+            .map(|_| Arc::new(Share(Arc::clone(&snapshot))))
+            .collect();
+        Published { snapshot, shares }
+    }
+
+    /// A reference to the snapshot for a reservation, counted on this thread's share.
+    #[inline]
+    pub(crate) fn share(&self) -> Arc<Share> {
+        Arc::clone(&self.shares[thread_share()])
+    }
+
+    /// The snapshot itself.
+    pub(crate) fn snapshot(&self) -> &Arc<Snapshot> {
+        &self.snapshot
+    }
+}
+
+impl Deref for Published {
+    type Target = Snapshot;
+
+    fn deref(&self) -> &Snapshot {
+        &self.snapshot
+    }
+}
+
+impl Deref for Share {
+    type Target = Snapshot;
+
+    fn deref(&self) -> &Snapshot {
+        &self.0
     }
 }

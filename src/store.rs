@@ -12,7 +12,6 @@ use crate::bucket::{Gcra, RateRule, Slots, Taken};
 use crate::budget::{PeriodCell, Settlement};
 use crate::clock::{duration_nanos, Timestamp};
 use crate::policy::rules::{LevelRules, TokenRule};
-use crate::sync::Arc;
 
 /// All counters of one scope (a key, workspace, workspace × model, the org or its
 /// wallet). Shared by `Arc` between snapshots, so a policy swap keeps them for ids
@@ -28,14 +27,15 @@ pub(crate) struct ScopeState {
 }
 
 impl ScopeState {
-    pub(crate) fn new(rules: &LevelRules, now: Timestamp) -> Arc<Self> {
-        Arc::new(ScopeState {
+    /// Fresh counters; `shared` for a scope every request writes (see `PeriodCell`).
+    pub(crate) fn new(rules: &LevelRules, now: Timestamp, shared: bool) -> Self {
+        ScopeState {
             rpm: Gcra::default(),
             rpd: Gcra::default(),
             tpm: Gcra::default(),
             slots: Slots::default(),
-            periods: PeriodCell::new(rules.span, now),
-        })
+            periods: PeriodCell::new(rules.span, now, shared),
+        }
     }
 }
 

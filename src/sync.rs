@@ -13,6 +13,46 @@ pub(crate) use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 #[cfg(not(loom))]
 pub(crate) use std::sync::Arc;
 
+/// How many ways counters that every request writes are split (see [`thread_share`]).
+#[cfg(not(loom))]
+pub(crate) const SHARES: usize = 16;
+/// One share under loom: every extra atomic is a branch point for the model checker.
+#[cfg(loom)]
+pub(crate) const SHARES: usize = 1;
+
+/// Which share of a split counter this thread uses: threads are dealt out in turn on
+/// first use, so a handful of busy threads land on different cache lines.
+#[cfg(not(loom))]
+pub(crate) fn thread_share() -> usize {
+    use std::sync::atomic::AtomicUsize;
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARE: usize = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % SHARES;
+    }
+    SHARE.with(|share| *share)
+}
+
+/// Under loom every thread uses share 0: the models check the counting, and a std
+/// thread-local would hide threads from the model checker.
+#[cfg(loom)]
+pub(crate) fn thread_share() -> usize {
+    0
+}
+
+/// A value on its own pair of cache lines (x86's adjacent-line prefetch pairs them),
+/// so writes to it do not contend with its neighbours'.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 /// A lock for rare writers (rollover, policy changes), never taken per request.
 ///
 /// `parking_lot`'s normally; loom's under `--cfg loom`, so the model checker explores

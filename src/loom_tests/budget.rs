@@ -61,7 +61,7 @@ fn hold_then(
 fn holds_commits_and_releases_never_overspend_and_spend_adds_up() {
     super::check("budget/hold, commit, release", || {
         let now = Timestamp::from_unix_nanos(1_000);
-        let cell = Arc::new(PeriodCell::new(Span::Forever, now));
+        let cell = Arc::new(PeriodCell::new(Span::Forever, now, false));
         let outstanding = Arc::new(AtomicI64::new(0));
 
         let spawn = |amount, cost| {

@@ -29,7 +29,7 @@ fn spend(cost: i64) -> Settlement {
 #[test]
 fn rollover_racing_holds_and_commits_loses_and_doubles_nothing() {
     super::check("rollover/hold, commit, roll", || {
-        let cell = Arc::new(PeriodCell::new(DAY, day(0)));
+        let cell = Arc::new(PeriodCell::new(DAY, day(0), false));
         // Spent in day 0 before the race: must end up in the previous period only.
         cell.settle(0, spend(10), true);
 
