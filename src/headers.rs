@@ -35,6 +35,13 @@ impl HeaderValue {
     }
 }
 
+impl HeaderValue {
+    /// Decimal digits without `core::fmt`, which costs more than the rest of a header.
+    fn write_u64(&mut self, n: u64) -> fmt::Result {
+        self.write_str(itoa::Buffer::new().format(n))
+    }
+}
+
 impl fmt::Write for HeaderValue {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         let end = self.len + s.len();
@@ -104,8 +111,47 @@ pub struct RateLimitHeaders {
     retry_after: Option<Duration>,
 }
 
-/// Most headers one response carries.
-const MAX_HEADERS: usize = 9;
+/// The headers a response may carry, in the order they are rendered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Field {
+    LimitRequests,
+    RemainingRequests,
+    ResetRequests,
+    LimitTokens,
+    RemainingTokens,
+    ResetTokens,
+    Policy,
+    RateLimit,
+    RetryAfter,
+}
+
+const FIELDS: [Field; 9] = [
+    Field::LimitRequests,
+    Field::RemainingRequests,
+    Field::ResetRequests,
+    Field::LimitTokens,
+    Field::RemainingTokens,
+    Field::ResetTokens,
+    Field::Policy,
+    Field::RateLimit,
+    Field::RetryAfter,
+];
+
+impl Field {
+    fn name(self) -> &'static str {
+        match self {
+            Field::LimitRequests => "x-ratelimit-limit-requests",
+            Field::RemainingRequests => "x-ratelimit-remaining-requests",
+            Field::ResetRequests => "x-ratelimit-reset-requests",
+            Field::LimitTokens => "x-ratelimit-limit-tokens",
+            Field::RemainingTokens => "x-ratelimit-remaining-tokens",
+            Field::ResetTokens => "x-ratelimit-reset-tokens",
+            Field::Policy => "ratelimit-policy",
+            Field::RateLimit => "ratelimit",
+            Field::RetryAfter => "retry-after",
+        }
+    }
+}
 
 impl RateLimitHeaders {
     /// Headers for an admitted request: where its tightest limits stand.
@@ -160,49 +206,42 @@ impl RateLimitHeaders {
         }
     }
 
-    /// Each header as `(lower-case name, value)`.
-    pub fn iter(&self) -> impl Iterator<Item = (&'static str, HeaderValue)> {
-        let mut out: [Option<(&'static str, HeaderValue)>; MAX_HEADERS] = [None; MAX_HEADERS];
-        let mut n = 0;
-        let mut push = |name: &'static str, render: &dyn Fn(&mut HeaderValue) -> fmt::Result| {
-            let mut value = HeaderValue::new();
-            if render(&mut value).is_ok() {
-                out[n] = Some((name, value));
-                n += 1;
-            }
-        };
-        if let Some(w) = self.status.requests {
-            push("x-ratelimit-limit-requests", &|v| write!(v, "{}", w.limit));
-            push("x-ratelimit-remaining-requests", &|v| {
-                write!(v, "{}", w.remaining)
-            });
-            push("x-ratelimit-reset-requests", &|v| {
-                write_go_duration(v, w.reset)
-            });
-        }
-        if let Some(w) = self.status.tokens {
-            push("x-ratelimit-limit-tokens", &|v| write!(v, "{}", w.limit));
-            push("x-ratelimit-remaining-tokens", &|v| {
-                write!(v, "{}", w.remaining)
-            });
-            push("x-ratelimit-reset-tokens", &|v| {
-                write_go_duration(v, w.reset)
-            });
-        }
-        if self.status.requests.is_some() || self.status.tokens.is_some() {
-            push("ratelimit-policy", &|v| self.write_ietf(v, true));
-            push("ratelimit", &|v| self.write_ietf(v, false));
-        }
-        if let Some(retry) = self.retry_after {
-            push("retry-after", &|v| write!(v, "{}", ceil_secs(retry).max(1)));
-        }
-        out.into_iter().flatten()
+    /// Each header as `(lower-case name, value)`. Values are rendered as the
+    /// iterator is advanced, on the stack.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, HeaderValue)> + '_ {
+        FIELDS
+            .iter()
+            .filter_map(move |&field| Some((field.name(), self.render(field)?)))
     }
 
     /// The value of one header, by lower-case name.
     #[must_use]
     pub fn get(&self, name: &str) -> Option<HeaderValue> {
-        self.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+        let field = FIELDS.iter().find(|field| field.name() == name)?;
+        self.render(*field)
+    }
+
+    /// One header's value, or `None` when this response does not carry it.
+    fn render(&self, field: Field) -> Option<HeaderValue> {
+        let mut value = HeaderValue::new();
+        let requests = self.status.requests;
+        let tokens = self.status.tokens;
+        let written = match field {
+            Field::LimitRequests => value.write_u64(requests?.limit),
+            Field::RemainingRequests => value.write_u64(requests?.remaining),
+            Field::ResetRequests => write_go_duration(&mut value, requests?.reset),
+            Field::LimitTokens => value.write_u64(tokens?.limit),
+            Field::RemainingTokens => value.write_u64(tokens?.remaining),
+            Field::ResetTokens => write_go_duration(&mut value, tokens?.reset),
+            Field::Policy | Field::RateLimit => {
+                if requests.is_none() && tokens.is_none() {
+                    return None;
+                }
+                self.write_ietf(&mut value, field == Field::Policy)
+            }
+            Field::RetryAfter => value.write_u64(ceil_secs(self.retry_after?).max(1)),
+        };
+        written.is_ok().then_some(value)
     }
 
     fn write_ietf(&self, out: &mut HeaderValue, policy: bool) -> fmt::Result {
@@ -217,14 +256,23 @@ impl RateLimitHeaders {
                 out.write_str(", ")?;
             }
             first = false;
+            out.write_str("\"")?;
+            out.write_str(name)?;
             if policy {
-                write!(out, "\"{name}\";q={}", w.limit)?;
+                out.write_str("\";q=")?;
+                out.write_u64(w.limit)?;
                 if let Some(unit) = unit {
-                    write!(out, ";qu=\"{unit}\"")?;
+                    out.write_str(";qu=\"")?;
+                    out.write_str(unit)?;
+                    out.write_str("\"")?;
                 }
-                write!(out, ";w={}", ceil_secs(w.window))?;
+                out.write_str(";w=")?;
+                out.write_u64(ceil_secs(w.window))?;
             } else {
-                write!(out, "\"{name}\";r={};t={}", w.remaining, ceil_secs(w.reset))?;
+                out.write_str("\";r=")?;
+                out.write_u64(w.remaining)?;
+                out.write_str(";t=")?;
+                out.write_u64(ceil_secs(w.reset))?;
             }
         }
         Ok(())
@@ -238,20 +286,28 @@ fn ceil_secs(d: Duration) -> u64 {
 /// OpenAI's reset format, Go's duration syntax: `20ms`, `1s`, `6m0s`, `1h2m3.5s`.
 /// Rounded up to the millisecond so a client never retries early.
 fn write_go_duration(out: &mut HeaderValue, d: Duration) -> fmt::Result {
-    let millis = d.as_nanos().div_ceil(1_000_000);
+    // In u64, not the u128 of `as_nanos`: 128-bit division is a slow library call,
+    // and it dominated rendering. Saturates past 584 million years.
+    let millis = d
+        .as_secs()
+        .saturating_mul(1_000)
+        .saturating_add(u64::from(d.subsec_nanos().div_ceil(1_000_000)));
     if millis < 1_000 {
-        return write!(out, "{millis}ms");
+        out.write_u64(millis)?;
+        return out.write_str("ms");
     }
     let (hours, rest) = (millis / 3_600_000, millis % 3_600_000);
     let (minutes, rest) = (rest / 60_000, rest % 60_000);
     let (seconds, frac) = (rest / 1_000, rest % 1_000);
     if hours > 0 {
-        write!(out, "{hours}h")?;
+        out.write_u64(hours)?;
+        out.write_str("h")?;
     }
     if hours > 0 || minutes > 0 {
-        write!(out, "{minutes}m")?;
+        out.write_u64(minutes)?;
+        out.write_str("m")?;
     }
-    write!(out, "{seconds}")?;
+    out.write_u64(seconds)?;
     if frac > 0 {
         let mut digits = frac;
         let mut width = 3;
@@ -259,7 +315,13 @@ fn write_go_duration(out: &mut HeaderValue, d: Duration) -> fmt::Result {
             digits /= 10;
             width -= 1;
         }
-        write!(out, ".{digits:0width$}")?;
+        let mut buffer = itoa::Buffer::new();
+        let text = buffer.format(digits);
+        out.write_str(".")?;
+        for _ in text.len()..width {
+            out.write_str("0")?;
+        }
+        out.write_str(text)?;
     }
     out.write_str("s")
 }
