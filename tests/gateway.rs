@@ -1,0 +1,222 @@
+//! End to end: the example gateway on a loopback port, driven by a real HTTP client.
+//!
+//! The gateway's own modules are compiled in, so the test serves exactly what
+//! `cargo run --example gateway` serves, with the example's demo policy.
+
+#[path = "../examples/gateway/mock.rs"]
+#[allow(dead_code)]
+mod mock;
+#[path = "../examples/gateway/server.rs"]
+mod server;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use tollgate::{Decimal, Engine, Policy};
+
+struct Running {
+    url: String,
+    engine: Engine,
+    client: Client<HttpConnector, Full<Bytes>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn start() -> Running {
+    let policy = Policy::from_path(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/gateway/policy.toml"
+    ))
+    .expect("the example's policy is valid");
+    let engine = Engine::new(policy);
+    let gateway = Arc::new(server::Gateway {
+        engine: engine.clone(),
+        provider: mock::MockProvider {
+            delay: Duration::ZERO,
+        },
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(server::serve(listener, gateway));
+    Running {
+        url,
+        engine,
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        server,
+    }
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: hyper::HeaderMap,
+    body: Value,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+impl Running {
+    async fn send(&self, method: Method, path: &str, key: &str, body: Option<Value>) -> Answer {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.url))
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(
+                body.map(|b| b.to_string()).unwrap_or_default(),
+            )))
+            .unwrap();
+        let response = self.client.request(request).await.expect("gateway answers");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn chat(&self, key: &str, model: &str, max_tokens: Option<u32>) -> Answer {
+        let mut body = json!({"model": model, "messages": [{"role": "user", "content": "Hello"}]});
+        if let Some(max) = max_tokens {
+            body["max_tokens"] = json!(max);
+        }
+        self.send(Method::POST, "/v1/chat/completions", key, Some(body))
+            .await
+    }
+}
+
+fn dec(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+#[tokio::test]
+async fn an_admitted_request_is_answered_with_headers_and_charged_exactly() {
+    let gw = start().await;
+    let answer = gw.chat("sk-demo-prod", "gpt-4o-mini", None).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.header("x-ratelimit-limit-requests"), Some("600"));
+    assert_eq!(answer.header("x-ratelimit-remaining-requests"), Some("599"));
+    assert_eq!(answer.header("x-ratelimit-limit-tokens"), Some("200000"));
+    assert!(answer.header("ratelimit-policy").is_some());
+    // "Hello": 4 framing + 2 content tokens in; the mock answers 40 tokens.
+    assert_eq!(answer.body["usage"]["prompt_tokens"], 6);
+    assert_eq!(answer.body["usage"]["completion_tokens"], 40);
+    // 6 × 0.15/M + 40 × 0.60/M
+    assert_eq!(answer.body["x_tollgate"]["cost_usd"], "0.0000249");
+    let usage = gw.engine.usage();
+    let ws = usage.workspaces.iter().find(|w| w.id == "ws-prod").unwrap();
+    assert_eq!(ws.usage.current.cost, dec("0.0000249"));
+    assert_eq!(ws.usage.current.held, Decimal::ZERO);
+    assert_eq!(
+        (
+            ws.usage.current.input_tokens,
+            ws.usage.current.output_tokens
+        ),
+        (6, 40)
+    );
+}
+
+#[tokio::test]
+async fn the_fourth_request_in_a_minute_is_429_with_retry_after() {
+    let gw = start().await;
+    for _ in 0..3 {
+        let answer = gw.chat("sk-demo-staging", "gpt-4o-mini", None).await;
+        assert_eq!(answer.status, StatusCode::OK);
+    }
+    let answer = gw.chat("sk-demo-staging", "gpt-4o-mini", None).await;
+    assert_eq!(answer.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(answer.body["error"]["code"], "rate_limited");
+    assert_eq!(answer.body["error"]["type"], "rate_limit_error");
+    let retry: u64 = answer.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=20).contains(&retry), "retry-after {retry}");
+    assert_eq!(answer.header("x-ratelimit-remaining-requests"), Some("0"));
+}
+
+#[tokio::test]
+async fn the_playground_budget_runs_out_with_402() {
+    let gw = start().await;
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        statuses.push(gw.chat("sk-demo-default", "gpt-4o", Some(50)).await.status);
+    }
+    assert_eq!(
+        statuses,
+        [200, 200, 200, 200, 402].map(|s| StatusCode::from_u16(s).unwrap())
+    );
+    let answer = gw.chat("sk-demo-default", "gpt-4o", Some(50)).await;
+    assert_eq!(answer.body["error"]["code"], "budget_exceeded");
+    assert_eq!(answer.header("retry-after"), None);
+}
+
+#[tokio::test]
+async fn identity_and_grant_denials_have_their_statuses() {
+    let gw = start().await;
+    let cases = [
+        ("sk-nobody", "gpt-4o-mini", 401, "invalid_api_key"),
+        ("sk-demo-staging", "gpt-4o", 403, "model_not_allowed"),
+        ("sk-demo-prod", "gpt-9", 404, "model_not_found"),
+    ];
+    for (key, model, status, code) in cases {
+        let answer = gw.chat(key, model, None).await;
+        assert_eq!(answer.status.as_u16(), status, "{key} {model}");
+        assert_eq!(answer.body["error"]["code"], code, "{key} {model}");
+    }
+    let listed = gw
+        .send(Method::GET, "/v1/models", "sk-demo-staging", None)
+        .await;
+    assert_eq!(
+        listed.body["data"],
+        json!([{"id": "gpt-4o-mini", "object": "model", "owned_by": "tollgate-demo"}])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_requests_never_pass_the_budget() {
+    let gw = Arc::new(start().await);
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let gw = Arc::clone(&gw);
+            tokio::spawn(async move { gw.chat("sk-demo-default", "gpt-4o", Some(50)).await })
+        })
+        .collect();
+    let mut admitted = Decimal::ZERO;
+    let mut refused = 0;
+    for task in tasks {
+        let answer = task.await.unwrap();
+        match answer.status.as_u16() {
+            200 => admitted += dec(answer.body["x_tollgate"]["cost_usd"].as_str().unwrap()),
+            402 => refused += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    // Each call holds 0.000515 and costs 0.000415: at most 4 fit in 0.002.
+    assert!(admitted <= dec("0.002"), "spent {admitted}");
+    assert!(refused >= 196, "refused {refused}");
+    let usage = gw.engine.usage();
+    let ws = usage
+        .workspaces
+        .iter()
+        .find(|w| w.id == "ws-playground")
+        .unwrap();
+    assert_eq!(ws.usage.current.cost, admitted);
+    assert_eq!(ws.usage.current.held, Decimal::ZERO);
+}
