@@ -48,6 +48,9 @@ pub enum DenialReason {
     Budget,
     /// The org's prepaid wallet is used up.
     Wallet,
+    /// A distributed backend could not reach its counter store (a transient error)
+    /// and the workspace fails closed.
+    StoreUnavailable,
 }
 
 /// The numbers of the limit that refused.
@@ -129,6 +132,7 @@ impl Denial {
             DenialReason::WorkspaceNotActive(_) | DenialReason::ModelNotGranted => 403,
             DenialReason::UnknownModel => 404,
             DenialReason::Budget | DenialReason::Wallet => self.budget_status,
+            DenialReason::StoreUnavailable => 503,
             DenialReason::RequestsPerMinute
             | DenialReason::RequestsPerDay
             | DenialReason::TokensPerMinute
@@ -154,6 +158,7 @@ impl Denial {
             | DenialReason::Concurrency => "rate_limited",
             DenialReason::Budget => "budget_exceeded",
             DenialReason::Wallet => "insufficient_funds",
+            DenialReason::StoreUnavailable => "store_unavailable",
         }
     }
 
@@ -181,6 +186,9 @@ impl fmt::Display for Denial {
             }
             DenialReason::UnknownModel => f.write_str("model not found"),
             DenialReason::ModelNotGranted => f.write_str("model not allowed for this workspace"),
+            DenialReason::StoreUnavailable => {
+                f.write_str("rate-limit store unavailable; the workspace fails closed")
+            }
             _ => {
                 let what = match self.reason {
                     DenialReason::RequestsPerMinute => "requests per minute",
@@ -237,4 +245,52 @@ pub enum Error {
     /// A policy could not be loaded or applied.
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
+    /// A distributed counter store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A distributed counter store's failure, classified so a caller knows whether
+/// retrying can help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} store error: {message}")]
+pub struct StoreError {
+    /// Transient, permanent or corrupt data.
+    pub kind: StoreErrorKind,
+    /// What the store said, with the operation and the key where known.
+    pub message: String,
+}
+
+/// How a store failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StoreErrorKind {
+    /// Connection refused or dropped, a timeout, a failover, `LOADING`, `TRYAGAIN`,
+    /// `CLUSTERDOWN`: retrying later can succeed. Commits are idempotent, so retrying
+    /// one charges once.
+    Transient,
+    /// The server refused the operation itself (a script error, `WRONGTYPE`, a denied
+    /// permission): retrying will fail the same way.
+    Permanent,
+    /// A counter held something that is not what tollgate writes there (a corrupted
+    /// or foreign value), or a reply had an unexpected shape.
+    Corrupt,
+}
+
+impl fmt::Display for StoreErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StoreErrorKind::Transient => "transient",
+            StoreErrorKind::Permanent => "permanent",
+            StoreErrorKind::Corrupt => "corrupt-data",
+        })
+    }
+}
+
+impl StoreError {
+    /// True when retrying can help.
+    #[must_use]
+    pub fn is_transient(&self) -> bool {
+        self.kind == StoreErrorKind::Transient
+    }
 }

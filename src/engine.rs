@@ -4,19 +4,17 @@
 //! order, and what a refusal tells the client. Counters live behind `store`.
 
 use std::sync::Arc as StdArc;
-use std::time::Duration;
 
 use parking_lot::Mutex;
-use sha2::{Digest, Sha256};
 
 use crate::clock::{Clock, SystemClock, Timestamp};
-use crate::denial::{Denial, DenialReason, Error, Quota, Scope};
-use crate::money::{picos_to_decimal, token_cost};
-use crate::policy::{KeyStatus, Policy, WorkspaceStatus};
-use crate::request::{Credential, Request, Usage};
+use crate::decide::{admit, refused, Admission};
+use crate::denial::{Denial, Error};
+use crate::policy::Policy;
+use crate::request::{Request, Usage};
 use crate::reservation::{Receipt, Reservation};
-use crate::snapshot::{Published, Route, Snapshot, LEVELS, WALLET_LEVEL};
-use crate::store::{reserve_level, Ask, Refusal, Tightest};
+use crate::snapshot::{Published, Snapshot, LEVELS, WALLET_LEVEL};
+use crate::store::{reserve_level, Tightest};
 use crate::sync::{Arc, SwapCell};
 
 /// The HTTP status a budget or wallet denial answers with.
@@ -30,7 +28,7 @@ pub enum BudgetStatus {
 }
 
 impl BudgetStatus {
-    fn code(self) -> u16 {
+    pub(crate) fn code(self) -> u16 {
         match self {
             BudgetStatus::PaymentRequired => 402,
             BudgetStatus::TooManyRequests => 429,
@@ -148,59 +146,13 @@ impl Engine {
         let published = self.inner.snapshot.load();
         let snap: &Snapshot = &published;
         let now = snap.clock.now();
-        let policy = &snap.policy;
-
-        let key_index = match request.credential {
-            Credential::Secret(secret) => {
-                let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
-                snap.key_index_by_digest(&digest)
-            }
-            Credential::KeyId(id) => snap.key_index(id),
-        };
-        let Some(key_index) = key_index else {
-            return Err(self.deny(DenialReason::UnknownKey, Scope::Key));
-        };
-        let key = &policy.keys[key_index as usize];
-        if key.status == KeyStatus::Revoked {
-            return Err(self.deny(DenialReason::KeyRevoked, Scope::Key));
-        }
-        if key.expires_at.is_some_and(|at| now >= at) {
-            return Err(self.deny(DenialReason::KeyExpired, Scope::Key));
-        }
-        let ws = &policy.workspaces[key.workspace as usize];
-        if ws.status != WorkspaceStatus::Active {
-            return Err(self.deny(
-                DenialReason::WorkspaceNotActive(ws.status),
-                Scope::Workspace,
-            ));
-        }
-        let Some(model_index) = snap.model_index(request.model) else {
-            return Err(self.deny(DenialReason::UnknownModel, Scope::WorkspaceModel));
-        };
-        if !ws.granted[model_index as usize] {
-            return Err(self.deny(DenialReason::ModelNotGranted, Scope::WorkspaceModel));
-        }
-        let model = &policy.models[model_index as usize];
-
-        let output_tokens = request
-            .max_output_tokens
-            .or(key.default_max_output)
-            .or(model.default_max_output)
-            .or(ws.default_max_output)
-            .unwrap_or(policy.org.default_max_output);
-        let input = u64::from(request.input_tokens);
-        let output = u64::from(output_tokens);
-        let ask = Ask {
-            input_tokens: input,
-            output_tokens: output,
-            cost: token_cost(input, model.input_price)
-                .saturating_add(token_cost(output, model.output_price)),
-        };
-        let route = Route {
-            key: key_index,
-            workspace: key.workspace,
-            model: model_index,
-        };
+        let budget_status = self.inner.budget_status;
+        let Admission {
+            route,
+            ask,
+            input_price,
+            output_price,
+        } = admit(snap, request, now, budget_status)?;
 
         // Spelled out rather than `array::from_fn`, which left a call per level.
         let levels: [_; LEVELS] = [
@@ -224,7 +176,7 @@ impl Engine {
                         }
                     }
                     let wallet = level == WALLET_LEVEL;
-                    return Err(self.refused(scope, wallet, refusal, ask, now));
+                    return Err(refused(scope, wallet, refusal, ask, now, budget_status));
                 }
             }
         }
@@ -235,8 +187,8 @@ impl Engine {
             levels: holds,
             settled: false,
             ask,
-            input_price: model.input_price,
-            output_price: model.output_price,
+            input_price,
+            output_price,
             tightest,
         })
     }
@@ -274,96 +226,6 @@ impl Engine {
 
     pub(crate) fn now(&self) -> Timestamp {
         self.inner.snapshot.load().clock.now()
-    }
-
-    fn deny(&self, reason: DenialReason, scope: Scope) -> Denial {
-        Denial {
-            budget_status: self.inner.budget_status,
-            ..Denial::new(reason, scope)
-        }
-    }
-
-    fn refused(
-        &self,
-        scope: Scope,
-        wallet: bool,
-        refusal: Refusal,
-        ask: Ask,
-        now: Timestamp,
-    ) -> Denial {
-        match refusal {
-            Refusal::Requests {
-                per_day,
-                rule,
-                remaining,
-                retry_after,
-                reset,
-            } => Denial {
-                quota: Some(Quota::Requests {
-                    limit: rule.limit,
-                    remaining,
-                    window: rule.window,
-                }),
-                retry_after,
-                reset_after: Some(reset),
-                ..self.deny(
-                    if per_day {
-                        DenialReason::RequestsPerDay
-                    } else {
-                        DenialReason::RequestsPerMinute
-                    },
-                    scope,
-                )
-            },
-            Refusal::Tokens {
-                rule,
-                requested,
-                remaining,
-                retry_after,
-                reset,
-            } => Denial {
-                quota: Some(Quota::Tokens {
-                    limit: rule.limit,
-                    remaining,
-                    window: rule.window,
-                    requested,
-                }),
-                retry_after,
-                reset_after: Some(reset),
-                ..self.deny(DenialReason::TokensPerMinute, scope)
-            },
-            Refusal::Concurrency { limit, in_flight } => Denial {
-                quota: Some(Quota::Concurrent { limit, in_flight }),
-                // A slot frees when some request finishes: there is no time to promise.
-                retry_after: Some(Duration::from_secs(1)),
-                ..self.deny(DenialReason::Concurrency, scope)
-            },
-            Refusal::Budget {
-                limit,
-                remaining,
-                period_end,
-            } => {
-                let reset_after = (period_end.as_unix_nanos() != u64::MAX)
-                    .then(|| period_end.saturating_since(now));
-                Denial {
-                    quota: Some(Quota::Money {
-                        limit: picos_to_decimal(limit),
-                        remaining: picos_to_decimal(remaining),
-                        requested: picos_to_decimal(ask.cost),
-                    }),
-                    retry_after: None,
-                    reset_after,
-                    ..self.deny(
-                        if wallet {
-                            DenialReason::Wallet
-                        } else {
-                            DenialReason::Budget
-                        },
-                        scope,
-                    )
-                }
-            }
-        }
     }
 }
 

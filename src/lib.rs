@@ -50,6 +50,7 @@
 mod bucket;
 mod budget;
 mod clock;
+mod decide;
 mod denial;
 mod engine;
 mod headers;
@@ -67,14 +68,14 @@ mod sync;
 mod usage;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
-pub use denial::{Denial, DenialReason, Error, Quota, Scope};
+pub use denial::{Denial, DenialReason, Error, Quota, Scope, StoreError, StoreErrorKind};
 pub use engine::{BudgetStatus, Engine, EngineBuilder};
 pub use headers::{HeaderValue, RateLimitHeaders, TOKEN_QUOTA_UNIT};
 pub use period::BudgetPeriod;
 pub use policy::{
     BudgetSpec, DefaultsSpec, Environment, KeySpec, KeyStatus, LimitsSpec, ModelLimitSpec,
-    ModelSpec, OrgSpec, Policy, PolicyDocument, PolicyError, PolicyIssue, Problem, TokenCount,
-    WorkspaceSpec, WorkspaceStatus,
+    ModelSpec, OrgSpec, Policy, PolicyDocument, PolicyError, PolicyIssue, Problem,
+    StoreFailureMode, TokenCount, WorkspaceSpec, WorkspaceStatus,
 };
 pub use request::{Credential, Request, Usage};
 pub use reservation::{LimitWindow, RateLimitStatus, Receipt, Reservation};

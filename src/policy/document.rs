@@ -271,6 +271,23 @@ pub struct WorkspaceSpec {
     /// Output tokens assumed when neither request, key nor model says.
     #[serde(default)]
     pub default_max_output_tokens: Option<i64>,
+    /// What a distributed backend does when its counter store cannot answer.
+    #[serde(default)]
+    pub on_store_error: StoreFailureMode,
+}
+
+/// What a distributed backend (Redis) does for a workspace while its counter store is
+/// unreachable. The in-memory engine has no such failure and ignores it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreFailureMode {
+    /// Deny with `store_unavailable` (HTTP 503): no request goes unmetered. The default.
+    #[default]
+    Closed,
+    /// Admit against a local in-memory limiter whose limits and budgets are the
+    /// policy's divided by the expected number of gateway instances: traffic keeps
+    /// flowing, bounded per instance, and the spend it makes is counted locally only.
+    Open,
 }
 
 impl WorkspaceSpec {
@@ -302,6 +319,13 @@ impl WorkspaceSpec {
     #[must_use]
     pub fn budget(mut self, budget: BudgetSpec) -> Self {
         self.budget = Some(budget);
+        self
+    }
+
+    /// Set what a distributed backend does while its store is unreachable.
+    #[must_use]
+    pub fn on_store_error(mut self, mode: StoreFailureMode) -> Self {
+        self.on_store_error = mode;
         self
     }
 }

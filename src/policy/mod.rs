@@ -11,7 +11,8 @@ use std::path::Path;
 
 pub use document::{
     BudgetSpec, DefaultsSpec, Environment, KeySpec, KeyStatus, LimitsSpec, ModelLimitSpec,
-    ModelSpec, OrgSpec, PolicyDocument, TokenCount, WorkspaceSpec, WorkspaceStatus,
+    ModelSpec, OrgSpec, PolicyDocument, StoreFailureMode, TokenCount, WorkspaceSpec,
+    WorkspaceStatus,
 };
 pub use issue::{PolicyIssue, Problem};
 

@@ -3,7 +3,9 @@
 use crate::bucket::RateRule;
 use crate::clock::Timestamp;
 use crate::period::Span;
-use crate::policy::document::{Environment, KeyStatus, TokenCount, WorkspaceStatus};
+use crate::policy::document::{
+    Environment, KeyStatus, StoreFailureMode, TokenCount, WorkspaceStatus,
+};
 
 /// A token limit and which tokens it counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +83,7 @@ pub(crate) struct WorkspacePolicy {
     /// over the workspace's period.
     pub(crate) plain_key_rules: LevelRules,
     pub(crate) default_max_output: Option<u32>,
+    pub(crate) on_store_error: StoreFailureMode,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

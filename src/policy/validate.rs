@@ -221,6 +221,7 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
                 &format!("{path}.default_max_output_tokens"),
                 ws.default_max_output_tokens,
             ),
+            on_store_error: ws.on_store_error,
         });
     }
 
