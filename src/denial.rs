@@ -48,9 +48,10 @@ pub enum DenialReason {
     Budget,
     /// The org's prepaid wallet is used up.
     Wallet,
-    /// A distributed backend could not reach its counter store (a transient error)
-    /// and the workspace fails closed.
-    StoreUnavailable,
+    /// A distributed backend's counter store failed: a transient error while the
+    /// workspace fails closed, or a permanent or corrupt-data error (never admitted
+    /// unmetered). The engine's `last_store_error` has the store's message.
+    StoreUnavailable(StoreErrorKind),
 }
 
 /// The numbers of the limit that refused.
@@ -132,7 +133,7 @@ impl Denial {
             DenialReason::WorkspaceNotActive(_) | DenialReason::ModelNotGranted => 403,
             DenialReason::UnknownModel => 404,
             DenialReason::Budget | DenialReason::Wallet => self.budget_status,
-            DenialReason::StoreUnavailable => 503,
+            DenialReason::StoreUnavailable(_) => 503,
             DenialReason::RequestsPerMinute
             | DenialReason::RequestsPerDay
             | DenialReason::TokensPerMinute
@@ -158,7 +159,7 @@ impl Denial {
             | DenialReason::Concurrency => "rate_limited",
             DenialReason::Budget => "budget_exceeded",
             DenialReason::Wallet => "insufficient_funds",
-            DenialReason::StoreUnavailable => "store_unavailable",
+            DenialReason::StoreUnavailable(_) => "store_unavailable",
         }
     }
 
@@ -186,8 +187,8 @@ impl fmt::Display for Denial {
             }
             DenialReason::UnknownModel => f.write_str("model not found"),
             DenialReason::ModelNotGranted => f.write_str("model not allowed for this workspace"),
-            DenialReason::StoreUnavailable => {
-                f.write_str("rate-limit store unavailable; the workspace fails closed")
+            DenialReason::StoreUnavailable(kind) => {
+                write!(f, "rate-limit store unavailable ({kind} error); request not admitted")
             }
             _ => {
                 let what = match self.reason {

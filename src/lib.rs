@@ -60,6 +60,8 @@ mod loom_tests;
 mod money;
 mod period;
 mod policy;
+#[cfg(feature = "redis")]
+mod redis;
 mod request;
 mod reservation;
 mod snapshot;
@@ -72,6 +74,8 @@ pub use denial::{Denial, DenialReason, Error, Quota, Scope, StoreError, StoreErr
 pub use engine::{BudgetStatus, Engine, EngineBuilder};
 pub use headers::{HeaderValue, RateLimitHeaders, TOKEN_QUOTA_UNIT};
 pub use period::BudgetPeriod;
+#[cfg(feature = "redis")]
+pub use redis::{RedisConfig, RedisEngine, RedisReservation};
 pub use policy::{
     BudgetSpec, DefaultsSpec, Environment, KeySpec, KeyStatus, LimitsSpec, ModelLimitSpec,
     ModelSpec, OrgSpec, Policy, PolicyDocument, PolicyError, PolicyIssue, Problem,

@@ -50,6 +50,16 @@ pub struct Receipt {
 }
 
 impl Receipt {
+    /// A receipt for `usage` costing `cost` pico-dollars against a hold of `reserved`.
+    pub(crate) fn new(cost: i64, reserved_cost: i64, usage: Usage) -> Self {
+        Receipt {
+            cost,
+            reserved_cost,
+            input_tokens: usage.input_tokens,
+            output_tokens: usage.output_tokens,
+        }
+    }
+
     /// The real cost in USD, exact.
     #[must_use]
     pub fn cost(&self) -> Decimal {
@@ -174,12 +184,7 @@ impl Reservation {
                 }
             }
         }
-        Receipt {
-            cost,
-            reserved_cost: self.ask.cost,
-            input_tokens: usage.input_tokens,
-            output_tokens: usage.output_tokens,
-        }
+        Receipt::new(cost, self.ask.cost, usage)
     }
 }
 

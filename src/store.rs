@@ -129,7 +129,7 @@ pub(crate) struct Window {
     pub(crate) window: Duration,
 }
 
-fn keep_tightest(slot: &mut Option<Window>, candidate: Window) {
+pub(crate) fn keep_tightest(slot: &mut Option<Window>, candidate: Window) {
     let tighter = match slot {
         None => true,
         Some(current) => {

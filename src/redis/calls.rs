@@ -1,0 +1,337 @@
+//! The arguments each script takes and what its replies mean.
+//!
+//! Numbers cross as decimal strings: money is int64 pico-dollars that Lua must not
+//! round through a double, so the scripts change it only with `HINCRBY`.
+
+use std::time::Duration;
+
+use redis::Value;
+
+use crate::bucket::RateRule;
+use crate::clock::Timestamp;
+use crate::denial::StoreError;
+use crate::period::{BudgetPeriod, Span};
+use crate::policy::rules::LevelRules;
+use crate::redis::error::corrupt_reply;
+use crate::redis::keys::Group;
+use crate::snapshot::{Route, Snapshot, WALLET_LEVEL};
+use crate::store::{keep_tightest, Ask, Refusal, Tightest, Window};
+
+/// One script invocation's keys and arguments.
+#[derive(Clone, Debug)]
+pub(crate) struct Call {
+    pub(crate) keys: Vec<String>,
+    pub(crate) args: Vec<String>,
+}
+
+/// Lifetimes the scripts set, in milliseconds.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ttls {
+    pub(crate) reservation: u64,
+    pub(crate) idle: u64,
+    pub(crate) commit_marker: u64,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl Ttls {
+    pub(crate) fn new(reservation: Duration, idle: Duration, commit_marker: Duration) -> Self {
+        Ttls {
+            reservation: millis(reservation),
+            idle: millis(idle),
+            commit_marker: millis(commit_marker),
+        }
+    }
+
+    /// A record outlives its hold, so a late sweep can still read what to give back.
+    fn record(self) -> u64 {
+        self.idle.max(self.reservation.saturating_mul(2))
+    }
+
+    /// Idle counters expire, but never within two of their periods (a month's spend
+    /// must survive a quiet week); all-time counters (the wallet) never expire.
+    fn idle_for(self, span: Span) -> u64 {
+        let period_ms = match span {
+            Span::Forever => return 0,
+            Span::Period(BudgetPeriod::Day) => 86_400_000,
+            Span::Period(BudgetPeriod::Month) => 31 * 86_400_000,
+            Span::Period(BudgetPeriod::Custom { seconds }) => seconds.saturating_mul(1000),
+        };
+        self.idle.max(period_ms.saturating_mul(2))
+    }
+}
+
+fn period_args(span: Span) -> (u8, u64) {
+    match span {
+        Span::Forever => (0, 0),
+        Span::Period(BudgetPeriod::Day) => (1, 0),
+        Span::Period(BudgetPeriod::Month) => (2, 0),
+        Span::Period(BudgetPeriod::Custom { seconds }) => (3, seconds.max(1)),
+    }
+}
+
+fn push_rate(args: &mut Vec<String>, rule: Option<&RateRule>) {
+    match rule {
+        Some(rule) => {
+            args.push(rule.interval.to_string());
+            args.push(rule.limit.to_string());
+        }
+        None => {
+            args.push("0".into());
+            args.push("0".into());
+        }
+    }
+}
+
+fn rules_of(snap: &Snapshot, route: Route, level: usize) -> &LevelRules {
+    snap.level(level, route)
+        .2
+        .expect("a group lists only levels whose rules apply")
+}
+
+/// `reserve.lua` for one group.
+pub(crate) fn reserve(
+    snap: &Snapshot,
+    route: Route,
+    group: &Group,
+    id: &str,
+    ask: Ask,
+    ttls: Ttls,
+) -> Call {
+    let mut args = vec![
+        id.to_owned(),
+        ttls.reservation.to_string(),
+        ask.cost.to_string(),
+        group.record_base(),
+        ttls.record().to_string(),
+    ];
+    for &(level, _) in &group.levels {
+        let rules = rules_of(snap, route, level);
+        push_rate(&mut args, rules.rpm.as_ref());
+        push_rate(&mut args, rules.rpd.as_ref());
+        push_rate(&mut args, rules.tpm.as_ref().map(|t| &t.rate));
+        let units = rules.tpm.as_ref().map_or(0, |t| {
+            t.counts.pick(ask.input_tokens, ask.output_tokens)
+        });
+        args.push(units.to_string());
+        args.push(rules.max_concurrent.unwrap_or(0).to_string());
+        // Admitted while used ≤ limit − cost: computed here, exactly, so the script
+        // only compares.
+        args.push(rules.budget.as_ref().map_or_else(String::new, |b| {
+            (i128::from(b.limit) - i128::from(ask.cost)).to_string()
+        }));
+        let (kind, seconds) = period_args(rules.span);
+        args.push(kind.to_string());
+        args.push(seconds.to_string());
+        args.push(ttls.idle_for(rules.span).to_string());
+    }
+    Call {
+        keys: group.keys(id),
+        args,
+    }
+}
+
+/// What a request really used, for `commit.lua`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Used {
+    pub(crate) cost: i64,
+    pub(crate) input_tokens: u64,
+    pub(crate) output_tokens: u64,
+}
+
+/// `commit.lua` for one group.
+pub(crate) fn commit(
+    snap: &Snapshot,
+    route: Route,
+    group: &Group,
+    id: &str,
+    ask: Ask,
+    used: Used,
+    ttls: Ttls,
+) -> Call {
+    let mut args = vec![
+        id.to_owned(),
+        ttls.commit_marker.to_string(),
+        ask.cost.to_string(),
+        used.cost.to_string(),
+        used.input_tokens.to_string(),
+        used.output_tokens.to_string(),
+        group.record_base(),
+    ];
+    for &(level, _) in &group.levels {
+        let rules = rules_of(snap, route, level);
+        match &rules.tpm {
+            Some(tpm) => {
+                args.push(tpm.rate.interval.to_string());
+                args.push(
+                    tpm.counts
+                        .pick(ask.input_tokens, ask.output_tokens)
+                        .to_string(),
+                );
+                args.push(
+                    tpm.counts
+                        .pick(used.input_tokens, used.output_tokens)
+                        .to_string(),
+                );
+            }
+            None => args.extend(["0".into(), "0".into(), "0".into()]),
+        }
+        let (kind, seconds) = period_args(rules.span);
+        args.push(kind.to_string());
+        args.push(seconds.to_string());
+        // The wallet counts money only; requests and tokens are the org's.
+        args.push(if level == WALLET_LEVEL { "0" } else { "1" }.into());
+        args.push(ttls.idle_for(rules.span).to_string());
+    }
+    Call {
+        keys: group.keys(id),
+        args,
+    }
+}
+
+/// `release.lua` for one group.
+pub(crate) fn release(group: &Group, id: &str) -> Call {
+    Call {
+        keys: vec![group.holds(), group.record(id), group.done(id)],
+        args: vec![id.to_owned(), group.record_base()],
+    }
+}
+
+/// A reply element as an integer (the scripts send numbers as integers or strings).
+fn integer(op: &str, value: &Value) -> Result<i64, StoreError> {
+    match value {
+        Value::Int(n) => Ok(*n),
+        Value::BulkString(bytes) => std::str::from_utf8(bytes)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| corrupt_reply(op, format!("{value:?}"))),
+        Value::SimpleString(s) => s.parse().map_err(|_| corrupt_reply(op, s)),
+        other => Err(corrupt_reply(op, format!("{other:?}"))),
+    }
+}
+
+fn items<'v>(op: &str, value: &'v Value) -> Result<&'v [Value], StoreError> {
+    match value {
+        Value::Array(items) if !items.is_empty() => Ok(items),
+        other => Err(corrupt_reply(op, format!("{other:?}"))),
+    }
+}
+
+/// What one group's reserve said.
+pub(crate) enum Reserved {
+    Admitted,
+    /// Level `level` refused.
+    Refused { level: usize, refusal: Refusal },
+}
+
+const OP_RESERVE: &str = "reserve";
+
+/// Read `reserve.lua`'s reply; on admission fold the group's windows into `tightest`.
+pub(crate) fn read_reserve(
+    snap: &Snapshot,
+    route: Route,
+    group: &Group,
+    ask: Ask,
+    reply: &Value,
+    tightest: &mut Tightest,
+) -> Result<Reserved, StoreError> {
+    let items = items(OP_RESERVE, reply)?;
+    let int = |i: usize| {
+        items
+            .get(i)
+            .ok_or_else(|| corrupt_reply(OP_RESERVE, format!("short reply {items:?}")))
+            .and_then(|v| integer(OP_RESERVE, v))
+    };
+    let nanos = |n: i64| Duration::from_nanos(u64::try_from(n).unwrap_or(0));
+    let count = |n: i64| u64::try_from(n).unwrap_or(0);
+    if int(0)? == 1 {
+        for (position, &(level, _)) in group.levels.iter().enumerate() {
+            let rules = rules_of(snap, route, level);
+            let base = 1 + position * 6;
+            let buckets = [
+                (rules.rpm.as_ref(), true),
+                (rules.rpd.as_ref(), true),
+                (rules.tpm.as_ref().map(|t| &t.rate), false),
+            ];
+            for (i, (rule, requests)) in buckets.into_iter().enumerate() {
+                let Some(rule) = rule else { continue };
+                let window = Window {
+                    limit: rule.limit,
+                    remaining: count(int(base + 2 * i)?),
+                    reset: nanos(int(base + 2 * i + 1)?),
+                    window: rule.window,
+                };
+                let slot = if requests {
+                    &mut tightest.requests
+                } else {
+                    &mut tightest.tokens
+                };
+                keep_tightest(slot, window);
+            }
+        }
+        return Ok(Reserved::Admitted);
+    }
+    let position = usize::try_from(int(1)? - 1)
+        .ok()
+        .filter(|&p| p < group.levels.len())
+        .ok_or_else(|| corrupt_reply(OP_RESERVE, format!("{items:?}")))?;
+    let level = group.levels[position].0;
+    let rules = rules_of(snap, route, level);
+    let missing = || corrupt_reply(OP_RESERVE, format!("refusal of a rule not set {items:?}"));
+    let retry = |n: i64| (n >= 0).then(|| nanos(n));
+    let refusal = match int(2)? {
+        kind @ (1 | 2) => Refusal::Requests {
+            per_day: kind == 2,
+            rule: *if kind == 2 { &rules.rpd } else { &rules.rpm }
+                .as_ref()
+                .ok_or_else(missing)?,
+            remaining: count(int(3)?),
+            reset: nanos(int(4)?),
+            retry_after: retry(int(5)?),
+        },
+        3 => {
+            let tpm = rules.tpm.as_ref().ok_or_else(missing)?;
+            Refusal::Tokens {
+                rule: tpm.rate,
+                requested: tpm.counts.pick(ask.input_tokens, ask.output_tokens),
+                remaining: count(int(3)?),
+                reset: nanos(int(4)?),
+                retry_after: retry(int(5)?),
+            }
+        }
+        4 => Refusal::Concurrency {
+            limit: rules.max_concurrent.ok_or_else(missing)?,
+            in_flight: u32::try_from(int(3)?).unwrap_or(u32::MAX),
+        },
+        5 => {
+            let limit = rules.budget.as_ref().ok_or_else(missing)?.limit;
+            let used = int(3)?;
+            let end_us = int(4)?;
+            Refusal::Budget {
+                limit,
+                remaining: limit.saturating_sub(used).max(0),
+                period_end: if end_us < 0 {
+                    Timestamp::from_unix_nanos(u64::MAX)
+                } else {
+                    Timestamp::from_unix_nanos(
+                        u64::try_from(end_us).unwrap_or(0).saturating_mul(1000),
+                    )
+                },
+            }
+        }
+        other => return Err(corrupt_reply(OP_RESERVE, format!("refusal kind {other}"))),
+    };
+    Ok(Reserved::Refused { level, refusal })
+}
+
+/// `commit.lua`'s reply: 1 settled, 2 already committed, 3 committed after expiry.
+pub(crate) fn read_commit(reply: &Value) -> Result<i64, StoreError> {
+    let code = integer("commit", &items("commit", reply)?[0])?;
+    if (1..=3).contains(&code) {
+        Ok(code)
+    } else {
+        Err(corrupt_reply("commit", code))
+    }
+}

@@ -1,0 +1,60 @@
+//! Fail-open: the local in-memory limiter a workspace falls back to while Redis is
+//! unreachable, with every limit and budget divided by the expected number of
+//! gateway instances so the fleet as a whole stays near the policy's limits.
+
+use std::num::NonZeroU32;
+
+use rust_decimal::{Decimal, RoundingStrategy};
+
+use crate::engine::Engine;
+use crate::policy::{BudgetSpec, LimitsSpec, Policy};
+
+fn share_count(value: &mut Option<i64>, instances: i64) {
+    if let Some(v) = value {
+        // At least 1: a limit of 0 is invalid, and one request per instance is the
+        // least a limit can mean.
+        *v = (*v / instances).max(1);
+    }
+}
+
+fn share_limits(limits: &mut LimitsSpec, instances: i64) {
+    share_count(&mut limits.rpm, instances);
+    share_count(&mut limits.rpd, instances);
+    share_count(&mut limits.tpm, instances);
+    share_count(&mut limits.max_concurrent, instances);
+}
+
+fn share_money(amount: Decimal, instances: Decimal) -> Decimal {
+    // Down, and to the policy's 12 decimals: never more than this instance's share.
+    (amount / instances).round_dp_with_strategy(12, RoundingStrategy::ToZero)
+}
+
+fn share_budget(budget: &mut Option<BudgetSpec>, instances: Decimal) {
+    if let Some(b) = budget {
+        b.limit = share_money(b.limit, instances);
+    }
+}
+
+/// This instance's share of `policy`, for workspaces that fail open.
+pub(crate) fn local_share(policy: &Policy, instances: NonZeroU32) -> Option<Engine> {
+    let n = i64::from(instances.get());
+    let n_money = Decimal::from(instances.get());
+    let mut doc = policy.document().clone();
+    share_budget(&mut doc.org.budget, n_money);
+    doc.org.wallet = doc.org.wallet.map(|w| share_money(w, n_money));
+    for ws in &mut doc.workspaces {
+        share_limits(&mut ws.limits, n);
+        share_budget(&mut ws.budget, n_money);
+        for model in &mut ws.model_limits {
+            share_count(&mut model.rpm, n);
+            share_count(&mut model.tpm, n);
+        }
+    }
+    for key in &mut doc.keys {
+        share_limits(&mut key.limits, n);
+        share_budget(&mut key.budget, n_money);
+    }
+    // The shared policy validated; its share can only fail on rounding a budget to
+    // an amount validation refuses, and then the workspace fails closed instead.
+    Policy::new(doc).ok().map(Engine::new)
+}

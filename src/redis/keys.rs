@@ -1,0 +1,117 @@
+//! Where counters live in Redis: key names, hash tags, and which levels share a tag.
+//!
+//! ```text
+//! <prefix>:v1:{ws:<workspace>}:key:<key id>      key level
+//! <prefix>:v1:{ws:<workspace>}:ws                workspace level
+//! <prefix>:v1:{ws:<workspace>}:model:<model>     workspace × model level
+//! <prefix>:v1:{org:<org>}:org                    org budget and totals
+//! <prefix>:v1:{org:<org>}:wallet                 org wallet (never expires)
+//! <tag>:holds                                    zset: reservation id → expiry (ms)
+//! <tag>:resv:<id>                                hash: what one reservation holds
+//! <tag>:done:<id>                                commit marker (idempotency)
+//! ```
+//!
+//! Everything one script touches shares one hash tag, so it runs on Redis Cluster:
+//! a workspace's levels live under its workspace tag (workspaces spread over the
+//! cluster's slots) and the org's budget and wallet under the org's tag.
+
+use crate::snapshot::{Route, Snapshot, LEVELS};
+
+/// The version in every key name: a layout change gets a new one, so an old and a
+/// new deployment never read each other's counters.
+const VERSION: &str = "v1";
+
+/// Levels under the workspace's tag; the rest are under the org's.
+const WORKSPACE_LEVELS: usize = 3;
+
+/// The levels of one request that share a hash tag: one script call each.
+#[derive(Clone, Debug)]
+pub(crate) struct Group {
+    pub(crate) tag: String,
+    /// (level number, scope hash key) for every level that applies.
+    pub(crate) levels: Vec<(usize, String)>,
+}
+
+impl Group {
+    pub(crate) fn holds(&self) -> String {
+        format!("{}:holds", self.tag)
+    }
+
+    pub(crate) fn record_base(&self) -> String {
+        format!("{}:resv:", self.tag)
+    }
+
+    pub(crate) fn record(&self, id: &str) -> String {
+        format!("{}:resv:{id}", self.tag)
+    }
+
+    pub(crate) fn done(&self, id: &str) -> String {
+        format!("{}:done:{id}", self.tag)
+    }
+
+    /// Holds zset, record and commit marker, then the scope hashes in level order.
+    pub(crate) fn keys(&self, id: &str) -> Vec<String> {
+        let mut keys = vec![self.holds(), self.record(id), self.done(id)];
+        keys.extend(self.levels.iter().map(|(_, key)| key.clone()));
+        keys
+    }
+}
+
+/// Key names under a configurable prefix, so deployments can share a server.
+#[derive(Clone, Debug)]
+pub(crate) struct Layout {
+    prefix: String,
+}
+
+impl Layout {
+    pub(crate) fn new(prefix: &str) -> Self {
+        Layout {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    pub(crate) fn workspace_tag(&self, workspace: &str) -> String {
+        format!("{}:{VERSION}:{{ws:{workspace}}}", self.prefix)
+    }
+
+    pub(crate) fn org_tag(&self, org: &str) -> String {
+        format!("{}:{VERSION}:{{org:{org}}}", self.prefix)
+    }
+
+    /// The workspace group and the org group of a request's levels.
+    pub(crate) fn groups(&self, snap: &Snapshot, route: Route) -> [Group; 2] {
+        let policy = &snap.policy;
+        let ws = &policy.workspaces[route.workspace as usize];
+        let ws_tag = self.workspace_tag(&ws.id);
+        let org_tag = self.org_tag(&policy.org.id);
+        let mut workspace = Group {
+            tag: ws_tag.clone(),
+            levels: Vec::with_capacity(WORKSPACE_LEVELS),
+        };
+        let mut org = Group {
+            tag: org_tag.clone(),
+            levels: Vec::with_capacity(LEVELS - WORKSPACE_LEVELS),
+        };
+        for level in 0..LEVELS {
+            if snap.level(level, route).2.is_none() {
+                continue;
+            }
+            let key = match level {
+                0 => format!("{ws_tag}:key:{}", policy.keys[route.key as usize].id),
+                1 => format!("{ws_tag}:ws"),
+                2 => format!(
+                    "{ws_tag}:model:{}",
+                    policy.models[route.model as usize].name
+                ),
+                3 => format!("{org_tag}:org"),
+                _ => format!("{org_tag}:wallet"),
+            };
+            if level < WORKSPACE_LEVELS {
+                workspace.levels.push((level, key));
+            } else {
+                org.levels.push((level, key));
+            }
+        }
+        [workspace, org]
+    }
+}

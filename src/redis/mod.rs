@@ -1,0 +1,461 @@
+//! The Redis backend (feature `redis`): every counter in Redis, so all gateway
+//! instances enforce the same limits and budgets.
+//!
+//! A request resolves its key, workspace and model locally, exactly as the in-memory
+//! engine does (`decide`), then reserves in one Lua script per hash tag: the
+//! workspace's levels (key, workspace, workspace × model) under `{ws:<id>}`, the
+//! org's budget and wallet under `{org:<id>}`. The two calls go out together on one
+//! multiplexed connection, so a reservation costs one round trip of latency; each
+//! is atomic on its own shard. If one group refuses, the other's hold is released;
+//! in between it only over-holds, which can refuse a request but never overspend.
+//! See `keys` for the layout.
+
+mod calls;
+mod conn;
+mod error;
+mod fallback;
+mod keys;
+mod reservation;
+mod scripts;
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use redis::aio::ConnectionManagerConfig;
+use redis::cluster::ClusterClientBuilder;
+use redis::Value;
+
+use crate::clock::{Clock, SystemClock};
+use crate::decide::{admit, denial, refused, Admission};
+use crate::denial::{Denial, DenialReason, Error, Scope, StoreError, StoreErrorKind};
+use crate::engine::{BudgetStatus, Engine};
+use crate::policy::{Policy, StoreFailureMode};
+use crate::request::{Request, Usage};
+use crate::reservation::Receipt;
+use crate::snapshot::{Snapshot, WALLET_LEVEL};
+use crate::store::Tightest;
+
+use calls::{Call, Reserved, Ttls};
+use conn::Connection;
+use error::classify;
+use keys::{Group, Layout};
+use scripts::Scripts;
+
+pub use reservation::RedisReservation;
+
+/// Settings of a [`RedisEngine`]. Every field has a production default.
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    /// Prepended to every key, so deployments can share a server. Default `tollgate`.
+    pub prefix: String,
+    /// How long a reservation holds if its instance never commits or releases it
+    /// (crashed, partitioned): longer than your slowest upstream call. Default 10 min.
+    pub reservation_ttl: Duration,
+    /// Idle counters expire after this (never within two budget periods, and the
+    /// wallet never). Default 40 days.
+    pub idle_ttl: Duration,
+    /// How long a commit is remembered so a retried one charges nothing. Default 24 h.
+    pub commit_marker_ttl: Duration,
+    /// Gateway instances sharing the limits: a fail-open workspace's local limiter
+    /// gets `1 / expected_instances` of every limit and budget. Default 1.
+    pub expected_instances: NonZeroU32,
+    /// A call that takes longer fails as transient. Default 500 ms.
+    pub response_timeout: Duration,
+    /// A connection attempt that takes longer fails as transient. Default 250 ms.
+    pub connection_timeout: Duration,
+    /// The status budget and wallet denials answer with.
+    pub budget_status: BudgetStatus,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            prefix: "tollgate".to_owned(),
+            reservation_ttl: Duration::from_secs(600),
+            idle_ttl: Duration::from_secs(40 * 86_400),
+            commit_marker_ttl: Duration::from_secs(86_400),
+            expected_instances: NonZeroU32::MIN,
+            response_timeout: Duration::from_millis(500),
+            connection_timeout: Duration::from_millis(250),
+            budget_status: BudgetStatus::default(),
+        }
+    }
+}
+
+/// Enforces a policy with counters in Redis, shared by every instance connected to
+/// the same server or cluster. Same decisions, [`Denial`]s and [`Receipt`]s as the
+/// in-memory [`Engine`]; async, on tokio.
+///
+/// Cheap to clone: clones share the connection.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use tollgate::{Policy, RedisConfig, RedisEngine, Request, Usage};
+///
+/// let policy = Policy::from_path("policy.toml")?;
+/// let engine = RedisEngine::connect("redis://127.0.0.1:6379/", policy, RedisConfig::default()).await?;
+/// let request = Request::with_secret("sk-live-abc", "gpt-4o-mini").input_tokens(900);
+/// match engine.check_and_reserve(&request).await {
+///     Ok(reservation) => {
+///         let receipt = engine.commit_usage(reservation, Usage::new(900, 312)).await?;
+///         println!("cost ${}", receipt.cost());
+///     }
+///     Err(denial) => println!("{} {denial}", denial.http_status()),
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisEngine {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    connection: Connection,
+    scripts: Scripts,
+    layout: Layout,
+    ttls: Ttls,
+    config: RedisConfig,
+    clock: Arc<dyn Clock>,
+    snapshot: ArcSwap<Snapshot>,
+    /// This instance's share of the policy, for workspaces that fail open.
+    fallback: ArcSwap<Option<Engine>>,
+    apply_lock: Mutex<()>,
+    /// Commits that failed with a transient error, retried by `flush_pending`.
+    pending: Mutex<Vec<PendingCommit>>,
+    last_error: Mutex<Option<StoreError>>,
+    instance: u64,
+    sequence: AtomicU64,
+}
+
+/// A commit that Redis has not acknowledged: both groups' calls, replayable because
+/// commits are idempotent by reservation id.
+pub(crate) struct PendingCommit {
+    calls: [Call; 2],
+}
+
+impl RedisEngine {
+    /// Connect to one Redis server (`redis://host:port/db`). The connection
+    /// reconnects by itself after failures.
+    ///
+    /// # Errors
+    /// [`Error::Store`] if the URL is invalid or the server cannot be reached now.
+    pub async fn connect(url: &str, policy: Policy, config: RedisConfig) -> Result<Self, Error> {
+        let client = redis::Client::open(url).map_err(|e| classify("connect", &e))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(config.response_timeout))
+            .set_connection_timeout(Some(config.connection_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let manager = redis::aio::ConnectionManager::new_with_config(client, manager_config)
+            .await
+            .map_err(|e| classify("connect", &e))?;
+        Ok(Self::start(Connection::Single(manager), policy, config))
+    }
+
+    /// Connect to a Redis Cluster through any of its nodes.
+    ///
+    /// # Errors
+    /// [`Error::Store`] if the URLs are invalid or no node can be reached now.
+    pub async fn connect_cluster(
+        urls: &[String],
+        policy: Policy,
+        config: RedisConfig,
+    ) -> Result<Self, Error> {
+        let client = ClusterClientBuilder::new(urls.to_vec())
+            .connection_timeout(config.connection_timeout)
+            .response_timeout(config.response_timeout)
+            .retries(2)
+            .build()
+            .map_err(|e| classify("connect", &e))?;
+        let connection = client
+            .get_async_connection()
+            .await
+            .map_err(|e| classify("connect", &e))?;
+        Ok(Self::start(Connection::Cluster(connection), policy, config))
+    }
+
+    fn start(connection: Connection, policy: Policy, config: RedisConfig) -> Self {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
+        let fallback = fallback::local_share(&policy, config.expected_instances);
+        let snapshot = Snapshot::build(policy, None, Arc::clone(&clock));
+        RedisEngine {
+            inner: Arc::new(Inner {
+                connection,
+                scripts: Scripts::new(),
+                layout: Layout::new(&config.prefix),
+                ttls: Ttls::new(
+                    config.reservation_ttl,
+                    config.idle_ttl,
+                    config.commit_marker_ttl,
+                ),
+                config,
+                clock,
+                snapshot: ArcSwap::from_pointee(snapshot),
+                fallback: ArcSwap::from_pointee(fallback),
+                apply_lock: Mutex::new(()),
+                pending: Mutex::new(Vec::new()),
+                last_error: Mutex::new(None),
+                instance: instance_id(),
+                sequence: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// May this key call this model now? If so, hold the request's worst case on every
+    /// level in Redis, all or nothing. One round trip.
+    ///
+    /// # Errors
+    /// A [`Denial`] naming the scope and limit that refused, or
+    /// [`DenialReason::StoreUnavailable`] when Redis failed and the workspace fails
+    /// closed (a fail-open workspace is admitted by its local limiter instead).
+    pub async fn check_and_reserve(
+        &self,
+        request: &Request<'_>,
+    ) -> Result<RedisReservation, Denial> {
+        let inner = &self.inner;
+        let snap = inner.snapshot.load_full();
+        let now = inner.clock.now();
+        let status = inner.config.budget_status.code();
+        let Admission {
+            route,
+            ask,
+            input_price,
+            output_price,
+        } = admit(&snap, request, now, status)?;
+
+        let id = self.next_id();
+        let groups = inner.layout.groups(&snap, route);
+        let calls = groups
+            .each_ref()
+            .map(|group| calls::reserve(&snap, route, group, &id, ask, inner.ttls));
+        let (ws_reply, org_reply) =
+            tokio::join!(self.run_reserve(&calls[0]), self.run_reserve(&calls[1]));
+
+        let mut tightest = Tightest::default();
+        let mut outcome = |group: &Group, reply: Result<Value, StoreError>| {
+            reply.and_then(|reply| {
+                calls::read_reserve(&snap, route, group, ask, &reply, &mut tightest)
+            })
+        };
+        let ws = outcome(&groups[0], ws_reply);
+        let org = outcome(&groups[1], org_reply);
+
+        // Give back what a group holds when the request as a whole is not admitted.
+        let admitted = |o: &Result<Reserved, StoreError>| matches!(o, Ok(Reserved::Admitted));
+        if !(admitted(&ws) && admitted(&org)) {
+            for (group, o) in groups.iter().zip([&ws, &org]) {
+                if admitted(o) {
+                    self.release_group(group, &id).await;
+                }
+            }
+        }
+        let workspace = &snap.policy.workspaces[route.workspace as usize];
+        match (ws, org) {
+            (Ok(Reserved::Admitted), Ok(Reserved::Admitted)) => Ok(RedisReservation::remote(
+                Arc::clone(&self.inner),
+                snap.clone(),
+                id,
+                route,
+                ask,
+                input_price,
+                output_price,
+                tightest,
+            )),
+            // The workspace's levels come first in level order: report them first.
+            (Ok(Reserved::Refused { level, refusal }), _)
+            | (Ok(Reserved::Admitted), Ok(Reserved::Refused { level, refusal })) => {
+                let (scope, _, _) = snap.level(level, route);
+                Err(refused(
+                    scope,
+                    level == WALLET_LEVEL,
+                    refusal,
+                    ask,
+                    now,
+                    status,
+                ))
+            }
+            (Err(error), _) | (_, Err(error)) => {
+                let kind = error.kind;
+                self.record_error(error);
+                if kind == StoreErrorKind::Transient
+                    && workspace.on_store_error == StoreFailureMode::Open
+                {
+                    if let Some(local) = inner.fallback.load().as_ref() {
+                        return local
+                            .check_and_reserve(request)
+                            .map(RedisReservation::local);
+                    }
+                }
+                Err(denial(
+                    DenialReason::StoreUnavailable(kind),
+                    Scope::Workspace,
+                    status,
+                ))
+            }
+        }
+    }
+
+    /// Replace a reservation by what the request really used, in one round trip.
+    ///
+    /// # Errors
+    /// [`Error::Store`] if Redis did not acknowledge the commit. Nothing is lost: the
+    /// commit is kept and replayed by [`RedisEngine::flush_pending`], and commits are
+    /// idempotent by reservation id, so a commit that did land is not charged twice.
+    pub async fn commit_usage(
+        &self,
+        reservation: RedisReservation,
+        usage: Usage,
+    ) -> Result<Receipt, Error> {
+        reservation.commit(self, usage).await
+    }
+
+    /// Replay commits that failed, in order. Returns how many are still pending.
+    ///
+    /// # Errors
+    /// The first failure; the commits not yet acknowledged stay queued.
+    pub async fn flush_pending(&self) -> Result<usize, Error> {
+        let queued = std::mem::take(&mut *self.inner.pending.lock());
+        let mut failed = None;
+        let mut left = Vec::new();
+        for pending in queued {
+            if failed.is_some() {
+                left.push(pending);
+                continue;
+            }
+            if let Err(error) = self.run_commit_calls(&pending.calls).await {
+                failed = Some(error);
+                left.push(pending);
+            }
+        }
+        let mut queue = self.inner.pending.lock();
+        left.append(&mut queue);
+        *queue = left;
+        let remaining = queue.len();
+        drop(queue);
+        match failed {
+            Some(error) => Err(Error::Store(error)),
+            None => Ok(remaining),
+        }
+    }
+
+    /// Commits waiting for Redis.
+    #[must_use]
+    pub fn pending_commits(&self) -> usize {
+        self.inner.pending.lock().len()
+    }
+
+    /// The last error Redis returned, for logs and health checks.
+    #[must_use]
+    pub fn last_store_error(&self) -> Option<StoreError> {
+        self.inner.last_error.lock().clone()
+    }
+
+    /// Apply a new policy: changed limits apply from the next request; counters of
+    /// ids that persist are kept (they live in Redis under the ids).
+    pub fn apply_policy(&self, policy: Policy) {
+        let inner = &self.inner;
+        let _writer = inner.apply_lock.lock();
+        inner.fallback.store(Arc::new(fallback::local_share(
+            &policy,
+            inner.config.expected_instances,
+        )));
+        let previous = inner.snapshot.load_full();
+        let next = Snapshot::build(policy, Some(&previous), Arc::clone(&inner.clock));
+        inner.snapshot.store(Arc::new(next));
+    }
+
+    /// The policy the engine runs now.
+    #[must_use]
+    pub fn policy(&self) -> Policy {
+        self.inner.snapshot.load().policy.clone()
+    }
+
+    /// The Redis key of a workspace's counters (see the README's key layout).
+    #[must_use]
+    pub fn workspace_key(&self, workspace: &str) -> String {
+        format!("{}:ws", self.inner.layout.workspace_tag(workspace))
+    }
+
+    /// The Redis key of the org's budget counters.
+    #[must_use]
+    pub fn org_key(&self) -> String {
+        let org = &self.inner.snapshot.load().policy.org.id;
+        format!("{}:org", self.inner.layout.org_tag(org))
+    }
+
+    fn next_id(&self) -> String {
+        let n = self.inner.sequence.fetch_add(1, Ordering::Relaxed);
+        format!("{:016x}{n:016x}", self.inner.instance)
+    }
+
+    fn record_error(&self, error: StoreError) {
+        *self.inner.last_error.lock() = Some(error);
+    }
+
+    async fn run(&self, op: &str, script: &redis::Script, call: &Call) -> Result<Value, StoreError> {
+        let mut invocation = script.prepare_invoke();
+        for key in &call.keys {
+            invocation.key(key);
+        }
+        for arg in &call.args {
+            invocation.arg(arg);
+        }
+        let mut connection = self.inner.connection.clone();
+        invocation
+            .invoke_async(&mut connection)
+            .await
+            .map_err(|e| classify(op, &e))
+    }
+
+    async fn run_reserve(&self, call: &Call) -> Result<Value, StoreError> {
+        self.run("reserve", &self.inner.scripts.reserve, call).await
+    }
+
+    /// Both groups' commits, concurrently; the first error if either failed.
+    async fn run_commit_calls(&self, calls: &[Call; 2]) -> Result<(), StoreError> {
+        let script = &self.inner.scripts.commit;
+        let (ws, org) = tokio::join!(
+            self.run("commit", script, &calls[0]),
+            self.run("commit", script, &calls[1])
+        );
+        calls::read_commit(&ws?)?;
+        calls::read_commit(&org?)?;
+        Ok(())
+    }
+
+    async fn release_group(&self, group: &Group, id: &str) {
+        let call = calls::release(group, id);
+        if let Err(error) = self.run("release", &self.inner.scripts.release, &call).await {
+            // The hold expires after the reservation TTL; nothing more to do.
+            self.record_error(error);
+        }
+    }
+}
+
+/// A random id for this engine instance, so reservation ids never collide across
+/// instances sharing a server.
+fn instance_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.write_u32(std::process::id());
+    hasher.finish()
+}
+
+impl std::fmt::Debug for RedisEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisEngine")
+            .field("prefix", &self.inner.config.prefix)
+            .field("policy", &self.inner.snapshot.load().policy)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,193 @@
+//! A reservation held in Redis (or, for a fail-open workspace during an outage, by
+//! the local limiter).
+
+use std::fmt;
+use std::sync::Arc;
+
+use rust_decimal::Decimal;
+
+use crate::denial::Error;
+use crate::money::{picos_to_decimal, token_cost};
+use crate::redis::calls::{self, Used};
+use crate::redis::{Inner, PendingCommit, RedisEngine};
+use crate::request::Usage;
+use crate::reservation::{LimitWindow, RateLimitStatus, Receipt, Reservation};
+use crate::snapshot::{Route, Snapshot};
+use crate::store::{Ask, Tightest};
+
+/// Worst-case tokens and cost held in Redis for one admitted request.
+///
+/// Commit it with [`RedisEngine::commit_usage`]. Dropping it instead releases the
+/// hold in the background (on the current tokio runtime); if that cannot reach Redis,
+/// the hold expires after the configured reservation TTL.
+#[must_use = "dropping a reservation releases it; commit it with the real usage"]
+pub struct RedisReservation {
+    kind: Kind,
+}
+
+enum Kind {
+    Remote(Remote),
+    /// Admitted by the local limiter of a fail-open workspace while Redis was down.
+    Local(Reservation),
+}
+
+struct Remote {
+    engine: Arc<Inner>,
+    snapshot: Arc<Snapshot>,
+    id: String,
+    route: Route,
+    ask: Ask,
+    input_price: u64,
+    output_price: u64,
+    tightest: Tightest,
+    settled: bool,
+}
+
+impl RedisReservation {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn remote(
+        engine: Arc<Inner>,
+        snapshot: Arc<Snapshot>,
+        id: String,
+        route: Route,
+        ask: Ask,
+        input_price: u64,
+        output_price: u64,
+        tightest: Tightest,
+    ) -> Self {
+        RedisReservation {
+            kind: Kind::Remote(Remote {
+                engine,
+                snapshot,
+                id,
+                route,
+                ask,
+                input_price,
+                output_price,
+                tightest,
+                settled: false,
+            }),
+        }
+    }
+
+    pub(crate) fn local(reservation: Reservation) -> Self {
+        RedisReservation {
+            kind: Kind::Local(reservation),
+        }
+    }
+
+    /// True when the local limiter admitted this request (a fail-open workspace while
+    /// Redis was unreachable): its spend is counted on this instance only.
+    #[must_use]
+    pub fn is_local(&self) -> bool {
+        matches!(self.kind, Kind::Local(_))
+    }
+
+    /// The reservation's id in Redis (`None` for a local one).
+    #[must_use]
+    pub fn id(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Remote(r) => Some(&r.id),
+            Kind::Local(_) => None,
+        }
+    }
+
+    /// The worst-case cost held, in USD.
+    #[must_use]
+    pub fn reserved_cost(&self) -> Decimal {
+        match &self.kind {
+            Kind::Remote(r) => picos_to_decimal(r.ask.cost),
+            Kind::Local(r) => r.reserved_cost(),
+        }
+    }
+
+    /// The input and output tokens held.
+    #[must_use]
+    pub fn reserved_tokens(&self) -> (u64, u64) {
+        match &self.kind {
+            Kind::Remote(r) => (r.ask.input_tokens, r.ask.output_tokens),
+            Kind::Local(r) => r.reserved_tokens(),
+        }
+    }
+
+    /// Where the tightest limits stand after this admission, for response headers.
+    #[must_use]
+    pub fn rate_limits(&self) -> RateLimitStatus {
+        match &self.kind {
+            Kind::Remote(r) => RateLimitStatus {
+                requests: r.tightest.requests.map(LimitWindow::from),
+                tokens: r.tightest.tokens.map(LimitWindow::from),
+            },
+            Kind::Local(r) => r.rate_limits(),
+        }
+    }
+
+    pub(crate) async fn commit(self, engine: &RedisEngine, usage: Usage) -> Result<Receipt, Error> {
+        let mut remote = match self.kind {
+            Kind::Local(local) => return Ok(local.commit(usage)),
+            Kind::Remote(remote) => remote,
+        };
+        remote.settled = true;
+        let input = u64::from(usage.input_tokens);
+        let output = u64::from(usage.output_tokens);
+        let used = Used {
+            cost: token_cost(input, remote.input_price)
+                .saturating_add(token_cost(output, remote.output_price)),
+            input_tokens: input,
+            output_tokens: output,
+        };
+        let inner = &remote.engine;
+        let groups = inner.layout.groups(&remote.snapshot, remote.route);
+        let calls = groups.each_ref().map(|group| {
+            calls::commit(
+                &remote.snapshot,
+                remote.route,
+                group,
+                &remote.id,
+                remote.ask,
+                used,
+                inner.ttls,
+            )
+        });
+        let receipt = Receipt::new(used.cost, remote.ask.cost, usage);
+        match engine.run_commit_calls(&calls).await {
+            Ok(()) => Ok(receipt),
+            Err(error) => {
+                engine.record_error(error.clone());
+                inner.pending.lock().push(PendingCommit { calls });
+                Err(Error::Store(error))
+            }
+        }
+    }
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // No runtime to release on: the hold expires after its TTL.
+        };
+        let engine = RedisEngine {
+            inner: Arc::clone(&self.engine),
+        };
+        let groups = engine.inner.layout.groups(&self.snapshot, self.route);
+        let id = std::mem::take(&mut self.id);
+        runtime.spawn(async move {
+            for group in &groups {
+                engine.release_group(group, &id).await;
+            }
+        });
+    }
+}
+
+impl fmt::Debug for RedisReservation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisReservation")
+            .field("id", &self.id())
+            .field("cost", &self.reserved_cost())
+            .field("local", &self.is_local())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,49 @@
+-- Settle one reservation on every level of one hash tag: refund unused tokens and
+-- money, charge overage as debt, count the request in the current period. Idempotent
+-- by reservation id: a retried commit finds its marker and charges nothing again.
+-- KEYS: holds zset, the record, the commit marker, then one scope hash per level.
+-- ARGV: id, done_ttl_ms, reserved_cost, cost, input, output, record_base, then 7 per
+-- level: tpm_interval tpm_reserved_units tpm_used_units period_kind period_seconds
+-- tally idle_ttl_ms. Returns {1} settled, {2} already committed, {3} committed after
+-- the hold had expired (usage charged in full as debt).
+
+local id, done_ttl, reserved, cost = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local input, output, record_base = ARGV[5], ARGV[6], ARGV[7]
+purge(KEYS[1], record_base)
+if redis.call('EXISTS', KEYS[3]) == 1 then return { 2 } end
+
+local r = redis.call('HMGET', KEYS[2], 't', 'n')
+local present = r[1] ~= false
+local take_us = present and num(KEYS[2], 't', r[1]) or 0
+for i = 1, #KEYS - 3 do
+  local key = KEYS[3 + i]
+  local a = 7 + (i - 1) * 7
+  local interval, reserved_units, used_units = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  roll(key, tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]))
+  if present then
+    local h = numbers(KEYS[2], 'h' .. i, redis.call('HGET', KEYS[2], 'h' .. i))
+    if interval > 0 and used_units < reserved_units then
+      refund(key, 'tpm', h[6], h[7], take_us, (reserved_units - used_units) * interval)
+    elseif interval > 0 and used_units > reserved_units then
+      store_level(key, 'tpm', level_now(key, 'tpm') + (used_units - reserved_units) * interval)
+    end
+    if h[1] == 1 then redis.call('HINCRBY', key, 'conc', -1) end
+    add_money(key, 'used', neg(reserved))
+    add_money(key, 'held', neg(reserved))
+  elseif interval > 0 and used_units > 0 then
+    store_level(key, 'tpm', level_now(key, 'tpm') + used_units * interval)
+  end
+  add_money(key, 'used', cost)
+  add_money(key, 'spent', cost)
+  if ARGV[a + 6] == '1' then
+    redis.call('HINCRBY', key, 'req', 1)
+    redis.call('HINCRBY', key, 'in', input)
+    redis.call('HINCRBY', key, 'out', output)
+  end
+  local idle = tonumber(ARGV[a + 7])
+  if idle > 0 then redis.call('PEXPIRE', key, idle) end
+end
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[1], id)
+redis.call('SET', KEYS[3], '1', 'PX', done_ttl)
+return { present and 1 or 3 }

@@ -1,0 +1,88 @@
+-- Reserve one request's worst case on every level of one hash tag, all or nothing.
+-- KEYS: holds zset, this reservation's record, its commit marker, then one scope hash
+-- per level. ARGV: id, ttl_ms, cost, record_base, record_ttl_ms, then 12 per level:
+-- rpm_interval rpm_limit rpd_interval rpd_limit tpm_interval tpm_limit tpm_units
+-- max_concurrent budget_headroom("" = none) period_kind period_seconds idle_ttl_ms.
+-- Returns {1, per level: rpm_rem rpm_reset rpd_rem rpd_reset tpm_rem tpm_reset}
+-- (-1 where no limit) or {0, level, kind, ...} for the first refusal.
+
+local id, ttl, cost, record_base, record_ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
+purge(KEYS[1], record_base)
+if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then
+  return redis.error_reply('DUPLICATE reservation id ' .. id)
+end
+
+local levels = #KEYS - 3
+local plan = {}
+-- Pass 1: read and decide, writing nothing but period rollovers, so a refusal
+-- leaves no level holding anything.
+for i = 1, levels do
+  local key = KEYS[3 + i]
+  local a = 5 + (i - 1) * 12
+  local p = { key = key }
+  local finish = roll(key, tonumber(ARGV[a + 10]), tonumber(ARGV[a + 11]))
+  local buckets = {
+    { 'rpm', tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), 1, 1 },
+    { 'rpd', tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), 1, 2 },
+    { 'tpm', tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7]), 3 },
+  }
+  for _, b in ipairs(buckets) do
+    local name, interval, limit, units, kind = b[1], b[2], b[3], b[4], b[5]
+    if limit > 0 then
+      local tolerance = limit * interval
+      local level = level_now(key, name)
+      local free = math.floor(math.max(0, tolerance - level) / interval)
+      if units > limit then
+        return { 0, i, kind, fmt(math.min(free, limit)), fmt(level), -1 }
+      end
+      local after = level + units * interval
+      if after > tolerance then
+        return { 0, i, kind, fmt(math.min(free, limit)), fmt(level), fmt(after - tolerance) }
+      end
+      p[name] = { units * interval, after, math.floor((tolerance - after) / interval) }
+    end
+  end
+  local max_conc = tonumber(ARGV[a + 8])
+  if max_conc > 0 then
+    local in_flight = num(key, 'conc', redis.call('HGET', key, 'conc'))
+    if in_flight >= max_conc then return { 0, i, 4, fmt(in_flight) } end
+    p.slot = 1
+  end
+  local headroom = ARGV[a + 9]
+  if headroom ~= '' then
+    local used = money(key, 'used', redis.call('HGET', key, 'used'))
+    if cmp(used, headroom) > 0 then return { 0, i, 5, used, fmt(finish) } end
+  end
+  p.idle = tonumber(ARGV[a + 12])
+  plan[i] = p
+end
+
+-- Pass 2: take everything and record what was taken.
+local reply = { 1 }
+local record = { 't', fmt(now), 'c', cost, 'n', tostring(levels) }
+for i = 1, levels do
+  local p = plan[i]
+  local h = { p.slot or 0 }
+  for _, name in ipairs({ 'rpm', 'rpd', 'tpm' }) do
+    local b = p[name]
+    if b then
+      store_level(p.key, name, b[2])
+      h[#h + 1] = fmt(b[1]); h[#h + 1] = fmt(b[2])
+      reply[#reply + 1] = b[3]; reply[#reply + 1] = fmt(b[2])
+    else
+      h[#h + 1] = '0'; h[#h + 1] = '0'
+      reply[#reply + 1] = -1; reply[#reply + 1] = -1
+    end
+  end
+  if p.slot then redis.call('HINCRBY', p.key, 'conc', 1) end
+  add_money(p.key, 'used', cost)
+  add_money(p.key, 'held', cost)
+  if p.idle > 0 then redis.call('PEXPIRE', p.key, p.idle) end
+  record[#record + 1] = 'k' .. i; record[#record + 1] = p.key
+  record[#record + 1] = 'h' .. i; record[#record + 1] = table.concat(h, ',')
+end
+redis.call('HSET', KEYS[2], unpack(record))
+redis.call('PEXPIRE', KEYS[2], record_ttl)
+redis.call('ZADD', KEYS[1], fmt(now / 1000 + ttl), id)
+redis.call('PEXPIRE', KEYS[1], record_ttl)
+return reply
