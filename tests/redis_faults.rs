@@ -1,0 +1,1 @@
+//! Redis backend under faults: a crashed instance, Redis killed and restarted, bad data.
