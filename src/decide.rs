@@ -164,8 +164,8 @@ pub(crate) fn refused(
             remaining,
             period_end,
         } => {
-            let reset_after = (period_end.as_unix_nanos() != u64::MAX)
-                .then(|| period_end.saturating_since(now));
+            let reset_after =
+                (period_end.as_unix_nanos() != u64::MAX).then(|| period_end.saturating_since(now));
             Denial {
                 quota: Some(Quota::Money {
                     limit: picos_to_decimal(limit),

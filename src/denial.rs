@@ -188,7 +188,10 @@ impl fmt::Display for Denial {
             DenialReason::UnknownModel => f.write_str("model not found"),
             DenialReason::ModelNotGranted => f.write_str("model not allowed for this workspace"),
             DenialReason::StoreUnavailable(kind) => {
-                write!(f, "rate-limit store unavailable ({kind} error); request not admitted")
+                write!(
+                    f,
+                    "rate-limit store unavailable ({kind} error); request not admitted"
+                )
             }
             _ => {
                 let what = match self.reason {

@@ -55,6 +55,7 @@ mod denial;
 mod engine;
 mod headers;
 mod index;
+mod limiter;
 #[cfg(all(test, loom))]
 mod loom_tests;
 mod money;
@@ -73,14 +74,15 @@ pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use denial::{Denial, DenialReason, Error, Quota, Scope, StoreError, StoreErrorKind};
 pub use engine::{BudgetStatus, Engine, EngineBuilder};
 pub use headers::{HeaderValue, RateLimitHeaders, TOKEN_QUOTA_UNIT};
+pub use limiter::{Held, Limiter};
 pub use period::BudgetPeriod;
-#[cfg(feature = "redis")]
-pub use redis::{RedisConfig, RedisEngine, RedisReservation};
 pub use policy::{
     BudgetSpec, DefaultsSpec, Environment, KeySpec, KeyStatus, LimitsSpec, ModelLimitSpec,
     ModelSpec, OrgSpec, Policy, PolicyDocument, PolicyError, PolicyIssue, Problem,
     StoreFailureMode, TokenCount, WorkspaceSpec, WorkspaceStatus,
 };
+#[cfg(feature = "redis")]
+pub use redis::{RedisConfig, RedisEngine, RedisReservation};
 pub use request::{Credential, Request, Usage};
 pub use reservation::{LimitWindow, RateLimitStatus, Receipt, Reservation};
 pub use usage::{KeyUsage, ModelUsage, ScopeReport, ScopeUsage, UsageSnapshot, WorkspaceUsage};

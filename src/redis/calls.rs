@@ -112,9 +112,10 @@ pub(crate) fn reserve(
         push_rate(&mut args, rules.rpm.as_ref());
         push_rate(&mut args, rules.rpd.as_ref());
         push_rate(&mut args, rules.tpm.as_ref().map(|t| &t.rate));
-        let units = rules.tpm.as_ref().map_or(0, |t| {
-            t.counts.pick(ask.input_tokens, ask.output_tokens)
-        });
+        let units = rules
+            .tpm
+            .as_ref()
+            .map_or(0, |t| t.counts.pick(ask.input_tokens, ask.output_tokens));
         args.push(units.to_string());
         args.push(rules.max_concurrent.unwrap_or(0).to_string());
         // Admitted while used ≤ limit − cost: computed here, exactly, so the script
@@ -223,7 +224,10 @@ fn items<'v>(op: &str, value: &'v Value) -> Result<&'v [Value], StoreError> {
 pub(crate) enum Reserved {
     Admitted,
     /// Level `level` refused.
-    Refused { level: usize, refusal: Refusal },
+    Refused {
+        level: usize,
+        refusal: Refusal,
+    },
 }
 
 const OP_RESERVE: &str = "reserve";

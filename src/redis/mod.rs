@@ -397,7 +397,12 @@ impl RedisEngine {
         *self.inner.last_error.lock() = Some(error);
     }
 
-    async fn run(&self, op: &str, script: &redis::Script, call: &Call) -> Result<Value, StoreError> {
+    async fn run(
+        &self,
+        op: &str,
+        script: &redis::Script,
+        call: &Call,
+    ) -> Result<Value, StoreError> {
         let mut invocation = script.prepare_invoke();
         for key in &call.keys {
             invocation.key(key);
@@ -430,7 +435,10 @@ impl RedisEngine {
 
     async fn release_group(&self, group: &Group, id: &str) {
         let call = calls::release(group, id);
-        if let Err(error) = self.run("release", &self.inner.scripts.release, &call).await {
+        if let Err(error) = self
+            .run("release", &self.inner.scripts.release, &call)
+            .await
+        {
             // The hold expires after the reservation TTL; nothing more to do.
             self.record_error(error);
         }
@@ -457,5 +465,30 @@ impl std::fmt::Debug for RedisEngine {
             .field("prefix", &self.inner.config.prefix)
             .field("policy", &self.inner.snapshot.load().policy)
             .finish_non_exhaustive()
+    }
+}
+
+impl crate::limiter::Held for RedisReservation {
+    fn rate_limits(&self) -> crate::reservation::RateLimitStatus {
+        RedisReservation::rate_limits(self)
+    }
+}
+
+impl crate::limiter::Limiter for RedisEngine {
+    type Reservation = RedisReservation;
+
+    fn check_and_reserve(
+        &self,
+        request: &Request<'_>,
+    ) -> impl std::future::Future<Output = Result<RedisReservation, Denial>> + Send {
+        RedisEngine::check_and_reserve(self, request)
+    }
+
+    fn commit_usage(
+        &self,
+        reservation: RedisReservation,
+        usage: Usage,
+    ) -> impl std::future::Future<Output = Result<Receipt, Error>> + Send {
+        RedisEngine::commit_usage(self, reservation, usage)
     }
 }
