@@ -3,6 +3,8 @@
 
 use std::future::{ready, Future};
 
+use rust_decimal::Decimal;
+
 use crate::denial::{Denial, Error};
 use crate::engine::Engine;
 use crate::request::{Request, Usage};
@@ -12,11 +14,18 @@ use crate::reservation::{RateLimitStatus, Receipt, Reservation};
 pub trait Held: Send {
     /// Where the tightest limits stand after this admission, for response headers.
     fn rate_limits(&self) -> RateLimitStatus;
+
+    /// The worst-case cost held, in USD.
+    fn reserved_cost(&self) -> Decimal;
 }
 
 impl Held for Reservation {
     fn rate_limits(&self) -> RateLimitStatus {
         Reservation::rate_limits(self)
+    }
+
+    fn reserved_cost(&self) -> Decimal {
+        Reservation::reserved_cost(self)
     }
 }
 

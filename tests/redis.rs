@@ -77,6 +77,7 @@ async fn admits_commits_and_denies_like_the_in_memory_engine() {
     assert_eq!(hget(&server, &ws, "used"), "1200000000");
     assert_eq!(hget(&server, &ws, "req"), "1");
     assert_eq!(hget(&server, &engine.org_key(), "spent"), "1200000000");
+    assert_month_bounds(&server, &ws);
 
     // $0.01 budget: 0.0012 spent; each worst case 0.002 → 4 more fit (0.0092), the 5th not.
     let mut held = Vec::new();
@@ -211,7 +212,7 @@ async fn script<L: Limiter>(limiter: &L) -> (Vec<Outcome>, Vec<tollgate::Receipt
         match limiter.check_and_reserve(&request).await {
             Ok(r) => {
                 outcomes.push(Outcome::Admitted {
-                    held: Decimal::ZERO,
+                    held: r.reserved_cost(),
                     limits: r.rate_limits(),
                 });
                 held.push((r, input, output));
@@ -276,28 +277,66 @@ async fn script<L: Limiter>(limiter: &L) -> (Vec<Outcome>, Vec<tollgate::Receipt
     (outcomes, receipts)
 }
 
-/// Rate-limit windows drift by the microseconds between two calls; compare what
-/// does not: limits, remaining counts and the window.
-fn without_resets(outcomes: Vec<Outcome>) -> Vec<Outcome> {
-    let strip = |w: Option<tollgate::LimitWindow>| {
-        w.map(|w| tollgate::LimitWindow {
-            reset: std::time::Duration::ZERO,
-            ..w
-        })
+/// Token windows drain while the script runs (a token of a 25,000-per-minute limit
+/// every 2.4 ms), and the two backends run it at different speeds: token counts left
+/// may differ by a few; everything else must be equal.
+fn assert_same_outcomes(redis: &[Outcome], memory: &[Outcome]) {
+    use tollgate::{LimitWindow, Quota};
+    assert_eq!(redis.len(), memory.len(), "{redis:#?}\n{memory:#?}");
+    let close = |a: u64, b: u64| a.abs_diff(b) <= 5;
+    let window = |a: Option<LimitWindow>, b: Option<LimitWindow>| match (a, b) {
+        (Some(a), Some(b)) => {
+            a.limit == b.limit && a.window == b.window && close(a.remaining, b.remaining)
+        }
+        (a, b) => a == b,
     };
-    outcomes
-        .into_iter()
-        .map(|o| match o {
-            Outcome::Admitted { held, limits } => Outcome::Admitted {
-                held,
-                limits: tollgate::RateLimitStatus {
-                    requests: strip(limits.requests),
-                    tokens: strip(limits.tokens),
+    for (r, m) in redis.iter().zip(memory) {
+        let same = match (r, m) {
+            (
+                Outcome::Admitted {
+                    held: h1,
+                    limits: l1,
                 },
-            },
-            other => other,
-        })
-        .collect()
+                Outcome::Admitted {
+                    held: h2,
+                    limits: l2,
+                },
+            ) => {
+                h1 == h2
+                    && l1.requests.map(|w| (w.limit, w.remaining))
+                        == l2.requests.map(|w| (w.limit, w.remaining))
+                    && window(l1.tokens, l2.tokens)
+            }
+            (
+                Outcome::Denied {
+                    reason: r1,
+                    scope: s1,
+                    quota:
+                        Some(Quota::Tokens {
+                            limit: a,
+                            remaining: b,
+                            window: c,
+                            requested: d,
+                        }),
+                    status: t1,
+                },
+                Outcome::Denied {
+                    reason: r2,
+                    scope: s2,
+                    quota:
+                        Some(Quota::Tokens {
+                            limit: e,
+                            remaining: f,
+                            window: g,
+                            requested: h,
+                        }),
+                    status: t2,
+                },
+            ) => (r1, s1, a, c, d, t1) == (r2, s2, e, g, h, t2) && close(*b, *f),
+            (r, m) => r == m,
+        };
+        assert!(same, "redis {r:?}\nmemory {m:?}");
+    }
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -320,10 +359,7 @@ async fn redis_decides_exactly_as_the_in_memory_engine() {
             .count()
     };
     assert!(denied(&memory_outcomes) >= 10, "{memory_outcomes:#?}");
-    assert_eq!(
-        without_resets(redis_outcomes),
-        without_resets(memory_outcomes)
-    );
+    assert_same_outcomes(&redis_outcomes, &memory_outcomes);
     assert_eq!(redis_receipts, memory_receipts);
 
     // Redis's books agree with the receipts to the pico-dollar.
@@ -351,4 +387,82 @@ async fn redis_decides_exactly_as_the_in_memory_engine() {
         server.cli(&["hget", &redis.workspace_key("ws1"), "conc"]),
         "0"
     );
+}
+
+/// The scripts compute calendar-month bounds from Redis TIME in Lua; they must be the
+/// first instants of this month and the next, in UTC.
+fn assert_month_bounds(server: &RedisServer, key: &str) {
+    use chrono::{Datelike, TimeZone, Utc};
+    let micros = |field: &str| -> i64 { hget(server, key, field).parse().unwrap() };
+    let (start, end) = (micros("ps"), micros("pe"));
+    let time = server.cli(&["time"]);
+    let now_s: i64 = time.lines().next().unwrap().trim().parse().unwrap();
+    let now = Utc.timestamp_opt(now_s, 0).unwrap();
+    let first = Utc
+        .with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0)
+        .unwrap();
+    let next = if now.month() == 12 {
+        Utc.with_ymd_and_hms(now.year() + 1, 1, 1, 0, 0, 0).unwrap()
+    } else {
+        Utc.with_ymd_and_hms(now.year(), now.month() + 1, 1, 0, 0, 0)
+            .unwrap()
+    };
+    assert_eq!(start, first.timestamp_micros(), "period start");
+    assert_eq!(end, next.timestamp_micros(), "period end");
+}
+
+/// The scripts' calendar arithmetic (Lua, from Redis TIME) against chrono, at the
+/// boundaries that break naive code: year ends, leap days, century years.
+#[test]
+fn lua_period_bounds_match_chrono() {
+    use chrono::{DateTime, Datelike, TimeZone, Utc};
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let common = include_str!("../src/redis/scripts/common.lua");
+    // `now` is a local of the common prelude; the functions see a reassignment.
+    let script = format!("{common}\nnow = tonumber(ARGV[1])\nlocal s, e = bounds(tonumber(ARGV[2]), tonumber(ARGV[3]))\nreturn {{string.format('%.0f', s), string.format('%.0f', e)}}");
+    let month = |at: DateTime<Utc>| {
+        let first = Utc
+            .with_ymd_and_hms(at.year(), at.month(), 1, 0, 0, 0)
+            .unwrap();
+        let next = if at.month() == 12 {
+            Utc.with_ymd_and_hms(at.year() + 1, 1, 1, 0, 0, 0).unwrap()
+        } else {
+            Utc.with_ymd_and_hms(at.year(), at.month() + 1, 1, 0, 0, 0)
+                .unwrap()
+        };
+        (first.timestamp_micros(), next.timestamp_micros())
+    };
+    let instants = [
+        Utc.with_ymd_and_hms(2026, 12, 31, 23, 59, 59).unwrap(),
+        Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).unwrap(),
+        Utc.with_ymd_and_hms(2028, 2, 29, 12, 0, 0).unwrap(),
+        Utc.with_ymd_and_hms(2028, 3, 1, 0, 0, 0).unwrap(),
+        Utc.with_ymd_and_hms(2100, 2, 28, 23, 0, 0).unwrap(),
+        Utc.with_ymd_and_hms(2000, 2, 29, 0, 0, 1).unwrap(),
+        Utc.with_ymd_and_hms(1970, 1, 1, 0, 0, 0).unwrap(),
+    ];
+    for at in instants {
+        let now = at.timestamp_micros().to_string();
+        let run = |kind: &str, seconds: &str| -> (i64, i64) {
+            let out = server.cli(&["eval", &script, "0", &now, kind, seconds]);
+            let mut lines = out.lines().map(|l| l.trim().parse::<i64>().unwrap());
+            (lines.next().unwrap(), lines.next().unwrap())
+        };
+        assert_eq!(run("2", "0"), month(at), "month of {at}");
+        let day = Utc
+            .with_ymd_and_hms(at.year(), at.month(), at.day(), 0, 0, 0)
+            .unwrap()
+            .timestamp_micros();
+        assert_eq!(run("1", "0"), (day, day + 86_400_000_000), "day of {at}");
+        let hour = at.timestamp_micros() - at.timestamp_micros() % 3_600_000_000;
+        assert_eq!(
+            run("3", "3600"),
+            (hour, hour + 3_600_000_000),
+            "hour of {at}"
+        );
+    }
 }

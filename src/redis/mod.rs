@@ -304,8 +304,9 @@ impl RedisEngine {
     ///
     /// # Errors
     /// [`Error::Store`] if Redis did not acknowledge the commit. Nothing is lost: the
-    /// commit is kept and replayed by [`RedisEngine::flush_pending`], and commits are
-    /// idempotent by reservation id, so a commit that did land is not charged twice.
+    /// commit is queued and replayed after the next commit that succeeds (or by
+    /// [`RedisEngine::flush_pending`]), and commits are idempotent by reservation id,
+    /// so a commit that did land is not charged twice.
     pub async fn commit_usage(
         &self,
         reservation: RedisReservation,
@@ -471,6 +472,10 @@ impl std::fmt::Debug for RedisEngine {
 impl crate::limiter::Held for RedisReservation {
     fn rate_limits(&self) -> crate::reservation::RateLimitStatus {
         RedisReservation::rate_limits(self)
+    }
+
+    fn reserved_cost(&self) -> rust_decimal::Decimal {
+        RedisReservation::reserved_cost(self)
     }
 }
 

@@ -151,7 +151,17 @@ impl RedisReservation {
         });
         let receipt = Receipt::new(used.cost, remote.ask.cost, usage);
         match engine.run_commit_calls(&calls).await {
-            Ok(()) => Ok(receipt),
+            Ok(()) => {
+                // Redis answers again: replay what an outage left queued.
+                if engine.pending_commits() != 0 {
+                    let engine = engine.clone();
+                    tokio::spawn(async move {
+                        // A failure leaves them queued for the next attempt.
+                        let _ = engine.flush_pending().await;
+                    });
+                }
+                Ok(receipt)
+            }
             Err(error) => {
                 engine.record_error(error.clone());
                 inner.pending.lock().push(PendingCommit { calls });
