@@ -222,6 +222,16 @@ impl PeriodCell {
         share.add(usage, tally);
     }
 
+    /// Committed spend of the current period and the period's start, for alerts.
+    /// One load per tally share (sixteen for a shared scope).
+    pub(crate) fn spent_in_period(&self) -> (i64, u64) {
+        let spent = self
+            .all_tallies()
+            .map(|t| t.spent.load(Ordering::Acquire))
+            .fold(0i64, i64::saturating_add);
+        (spent, self.start.load(Ordering::Acquire))
+    }
+
     /// The end of the current period.
     pub(crate) fn end(&self) -> Timestamp {
         Timestamp::from_unix_nanos(self.end.load(Ordering::Acquire))

@@ -44,6 +44,7 @@ pub(crate) fn admit(
         Credential::Secret(secret) => {
             let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
             snap.key_index_by_digest(&digest)
+                .or_else(|| snap.key_index_by_previous_digest(&digest, now))
         }
         Credential::KeyId(id) => snap.key_index(id),
     };
@@ -55,6 +56,9 @@ pub(crate) fn admit(
         return deny(DenialReason::KeyRevoked, Scope::Key);
     }
     if key.expires_at.is_some_and(|at| now >= at) {
+        if let Some(events) = &snap.events {
+            events.key_expired(snap, key_index, now);
+        }
         return deny(DenialReason::KeyExpired, Scope::Key);
     }
     let ws = &policy.workspaces[key.workspace as usize];

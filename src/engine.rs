@@ -7,10 +7,14 @@ use std::sync::Arc as StdArc;
 
 use parking_lot::Mutex;
 
+use std::time::Duration;
+
 use crate::clock::{Clock, SystemClock, Timestamp};
-use crate::decide::{admit, refused, Admission};
-use crate::denial::{Denial, Error};
-use crate::policy::Policy;
+use crate::control::{next_snapshot, Change, IssuedKey, NewKey, WorkspaceUpdate};
+use crate::decide::{admit, denial, refused, Admission};
+use crate::denial::{Denial, DenialReason, Error, Scope};
+use crate::events::{EventSink, Events};
+use crate::policy::{Policy, PolicyError, WorkspaceSpec};
 use crate::request::{Request, Usage};
 use crate::reservation::{Receipt, Reservation};
 use crate::snapshot::{Published, Snapshot, LEVELS, WALLET_LEVEL};
@@ -81,9 +85,17 @@ pub struct EngineBuilder {
     policy: Policy,
     clock: StdArc<dyn Clock>,
     budget_status: BudgetStatus,
+    events: Option<StdArc<dyn EventSink>>,
 }
 
 impl EngineBuilder {
+    /// Report events (budget thresholds, key and workspace changes, sampled denials)
+    /// to `sink`. Without one, the engine tracks nothing for events and pays nothing.
+    pub fn events(mut self, sink: StdArc<dyn EventSink>) -> Self {
+        self.events = Some(sink);
+        self
+    }
+
     /// Use this clock instead of the system clock (e.g. a `ManualClock` in tests).
     pub fn clock(mut self, clock: StdArc<dyn Clock>) -> Self {
         self.clock = clock;
@@ -99,13 +111,11 @@ impl EngineBuilder {
     /// Start the engine.
     #[must_use]
     pub fn build(self) -> Engine {
+        let mut snapshot = Snapshot::build(self.policy, None, self.clock);
+        snapshot.events = self.events.map(|sink| StdArc::new(Events::new(sink)));
         Engine {
             inner: StdArc::new(Inner {
-                snapshot: SwapCell::new(Arc::new(Published::new(Snapshot::build(
-                    self.policy,
-                    None,
-                    self.clock,
-                )))),
+                snapshot: SwapCell::new(Arc::new(Published::new(snapshot))),
                 apply_lock: Mutex::new(()),
                 budget_status: self.budget_status.code(),
             }),
@@ -126,6 +136,7 @@ impl Engine {
             policy,
             clock: StdArc::new(SystemClock::new()),
             budget_status: BudgetStatus::default(),
+            events: None,
         }
     }
 
@@ -146,6 +157,21 @@ impl Engine {
         let published = self.inner.snapshot.load();
         let snap: &Snapshot = &published;
         let now = snap.clock.now();
+        let result = self.reserve(&published, request, now);
+        if let (Err(denial), Some(events)) = (&result, &snap.events) {
+            events.denied(denial, now);
+        }
+        result
+    }
+
+    #[inline]
+    fn reserve(
+        &self,
+        published: &Published,
+        request: &Request<'_>,
+        now: Timestamp,
+    ) -> Result<Reservation, Denial> {
+        let snap: &Snapshot = published;
         let budget_status = self.inner.budget_status;
         let Admission {
             route,
@@ -180,6 +206,16 @@ impl Engine {
                 }
             }
         }
+        // Revoked while this request was past lookup: refuse it too.
+        let (_, key_state, _) = levels[0];
+        if key_state.revoked() {
+            for (hold, &(_, state, _)) in holds.iter().zip(&levels) {
+                if let Some(hold) = hold {
+                    hold.release(state, now);
+                }
+            }
+            return Err(denial(DenialReason::KeyRevoked, Scope::Key, budget_status));
+        }
 
         Ok(Reservation {
             snapshot: published.share(),
@@ -205,13 +241,114 @@ impl Engine {
 
     /// Apply a new policy to the running engine. Counters of keys, workspaces and
     /// models whose ids persist are kept; changed limits apply from the next request;
-    /// in-flight reservations settle against the counters they were taken from.
+    /// in-flight reservations settle against the counters they were taken from; keys
+    /// revoked or gone are refused at once, also by requests already past lookup.
     pub fn apply_policy(&self, policy: Policy) {
+        let replaced = self.change(Change::Replace(policy.document().clone()), None);
+        debug_assert!(replaced.is_ok(), "a validated policy validates again");
+    }
+
+    /// Load a policy file and apply it (see [`Engine::apply_policy`]).
+    ///
+    /// # Errors
+    /// The file's read, parse or validation errors; the running policy is unchanged.
+    pub fn apply_policy_file(
+        &self,
+        path: impl AsRef<std::path::Path>,
+        actor: Option<&str>,
+    ) -> Result<(), PolicyError> {
+        let policy = Policy::from_path(path)?;
+        self.change(Change::Replace(policy.document().clone()), actor)
+            .map(drop)
+    }
+
+    /// Add a workspace (id unique, name rules and the org's workspace cap enforced).
+    ///
+    /// # Errors
+    /// [`PolicyError::Invalid`] naming the field and value; nothing changes.
+    pub fn create_workspace(&self, spec: WorkspaceSpec, actor: Option<&str>) -> Result<(), PolicyError> {
+        self.change(Change::CreateWorkspace(spec), actor).map(drop)
+    }
+
+    /// Change a workspace's settings (not its id or name). Limits apply from the next
+    /// request; its counters are kept.
+    ///
+    /// # Errors
+    /// [`PolicyError::Invalid`] for an unknown workspace or invalid settings.
+    pub fn update_workspace(
+        &self,
+        id: &str,
+        update: WorkspaceUpdate,
+        actor: Option<&str>,
+    ) -> Result<(), PolicyError> {
+        self.change(Change::UpdateWorkspace(id.to_owned(), update), actor)
+            .map(drop)
+    }
+
+    /// Delete a workspace for good: its keys are refused at once and its counters
+    /// (and its keys') are dropped.
+    ///
+    /// # Errors
+    /// [`PolicyError::Invalid`] for an unknown workspace, or when the policy would no
+    /// longer validate (e.g. it is the org's default workspace).
+    pub fn delete_workspace(&self, id: &str, actor: Option<&str>) -> Result<(), PolicyError> {
+        self.change(Change::DeleteWorkspace(id.to_owned()), actor)
+            .map(drop)
+    }
+
+    /// Create a key with a fresh secret, returned once; only its digest is kept.
+    ///
+    /// # Errors
+    /// [`PolicyError::Invalid`] for a duplicate id, an unknown workspace, a workspace
+    /// at its key cap, or invalid limits.
+    pub fn create_key(&self, key: NewKey, actor: Option<&str>) -> Result<IssuedKey, PolicyError> {
+        self.change(Change::CreateKey(key), actor)
+            .map(|issued| issued.expect("creating a key issues a secret"))
+    }
+
+    /// Give a key a new secret, returned once. The old secret keeps working for
+    /// `grace` (zero: refused at once), then is refused as unknown.
+    ///
+    /// # Errors
+    /// [`PolicyError::Invalid`] for an unknown key.
+    pub fn rotate_key(
+        &self,
+        id: &str,
+        grace: Duration,
+        actor: Option<&str>,
+    ) -> Result<IssuedKey, PolicyError> {
+        self.change(
+            Change::RotateKey {
+                id: id.to_owned(),
+                grace,
+            },
+            actor,
+        )
+        .map(|issued| issued.expect("rotating a key issues a secret"))
+    }
+
+    /// Revoke a key: refused from the moment this returns, including requests that
+    /// had already looked it up but not yet reserved. Its counters are kept.
+    ///
+    /// # Errors
+    /// [`PolicyError::Invalid`] for an unknown key.
+    pub fn revoke_key(&self, id: &str, actor: Option<&str>) -> Result<(), PolicyError> {
+        self.change(Change::RevokeKey(id.to_owned()), actor)
+            .map(drop)
+    }
+
+    /// Apply one change atomically: validate the edited policy, publish it, report it.
+    fn change(&self, change: Change, actor: Option<&str>) -> Result<Option<IssuedKey>, PolicyError> {
         let _writer = self.inner.apply_lock.lock();
         let previous = self.inner.snapshot.load_full();
-        let previous: &Snapshot = &previous;
-        let next = Snapshot::build(policy, Some(previous), StdArc::clone(&previous.clock));
+        let (next, applied) = next_snapshot(&previous, change)?;
+        let now = next.clock.now();
+        let events = next.events.clone();
         self.inner.snapshot.store(Arc::new(Published::new(next)));
+        if let Some(events) = events {
+            events.emit(now, actor, applied.event);
+        }
+        Ok(applied.issued)
     }
 
     /// The policy the engine runs now.

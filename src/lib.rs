@@ -47,12 +47,15 @@
 //! ```
 #![deny(missing_docs)]
 
+mod alerts;
 mod bucket;
 mod budget;
 mod clock;
+mod control;
 mod decide;
 mod denial;
 mod engine;
+mod events;
 mod headers;
 mod index;
 mod limiter;
@@ -72,7 +75,9 @@ mod usage;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use denial::{Denial, DenialReason, Error, Quota, Scope, StoreError, StoreErrorKind};
+pub use control::{IssuedKey, NewKey, WorkspaceUpdate};
 pub use engine::{BudgetStatus, Engine, EngineBuilder};
+pub use events::{ChannelSink, Event, EventKind, EventSink, ScopeRef};
 pub use headers::{HeaderValue, RateLimitHeaders, TOKEN_QUOTA_UNIT};
 pub use limiter::{Held, Limiter};
 pub use period::BudgetPeriod;

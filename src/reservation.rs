@@ -184,6 +184,9 @@ impl Reservation {
                 }
             }
         }
+        if let Some(events) = &self.snapshot.events {
+            events.check_budgets(&self.snapshot, self.route, now);
+        }
         Receipt::new(cost, self.ask.cost, usage)
     }
 }

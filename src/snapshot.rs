@@ -8,12 +8,13 @@
 use std::ops::Deref;
 use std::sync::Arc as StdArc;
 
-use crate::clock::Clock;
+use crate::clock::{Clock, Timestamp};
 use crate::denial::Scope;
+use crate::events::Events;
 use crate::index::Index;
 use crate::period::Span;
 use crate::policy::rules::LevelRules;
-use crate::policy::Policy;
+use crate::policy::{KeyStatus, Policy};
 use crate::store::ScopeState;
 use crate::sync::{thread_share, Arc, Padded, SHARES};
 
@@ -23,6 +24,10 @@ pub(crate) struct Snapshot {
     /// needs no reference count of its own to read the time when it settles.
     pub(crate) clock: StdArc<dyn Clock>,
     key_by_digest: Index,
+    /// Keys with a rotated-out secret still in its grace period, by that digest:
+    /// positions into `rotated`, which holds key positions.
+    key_by_previous_digest: Index,
+    rotated: Vec<u32>,
     key_by_id: Index,
     workspace_by_id: Index,
     model_by_name: Index,
@@ -36,6 +41,8 @@ pub(crate) struct Snapshot {
     pub(crate) workspace_models: Vec<Box<[Arc<Padded<ScopeState>>]>>,
     pub(crate) org: Arc<Padded<ScopeState>>,
     pub(crate) wallet: Arc<Padded<ScopeState>>,
+    /// The engine's event sink, if it has one; carried from snapshot to snapshot.
+    pub(crate) events: Option<StdArc<Events>>,
 }
 
 impl Snapshot {
@@ -69,6 +76,14 @@ impl Snapshot {
         });
         let key_by_id = Index::build(policy.keys.len(), |k| &*policy.keys[k as usize].id);
         let key_by_digest = Index::build(policy.keys.len(), |k| &policy.keys[k as usize].digest);
+        let rotated: Vec<u32> = (0..policy.keys.len() as u32)
+            .filter(|&k| policy.keys[k as usize].previous.is_some())
+            .collect();
+        let previous_digest = |r: u32| {
+            let key = &policy.keys[rotated[r as usize] as usize];
+            key.previous.as_ref().map_or(&key.digest, |(digest, _)| digest)
+        };
+        let key_by_previous_digest = Index::build(rotated.len(), previous_digest);
 
         let mut workspaces = Vec::with_capacity(policy.workspaces.len());
         let mut workspace_models = Vec::with_capacity(policy.workspaces.len());
@@ -100,6 +115,23 @@ impl Snapshot {
             keys.push(reuse(found, rules));
         }
 
+        // Published before the snapshot is: a request that looked a key up in the
+        // previous policy checks this flag after reserving.
+        for (state, key) in keys.iter().zip(&policy.keys) {
+            state.set_revoked(key.status == KeyStatus::Revoked);
+        }
+        if let Some(previous) = previous {
+            // Keys gone from the policy (deleted, or their workspace deleted).
+            for (k, key) in previous.policy.keys.iter().enumerate() {
+                let gone = key_by_id
+                    .get(&*key.id, |i| &*policy.keys[i as usize].id)
+                    .is_none();
+                if gone {
+                    previous.keys[k].set_revoked(true);
+                }
+            }
+        }
+
         let org = reuse_shared(previous.map(|p| &p.org), &policy.org.rules);
         // The wallet never rolls over, whether or not this policy sets one yet.
         let wallet = reuse_shared(
@@ -110,6 +142,8 @@ impl Snapshot {
             policy,
             clock,
             key_by_digest,
+            key_by_previous_digest,
+            rotated,
             key_by_id,
             workspace_by_id,
             model_by_name,
@@ -118,6 +152,7 @@ impl Snapshot {
             workspace_models,
             org,
             wallet,
+            events: previous.and_then(|p| p.events.clone()),
         }
     }
 }
@@ -148,6 +183,20 @@ impl Snapshot {
     pub(crate) fn key_index_by_digest(&self, digest: &[u8; 32]) -> Option<u32> {
         self.key_by_digest
             .get(digest, |k| &self.policy.keys[k as usize].digest)
+    }
+
+    /// The position of the key whose rotated-out secret has this digest, if its
+    /// grace period has not ended at `now`. Only reached for unknown digests.
+    #[cold]
+    pub(crate) fn key_index_by_previous_digest(&self, digest: &[u8; 32], now: Timestamp) -> Option<u32> {
+        let keys = &self.policy.keys;
+        let r = self.key_by_previous_digest.get(digest, |r| {
+            let key = &keys[self.rotated[r as usize] as usize];
+            key.previous.as_ref().map_or(&key.digest, |(digest, _)| digest)
+        })?;
+        let k = self.rotated[r as usize];
+        let (_, until) = keys[k as usize].previous?;
+        (now < until).then_some(k)
     }
 
     /// The position of the workspace with this id.

@@ -8,10 +8,12 @@
 
 use std::time::Duration;
 
+use crate::alerts::Alerts;
 use crate::bucket::{Gcra, RateRule, Slots, Taken};
 use crate::budget::{PeriodCell, Settlement};
 use crate::clock::{duration_nanos, Timestamp};
 use crate::policy::rules::{LevelRules, TokenRule};
+use crate::sync::{AtomicU32, Ordering};
 
 /// All counters of one scope (a key, workspace, workspace × model, the org or its
 /// wallet). Shared by `Arc` between snapshots, so a policy swap keeps them for ids
@@ -24,9 +26,35 @@ pub(crate) struct ScopeState {
     pub(crate) tpm: Gcra,
     pub(crate) slots: Slots,
     pub(crate) periods: PeriodCell,
+    /// Budget alerts already reported this period (only used with an event sink).
+    pub(crate) alerts: Alerts,
+    /// Key scopes only: `KEY_REVOKED` and `KEY_EXPIRY_REPORTED`.
+    pub(crate) flags: AtomicU32,
 }
 
+/// Set on a key's counters when it is revoked or deleted, before the new policy is
+/// published: a request that looked the key up in the old policy checks it after
+/// reserving, so a revocation refuses requests already past lookup too.
+pub(crate) const KEY_REVOKED: u32 = 1;
+/// Set once a `KeyExpired` event has been sent for the key.
+pub(crate) const KEY_EXPIRY_REPORTED: u32 = 2;
+
 impl ScopeState {
+    /// Whether the key these counters belong to has been revoked or deleted.
+    #[inline]
+    pub(crate) fn revoked(&self) -> bool {
+        self.flags.load(Ordering::SeqCst) & KEY_REVOKED != 0
+    }
+
+    /// Mark the key revoked (or active again).
+    pub(crate) fn set_revoked(&self, revoked: bool) {
+        if revoked {
+            self.flags.fetch_or(KEY_REVOKED, Ordering::SeqCst);
+        } else {
+            self.flags.fetch_and(!KEY_REVOKED, Ordering::SeqCst);
+        }
+    }
+
     /// Fresh counters; `shared` for a scope every request writes (see `PeriodCell`).
     pub(crate) fn new(rules: &LevelRules, now: Timestamp, shared: bool) -> Self {
         ScopeState {
@@ -35,6 +63,8 @@ impl ScopeState {
             tpm: Gcra::default(),
             slots: Slots::default(),
             periods: PeriodCell::new(rules.span, now, shared),
+            alerts: Alerts::default(),
+            flags: AtomicU32::new(0),
         }
     }
 }

@@ -366,6 +366,14 @@ pub struct KeySpec {
     /// Output tokens assumed for this key when a request names none.
     #[serde(default)]
     pub default_max_output_tokens: Option<i64>,
+    /// The digest of the secret a rotation replaced, still accepted until
+    /// `previous_secret_expires_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_secret_sha256: Option<String>,
+    /// End of the previous secret's grace period (RFC 3339); set with
+    /// `previous_secret_sha256`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_secret_expires_at: Option<DateTime<Utc>>,
 }
 
 impl KeySpec {

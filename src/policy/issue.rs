@@ -82,6 +82,15 @@ pub enum Problem {
     /// A secret digest that is not 64 hex digits.
     #[error("must be the 64 hex digits of a SHA-256 digest")]
     BadDigest,
+    /// A field that only means something together with another one that is missing.
+    #[error("needs {companion} too")]
+    MissingCompanion {
+        /// The field that must be set with this one.
+        companion: &'static str,
+    },
+    /// An operation named a key that does not exist.
+    #[error("no key has this id")]
+    UnknownKey,
 }
 
 /// Collects every issue instead of stopping at the first.

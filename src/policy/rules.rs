@@ -91,6 +91,8 @@ pub(crate) struct KeyPolicy {
     pub(crate) id: Box<str>,
     pub(crate) workspace: u32,
     pub(crate) digest: [u8; 32],
+    /// A rotated-out secret's digest and the end of its grace period.
+    pub(crate) previous: Option<([u8; 32], Timestamp)>,
     pub(crate) status: KeyStatus,
     pub(crate) expires_at: Option<Timestamp>,
     /// `None` for the common key without limits of its own, to keep keys small.

@@ -282,6 +282,53 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
                 [0; 32]
             }
         };
+        let previous = match (&key.previous_secret_sha256, key.previous_secret_expires_at) {
+            (None, None) => None,
+            (Some(hex_digest), Some(until)) => match parse_digest(hex_digest) {
+                Some(digest) => {
+                    if let Some(&first) = digest_index.get(&digest) {
+                        issues.push(
+                            format!("{path}.previous_secret_sha256"),
+                            "<digest>",
+                            Problem::Duplicate {
+                                first: format!("keys[{first}].secret_sha256"),
+                            },
+                        );
+                    } else {
+                        digest_index.insert(digest, i as u32);
+                    }
+                    Some((digest, Timestamp::from_datetime(until)))
+                }
+                None => {
+                    issues.push(
+                        format!("{path}.previous_secret_sha256"),
+                        format!("<{} characters>", hex_digest.chars().count()),
+                        Problem::BadDigest,
+                    );
+                    None
+                }
+            },
+            (Some(_), None) => {
+                issues.push(
+                    format!("{path}.previous_secret_sha256"),
+                    "<digest>",
+                    Problem::MissingCompanion {
+                        companion: "previous_secret_expires_at",
+                    },
+                );
+                None
+            }
+            (None, Some(until)) => {
+                issues.push(
+                    format!("{path}.previous_secret_expires_at"),
+                    until.to_rfc3339(),
+                    Problem::MissingCompanion {
+                        companion: "previous_secret_sha256",
+                    },
+                );
+                None
+            }
+        };
         let ws_span = workspace.map_or(org_span, |w| workspaces[w as usize].rules.span);
         let span = span_of(key.budget.as_ref(), ws_span);
         let rules = level(&mut issues, &path, &key.limits, key.budget.as_ref(), span);
@@ -289,6 +336,7 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
             id: key.id.as_str().into(),
             workspace: workspace.unwrap_or(0),
             digest,
+            previous,
             status: key.status,
             expires_at: key.expires_at.map(Timestamp::from_datetime),
             rules: (rules != LevelRules::unlimited(ws_span)).then(|| Box::new(rules)),

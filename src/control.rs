@@ -1,0 +1,300 @@
+//! Changes to a running engine's policy: workspaces and keys created, edited,
+//! rotated, revoked and deleted, or a whole policy replaced.
+//!
+//! Every change edits a copy of the policy document and validates the result with
+//! the same checks (and the same typed errors) as loading a policy, then publishes it
+//! as one new snapshot: a change applies entirely or, when refused, not at all.
+//! Counters of ids that persist are kept; those of deleted ids are dropped.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use std::sync::Arc;
+
+use crate::clock::Timestamp;
+use crate::snapshot::Snapshot;
+use crate::events::{EventKind, ScopeRef};
+use crate::policy::{
+    BudgetSpec, Environment, KeySpec, KeyStatus, LimitsSpec, ModelLimitSpec, Policy,
+    PolicyDocument, PolicyError, PolicyIssue, Problem, StoreFailureMode, WorkspaceSpec,
+    WorkspaceStatus,
+};
+
+/// A key's secret, shown once when the key is created or rotated and never stored
+/// (the engine keeps only its SHA-256 digest). `Debug` does not print it.
+#[derive(Clone, PartialEq, Eq)]
+#[must_use = "the secret is shown only once"]
+pub struct IssuedKey {
+    /// The key's id.
+    pub id: String,
+    /// The plaintext secret for the client's `Authorization: Bearer` header.
+    pub secret: String,
+}
+
+impl fmt::Debug for IssuedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssuedKey")
+            .field("id", &self.id)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A key to create; the engine generates its secret.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NewKey {
+    /// Stable id.
+    pub id: String,
+    /// Its workspace.
+    pub workspace: String,
+    /// Refused from this instant on.
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Its own rate limits.
+    pub limits: LimitsSpec,
+    /// Its own budget.
+    pub budget: Option<BudgetSpec>,
+}
+
+impl NewKey {
+    /// A key `id` in `workspace` with no limits of its own.
+    #[must_use]
+    pub fn new(id: impl Into<String>, workspace: impl Into<String>) -> Self {
+        NewKey {
+            id: id.into(),
+            workspace: workspace.into(),
+            ..NewKey::default()
+        }
+    }
+}
+
+/// New settings for a workspace; `None` leaves a setting unchanged. Its id and name
+/// are fixed at creation.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WorkspaceUpdate {
+    /// Active, review or suspended.
+    pub status: Option<WorkspaceStatus>,
+    /// Deployment stage.
+    pub environment: Option<Environment>,
+    /// Region.
+    pub region: Option<String>,
+    /// Granted models (replaces the list).
+    pub models: Option<Vec<String>>,
+    /// Workspace rate limits (replaces them).
+    pub limits: Option<LimitsSpec>,
+    /// Per-model limits (replaces the list).
+    pub model_limits: Option<Vec<ModelLimitSpec>>,
+    /// Spend budget: `Some(None)` removes it.
+    pub budget: Option<Option<BudgetSpec>>,
+    /// What a distributed backend does while its store is down.
+    pub on_store_error: Option<StoreFailureMode>,
+}
+
+/// One change to a policy document.
+pub(crate) enum Change {
+    CreateWorkspace(WorkspaceSpec),
+    UpdateWorkspace(String, WorkspaceUpdate),
+    DeleteWorkspace(String),
+    CreateKey(NewKey),
+    RotateKey { id: String, grace: Duration },
+    RevokeKey(String),
+    Replace(PolicyDocument),
+}
+
+/// What a change did: the secret it issued, if any, and the event to report.
+pub(crate) struct Applied {
+    pub(crate) issued: Option<IssuedKey>,
+    pub(crate) event: EventKind,
+}
+
+fn refused(path: impl Into<String>, value: impl fmt::Display, problem: Problem) -> PolicyError {
+    PolicyError::Invalid {
+        issues: vec![PolicyIssue {
+            path: path.into(),
+            value: value.to_string(),
+            problem,
+        }],
+    }
+}
+
+fn workspace_position(doc: &PolicyDocument, id: &str) -> Result<usize, PolicyError> {
+    doc.workspaces
+        .iter()
+        .position(|w| w.id == id)
+        .ok_or_else(|| refused("workspaces", format!("{id:?}"), Problem::UnknownWorkspace))
+}
+
+fn key_position(doc: &PolicyDocument, id: &str) -> Result<usize, PolicyError> {
+    doc.keys
+        .iter()
+        .position(|k| k.id == id)
+        .ok_or_else(|| refused("keys", format!("{id:?}"), Problem::UnknownKey))
+}
+
+/// A fresh secret: 24 bytes from the operating system's CSPRNG, hex-encoded.
+fn new_secret() -> Result<String, PolicyError> {
+    let mut bytes = [0u8; 24];
+    getrandom::fill(&mut bytes).map_err(|e| PolicyError::Io {
+        path: "<operating system random source>".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(format!("sk-tg-{}", hex::encode(bytes)))
+}
+
+/// Apply `change` to `doc` (a copy: the caller validates it and publishes it, or
+/// throws it away).
+pub(crate) fn edit(
+    doc: &mut PolicyDocument,
+    change: Change,
+    now: Timestamp,
+) -> Result<Applied, PolicyError> {
+    let org = doc.org.id.clone();
+    let done = |event| {
+        Ok(Applied {
+            issued: None,
+            event,
+        })
+    };
+    match change {
+        Change::CreateWorkspace(spec) => {
+            if workspace_position(doc, &spec.id).is_ok() {
+                return Err(refused(
+                    "workspaces",
+                    format!("{:?}", spec.id),
+                    Problem::Duplicate {
+                        first: format!("workspace {:?}", spec.id),
+                    },
+                ));
+            }
+            let scope = ScopeRef::workspace(&org, &spec.id);
+            doc.workspaces.push(spec);
+            done(EventKind::WorkspaceCreated { scope })
+        }
+        Change::UpdateWorkspace(id, update) => {
+            let w = workspace_position(doc, &id)?;
+            let ws = &mut doc.workspaces[w];
+            let WorkspaceUpdate {
+                status,
+                environment,
+                region,
+                models,
+                limits,
+                model_limits,
+                budget,
+                on_store_error,
+            } = update;
+            if let Some(v) = status {
+                ws.status = v;
+            }
+            if let Some(v) = environment {
+                ws.environment = v;
+            }
+            if let Some(v) = region {
+                ws.region = v;
+            }
+            if let Some(v) = models {
+                ws.models = v;
+            }
+            if let Some(v) = limits {
+                ws.limits = v;
+            }
+            if let Some(v) = model_limits {
+                ws.model_limits = v;
+            }
+            if let Some(v) = budget {
+                ws.budget = v;
+            }
+            if let Some(v) = on_store_error {
+                ws.on_store_error = v;
+            }
+            done(EventKind::WorkspaceUpdated {
+                scope: ScopeRef::workspace(&org, &id),
+            })
+        }
+        Change::DeleteWorkspace(id) => {
+            let w = workspace_position(doc, &id)?;
+            doc.workspaces.remove(w);
+            doc.keys.retain(|k| k.workspace != id);
+            done(EventKind::WorkspaceDeleted {
+                scope: ScopeRef::workspace(&org, &id),
+            })
+        }
+        Change::CreateKey(new) => {
+            if key_position(doc, &new.id).is_ok() {
+                return Err(refused(
+                    "keys",
+                    format!("{:?}", new.id),
+                    Problem::Duplicate {
+                        first: format!("key {:?}", new.id),
+                    },
+                ));
+            }
+            workspace_position(doc, &new.workspace)?;
+            let secret = new_secret()?;
+            let scope = ScopeRef::key(&org, &new.workspace, &new.id);
+            doc.keys.push(KeySpec {
+                expires_at: new.expires_at,
+                limits: new.limits,
+                budget: new.budget,
+                ..KeySpec::new(new.id.clone(), new.workspace, &secret)
+            });
+            Ok(Applied {
+                issued: Some(IssuedKey { id: new.id, secret }),
+                event: EventKind::KeyCreated { scope },
+            })
+        }
+        Change::RotateKey { id, grace } => {
+            let k = key_position(doc, &id)?;
+            let secret = new_secret()?;
+            let until = now.saturating_add(grace);
+            let key = &mut doc.keys[k];
+            let old = std::mem::replace(&mut key.secret_sha256, KeySpec::digest_of(&secret));
+            // A grace of zero refuses the old secret at once.
+            (key.previous_secret_sha256, key.previous_secret_expires_at) = if grace.is_zero() {
+                (None, None)
+            } else {
+                (Some(old), Some(until.to_datetime()))
+            };
+            let scope = ScopeRef::key(&org, &key.workspace, &id);
+            Ok(Applied {
+                issued: Some(IssuedKey { id, secret }),
+                event: EventKind::KeyRotated {
+                    scope,
+                    old_secret_until: until,
+                },
+            })
+        }
+        Change::RevokeKey(id) => {
+            let k = key_position(doc, &id)?;
+            let key = &mut doc.keys[k];
+            key.status = KeyStatus::Revoked;
+            key.previous_secret_sha256 = None;
+            key.previous_secret_expires_at = None;
+            done(EventKind::KeyRevoked {
+                scope: ScopeRef::key(&org, &key.workspace, &id),
+            })
+        }
+        Change::Replace(next) => {
+            *doc = next;
+            done(EventKind::PolicyApplied {
+                workspaces: doc.workspaces.len(),
+                keys: doc.keys.len(),
+            })
+        }
+    }
+}
+
+/// The snapshot after `change`, validated, reusing the counters of `previous`; and
+/// what the change did. Nothing is published here: on error nothing changed.
+pub(crate) fn next_snapshot(
+    previous: &Snapshot,
+    change: Change,
+) -> Result<(Snapshot, Applied), PolicyError> {
+    let now = previous.clock.now();
+    let mut doc = previous.policy.document().clone();
+    let applied = edit(&mut doc, change, now)?;
+    let policy = Policy::new(doc)?;
+    let next = Snapshot::build(policy, Some(previous), Arc::clone(&previous.clock));
+    Ok((next, applied))
+}
