@@ -82,7 +82,13 @@ mod tests {
     fn each_percentage_is_reported_once_per_period() {
         let alerts = Alerts::default();
         let period = 1_000_000_000_000;
-        assert_eq!(alerts.reach(10, period), Some(Crossed { after: None, through: 10 }));
+        assert_eq!(
+            alerts.reach(10, period),
+            Some(Crossed {
+                after: None,
+                through: 10
+            })
+        );
         assert_eq!(alerts.reach(10, period), None);
         assert_eq!(alerts.reach(5, period), None);
         let crossed = alerts.reach(85, period).unwrap();

@@ -232,6 +232,37 @@ impl PeriodCell {
         (spent, self.start.load(Ordering::Acquire))
     }
 
+    /// Load counts saved by an earlier process into fresh counters: the saved current
+    /// period's counts if it is still current at `now` (else it becomes the previous
+    /// period, if it was the one just before), and the saved previous period.
+    pub(crate) fn restore(
+        &self,
+        span: Span,
+        now: Timestamp,
+        saved_current: PeriodTotals,
+        saved_previous: PeriodTotals,
+    ) {
+        self.roll(span, now);
+        let mut previous = self.previous.lock();
+        let start = Timestamp::from_unix_nanos(self.start.load(Ordering::Acquire));
+        if saved_current.start == start {
+            let t = &self.tallies;
+            saturating_add_i64(&t.spent, saved_current.spent);
+            saturating_add_u64(&t.requests, saved_current.requests);
+            saturating_add_u64(&t.input_tokens, saved_current.input_tokens);
+            saturating_add_u64(&t.output_tokens, saved_current.output_tokens);
+            saturating_add_i64(&self.committed_and_held, saved_current.spent);
+            if saved_previous.end == start {
+                *previous = saved_previous;
+            }
+        } else if saved_current.end == start {
+            *previous = PeriodTotals {
+                held: 0,
+                ..saved_current
+            };
+        }
+    }
+
     /// The end of the current period.
     pub(crate) fn end(&self) -> Timestamp {
         Timestamp::from_unix_nanos(self.end.load(Ordering::Acquire))

@@ -14,13 +14,13 @@ use chrono::{DateTime, Utc};
 use std::sync::Arc;
 
 use crate::clock::Timestamp;
-use crate::snapshot::Snapshot;
 use crate::events::{EventKind, ScopeRef};
 use crate::policy::{
     BudgetSpec, Environment, KeySpec, KeyStatus, LimitsSpec, ModelLimitSpec, Policy,
     PolicyDocument, PolicyError, PolicyIssue, Problem, StoreFailureMode, WorkspaceSpec,
     WorkspaceStatus,
 };
+use crate::snapshot::Snapshot;
 
 /// A key's secret, shown once when the key is created or rotated and never stored
 /// (the engine keeps only its SHA-256 digest). `Debug` does not print it.

@@ -14,6 +14,7 @@ use crate::control::{next_snapshot, Change, IssuedKey, NewKey, WorkspaceUpdate};
 use crate::decide::{admit, denial, refused, Admission};
 use crate::denial::{Denial, DenialReason, Error, Scope};
 use crate::events::{EventSink, Events};
+use crate::persist::{self, PersistError};
 use crate::policy::{Policy, PolicyError, WorkspaceSpec};
 use crate::request::{Request, Usage};
 use crate::reservation::{Receipt, Reservation};
@@ -106,6 +107,21 @@ impl EngineBuilder {
     pub fn budget_status(mut self, status: BudgetStatus) -> Self {
         self.budget_status = status;
         self
+    }
+
+    /// Start the engine with the counters saved by [`Engine::save_counters`].
+    ///
+    /// # Errors
+    /// [`PersistError`] if the file cannot be read, is torn or corrupt (checksum or
+    /// parse), or belongs to another org: never a silent start from zero.
+    pub fn restore_counters(
+        self,
+        path: impl AsRef<std::path::Path>,
+    ) -> Result<Engine, PersistError> {
+        let engine = self.build();
+        let snap = engine.snapshot();
+        persist::restore(&snap, snap.clock.now(), path.as_ref())?;
+        Ok(engine)
     }
 
     /// Start the engine.
@@ -266,7 +282,11 @@ impl Engine {
     ///
     /// # Errors
     /// [`PolicyError::Invalid`] naming the field and value; nothing changes.
-    pub fn create_workspace(&self, spec: WorkspaceSpec, actor: Option<&str>) -> Result<(), PolicyError> {
+    pub fn create_workspace(
+        &self,
+        spec: WorkspaceSpec,
+        actor: Option<&str>,
+    ) -> Result<(), PolicyError> {
         self.change(Change::CreateWorkspace(spec), actor).map(drop)
     }
 
@@ -338,7 +358,11 @@ impl Engine {
     }
 
     /// Apply one change atomically: validate the edited policy, publish it, report it.
-    fn change(&self, change: Change, actor: Option<&str>) -> Result<Option<IssuedKey>, PolicyError> {
+    fn change(
+        &self,
+        change: Change,
+        actor: Option<&str>,
+    ) -> Result<Option<IssuedKey>, PolicyError> {
         let _writer = self.inner.apply_lock.lock();
         let previous = self.inner.snapshot.load_full();
         let (next, applied) = next_snapshot(&previous, change)?;
@@ -349,6 +373,17 @@ impl Engine {
             events.emit(now, actor, applied.event);
         }
         Ok(applied.issued)
+    }
+
+    /// Save every scope's spend, requests and tokens (current and previous period) to
+    /// `path`, atomically (temp file, sync, rename). Load them on start with
+    /// [`EngineBuilder::restore_counters`].
+    ///
+    /// # Errors
+    /// [`PersistError::Io`] if the file cannot be written; the old file is left whole.
+    pub fn save_counters(&self, path: impl AsRef<std::path::Path>) -> Result<(), PersistError> {
+        let snap = self.snapshot();
+        persist::save(&snap, snap.clock.now(), path.as_ref())
     }
 
     /// The policy the engine runs now.

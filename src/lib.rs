@@ -63,6 +63,7 @@ mod limiter;
 mod loom_tests;
 mod money;
 mod period;
+mod persist;
 mod policy;
 #[cfg(feature = "redis")]
 mod redis;
@@ -74,13 +75,14 @@ mod sync;
 mod usage;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
-pub use denial::{Denial, DenialReason, Error, Quota, Scope, StoreError, StoreErrorKind};
 pub use control::{IssuedKey, NewKey, WorkspaceUpdate};
+pub use denial::{Denial, DenialReason, Error, Quota, Scope, StoreError, StoreErrorKind};
 pub use engine::{BudgetStatus, Engine, EngineBuilder};
 pub use events::{ChannelSink, Event, EventKind, EventSink, ScopeRef};
 pub use headers::{HeaderValue, RateLimitHeaders, TOKEN_QUOTA_UNIT};
 pub use limiter::{Held, Limiter};
 pub use period::BudgetPeriod;
+pub use persist::PersistError;
 pub use policy::{
     BudgetSpec, DefaultsSpec, Environment, KeySpec, KeyStatus, LimitsSpec, ModelLimitSpec,
     ModelSpec, OrgSpec, Policy, PolicyDocument, PolicyError, PolicyIssue, Problem,

@@ -81,7 +81,9 @@ impl Snapshot {
             .collect();
         let previous_digest = |r: u32| {
             let key = &policy.keys[rotated[r as usize] as usize];
-            key.previous.as_ref().map_or(&key.digest, |(digest, _)| digest)
+            key.previous
+                .as_ref()
+                .map_or(&key.digest, |(digest, _)| digest)
         };
         let key_by_previous_digest = Index::build(rotated.len(), previous_digest);
 
@@ -188,11 +190,17 @@ impl Snapshot {
     /// The position of the key whose rotated-out secret has this digest, if its
     /// grace period has not ended at `now`. Only reached for unknown digests.
     #[cold]
-    pub(crate) fn key_index_by_previous_digest(&self, digest: &[u8; 32], now: Timestamp) -> Option<u32> {
+    pub(crate) fn key_index_by_previous_digest(
+        &self,
+        digest: &[u8; 32],
+        now: Timestamp,
+    ) -> Option<u32> {
         let keys = &self.policy.keys;
         let r = self.key_by_previous_digest.get(digest, |r| {
             let key = &keys[self.rotated[r as usize] as usize];
-            key.previous.as_ref().map_or(&key.digest, |(digest, _)| digest)
+            key.previous
+                .as_ref()
+                .map_or(&key.digest, |(digest, _)| digest)
         })?;
         let k = self.rotated[r as usize];
         let (_, until) = keys[k as usize].previous?;

@@ -1,0 +1,252 @@
+//! Saving the in-memory engine's counters to a file and loading them on start, so a
+//! restarted single-instance gateway does not forget this period's spend.
+//!
+//! The file is JSON: a format version, the SHA-256 of the body, and the body (itself
+//! JSON, as text, so the checksum covers exactly the bytes read back). It is written
+//! to a temporary file in the same directory, synced, and renamed over the old one,
+//! so a crash mid-write leaves the previous file whole. A torn, edited or truncated
+//! file fails its checksum or its parse: a clear error, never a silent reset.
+//! Spend, requests and tokens of the current and previous periods are saved; rate
+//! limit buckets and holds of requests in flight are not.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::budget::PeriodTotals;
+use crate::clock::Timestamp;
+use crate::money::{picos_from_decimal, picos_to_decimal};
+use crate::period::Span;
+use crate::snapshot::Snapshot;
+use crate::store::ScopeState;
+
+const FORMAT: u32 = 1;
+
+/// Why counters could not be saved or loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PersistError {
+    /// Reading or writing the file failed.
+    #[error("counter file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// The file is not a whole counter file written by tollgate.
+    #[error("counter file {path} is corrupt: {detail}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong: checksum mismatch, parse error with position, version.
+        detail: String,
+    },
+    /// The file belongs to another org.
+    #[error("counter file {path} is for org {found:?}, not {expected:?}")]
+    WrongOrg {
+        /// The file.
+        path: PathBuf,
+        /// The org the running policy is for.
+        expected: String,
+        /// The org in the file.
+        found: String,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Envelope {
+    format: u32,
+    sha256: String,
+    body: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Body {
+    saved_at: Timestamp,
+    org: String,
+    scopes: Vec<SavedScope>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedScope {
+    /// `key:<id>`, `workspace:<id>`, `model:<workspace>/<model>`, `org` or `wallet`.
+    scope: String,
+    current: SavedPeriod,
+    previous: SavedPeriod,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedPeriod {
+    start: Timestamp,
+    end: Timestamp,
+    spent: Decimal,
+    requests: u64,
+    input_tokens: u64,
+    output_tokens: u64,
+}
+
+impl From<PeriodTotals> for SavedPeriod {
+    fn from(t: PeriodTotals) -> Self {
+        SavedPeriod {
+            start: t.start,
+            end: t.end,
+            spent: picos_to_decimal(t.spent),
+            requests: t.requests,
+            input_tokens: t.input_tokens,
+            output_tokens: t.output_tokens,
+        }
+    }
+}
+
+impl SavedPeriod {
+    fn totals(&self) -> Option<PeriodTotals> {
+        Some(PeriodTotals {
+            start: self.start,
+            end: self.end,
+            spent: picos_from_decimal(self.spent).ok()?,
+            held: 0,
+            requests: self.requests,
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+        })
+    }
+}
+
+/// Every scope of a snapshot: its name in the file, counters and span.
+fn scopes(snap: &Snapshot) -> Vec<(String, &ScopeState, Span)> {
+    let policy = &snap.policy;
+    let mut out = Vec::new();
+    for (k, key) in policy.keys.iter().enumerate() {
+        let ws = &policy.workspaces[key.workspace as usize];
+        let span = key.rules.as_deref().unwrap_or(&ws.plain_key_rules).span;
+        out.push((format!("key:{}", key.id), &*snap.keys[k], span));
+    }
+    for (w, ws) in policy.workspaces.iter().enumerate() {
+        out.push((
+            format!("workspace:{}", ws.id),
+            &**snap.workspaces[w],
+            ws.rules.span,
+        ));
+        for (m, model) in policy.models.iter().enumerate() {
+            out.push((
+                format!("model:{}/{}", ws.id, model.name),
+                &**snap.workspace_models[w][m],
+                ws.model_rules[m].span,
+            ));
+        }
+    }
+    out.push(("org".into(), &**snap.org, policy.org.rules.span));
+    out.push(("wallet".into(), &**snap.wallet, Span::Forever));
+    out
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PersistError + '_ {
+    move |source| PersistError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Write every scope's counters to `path` atomically.
+pub(crate) fn save(snap: &Snapshot, now: Timestamp, path: &Path) -> Result<(), PersistError> {
+    let body = Body {
+        saved_at: now,
+        org: snap.policy.org.id.to_string(),
+        scopes: scopes(snap)
+            .into_iter()
+            .map(|(scope, state, span)| {
+                let (current, previous) = state.periods.totals(span, now);
+                SavedScope {
+                    scope,
+                    current: current.into(),
+                    previous: previous.into(),
+                }
+            })
+            .collect(),
+    };
+    let body = serde_json::to_string(&body).expect("counters serialise");
+    let envelope = Envelope {
+        format: FORMAT,
+        sha256: hex::encode(Sha256::digest(body.as_bytes())),
+        body,
+    };
+    let text = serde_json::to_vec_pretty(&envelope).expect("envelope serialises");
+
+    let file_name = path
+        .file_name()
+        .map_or_else(|| "counters".into(), |n| n.to_string_lossy().into_owned());
+    let temp = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut file = fs::File::create(&temp)?;
+        file.write_all(&text)?;
+        file.sync_all()?;
+        fs::rename(&temp, path)
+    };
+    write().map_err(|source| {
+        let _ = fs::remove_file(&temp);
+        PersistError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    })
+}
+
+/// Load counters saved by [`save`] into a fresh snapshot's scopes, by id. Scopes in
+/// the file that the policy no longer has are ignored; scopes it does not list
+/// start from zero.
+pub(crate) fn restore(snap: &Snapshot, now: Timestamp, path: &Path) -> Result<(), PersistError> {
+    let corrupt = |detail: String| PersistError::Corrupt {
+        path: path.to_owned(),
+        detail,
+    };
+    let text = fs::read(path).map_err(io(path))?;
+    let envelope: Envelope =
+        serde_json::from_slice(&text).map_err(|e| corrupt(format!("not a counter file: {e}")))?;
+    if envelope.format != FORMAT {
+        return Err(corrupt(format!(
+            "format {} (this version reads {FORMAT})",
+            envelope.format
+        )));
+    }
+    let digest = hex::encode(Sha256::digest(envelope.body.as_bytes()));
+    if !digest.eq_ignore_ascii_case(&envelope.sha256) {
+        return Err(corrupt(
+            "checksum mismatch: the body was changed or torn".into(),
+        ));
+    }
+    let body: Body =
+        serde_json::from_str(&envelope.body).map_err(|e| corrupt(format!("body: {e}")))?;
+    if body.org != *snap.policy.org.id {
+        return Err(PersistError::WrongOrg {
+            path: path.to_owned(),
+            expected: snap.policy.org.id.to_string(),
+            found: body.org,
+        });
+    }
+    let mut saved: std::collections::HashMap<&str, &SavedScope> =
+        body.scopes.iter().map(|s| (s.scope.as_str(), s)).collect();
+    // Check everything before changing anything.
+    let mut loads = Vec::new();
+    for (name, state, span) in scopes(snap) {
+        if let Some(scope) = saved.remove(name.as_str()) {
+            let (Some(current), Some(previous)) = (scope.current.totals(), scope.previous.totals())
+            else {
+                return Err(corrupt(format!("{name}: spend out of range")));
+            };
+            loads.push((state, span, current, previous));
+        }
+    }
+    for (state, span, current, previous) in loads {
+        state.periods.restore(span, now, current, previous);
+    }
+    Ok(())
+}
