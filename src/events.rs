@@ -11,7 +11,7 @@ use std::sync::Arc;
 use rust_decimal::Decimal;
 use serde::Serialize;
 
-use crate::alerts::percent_of;
+use crate::alerts::{percent_of, Crossed};
 use crate::clock::Timestamp;
 use crate::denial::Denial;
 use crate::money::picos_to_decimal;
@@ -320,34 +320,50 @@ impl Events {
             if percent < lowest {
                 continue;
             }
-            let Some(crossed) = state.alerts.reach(percent, period_start) else {
-                continue;
-            };
-            let scope = || scope_ref(snap, level, route);
-            let (limit, spent) = (picos_to_decimal(budget.limit), picos_to_decimal(spent));
-            for &threshold in budget.thresholds.iter().filter(|&&t| crossed.includes(t)) {
-                self.emit(
-                    at,
-                    None,
-                    EventKind::BudgetThreshold {
-                        scope: scope(),
-                        percent: threshold,
-                        limit,
-                        spent,
-                    },
-                );
+            if let Some(crossed) = state.alerts.reach(percent, period_start) {
+                self.budget_reached(snap, route, level, crossed, spent, at);
             }
-            if crossed.includes(100) {
-                self.emit(
-                    at,
-                    None,
-                    EventKind::BudgetExhausted {
-                        scope: scope(),
-                        limit,
-                        spent,
-                    },
-                );
-            }
+        }
+    }
+
+    /// Report the thresholds (and exhaustion) of level `level`'s budget that `crossed`
+    /// passed, with the level's spend in the period.
+    pub(crate) fn budget_reached(
+        &self,
+        snap: &Snapshot,
+        route: Route,
+        level: usize,
+        crossed: Crossed,
+        spent: i64,
+        at: Timestamp,
+    ) {
+        let Some(budget) = snap.level(level, route).2.and_then(|r| r.budget.as_ref()) else {
+            return;
+        };
+        let scope = || scope_ref(snap, level, route);
+        let (limit, spent) = (picos_to_decimal(budget.limit), picos_to_decimal(spent));
+        for &threshold in budget.thresholds.iter().filter(|&&t| crossed.includes(t)) {
+            self.emit(
+                at,
+                None,
+                EventKind::BudgetThreshold {
+                    scope: scope(),
+                    percent: threshold,
+                    limit,
+                    spent,
+                },
+            );
+        }
+        if crossed.includes(100) {
+            self.emit(
+                at,
+                None,
+                EventKind::BudgetExhausted {
+                    scope: scope(),
+                    limit,
+                    spent,
+                },
+            );
         }
     }
 }

@@ -7,8 +7,10 @@ use std::time::Duration;
 
 use redis::Value;
 
+use crate::alerts::Crossed;
 use crate::bucket::RateRule;
 use crate::clock::Timestamp;
+use crate::denial::DenialReason;
 use crate::denial::StoreError;
 use crate::period::{BudgetPeriod, Span};
 use crate::policy::rules::LevelRules;
@@ -106,6 +108,7 @@ pub(crate) fn reserve(
         ask.cost.to_string(),
         group.record_base(),
         ttls.record().to_string(),
+        if group.workspace { "1" } else { "0" }.to_owned(),
     ];
     for &(level, _) in &group.levels {
         let rules = rules_of(snap, route, level);
@@ -185,6 +188,20 @@ pub(crate) fn commit(
         // The wallet counts money only; requests and tokens are the org's.
         args.push(if level == WALLET_LEVEL { "0" } else { "1" }.into());
         args.push(ttls.idle_for(rules.span).to_string());
+        match &rules.budget {
+            Some(budget) => {
+                args.push(budget.limit.to_string());
+                args.push(
+                    budget
+                        .thresholds
+                        .first()
+                        .copied()
+                        .unwrap_or(100)
+                        .to_string(),
+                );
+            }
+            None => args.extend([String::new(), "100".into()]),
+        }
     }
     Call {
         keys: group.keys(id),
@@ -228,6 +245,8 @@ pub(crate) enum Reserved {
         level: usize,
         refusal: Refusal,
     },
+    /// Another instance revoked the key or deleted its workspace.
+    Gone(DenialReason),
 }
 
 const OP_RESERVE: &str = "reserve";
@@ -286,6 +305,8 @@ pub(crate) fn read_reserve(
     let missing = || corrupt_reply(OP_RESERVE, format!("refusal of a rule not set {items:?}"));
     let retry = |n: i64| (n >= 0).then(|| nanos(n));
     let refusal = match int(2)? {
+        6 => return Ok(Reserved::Gone(DenialReason::KeyRevoked)),
+        7 => return Ok(Reserved::Gone(DenialReason::UnknownKey)),
         kind @ (1 | 2) => Refusal::Requests {
             per_day: kind == 2,
             rule: *if kind == 2 { &rules.rpd } else { &rules.rpm }
@@ -330,12 +351,44 @@ pub(crate) fn read_reserve(
     Ok(Reserved::Refused { level, refusal })
 }
 
-/// `commit.lua`'s reply: 1 settled, 2 already committed, 3 committed after expiry.
-pub(crate) fn read_commit(reply: &Value) -> Result<i64, StoreError> {
-    let code = integer("commit", &items("commit", reply)?[0])?;
-    if (1..=3).contains(&code) {
-        Ok(code)
-    } else {
-        Err(corrupt_reply("commit", code))
+/// Budget alert percentages one commit reached on one level.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Reached {
+    pub(crate) level: usize,
+    pub(crate) crossed: Crossed,
+    /// Committed spend of the level's period after the commit, pico-dollars.
+    pub(crate) spent: i64,
+}
+
+/// `commit.lua`'s reply: the levels whose budgets reached new alert percentages.
+pub(crate) fn read_commit(group: &Group, reply: &Value) -> Result<Vec<Reached>, StoreError> {
+    let items = items("commit", reply)?;
+    let code = integer("commit", &items[0])?;
+    if !(1..=3).contains(&code) {
+        return Err(corrupt_reply("commit", code));
     }
+    let mut reached = Vec::new();
+    if code == 2 {
+        return Ok(reached); // already committed: reported then
+    }
+    for (position, &(level, _)) in group.levels.iter().enumerate() {
+        let value = |i: usize| {
+            items
+                .get(1 + 3 * position + i)
+                .ok_or_else(|| corrupt_reply("commit", format!("short reply {items:?}")))
+                .and_then(|v| integer("commit", v))
+        };
+        let (before, now) = (value(0)?, value(1)?);
+        if now >= 0 {
+            reached.push(Reached {
+                level,
+                spent: value(2)?,
+                crossed: Crossed {
+                    after: u8::try_from(before).ok(),
+                    through: u8::try_from(now.min(100)).unwrap_or(100),
+                },
+            });
+        }
+    }
+    Ok(reached)
 }

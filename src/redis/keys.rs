@@ -28,6 +28,8 @@ const WORKSPACE_LEVELS: usize = 3;
 #[derive(Clone, Debug)]
 pub(crate) struct Group {
     pub(crate) tag: String,
+    /// The workspace's group: its first level is the key, its second the workspace.
+    pub(crate) workspace: bool,
     /// (level number, scope hash key) for every level that applies.
     pub(crate) levels: Vec<(usize, String)>,
 }
@@ -78,6 +80,31 @@ impl Layout {
         format!("{}:{VERSION}:{{org:{org}}}", self.prefix)
     }
 
+    /// The counters of key `key` of `workspace`.
+    pub(crate) fn key(&self, workspace: &str, key: &str) -> String {
+        format!("{}:key:{key}", self.workspace_tag(workspace))
+    }
+
+    /// The workspace's own counters.
+    pub(crate) fn workspace(&self, workspace: &str) -> String {
+        format!("{}:ws", self.workspace_tag(workspace))
+    }
+
+    /// The counters of `model` within `workspace`.
+    pub(crate) fn model(&self, workspace: &str, model: &str) -> String {
+        format!("{}:model:{model}", self.workspace_tag(workspace))
+    }
+
+    /// The org's budget counters.
+    pub(crate) fn org(&self, org: &str) -> String {
+        format!("{}:org", self.org_tag(org))
+    }
+
+    /// The org's wallet.
+    pub(crate) fn wallet(&self, org: &str) -> String {
+        format!("{}:wallet", self.org_tag(org))
+    }
+
     /// The workspace group and the org group of a request's levels.
     pub(crate) fn groups(&self, snap: &Snapshot, route: Route) -> [Group; 2] {
         let policy = &snap.policy;
@@ -86,10 +113,12 @@ impl Layout {
         let org_tag = self.org_tag(&policy.org.id);
         let mut workspace = Group {
             tag: ws_tag.clone(),
+            workspace: true,
             levels: Vec::with_capacity(WORKSPACE_LEVELS),
         };
         let mut org = Group {
             tag: org_tag.clone(),
+            workspace: false,
             levels: Vec::with_capacity(LEVELS - WORKSPACE_LEVELS),
         };
         for level in 0..LEVELS {
@@ -97,14 +126,11 @@ impl Layout {
                 continue;
             }
             let key = match level {
-                0 => format!("{ws_tag}:key:{}", policy.keys[route.key as usize].id),
-                1 => format!("{ws_tag}:ws"),
-                2 => format!(
-                    "{ws_tag}:model:{}",
-                    policy.models[route.model as usize].name
-                ),
-                3 => format!("{org_tag}:org"),
-                _ => format!("{org_tag}:wallet"),
+                0 => self.key(&ws.id, &policy.keys[route.key as usize].id),
+                1 => self.workspace(&ws.id),
+                2 => self.model(&ws.id, &policy.models[route.model as usize].name),
+                3 => self.org(&policy.org.id),
+                _ => self.wallet(&policy.org.id),
             };
             if level < WORKSPACE_LEVELS {
                 workspace.levels.push((level, key));

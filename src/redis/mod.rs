@@ -12,11 +12,13 @@
 
 mod calls;
 mod conn;
+mod control;
 mod error;
 mod fallback;
 mod keys;
 mod reservation;
 mod scripts;
+mod usage;
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,14 +31,15 @@ use redis::aio::ConnectionManagerConfig;
 use redis::cluster::ClusterClientBuilder;
 use redis::Value;
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::decide::{admit, denial, refused, Admission};
 use crate::denial::{Denial, DenialReason, Error, Scope, StoreError, StoreErrorKind};
 use crate::engine::{BudgetStatus, Engine};
+use crate::events::{EventSink, Events};
 use crate::policy::{Policy, StoreFailureMode};
 use crate::request::{Request, Usage};
 use crate::reservation::Receipt;
-use crate::snapshot::{Snapshot, WALLET_LEVEL};
+use crate::snapshot::{Route, Snapshot, WALLET_LEVEL};
 use crate::store::Tightest;
 
 use calls::{Call, Reserved, Ttls};
@@ -48,7 +51,7 @@ use scripts::Scripts;
 pub use reservation::RedisReservation;
 
 /// Settings of a [`RedisEngine`]. Every field has a production default.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RedisConfig {
     /// Prepended to every key, so deployments can share a server. Default `tollgate`.
     pub prefix: String,
@@ -69,6 +72,9 @@ pub struct RedisConfig {
     pub connection_timeout: Duration,
     /// The status budget and wallet denials answer with.
     pub budget_status: BudgetStatus,
+    /// Where events go (budget alerts, key and workspace changes, sampled denials).
+    /// Budget alerts fire once per threshold per period across all instances.
+    pub events: Option<Arc<dyn EventSink>>,
 }
 
 impl Default for RedisConfig {
@@ -82,6 +88,7 @@ impl Default for RedisConfig {
             response_timeout: Duration::from_millis(500),
             connection_timeout: Duration::from_millis(250),
             budget_status: BudgetStatus::default(),
+            events: None,
         }
     }
 }
@@ -124,7 +131,8 @@ pub(crate) struct Inner {
     snapshot: ArcSwap<Snapshot>,
     /// This instance's share of the policy, for workspaces that fail open.
     fallback: ArcSwap<Option<Engine>>,
-    apply_lock: Mutex<()>,
+    /// Serialises policy changes (held across their Redis writes).
+    apply_lock: tokio::sync::Mutex<()>,
     /// Commits that failed with a transient error, retried by `flush_pending`.
     pending: Mutex<Vec<PendingCommit>>,
     last_error: Mutex<Option<StoreError>>,
@@ -135,7 +143,10 @@ pub(crate) struct Inner {
 /// A commit that Redis has not acknowledged: both groups' calls, replayable because
 /// commits are idempotent by reservation id.
 pub(crate) struct PendingCommit {
-    calls: [Call; 2],
+    pub(crate) snapshot: Arc<Snapshot>,
+    pub(crate) route: Route,
+    pub(crate) groups: [Group; 2],
+    pub(crate) calls: [Call; 2],
 }
 
 impl RedisEngine {
@@ -182,7 +193,11 @@ impl RedisEngine {
     fn start(connection: Connection, policy: Policy, config: RedisConfig) -> Self {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
         let fallback = fallback::local_share(&policy, config.expected_instances);
-        let snapshot = Snapshot::build(policy, None, Arc::clone(&clock));
+        let mut snapshot = Snapshot::build(policy, None, Arc::clone(&clock));
+        snapshot.events = config
+            .events
+            .clone()
+            .map(|sink| Arc::new(Events::new(sink)));
         RedisEngine {
             inner: Arc::new(Inner {
                 connection,
@@ -197,7 +212,7 @@ impl RedisEngine {
                 clock,
                 snapshot: ArcSwap::from_pointee(snapshot),
                 fallback: ArcSwap::from_pointee(fallback),
-                apply_lock: Mutex::new(()),
+                apply_lock: tokio::sync::Mutex::new(()),
                 pending: Mutex::new(Vec::new()),
                 last_error: Mutex::new(None),
                 instance: instance_id(),
@@ -217,29 +232,42 @@ impl RedisEngine {
         &self,
         request: &Request<'_>,
     ) -> Result<RedisReservation, Denial> {
+        let snap = self.inner.snapshot.load_full();
+        let now = self.inner.clock.now();
+        let result = self.reserve(&snap, request, now).await;
+        if let (Err(denial), Some(events)) = (&result, &snap.events) {
+            events.denied(denial, now);
+        }
+        result
+    }
+
+    async fn reserve(
+        &self,
+        snap: &Arc<Snapshot>,
+        request: &Request<'_>,
+        now: Timestamp,
+    ) -> Result<RedisReservation, Denial> {
         let inner = &self.inner;
-        let snap = inner.snapshot.load_full();
-        let now = inner.clock.now();
         let status = inner.config.budget_status.code();
         let Admission {
             route,
             ask,
             input_price,
             output_price,
-        } = admit(&snap, request, now, status)?;
+        } = admit(snap, request, now, status)?;
 
         let id = self.next_id();
         let groups = inner.layout.groups(&snap, route);
         let calls = groups
             .each_ref()
-            .map(|group| calls::reserve(&snap, route, group, &id, ask, inner.ttls));
+            .map(|group| calls::reserve(snap, route, group, &id, ask, inner.ttls));
         let (ws_reply, org_reply) =
             tokio::join!(self.run_reserve(&calls[0]), self.run_reserve(&calls[1]));
 
         let mut tightest = Tightest::default();
         let mut outcome = |group: &Group, reply: Result<Value, StoreError>| {
             reply.and_then(|reply| {
-                calls::read_reserve(&snap, route, group, ask, &reply, &mut tightest)
+                calls::read_reserve(snap, route, group, ask, &reply, &mut tightest)
             })
         };
         let ws = outcome(&groups[0], ws_reply);
@@ -258,7 +286,7 @@ impl RedisEngine {
         match (ws, org) {
             (Ok(Reserved::Admitted), Ok(Reserved::Admitted)) => Ok(RedisReservation::remote(
                 Arc::clone(&self.inner),
-                snap.clone(),
+                Arc::clone(snap),
                 id,
                 route,
                 ask,
@@ -266,6 +294,11 @@ impl RedisEngine {
                 output_price,
                 tightest,
             )),
+            // Only the workspace group checks the key's and workspace's flags.
+            (Ok(Reserved::Gone(reason)), _)
+            | (Ok(Reserved::Admitted), Ok(Reserved::Gone(reason))) => {
+                Err(denial(reason, Scope::Key, status))
+            }
             // The workspace's levels come first in level order: report them first.
             (Ok(Reserved::Refused { level, refusal }), _)
             | (Ok(Reserved::Admitted), Ok(Reserved::Refused { level, refusal })) => {
@@ -328,7 +361,7 @@ impl RedisEngine {
                 left.push(pending);
                 continue;
             }
-            if let Err(error) = self.run_commit_calls(&pending.calls).await {
+            if let Err(error) = self.run_commit(&pending).await {
                 failed = Some(error);
                 left.push(pending);
             }
@@ -354,20 +387,6 @@ impl RedisEngine {
     #[must_use]
     pub fn last_store_error(&self) -> Option<StoreError> {
         self.inner.last_error.lock().clone()
-    }
-
-    /// Apply a new policy: changed limits apply from the next request; counters of
-    /// ids that persist are kept (they live in Redis under the ids).
-    pub fn apply_policy(&self, policy: Policy) {
-        let inner = &self.inner;
-        let _writer = inner.apply_lock.lock();
-        inner.fallback.store(Arc::new(fallback::local_share(
-            &policy,
-            inner.config.expected_instances,
-        )));
-        let previous = inner.snapshot.load_full();
-        let next = Snapshot::build(policy, Some(&previous), Arc::clone(&inner.clock));
-        inner.snapshot.store(Arc::new(next));
     }
 
     /// The policy the engine runs now.
@@ -422,15 +441,31 @@ impl RedisEngine {
         self.run("reserve", &self.inner.scripts.reserve, call).await
     }
 
-    /// Both groups' commits, concurrently; the first error if either failed.
-    async fn run_commit_calls(&self, calls: &[Call; 2]) -> Result<(), StoreError> {
+    /// Both groups' commits, concurrently, then the budget alerts they reached; the
+    /// first error if either failed (commits are idempotent: replaying both is safe).
+    pub(crate) async fn run_commit(&self, commit: &PendingCommit) -> Result<(), StoreError> {
         let script = &self.inner.scripts.commit;
         let (ws, org) = tokio::join!(
-            self.run("commit", script, &calls[0]),
-            self.run("commit", script, &calls[1])
+            self.run("commit", script, &commit.calls[0]),
+            self.run("commit", script, &commit.calls[1])
         );
-        calls::read_commit(&ws?)?;
-        calls::read_commit(&org?)?;
+        let reached = [
+            calls::read_commit(&commit.groups[0], &ws?)?,
+            calls::read_commit(&commit.groups[1], &org?)?,
+        ];
+        if let Some(events) = &commit.snapshot.events {
+            let now = self.inner.clock.now();
+            for r in reached.iter().flatten() {
+                events.budget_reached(
+                    &commit.snapshot,
+                    commit.route,
+                    r.level,
+                    r.crossed,
+                    r.spent,
+                    now,
+                );
+            }
+        }
         Ok(())
     }
 
@@ -495,5 +530,21 @@ impl crate::limiter::Limiter for RedisEngine {
         usage: Usage,
     ) -> impl std::future::Future<Output = Result<Receipt, Error>> + Send {
         RedisEngine::commit_usage(self, reservation, usage)
+    }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("prefix", &self.prefix)
+            .field("reservation_ttl", &self.reservation_ttl)
+            .field("idle_ttl", &self.idle_ttl)
+            .field("commit_marker_ttl", &self.commit_marker_ttl)
+            .field("expected_instances", &self.expected_instances)
+            .field("response_timeout", &self.response_timeout)
+            .field("connection_timeout", &self.connection_timeout)
+            .field("budget_status", &self.budget_status)
+            .field("events", &self.events.is_some())
+            .finish()
     }
 }

@@ -150,7 +150,13 @@ impl RedisReservation {
             )
         });
         let receipt = Receipt::new(used.cost, remote.ask.cost, usage);
-        match engine.run_commit_calls(&calls).await {
+        let commit = PendingCommit {
+            snapshot: Arc::clone(&remote.snapshot),
+            route: remote.route,
+            groups,
+            calls,
+        };
+        match engine.run_commit(&commit).await {
             Ok(()) => {
                 // Redis answers again: replay what an outage left queued.
                 if engine.pending_commits() != 0 {
@@ -164,7 +170,7 @@ impl RedisReservation {
             }
             Err(error) => {
                 engine.record_error(error.clone());
-                inner.pending.lock().push(PendingCommit { calls });
+                inner.pending.lock().push(commit);
                 Err(Error::Store(error))
             }
         }

@@ -2,22 +2,27 @@
 -- money, charge overage as debt, count the request in the current period. Idempotent
 -- by reservation id: a retried commit finds its marker and charges nothing again.
 -- KEYS: holds zset, the record, the commit marker, then one scope hash per level.
--- ARGV: id, done_ttl_ms, reserved_cost, cost, input, output, record_base, then 7 per
+-- ARGV: id, done_ttl_ms, reserved_cost, cost, input, output, record_base, then 9 per
 -- level: tpm_interval tpm_reserved_units tpm_used_units period_kind period_seconds
--- tally idle_ttl_ms. Returns {1} settled, {2} already committed, {3} committed after
--- the hold had expired (usage charged in full as debt).
+-- tally idle_ttl_ms budget_limit("" = none) lowest_alert_percent.
+-- Returns {code, then per level: alerted_before alerted_now spent} with code 1 settled, 2
+-- already committed, 3 committed after the hold had expired (usage charged in full as
+-- debt); alerted_* are the percentages of the budget already reported before this
+-- commit and reached now (-1 -1 when this commit reached nothing new), so each
+-- alert fires once per period across every instance.
 
 local id, done_ttl, reserved, cost = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local input, output, record_base = ARGV[5], ARGV[6], ARGV[7]
 purge(KEYS[1], record_base)
 if redis.call('EXISTS', KEYS[3]) == 1 then return { 2 } end
+local alerts = {}
 
 local r = redis.call('HMGET', KEYS[2], 't', 'n')
 local present = r[1] ~= false
 local take_us = present and num(KEYS[2], 't', r[1]) or 0
 for i = 1, #KEYS - 3 do
   local key = KEYS[3 + i]
-  local a = 7 + (i - 1) * 7
+  local a = 7 + (i - 1) * 9
   local interval, reserved_units, used_units = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   roll(key, tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]))
   if present then
@@ -42,8 +47,27 @@ for i = 1, #KEYS - 3 do
   end
   local idle = tonumber(ARGV[a + 7])
   if idle > 0 then redis.call('PEXPIRE', key, idle) end
+  local before, reached, spent_now = -1, -1, '0'
+  local limit = ARGV[a + 8]
+  if limit ~= '' then
+    spent_now = money(key, 'spent', redis.call('HGET', key, 'spent'))
+    local spent = tonumber(spent_now)
+    local pct = 100
+    if tonumber(limit) > 0 then pct = math.min(100, math.floor(math.max(0, spent) * 100 / tonumber(limit))) end
+    local alerted = redis.call('HGET', key, 'alerted')
+    local last = alerted and num(key, 'alerted', alerted) or -1
+    if pct >= tonumber(ARGV[a + 9]) and pct > last then
+      redis.call('HSET', key, 'alerted', fmt(pct))
+      before, reached = last, pct
+    end
+  end
+  alerts[#alerts + 1] = before
+  alerts[#alerts + 1] = reached
+  alerts[#alerts + 1] = spent_now
 end
 redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[1], id)
 redis.call('SET', KEYS[3], '1', 'PX', done_ttl)
-return { present and 1 or 3 }
+local reply = { present and 1 or 3 }
+for _, v in ipairs(alerts) do reply[#reply + 1] = v end
+return reply

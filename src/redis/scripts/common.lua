@@ -133,6 +133,7 @@ local function roll(key, kind, seconds)
       'p_out', fmt(num(key, 'out', v[5])))
   end
   redis.call('HSET', key, 'ps', fmt(start), 'pe', fmt(finish), 'spent', '0', 'req', '0', 'in', '0', 'out', '0')
+  redis.call('HDEL', key, 'alerted')
   return finish
 end
 

@@ -1,15 +1,22 @@
 -- Reserve one request's worst case on every level of one hash tag, all or nothing.
 -- KEYS: holds zset, this reservation's record, its commit marker, then one scope hash
--- per level. ARGV: id, ttl_ms, cost, record_base, record_ttl_ms, then 12 per level:
+-- per level. ARGV: id, ttl_ms, cost, record_base, record_ttl_ms, check_flags (1 for the
+-- workspace group: its first level is the key, its second the workspace), then 12 per
+-- level:
 -- rpm_interval rpm_limit rpd_interval rpd_limit tpm_interval tpm_limit tpm_units
 -- max_concurrent budget_headroom("" = none) period_kind period_seconds idle_ttl_ms.
 -- Returns {1, per level: rpm_rem rpm_reset rpd_rem rpd_reset tpm_rem tpm_reset}
--- (-1 where no limit) or {0, level, kind, ...} for the first refusal.
+-- (-1 where no limit) or {0, level, kind, ...} for the first refusal; kind 6: the key
+-- was revoked, 7: its workspace was deleted (by any instance).
 
 local id, ttl, cost, record_base, record_ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
 purge(KEYS[1], record_base)
 if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then
   return redis.error_reply('DUPLICATE reservation id ' .. id)
+end
+if ARGV[6] == '1' then
+  if redis.call('HGET', KEYS[4], 'revoked') == '1' then return { 0, 1, 6 } end
+  if redis.call('HGET', KEYS[5], 'deleted') == '1' then return { 0, 2, 7 } end
 end
 
 local levels = #KEYS - 3
@@ -18,7 +25,7 @@ local plan = {}
 -- leaves no level holding anything.
 for i = 1, levels do
   local key = KEYS[3 + i]
-  local a = 5 + (i - 1) * 12
+  local a = 6 + (i - 1) * 12
   local p = { key = key }
   local finish = roll(key, tonumber(ARGV[a + 10]), tonumber(ARGV[a + 11]))
   local buckets = {

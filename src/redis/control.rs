@@ -1,0 +1,223 @@
+//! The control plane on the Redis backend: the same operations as the in-memory
+//! engine, applied to this instance's policy, with what other instances must see at
+//! once written to Redis first.
+//!
+//! Policy documents are per instance (distribute changes to every instance, e.g. by
+//! applying the same file everywhere). Revocations and deletions are also flags in
+//! Redis that the reserve script checks, so every instance refuses a revoked key or a
+//! deleted workspace's keys from the moment the operation returns, whatever policy
+//! it runs. A deleted workspace's counters are dropped from Redis.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::control::{next_snapshot, Change, IssuedKey, NewKey, WorkspaceUpdate};
+use crate::denial::{Error, StoreError};
+use crate::policy::{KeyStatus, Policy, WorkspaceSpec};
+use crate::redis::error::classify;
+use crate::redis::{fallback, RedisEngine};
+use crate::snapshot::Snapshot;
+
+impl RedisEngine {
+    /// Apply a new policy (see [`crate::Engine::apply_policy`]).
+    ///
+    /// # Errors
+    /// [`Error::Store`] if Redis could not record revocations or deletions; then
+    /// nothing changed locally.
+    pub async fn apply_policy(&self, policy: Policy) -> Result<(), Error> {
+        self.change(Change::Replace(policy.document().clone()), None)
+            .await
+            .map(drop)
+    }
+
+    /// Load a policy file and apply it.
+    ///
+    /// # Errors
+    /// The file's read, parse or validation errors, or [`Error::Store`].
+    pub async fn apply_policy_file(
+        &self,
+        path: impl AsRef<Path>,
+        actor: Option<&str>,
+    ) -> Result<(), Error> {
+        let policy = Policy::from_path(path)?;
+        self.change(Change::Replace(policy.document().clone()), actor)
+            .await
+            .map(drop)
+    }
+
+    /// Add a workspace (see [`crate::Engine::create_workspace`]).
+    ///
+    /// # Errors
+    /// [`Error::Policy`] naming the field and value, or [`Error::Store`].
+    pub async fn create_workspace(
+        &self,
+        spec: WorkspaceSpec,
+        actor: Option<&str>,
+    ) -> Result<(), Error> {
+        self.change(Change::CreateWorkspace(spec), actor)
+            .await
+            .map(drop)
+    }
+
+    /// Change a workspace's settings (see [`crate::Engine::update_workspace`]).
+    ///
+    /// # Errors
+    /// [`Error::Policy`] or [`Error::Store`].
+    pub async fn update_workspace(
+        &self,
+        id: &str,
+        update: WorkspaceUpdate,
+        actor: Option<&str>,
+    ) -> Result<(), Error> {
+        self.change(Change::UpdateWorkspace(id.to_owned(), update), actor)
+            .await
+            .map(drop)
+    }
+
+    /// Delete a workspace: its keys are refused by every instance at once and its
+    /// counters are dropped from Redis.
+    ///
+    /// # Errors
+    /// [`Error::Policy`] or [`Error::Store`].
+    pub async fn delete_workspace(&self, id: &str, actor: Option<&str>) -> Result<(), Error> {
+        self.change(Change::DeleteWorkspace(id.to_owned()), actor)
+            .await
+            .map(drop)
+    }
+
+    /// Create a key with a fresh secret, returned once.
+    ///
+    /// # Errors
+    /// [`Error::Policy`] or [`Error::Store`].
+    pub async fn create_key(&self, key: NewKey, actor: Option<&str>) -> Result<IssuedKey, Error> {
+        let issued = self.change(Change::CreateKey(key), actor).await?;
+        Ok(issued.expect("creating a key issues a secret"))
+    }
+
+    /// Give a key a new secret; the old one works for `grace` on this instance.
+    ///
+    /// # Errors
+    /// [`Error::Policy`] or [`Error::Store`].
+    pub async fn rotate_key(
+        &self,
+        id: &str,
+        grace: Duration,
+        actor: Option<&str>,
+    ) -> Result<IssuedKey, Error> {
+        let change = Change::RotateKey {
+            id: id.to_owned(),
+            grace,
+        };
+        let issued = self.change(change, actor).await?;
+        Ok(issued.expect("rotating a key issues a secret"))
+    }
+
+    /// Revoke a key: every instance refuses it from the moment this returns.
+    ///
+    /// # Errors
+    /// [`Error::Policy`] or [`Error::Store`].
+    pub async fn revoke_key(&self, id: &str, actor: Option<&str>) -> Result<(), Error> {
+        self.change(Change::RevokeKey(id.to_owned()), actor)
+            .await
+            .map(drop)
+    }
+
+    /// Validate the change, record in Redis what every instance must see, then
+    /// publish the new policy here. A failure at any step changes nothing locally.
+    async fn change(
+        &self,
+        change: Change,
+        actor: Option<&str>,
+    ) -> Result<Option<IssuedKey>, Error> {
+        let inner = &self.inner;
+        let _writer = inner.apply_lock.lock().await;
+        let previous = inner.snapshot.load_full();
+        let (next, applied) = next_snapshot(&previous, change)?;
+        self.publish_flags(&previous, &next).await?;
+        inner.fallback.store(Arc::new(fallback::local_share(
+            &next.policy,
+            inner.config.expected_instances,
+        )));
+        let now = next.clock.now();
+        let events = next.events.clone();
+        inner.snapshot.store(Arc::new(next));
+        if let Some(events) = events {
+            events.emit(now, actor, applied.event);
+        }
+        Ok(applied.issued)
+    }
+
+    /// Write the revocations, reactivations, deletions and re-creations between two
+    /// policies to Redis.
+    async fn publish_flags(&self, previous: &Snapshot, next: &Snapshot) -> Result<(), StoreError> {
+        let layout = &self.inner.layout;
+        let (old, new) = (&previous.policy, &next.policy);
+        let mut commands = Vec::new();
+        for key in &new.keys {
+            let ws = &new.workspaces[key.workspace as usize].id;
+            let was_revoked = previous
+                .key_index(&key.id)
+                .map(|k| old.keys[k as usize].status == KeyStatus::Revoked);
+            let revoked = key.status == KeyStatus::Revoked;
+            if revoked && was_revoked != Some(true) {
+                commands.push(
+                    redis::cmd("HSET")
+                        .arg(layout.key(ws, &key.id))
+                        .arg("revoked")
+                        .arg("1")
+                        .clone(),
+                );
+            } else if !revoked && was_revoked == Some(true) {
+                commands.push(
+                    redis::cmd("HDEL")
+                        .arg(layout.key(ws, &key.id))
+                        .arg("revoked")
+                        .clone(),
+                );
+            }
+        }
+        for ws in &old.workspaces {
+            if next.workspace_index(&ws.id).is_some() {
+                continue;
+            }
+            // Gone: drop its counters, and leave a tombstone every instance checks.
+            let w = previous.workspace_index(&ws.id).expect("listed") as usize;
+            let mut del = redis::cmd("DEL");
+            del.arg(layout.workspace(&ws.id))
+                .arg(format!("{}:holds", layout.workspace_tag(&ws.id)));
+            for key in old.keys.iter().filter(|k| k.workspace as usize == w) {
+                del.arg(layout.key(&ws.id, &key.id));
+            }
+            for model in &old.models {
+                del.arg(layout.model(&ws.id, &model.name));
+            }
+            commands.push(del);
+            commands.push(
+                redis::cmd("HSET")
+                    .arg(layout.workspace(&ws.id))
+                    .arg("deleted")
+                    .arg("1")
+                    .clone(),
+            );
+        }
+        for ws in &new.workspaces {
+            if previous.workspace_index(&ws.id).is_none() {
+                commands.push(
+                    redis::cmd("HDEL")
+                        .arg(layout.workspace(&ws.id))
+                        .arg("deleted")
+                        .clone(),
+                );
+            }
+        }
+        let mut connection = self.inner.connection.clone();
+        for command in commands {
+            command
+                .query_async::<redis::Value>(&mut connection)
+                .await
+                .map_err(|e| classify("control", &e))?;
+        }
+        Ok(())
+    }
+}
