@@ -45,7 +45,7 @@ impl Alerts {
             } else {
                 0 // a new period: nothing reported in it
             };
-            if u16::from(percent) + 1 <= u16::from(reported) {
+            if u16::from(percent) < u16::from(reported) {
                 return None;
             }
             let next = (tag << PERCENT_BITS) | (u64::from(percent) + 1);

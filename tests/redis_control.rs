@@ -173,8 +173,12 @@ async fn keys_created_and_rotated_on_one_instance() {
         .rotate_key("k9", Duration::from_secs(3600), None)
         .await
         .unwrap();
-    a.check_and_reserve(&with(&rotated.secret)).await.unwrap(); // still in its grace period
-    a.check_and_reserve(&with(&grace.secret)).await.unwrap();
+    // The old secret is still in its grace period; both are the same key.
+    let old = a.check_and_reserve(&with(&rotated.secret)).await.unwrap();
+    a.commit_usage(old, Usage::new(1, 0)).await.unwrap();
+    let new = a.check_and_reserve(&with(&grace.secret)).await.unwrap();
+    a.commit_usage(new, Usage::new(1, 0)).await.unwrap();
+    assert_eq!(server.cli(&["hget", "tollgate:v1:{ws:ws1}:key:k9", "req"]), "4");
 
     // Invalid operations are typed errors and change nothing.
     let before = a.policy().document().clone();

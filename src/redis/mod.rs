@@ -257,7 +257,7 @@ impl RedisEngine {
         } = admit(snap, request, now, status)?;
 
         let id = self.next_id();
-        let groups = inner.layout.groups(&snap, route);
+        let groups = inner.layout.groups(snap, route);
         let calls = groups
             .each_ref()
             .map(|group| calls::reserve(snap, route, group, &id, ask, inner.ttls));

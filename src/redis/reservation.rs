@@ -27,8 +27,9 @@ pub struct RedisReservation {
 
 enum Kind {
     Remote(Remote),
-    /// Admitted by the local limiter of a fail-open workspace while Redis was down.
-    Local(Reservation),
+    /// Admitted by the local limiter of a fail-open workspace while Redis was down
+    /// (boxed: the rare case should not size the common one).
+    Local(Box<Reservation>),
 }
 
 struct Remote {
@@ -72,7 +73,7 @@ impl RedisReservation {
 
     pub(crate) fn local(reservation: Reservation) -> Self {
         RedisReservation {
-            kind: Kind::Local(reservation),
+            kind: Kind::Local(Box::new(reservation)),
         }
     }
 
