@@ -136,6 +136,7 @@ pub(crate) struct Inner {
     /// Commits that failed with a transient error, retried by `flush_pending`.
     pending: Mutex<Vec<PendingCommit>>,
     last_error: Mutex<Option<StoreError>>,
+    failed_commits: AtomicU64,
     instance: u64,
     sequence: AtomicU64,
 }
@@ -215,6 +216,7 @@ impl RedisEngine {
                 apply_lock: tokio::sync::Mutex::new(()),
                 pending: Mutex::new(Vec::new()),
                 last_error: Mutex::new(None),
+                failed_commits: AtomicU64::new(0),
                 instance: instance_id(),
                 sequence: AtomicU64::new(0),
             }),
@@ -336,10 +338,12 @@ impl RedisEngine {
     /// Replace a reservation by what the request really used, in one round trip.
     ///
     /// # Errors
-    /// [`Error::Store`] if Redis did not acknowledge the commit. Nothing is lost: the
-    /// commit is queued and replayed after the next commit that succeeds (or by
-    /// [`RedisEngine::flush_pending`]), and commits are idempotent by reservation id,
-    /// so a commit that did land is not charged twice.
+    /// [`Error::Store`] if Redis did not acknowledge the commit. After a transient
+    /// error nothing is lost: the commit is queued and replayed after the next commit
+    /// that succeeds (or by [`RedisEngine::flush_pending`]), and commits are idempotent
+    /// by reservation id, so a commit that did land is not charged twice. A permanent
+    /// or corrupt-data error is not queued (it would fail again): it is counted in
+    /// [`RedisEngine::failed_commits`], and the script wrote nothing.
     pub async fn commit_usage(
         &self,
         reservation: RedisReservation,
@@ -348,22 +352,29 @@ impl RedisEngine {
         reservation.commit(self, usage).await
     }
 
-    /// Replay commits that failed, in order. Returns how many are still pending.
+    /// Replay commits that failed with a transient error, in order. Returns how many
+    /// are still pending.
+    ///
+    /// A replayed commit that fails again transiently stays queued; one that fails
+    /// for good (corrupt or foreign data at its keys) leaves the queue, is counted in
+    /// [`RedisEngine::failed_commits`] and reported by `last_store_error`, so it can
+    /// never block the commits behind it.
     ///
     /// # Errors
-    /// The first failure; the commits not yet acknowledged stay queued.
+    /// The first failure met; every other queued commit was still tried.
     pub async fn flush_pending(&self) -> Result<usize, Error> {
         let queued = std::mem::take(&mut *self.inner.pending.lock());
-        let mut failed = None;
+        let mut first_error = None;
         let mut left = Vec::new();
         for pending in queued {
-            if failed.is_some() {
-                left.push(pending);
-                continue;
-            }
             if let Err(error) = self.run_commit(&pending).await {
-                failed = Some(error);
-                left.push(pending);
+                self.record_error(error.clone());
+                if error.is_transient() {
+                    left.push(pending);
+                } else {
+                    self.inner.failed_commits.fetch_add(1, Ordering::Relaxed);
+                }
+                first_error.get_or_insert(error);
             }
         }
         let mut queue = self.inner.pending.lock();
@@ -371,10 +382,18 @@ impl RedisEngine {
         *queue = left;
         let remaining = queue.len();
         drop(queue);
-        match failed {
+        match first_error {
             Some(error) => Err(Error::Store(error)),
             None => Ok(remaining),
         }
+    }
+
+    /// Commits that failed for good (not transiently): their usage could not be
+    /// recorded in Redis. Each was reported as an error to its caller or by
+    /// `flush_pending`, and by `last_store_error`.
+    #[must_use]
+    pub fn failed_commits(&self) -> u64 {
+        self.inner.failed_commits.load(Ordering::Relaxed)
     }
 
     /// Commits waiting for Redis.

@@ -2,6 +2,7 @@
 //! the local limiter).
 
 use std::fmt;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use rust_decimal::Decimal;
@@ -171,7 +172,11 @@ impl RedisReservation {
             }
             Err(error) => {
                 engine.record_error(error.clone());
-                inner.pending.lock().push(commit);
+                if error.is_transient() {
+                    inner.pending.lock().push(commit);
+                } else {
+                    inner.failed_commits.fetch_add(1, Ordering::Relaxed);
+                }
                 Err(Error::Store(error))
             }
         }

@@ -17,16 +17,21 @@ purge(KEYS[1], record_base)
 if redis.call('EXISTS', KEYS[3]) == 1 then return { 2 } end
 local alerts = {}
 
-local r = redis.call('HMGET', KEYS[2], 't', 'n')
-local present = r[1] ~= false
-local take_us = present and num(KEYS[2], 't', r[1]) or 0
+-- Check everything before writing anything (a failed script keeps its writes).
+local record = read_record(KEYS[2])
+local present = record ~= nil
+for i = 4, #KEYS do check_scope(KEYS[i]) end
+if present and #record.levels ~= #KEYS - 3 then
+  return redis.error_reply('CORRUPT ' .. KEYS[2] .. ' n=' .. #record.levels .. ', expected ' .. (#KEYS - 3))
+end
+local take_us = present and record.take or 0
 for i = 1, #KEYS - 3 do
   local key = KEYS[3 + i]
   local a = 7 + (i - 1) * 9
   local interval, reserved_units, used_units = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   roll(key, tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]))
   if present then
-    local h = numbers(KEYS[2], 'h' .. i, redis.call('HGET', KEYS[2], 'h' .. i))
+    local h = record.levels[i].h
     if interval > 0 and used_units < reserved_units then
       refund(key, 'tpm', h[6], h[7], take_us, (reserved_units - used_units) * interval)
     elseif interval > 0 and used_units > reserved_units then

@@ -149,33 +149,76 @@ local function numbers(key, field, raw)
   return out
 end
 
--- Give back everything reservation record `rkey` holds and delete it.
--- Record: t (take time), c (cost), n (levels), k<i> (scope key), h<i> =
--- "slot,rpm_added,rpm_after,rpd_added,rpd_after,tpm_added,tpm_after".
-local function release_record(rkey, holds, id)
+-- Every field a scope hash may hold, checked before a script writes anything: Redis
+-- does not undo a script's writes when it fails half-way, so a corrupt value must be
+-- found while nothing has been changed.
+local NUMERIC = { 'rpm', 'rpm@', 'rpd', 'rpd@', 'tpm', 'tpm@', 'conc', 'ps', 'pe', 'req', 'in', 'out', 'alerted' }
+local MONEY = { 'used', 'held', 'spent' }
+
+local function check_scope(key)
+  local kind = redis.call('TYPE', key)['ok']
+  if kind ~= 'hash' and kind ~= 'none' then
+    error(redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. kind .. ', not a tollgate hash'))
+  end
+  local v = redis.call('HMGET', key, unpack(NUMERIC))
+  for i, field in ipairs(NUMERIC) do num(key, field, v[i]) end
+  v = redis.call('HMGET', key, unpack(MONEY))
+  for i, field in ipairs(MONEY) do money(key, field, v[i]) end
+end
+
+-- A reservation record, parsed and checked whole: t (take time), c (cost), n (levels),
+-- k<i> (scope key), h<i> = "slot,rpm_added,rpm_after,rpd_added,rpd_after,tpm_added,
+-- tpm_after". nil if there is none.
+local function read_record(rkey)
   local r = redis.call('HMGET', rkey, 't', 'c', 'n')
-  if r[1] ~= false then
-    local take_us = num(rkey, 't', r[1])
-    local cost = money(rkey, 'c', r[2])
-    for i = 1, num(rkey, 'n', r[3]) do
-      local key = redis.call('HGET', rkey, 'k' .. i)
-      local h = numbers(rkey, 'h' .. i, redis.call('HGET', rkey, 'h' .. i))
-      refund(key, 'rpm', h[2], h[3], take_us, h[2])
-      refund(key, 'rpd', h[4], h[5], take_us, h[4])
-      refund(key, 'tpm', h[6], h[7], take_us, h[6])
+  if r[1] == false then return nil end
+  local record = { take = num(rkey, 't', r[1]), cost = money(rkey, 'c', r[2]), levels = {} }
+  for i = 1, num(rkey, 'n', r[3]) do
+    local key = redis.call('HGET', rkey, 'k' .. i)
+    if not key then error(bad(rkey, 'k' .. i, 'missing')) end
+    local h = numbers(rkey, 'h' .. i, redis.call('HGET', rkey, 'h' .. i))
+    if #h ~= 7 then error(bad(rkey, 'h' .. i, table.concat(h, ','))) end
+    check_scope(key)
+    record.levels[i] = { key = key, h = h }
+  end
+  return record
+end
+
+-- Give back everything a parsed record holds, delete it, drop it from the holds.
+local function release_parsed(rkey, record, holds, id)
+  if record then
+    for _, level in ipairs(record.levels) do
+      local key, h = level.key, level.h
+      refund(key, 'rpm', h[2], h[3], record.take, h[2])
+      refund(key, 'rpd', h[4], h[5], record.take, h[4])
+      refund(key, 'tpm', h[6], h[7], record.take, h[6])
       if h[1] == 1 then redis.call('HINCRBY', key, 'conc', -1) end
-      add_money(key, 'used', neg(cost))
-      add_money(key, 'held', neg(cost))
+      add_money(key, 'used', neg(record.cost))
+      add_money(key, 'held', neg(record.cost))
     end
     redis.call('DEL', rkey)
   end
   redis.call('ZREM', holds, id)
 end
 
+local function release_record(rkey, holds, id)
+  release_parsed(rkey, read_record(rkey), holds, id)
+end
+
 -- Release holds whose owner let them expire (crashed, or never committed).
 local function purge(holds, record_base)
   local expired = redis.call('ZRANGEBYSCORE', holds, '-inf', fmt(now / 1000), 'LIMIT', 0, 16)
   for _, id in ipairs(expired) do
-    release_record(record_base .. id, holds, id)
+    local rkey = record_base .. id
+    local ok, record = pcall(read_record, rkey)
+    if ok then
+      release_parsed(rkey, record, holds, id)
+    else
+      -- A corrupt record cannot say what to give back. Drop it rather than fail
+      -- every call on this tag until it expires: its holds stay counted, which can
+      -- refuse requests but never overspend.
+      redis.call('DEL', rkey)
+      redis.call('ZREM', holds, id)
+    end
   end
 end

@@ -19,6 +19,8 @@ if ARGV[6] == '1' then
   if redis.call('HGET', KEYS[5], 'deleted') == '1' then return { 0, 2, 7 } end
 end
 
+-- Check every counter before writing anything (a failed script keeps its writes).
+for i = 4, #KEYS do check_scope(KEYS[i]) end
 local levels = #KEYS - 3
 local plan = {}
 -- Pass 1: read and decide, writing nothing but period rollovers, so a refusal
