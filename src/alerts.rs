@@ -1,20 +1,23 @@
 //! Budget alerts: each configured percentage fires once per period per scope.
 //!
-//! Spend only grows within a period, so one word per scope suffices: the period it
-//! speaks of and the highest percentage already reported. A commit that pushes spend
+//! Spend only grows within a period, so one word per scope suffices: the period and
+//! budget it speaks of and the highest percentage already reported. A changed budget
+//! limit starts over (its percentages are of a different amount). A commit that pushes spend
 //! past one or more thresholds moves the word forward with one CAS; only the commit
 //! whose CAS succeeds reports the thresholds it passed, so none fires twice, even
 //! when many threads cross at once.
 
 use crate::sync::{AtomicU64, Ordering};
 
-/// The packed state: period start in seconds above, `highest reported + 1` below.
+/// The packed state: period start in seconds (34 bits, to the year 2514), a 22-bit
+/// fingerprint of the budget limit, and `highest reported + 1` (8 bits).
 #[derive(Debug, Default)]
 pub(crate) struct Alerts {
     word: AtomicU64,
 }
 
 const PERCENT_BITS: u32 = 8;
+const LIMIT_BITS: u32 = 22;
 
 /// Thresholds newly crossed by one commit: percentages `(after, through]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,10 +36,18 @@ impl Crossed {
 }
 
 impl Alerts {
-    /// Record that spend reached `percent` (capped at 100) of the budget in the period
-    /// starting at `period_start_nanos`; `Some` if that passes anything not yet reported.
-    pub(crate) fn reach(&self, percent: u8, period_start_nanos: u64) -> Option<Crossed> {
-        let tag = period_start_nanos / 1_000_000_000;
+    /// Record that spend reached `percent` (capped at 100) of a budget of `limit` in the
+    /// period starting at `period_start_nanos`; `Some` if that passes anything not yet
+    /// reported for this period and limit.
+    pub(crate) fn reach(
+        &self,
+        percent: u8,
+        period_start_nanos: u64,
+        limit: i64,
+    ) -> Option<Crossed> {
+        let fingerprint = (limit as u64 ^ (limit as u64 >> LIMIT_BITS) ^ (limit as u64 >> 44))
+            & ((1 << LIMIT_BITS) - 1);
+        let tag = ((period_start_nanos / 1_000_000_000) << LIMIT_BITS) | fingerprint;
         let percent = percent.min(100);
         let mut word = self.word.load(Ordering::Acquire);
         loop {
@@ -82,24 +93,25 @@ mod tests {
     fn each_percentage_is_reported_once_per_period() {
         let alerts = Alerts::default();
         let period = 1_000_000_000_000;
-        assert_eq!(
-            alerts.reach(10, period),
-            Some(Crossed {
-                after: None,
-                through: 10
-            })
-        );
-        assert_eq!(alerts.reach(10, period), None);
-        assert_eq!(alerts.reach(5, period), None);
-        let crossed = alerts.reach(85, period).unwrap();
+        let limit = 1_000_000;
+        let first = Crossed {
+            after: None,
+            through: 10,
+        };
+        assert_eq!(alerts.reach(10, period, limit), Some(first));
+        assert_eq!(alerts.reach(10, period, limit), None);
+        assert_eq!(alerts.reach(5, period, limit), None);
+        let crossed = alerts.reach(85, period, limit).unwrap();
         assert!(crossed.includes(50) && crossed.includes(80));
         assert!(!crossed.includes(10) && !crossed.includes(90));
         // A new period starts from nothing.
         let next = period + 86_400_000_000_000;
-        let crossed = alerts.reach(50, next).unwrap();
+        let crossed = alerts.reach(50, next, limit).unwrap();
         assert!(crossed.includes(0) && crossed.includes(50));
-        assert_eq!(alerts.reach(250, next).unwrap().through, 100);
-        assert_eq!(alerts.reach(100, next), None);
+        assert_eq!(alerts.reach(250, next, limit).unwrap().through, 100);
+        assert_eq!(alerts.reach(100, next, limit), None);
+        // So does a changed budget: its percentages are of another amount.
+        assert_eq!(alerts.reach(55, next, 10 * limit).unwrap().through, 55);
     }
 
     #[test]

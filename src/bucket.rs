@@ -139,6 +139,30 @@ impl Gcra {
         }
     }
 
+    /// Re-express the backlog for a new interval, so the units already taken count the
+    /// same against the new limit (a GCRA backlog is time: left alone, a lower limit
+    /// would see past requests as fewer).
+    pub(crate) fn rescale(&self, old_interval: u64, new_interval: u64, now: u64) {
+        let mut tat = self.tat.load(Ordering::Acquire);
+        loop {
+            let backlog = u128::from(tat.saturating_sub(now));
+            let scaled = backlog * u128::from(new_interval) / u128::from(old_interval.max(1));
+            let new_tat = now.saturating_add(u64::try_from(scaled).unwrap_or(u64::MAX));
+            match self
+                .tat
+                .compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return,
+                Err(actual) => tat = actual,
+            }
+        }
+    }
+
+    /// Forget the backlog: a limit that did not exist counted nothing.
+    pub(crate) fn clear(&self) {
+        self.tat.store(0, Ordering::Release);
+    }
+
     /// Units that would fit right now.
     #[cfg(any(test, loom))]
     pub(crate) fn remaining(&self, rule: &RateRule, now: u64) -> u64 {

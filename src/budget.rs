@@ -232,6 +232,16 @@ impl PeriodCell {
         (spent, self.start.load(Ordering::Acquire))
     }
 
+    /// The budget's period kind changed: the period containing `now` under the new
+    /// kind becomes the current one at once, carrying what the current one counted
+    /// (spend is never forgotten by an edit; the next boundary starts from zero).
+    pub(crate) fn rebase(&self, span: Span, now: Timestamp) {
+        let _rollover = self.previous.lock();
+        let (start, end) = bounds(span, now);
+        self.start.store(start.as_unix_nanos(), Ordering::Release);
+        self.end.store(end.as_unix_nanos(), Ordering::Release);
+    }
+
     /// Load counts saved by an earlier process into fresh counters: the saved current
     /// period's counts if it is still current at `now` (else it becomes the previous
     /// period, if it was the one just before), and the saved previous period.

@@ -320,7 +320,7 @@ impl Events {
             if percent < lowest {
                 continue;
             }
-            if let Some(crossed) = state.alerts.reach(percent, period_start) {
+            if let Some(crossed) = state.alerts.reach(percent, period_start, budget.limit) {
                 self.budget_reached(snap, route, level, crossed, spent, at);
             }
         }

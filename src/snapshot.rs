@@ -52,23 +52,24 @@ impl Snapshot {
         clock: StdArc<dyn Clock>,
     ) -> Snapshot {
         let now = clock.now();
-        // Reuse a counter of the previous snapshot by id, or start a fresh one.
-        let reuse = |found: Option<&Arc<ScopeState>>, rules: &LevelRules| {
-            found.map_or_else(|| Arc::new(ScopeState::new(rules, now, false)), Arc::clone)
+        // Reuse a counter of the previous snapshot by id (adapted to changed rules),
+        // or start a fresh one.
+        type Found<'p, T> = Option<(&'p Arc<T>, &'p LevelRules)>;
+        let reuse = |found: Found<'_, ScopeState>, rules: &LevelRules| match found {
+            Some((state, old)) => {
+                state.adapt(old, rules, now);
+                Arc::clone(state)
+            }
+            None => Arc::new(ScopeState::new(rules, now, false)),
         };
-        let reuse_padded = |found: Option<&Arc<Padded<ScopeState>>>, rules: &LevelRules| {
-            found.map_or_else(
-                || Arc::new(Padded(ScopeState::new(rules, now, false))),
-                Arc::clone,
-            )
-        };
-        // Every request writes the org's and the wallet's counters: split their tallies.
-        let reuse_shared = |found: Option<&Arc<Padded<ScopeState>>>, rules: &LevelRules| {
-            found.map_or_else(
-                || Arc::new(Padded(ScopeState::new(rules, now, true))),
-                Arc::clone,
-            )
-        };
+        let reuse_padded =
+            |found: Found<'_, Padded<ScopeState>>, rules: &LevelRules, shared| match found {
+                Some((state, old)) => {
+                    state.adapt(old, rules, now);
+                    Arc::clone(state)
+                }
+                None => Arc::new(Padded(ScopeState::new(rules, now, shared))),
+            };
 
         let model_by_name = Index::build(policy.models.len(), |m| &*policy.models[m as usize].name);
         let workspace_by_id = Index::build(policy.workspaces.len(), |w| {
@@ -91,7 +92,11 @@ impl Snapshot {
         let mut workspace_models = Vec::with_capacity(policy.workspaces.len());
         for ws in &policy.workspaces {
             let old = previous.and_then(|p| Some((p, p.workspace_index(&ws.id)? as usize)));
-            workspaces.push(reuse_padded(old.map(|(p, i)| &p.workspaces[i]), &ws.rules));
+            workspaces.push(reuse_padded(
+                old.map(|(p, i)| (&p.workspaces[i], &p.policy.workspaces[i].rules)),
+                &ws.rules,
+                false,
+            ));
             let models = policy
                 .models
                 .iter()
@@ -99,9 +104,12 @@ impl Snapshot {
                 .map(|(model, rules)| {
                     let found = old.and_then(|(p, i)| {
                         let m = p.model_index(&model.name)? as usize;
-                        p.workspace_models[i].get(m)
+                        Some((
+                            p.workspace_models[i].get(m)?,
+                            p.policy.workspaces[i].model_rules.get(m)?,
+                        ))
                     });
-                    reuse_padded(found, rules)
+                    reuse_padded(found, rules, false)
                 })
                 .collect();
             workspace_models.push(models);
@@ -109,7 +117,15 @@ impl Snapshot {
 
         let mut keys = Vec::with_capacity(policy.keys.len());
         for key in &policy.keys {
-            let found = previous.and_then(|p| Some(&p.keys[p.key_index(&key.id)? as usize]));
+            let found = previous.and_then(|p| {
+                let k = p.key_index(&key.id)? as usize;
+                let old = &p.policy.keys[k];
+                let old_rules = old
+                    .rules
+                    .as_deref()
+                    .unwrap_or(&p.policy.workspaces[old.workspace as usize].plain_key_rules);
+                Some((&p.keys[k], old_rules))
+            });
             let rules = key
                 .rules
                 .as_deref()
@@ -134,12 +150,15 @@ impl Snapshot {
             }
         }
 
-        let org = reuse_shared(previous.map(|p| &p.org), &policy.org.rules);
-        // The wallet never rolls over, whether or not this policy sets one yet.
-        let wallet = reuse_shared(
-            previous.map(|p| &p.wallet),
-            &LevelRules::unlimited(Span::Forever),
+        // Every request writes the org's and the wallet's counters: split their tallies.
+        let org = reuse_padded(
+            previous.map(|p| (&p.org, &p.policy.org.rules)),
+            &policy.org.rules,
+            true,
         );
+        // The wallet never rolls over, whether or not this policy sets one yet.
+        let forever = LevelRules::unlimited(Span::Forever);
+        let wallet = reuse_padded(previous.map(|p| (&p.wallet, &forever)), &forever, true);
         Snapshot {
             policy,
             clock,

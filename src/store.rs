@@ -40,6 +40,31 @@ pub(crate) const KEY_REVOKED: u32 = 1;
 pub(crate) const KEY_EXPIRY_REPORTED: u32 = 2;
 
 impl ScopeState {
+    /// Carry these counters over from `old` rules to `new` ones (a policy change):
+    /// rate limits keep the amount already used (a limit added starts full), and a
+    /// budget whose period kind changed starts its new period now.
+    pub(crate) fn adapt(&self, old: &LevelRules, new: &LevelRules, now: Timestamp) {
+        let at = now.as_unix_nanos();
+        let rate = |t: &Option<TokenRule>| t.as_ref().map(|t| t.rate);
+        for (bucket, old_rule, new_rule) in [
+            (&self.rpm, old.rpm, new.rpm),
+            (&self.rpd, old.rpd, new.rpd),
+            (&self.tpm, rate(&old.tpm), rate(&new.tpm)),
+        ] {
+            match (old_rule, new_rule) {
+                (Some(o), Some(n)) if o.interval != n.interval => {
+                    bucket.rescale(o.interval, n.interval, at);
+                }
+                // A limit added now starts full: without it nothing was counted.
+                (None, Some(_)) => bucket.clear(),
+                _ => {}
+            }
+        }
+        if old.span != new.span {
+            self.periods.rebase(new.span, now);
+        }
+    }
+
     /// Whether the key these counters belong to has been revoked or deleted.
     #[inline]
     pub(crate) fn revoked(&self) -> bool {

@@ -1034,7 +1034,10 @@ fn workspace_edits_keep_counters_and_new_limits_apply_on_the_next_request() {
         .update_workspace(
             "ws",
             WorkspaceUpdate {
-                limits: Some(limits(|l| l.rpm = Some(1))),
+                limits: Some(limits(|l| {
+                    l.rpm = Some(1);
+                    l.tpm = Some(20_000);
+                })),
                 ..WorkspaceUpdate::default()
             },
             None,
@@ -1994,12 +1997,11 @@ fn traffic_during_rotation_revocation_and_limit_edits_keeps_every_promise() {
 }
 
 // ---------------------------------------------------------------------------------
-// Known bugs (see the report): each test states the documented behaviour and fails on
-// the current implementation. Run with `cargo test --test control -- --ignored`.
+// Edits that change how counters must be read: a budget's period kind, its limit
+// (alerts), and lowered rate limits (a GCRA backlog is time; it is rescaled).
 // ---------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "BUG: a budget's new period applies only once the old period has ended"]
 fn changing_a_budget_period_takes_effect_from_the_next_request() {
     let mut doc = base();
     doc.workspaces[0].budget = Some(BudgetSpec::new(dec("100"), BudgetPeriod::Month));
@@ -2030,7 +2032,6 @@ fn changing_a_budget_period_takes_effect_from_the_next_request() {
 }
 
 #[test]
-#[ignore = "BUG: alert state reached under the old limit suppresses the new limit's thresholds"]
 fn raising_a_budget_mid_period_reports_the_new_budgets_thresholds() {
     let mut doc = base();
     doc.workspaces[0].budget = Some(BudgetSpec::new(dec("1"), BudgetPeriod::Day));
@@ -2063,7 +2064,6 @@ fn raising_a_budget_mid_period_reports_the_new_budgets_thresholds() {
 }
 
 #[test]
-#[ignore = "BUG?: lowering a rate limit rescales usage instead of counting it (GCRA state is time)"]
 fn lowering_rpm_below_the_requests_already_made_refuses_the_next_request() {
     let mut doc = base();
     doc.workspaces[0].limits = limits(|l| l.rpm = Some(100));
@@ -2089,7 +2089,6 @@ fn lowering_rpm_below_the_requests_already_made_refuses_the_next_request() {
 }
 
 #[test]
-#[ignore = "BUG?: lowering a rate limit rescales usage instead of counting it (GCRA state is time)"]
 fn lowering_tpm_below_the_tokens_already_used_refuses_what_does_not_fit() {
     let mut doc = base();
     doc.workspaces[0].limits = limits(|l| l.tpm = Some(10_000));

@@ -768,6 +768,25 @@ struct Model {
     wallet: usize,
 }
 
+fn key_rules(params: &Params, k: usize) -> Rules {
+    let kp = &params.keys[k];
+    Rules::of(&kp.limits, kp.budget)
+}
+
+fn workspace_rules(params: &Params, w: usize) -> Rules {
+    let wp = &params.workspaces[w];
+    Rules::of(&wp.limits, Some(wp.budget))
+}
+
+fn model_rules(params: &Params, w: usize, m: usize) -> Rules {
+    let ml = &params.workspaces[w].model_limits[m];
+    Rules {
+        rpm: ml.rpm.map(|l| Rate::new(l, MINUTE)),
+        tpm: ml.tpm.map(|l| (Rate::new(l, MINUTE), ml.counts)),
+        ..Rules::default()
+    }
+}
+
 fn key_span(k: usize) -> Span {
     KEY_PERIOD[k].into()
 }
@@ -808,6 +827,52 @@ impl Model {
     /// Counters of ids that persist are kept; a key that left and comes back starts
     /// afresh.
     fn apply(&mut self, params: Params) {
+        // Rate limits that persist keep the units already taken: a changed interval
+        // rescales the backlog; a limit added starts full.
+        let now = self.now;
+        let adapt = |c: &mut Counters, old: &Rules, new: &Rules| {
+            let rates = [
+                (&mut c.rpm_tat, old.rpm, new.rpm),
+                (&mut c.rpd_tat, old.rpd, new.rpd),
+                (&mut c.tpm_tat, old.tpm.map(|t| t.0), new.tpm.map(|t| t.0)),
+            ];
+            for (tat, old, new) in rates {
+                match (old, new) {
+                    (Some(o), Some(n)) if o.interval != n.interval => {
+                        let backlog = u128::from(tat.saturating_sub(now));
+                        let scaled = backlog * u128::from(n.interval) / u128::from(o.interval);
+                        *tat = now.saturating_add(u64::try_from(scaled).unwrap_or(u64::MAX));
+                    }
+                    (None, Some(_)) => *tat = 0,
+                    _ => {}
+                }
+            }
+        };
+        for k in 0..3 {
+            if let (Some(scope), true) = (self.keys[k], params.keys[k].present) {
+                adapt(
+                    &mut self.scopes[scope],
+                    &key_rules(&self.params, k),
+                    &key_rules(&params, k),
+                );
+            }
+        }
+        for w in 0..2 {
+            let scope = self.workspaces[w];
+            adapt(
+                &mut self.scopes[scope],
+                &workspace_rules(&self.params, w),
+                &workspace_rules(&params, w),
+            );
+            for m in 0..2 {
+                let scope = self.workspace_models[w][m];
+                adapt(
+                    &mut self.scopes[scope],
+                    &model_rules(&self.params, w, m),
+                    &model_rules(&params, w, m),
+                );
+            }
+        }
         for k in 0..3 {
             if !params.keys[k].present {
                 self.keys[k] = None;
@@ -862,26 +927,21 @@ impl Model {
             cost: i128::from(input) * INPUT_PICOS[m] + i128::from(output) * OUTPUT_PICOS[m],
         };
 
-        let ml = &wp.model_limits[m];
         let levels = [
             (
                 Scope::Key,
                 self.keys[k].unwrap(),
-                Some(Rules::of(&kp.limits, kp.budget)),
+                Some(key_rules(&self.params, k)),
             ),
             (
                 Scope::Workspace,
                 self.workspaces[w],
-                Some(Rules::of(&wp.limits, Some(wp.budget))),
+                Some(workspace_rules(&self.params, w)),
             ),
             (
                 Scope::WorkspaceModel,
                 self.workspace_models[w][m],
-                Some(Rules {
-                    rpm: ml.rpm.map(|l| Rate::new(l, MINUTE)),
-                    tpm: ml.tpm.map(|l| (Rate::new(l, MINUTE), ml.counts)),
-                    ..Rules::default()
-                }),
+                Some(model_rules(&self.params, w, m)),
             ),
             (
                 Scope::Org,
