@@ -178,7 +178,10 @@ async fn keys_created_and_rotated_on_one_instance() {
     a.commit_usage(old, Usage::new(1, 0)).await.unwrap();
     let new = a.check_and_reserve(&with(&grace.secret)).await.unwrap();
     a.commit_usage(new, Usage::new(1, 0)).await.unwrap();
-    assert_eq!(server.cli(&["hget", "tollgate:v1:{ws:ws1}:key:k9", "req"]), "4");
+    assert_eq!(
+        server.cli(&["hget", "tollgate:v1:{ws:ws1}:key:k9", "req"]),
+        "4"
+    );
 
     // Invalid operations are typed errors and change nothing.
     let before = a.policy().document().clone();
@@ -256,4 +259,45 @@ impl WithTime for tollgate::UsageSnapshot {
         copy.taken_at = at;
         copy
     }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn lowered_limits_count_what_was_already_used() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let (a, _) = instance(&server).await;
+    let limits = |rpm, tpm| tollgate::LimitsSpec {
+        rpm: Some(rpm),
+        tpm: Some(tpm),
+        ..tollgate::LimitsSpec::default()
+    };
+    let update = |rpm, tpm| tollgate::WorkspaceUpdate {
+        limits: Some(limits(rpm, tpm)),
+        ..tollgate::WorkspaceUpdate::default()
+    };
+    a.update_workspace("ws2", update(100, 10_000), None)
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        spend(&a, "k3", 250).await; // 4 requests, 1,000 tokens this minute
+    }
+    // rpm 100 → 3: four requests were made, so the next is refused (a GCRA backlog
+    // left in the old limit's time would read as 0.12 requests and admit it).
+    a.update_workspace("ws2", update(3, 10_000), None)
+        .await
+        .unwrap();
+    assert_eq!(denied(&a, "k3").await, DenialReason::RequestsPerMinute);
+    // tpm 10,000 → 1,100 with 1,000 used: 200 more do not fit, 50 do.
+    a.update_workspace("ws2", update(100, 1_100), None)
+        .await
+        .unwrap();
+    let big = Request::with_key_id("k3", "m")
+        .input_tokens(200)
+        .max_output_tokens(0);
+    let refused = a.check_and_reserve(&big).await.unwrap_err();
+    assert_eq!(refused.reason, DenialReason::TokensPerMinute);
+    spend(&a, "k3", 50).await;
 }

@@ -35,13 +35,13 @@ for i = 1, #KEYS - 3 do
     if interval > 0 and used_units < reserved_units then
       refund(key, 'tpm', h[6], h[7], take_us, (reserved_units - used_units) * interval)
     elseif interval > 0 and used_units > reserved_units then
-      store_level(key, 'tpm', level_now(key, 'tpm') + (used_units - reserved_units) * interval)
+      store_level(key, 'tpm', level_now(key, 'tpm', interval) + (used_units - reserved_units) * interval, interval)
     end
     if h[1] == 1 then redis.call('HINCRBY', key, 'conc', -1) end
     add_money(key, 'used', neg(reserved))
     add_money(key, 'held', neg(reserved))
   elseif interval > 0 and used_units > 0 then
-    store_level(key, 'tpm', level_now(key, 'tpm') + used_units * interval)
+    store_level(key, 'tpm', level_now(key, 'tpm', interval) + used_units * interval, interval)
   end
   add_money(key, 'used', cost)
   add_money(key, 'spent', cost)

@@ -57,15 +57,26 @@ local function add_money(key, field, amount)
   if amount ~= '0' then redis.call('HINCRBY', key, field, amount) end
 end
 
--- A bucket's backlog (ns) drained to now.
-local function level_now(key, name)
-  local v = redis.call('HMGET', key, name, name .. '@')
+-- A bucket's backlog (ns) drained to now. Given the limit's `interval`, a backlog last
+-- written under another interval (the limit was changed) is re-expressed in this one,
+-- so the units already taken still count.
+local function level_now(key, name, interval)
+  local v = redis.call('HMGET', key, name, name .. '@', name .. '#')
   local level, last = num(key, name, v[1]), num(key, name .. '@', v[2])
-  return math.max(0, level - (now - last) * 1000)
+  local drained = math.max(0, level - (now - last) * 1000)
+  local written = num(key, name .. '#', v[3])
+  if interval and written > 0 and written ~= interval then
+    drained = math.floor(drained * interval / written)
+  end
+  return drained
 end
 
-local function store_level(key, name, level)
-  redis.call('HSET', key, name, fmt(level), name .. '@', fmt(now))
+local function store_level(key, name, level, interval)
+  if interval then
+    redis.call('HSET', key, name, fmt(level), name .. '@', fmt(now), name .. '#', fmt(interval))
+  else
+    redis.call('HSET', key, name, fmt(level), name .. '@', fmt(now))
+  end
 end
 
 -- Give back up to `amount` ns of a take that added `added` ns at `take_us`, when the
@@ -152,7 +163,7 @@ end
 -- Every field a scope hash may hold, checked before a script writes anything: Redis
 -- does not undo a script's writes when it fails half-way, so a corrupt value must be
 -- found while nothing has been changed.
-local NUMERIC = { 'rpm', 'rpm@', 'rpd', 'rpd@', 'tpm', 'tpm@', 'conc', 'ps', 'pe', 'req', 'in', 'out', 'alerted' }
+local NUMERIC = { 'rpm', 'rpm@', 'rpm#', 'rpd', 'rpd@', 'rpd#', 'tpm', 'tpm@', 'tpm#', 'conc', 'ps', 'pe', 'req', 'in', 'out', 'alerted' }
 local MONEY = { 'used', 'held', 'spent' }
 
 local function check_scope(key)

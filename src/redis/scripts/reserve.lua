@@ -39,7 +39,7 @@ for i = 1, levels do
     local name, interval, limit, units, kind = b[1], b[2], b[3], b[4], b[5]
     if limit > 0 then
       local tolerance = limit * interval
-      local level = level_now(key, name)
+      local level = level_now(key, name, interval)
       local free = math.floor(math.max(0, tolerance - level) / interval)
       if units > limit then
         return { 0, i, kind, fmt(math.min(free, limit)), fmt(level), -1 }
@@ -48,7 +48,7 @@ for i = 1, levels do
       if after > tolerance then
         return { 0, i, kind, fmt(math.min(free, limit)), fmt(level), fmt(after - tolerance) }
       end
-      p[name] = { units * interval, after, math.floor((tolerance - after) / interval) }
+      p[name] = { units * interval, after, math.floor((tolerance - after) / interval), interval }
     end
   end
   local max_conc = tonumber(ARGV[a + 8])
@@ -75,7 +75,7 @@ for i = 1, levels do
   for _, name in ipairs({ 'rpm', 'rpd', 'tpm' }) do
     local b = p[name]
     if b then
-      store_level(p.key, name, b[2])
+      store_level(p.key, name, b[2], b[4])
       h[#h + 1] = fmt(b[1]); h[#h + 1] = fmt(b[2])
       reply[#reply + 1] = b[3]; reply[#reply + 1] = fmt(b[2])
     else
