@@ -301,3 +301,36 @@ async fn lowered_limits_count_what_was_already_used() {
     assert_eq!(refused.reason, DenialReason::TokensPerMinute);
     spend(&a, "k3", 50).await;
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_changed_budget_period_starts_at_once_and_keeps_the_spend() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let (a, _) = instance(&server).await;
+    let spent = spend(&a, "k1", 400_000).await; // $0.40 of the $1/month budget
+    let update = tollgate::WorkspaceUpdate {
+        budget: Some(Some(tollgate::BudgetSpec::new(
+            Decimal::from_str("0.5").unwrap(),
+            tollgate::BudgetPeriod::Day,
+        ))),
+        ..tollgate::WorkspaceUpdate::default()
+    };
+    a.update_workspace("ws1", update, None).await.unwrap();
+    // $0.40 spent counts against today's $0.50: $0.20 more does not fit.
+    let request = Request::with_key_id("k1", "m")
+        .input_tokens(200_000)
+        .max_output_tokens(0);
+    let refused = a.check_and_reserve(&request).await.unwrap_err();
+    assert_eq!(refused.reason, DenialReason::Budget);
+    let ws = a.workspace_key("ws1");
+    let field = |f: &str| server.cli(&["hget", &ws, f]).parse::<i64>().unwrap();
+    let day = 86_400_000_000;
+    assert_eq!(field("ps") % day, 0, "a day period starts at midnight");
+    assert_eq!(field("pe") - field("ps"), day);
+    assert_eq!(Decimal::new(field("spent"), 12), spent);
+    let usage = a.usage().await.unwrap();
+    assert_eq!(usage.workspaces[0].usage.current.cost, spent);
+}

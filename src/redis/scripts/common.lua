@@ -131,12 +131,20 @@ end
 
 -- Start a new period when now has passed the stored one. Holds in flight carry
 -- over (they stay in `used` and `held`); the ended period's totals become `p_*`.
+-- A stored period that has not ended but is not the one containing now means the
+-- budget's period kind was changed: the new kind's period starts at once, carrying
+-- what was counted (as the in-memory engine does).
 local function roll(key, kind, seconds)
   local start, finish = bounds(kind, seconds)
-  local v = redis.call('HMGET', key, 'ps', 'spent', 'req', 'in', 'out')
+  local v = redis.call('HMGET', key, 'ps', 'spent', 'req', 'in', 'out', 'pe')
   local stored = v[1]
-  if stored ~= false and num(key, 'ps', stored) >= start then return finish end
   if stored ~= false then
+    if num(key, 'ps', stored) == start then return finish end
+    local stored_end = num(key, 'pe', v[6])
+    if stored_end < 0 or now < stored_end then
+      redis.call('HSET', key, 'ps', fmt(start), 'pe', fmt(finish))
+      return finish
+    end
     local spent = money(key, 'spent', v[2])
     add_money(key, 'used', neg(spent))
     redis.call('HSET', key, 'p_start', stored, 'p_spent', spent,
