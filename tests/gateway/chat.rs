@@ -1,108 +1,14 @@
-//! End to end: the example gateway on a loopback port, driven by a real HTTP client.
-//!
-//! The gateway's own modules are compiled in, so the test serves exactly what
-//! `cargo run --example gateway` serves, with the example's demo policy.
-
-#[path = "../examples/gateway/mock.rs"]
-#[allow(dead_code)]
-mod mock;
-#[path = "../examples/gateway/server.rs"]
-mod server;
+//! Chat completions and models over HTTP: headers, charges, every denial status, and
+//! a concurrency check on one small budget.
 
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::{Method, Request, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
-use serde_json::{json, Value};
-use tollgate::{Decimal, Engine, Policy};
+use hyper::{Method, StatusCode};
+use serde_json::json;
+use tollgate::Decimal;
 
-struct Running {
-    url: String,
-    engine: Engine,
-    client: Client<HttpConnector, Full<Bytes>>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
-}
-
-async fn start() -> Running {
-    let policy = Policy::from_path(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/gateway/policy.toml"
-    ))
-    .expect("the example's policy is valid");
-    let engine = Engine::new(policy);
-    let gateway = Arc::new(server::Gateway {
-        engine: engine.clone(),
-        provider: mock::MockProvider {
-            delay: Duration::ZERO,
-        },
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let server = tokio::spawn(server::serve(listener, gateway));
-    Running {
-        url,
-        engine,
-        client: Client::builder(TokioExecutor::new()).build_http(),
-        server,
-    }
-}
-
-struct Answer {
-    status: StatusCode,
-    headers: hyper::HeaderMap,
-    body: Value,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-}
-
-impl Running {
-    async fn send(&self, method: Method, path: &str, key: &str, body: Option<Value>) -> Answer {
-        let request = Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.url))
-            .header("authorization", format!("Bearer {key}"))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(
-                body.map(|b| b.to_string()).unwrap_or_default(),
-            )))
-            .unwrap();
-        let response = self.client.request(request).await.expect("gateway answers");
-        let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Answer {
-            status,
-            headers,
-            body,
-        }
-    }
-
-    async fn chat(&self, key: &str, model: &str, max_tokens: Option<u32>) -> Answer {
-        let mut body = json!({"model": model, "messages": [{"role": "user", "content": "Hello"}]});
-        if let Some(max) = max_tokens {
-            body["max_tokens"] = json!(max);
-        }
-        self.send(Method::POST, "/v1/chat/completions", key, Some(body))
-            .await
-    }
-}
+use crate::support::start;
 
 fn dec(s: &str) -> Decimal {
     Decimal::from_str(s).unwrap()
@@ -122,7 +28,7 @@ async fn an_admitted_request_is_answered_with_headers_and_charged_exactly() {
     assert_eq!(answer.body["usage"]["completion_tokens"], 40);
     // 6 × 0.15/M + 40 × 0.60/M
     assert_eq!(answer.body["x_tollgate"]["cost_usd"], "0.0000249");
-    let usage = gw.engine.usage();
+    let usage = gw.usage().await;
     let ws = usage.workspaces.iter().find(|w| w.id == "ws-prod").unwrap();
     assert_eq!(ws.usage.current.cost, dec("0.0000249"));
     assert_eq!(ws.usage.current.held, Decimal::ZERO);
@@ -211,7 +117,7 @@ async fn two_hundred_concurrent_requests_never_pass_the_budget() {
     // Each call holds 0.000515 and costs 0.000415: at most 4 fit in 0.002.
     assert!(admitted <= dec("0.002"), "spent {admitted}");
     assert!(refused >= 196, "refused {refused}");
-    let usage = gw.engine.usage();
+    let usage = gw.usage().await;
     let ws = usage
         .workspaces
         .iter()

@@ -1,5 +1,6 @@
-//! The stand-in for a model provider: deterministic answers and token counts, so the
-//! gateway runs with no account and no network, and tests know what to expect.
+//! Model providers: the built-in mock (the only mock tollgate ships: deterministic
+//! answers and token counts, so the gateway runs with no account and no network, and
+//! tests know what to expect), and later a real OpenAI-compatible upstream.
 
 use std::time::Duration;
 
@@ -32,4 +33,9 @@ impl MockProvider {
             completion_tokens,
         }
     }
+}
+
+/// Where completions come from.
+pub enum Provider {
+    Mock(MockProvider),
 }

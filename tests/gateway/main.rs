@@ -1,0 +1,30 @@
+#![allow(dead_code)] // the example's modules are compiled in whole; tests use parts
+//! End to end: the example gateway in-process on a loopback port, driven by a real
+//! HTTP client. The gateway's own modules are compiled in, so the tests serve exactly
+//! what `cargo run --example gateway` serves, with the example's demo policy.
+//!
+//! The in-memory engine by default; `TOLLGATE_GATEWAY_BACKEND=redis` (with
+//! `--features redis`) runs the same suite on the Redis backend against a real
+//! `redis-server` the tests start.
+
+#[path = "../../examples/gateway/admin.rs"]
+mod admin;
+#[path = "../../examples/gateway/app.rs"]
+mod app;
+#[path = "../../examples/gateway/audit.rs"]
+mod audit;
+#[path = "../../examples/gateway/backend.rs"]
+mod backend;
+#[path = "../../examples/gateway/http.rs"]
+mod http;
+#[path = "../../examples/gateway/openai.rs"]
+mod openai;
+#[path = "../../examples/gateway/provider.rs"]
+mod provider;
+
+#[cfg(feature = "redis")]
+#[path = "../support/redis_server.rs"]
+mod redis_server;
+
+mod chat;
+mod support;

@@ -1,0 +1,165 @@
+//! Starting the gateway for a test and talking to it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tollgate::{Engine, Policy, UsageSnapshot};
+
+use crate::app::{self, App};
+use crate::backend::Backend;
+use crate::provider::{MockProvider, Provider};
+
+pub const POLICY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gateway/policy.toml");
+
+/// How to start a gateway; `Options::default()` is what the tests mostly use.
+#[derive(Default)]
+pub struct Options {
+    pub mock_delay: Duration,
+    pub counters: Option<PathBuf>,
+}
+
+pub struct Running {
+    pub url: String,
+    pub app: Arc<App>,
+    pub client: Client<HttpConnector, Full<Bytes>>,
+    stop: Option<oneshot::Sender<()>>,
+    pub server: Option<tokio::task::JoinHandle<()>>,
+    #[cfg(feature = "redis")]
+    _redis: Option<crate::redis_server::RedisServer>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(server) = &self.server {
+            server.abort();
+        }
+    }
+}
+
+pub async fn start() -> Running {
+    start_with(Options::default()).await
+}
+
+fn redis_requested() -> bool {
+    std::env::var("TOLLGATE_GATEWAY_BACKEND").is_ok_and(|b| b == "redis")
+}
+
+pub async fn start_with(options: Options) -> Running {
+    let policy = Policy::from_path(POLICY).expect("the example's policy is valid");
+    #[cfg(feature = "redis")]
+    let (backend, redis) = if redis_requested() {
+        assert!(
+            crate::redis_server::require_redis(),
+            "TOLLGATE_GATEWAY_BACKEND=redis needs redis-server"
+        );
+        let server = crate::redis_server::RedisServer::start();
+        let engine =
+            tollgate::RedisEngine::connect(&server.url(), policy, tollgate::RedisConfig::default())
+                .await
+                .expect("Redis is up");
+        (Backend::Redis(engine), Some(server))
+    } else {
+        (Backend::Memory(Engine::new(policy)), None)
+    };
+    #[cfg(not(feature = "redis"))]
+    let backend = {
+        assert!(
+            !redis_requested(),
+            "TOLLGATE_GATEWAY_BACKEND=redis needs --features redis"
+        );
+        Backend::Memory(Engine::new(policy))
+    };
+    let app = Arc::new(App {
+        backend,
+        provider: Provider::Mock(MockProvider {
+            delay: options.mock_delay,
+        }),
+        admin: crate::admin::AdminKeys::default(),
+        audit: crate::audit::Audit::default(),
+        counters: options.counters,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app::serve(listener, Arc::clone(&app), async {
+        let _ = stopped.await;
+    }));
+    Running {
+        url,
+        app,
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        stop: Some(stop),
+        server: Some(server),
+        #[cfg(feature = "redis")]
+        _redis: redis,
+    }
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: hyper::HeaderMap,
+    pub body: Value,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+impl Running {
+    pub async fn send(&self, method: Method, path: &str, key: &str, body: Option<Value>) -> Answer {
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.url))
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(
+                body.map(|b| b.to_string()).unwrap_or_default(),
+            )))
+            .unwrap();
+        let response = self.client.request(request).await.expect("gateway answers");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn chat(&self, key: &str, model: &str, max_tokens: Option<u32>) -> Answer {
+        let mut body = json!({"model": model, "messages": [{"role": "user", "content": "Hello"}]});
+        if let Some(max) = max_tokens {
+            body["max_tokens"] = json!(max);
+        }
+        self.send(Method::POST, "/v1/chat/completions", key, Some(body))
+            .await
+    }
+
+    /// Usage as the backend counts it.
+    pub async fn usage(&self) -> UsageSnapshot {
+        self.app.backend.usage().await.expect("usage")
+    }
+
+    /// Ask for a graceful shutdown and wait for it to finish.
+    pub async fn shut_down(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("the server task ends");
+        }
+    }
+}
