@@ -1983,3 +1983,51 @@ fn money_with_more_than_28_decimals_is_refused_not_rounded() {
         "a wallet of 1.00000000000000000000000000001 must not load as 1"
     );
 }
+
+#[test]
+fn a_rotated_out_secret_needs_its_expiry_a_valid_digest_and_no_twin() {
+    let until = chrono::DateTime::parse_from_rfc3339("2026-12-01T00:00:00Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let with = |digest: Option<&str>, expires: bool| {
+        let mut doc = base_doc();
+        doc.keys[0].previous_secret_sha256 = digest.map(str::to_owned);
+        doc.keys[0].previous_secret_expires_at = expires.then_some(until);
+        doc
+    };
+    let old = KeySpec::digest_of("old-secret");
+    assert!(Policy::new(with(Some(&old), true)).is_ok());
+
+    let missing = doc_issues(with(Some(&old), false));
+    assert_eq!(
+        missing,
+        [issue(
+            "keys[0].previous_secret_sha256",
+            "<digest>",
+            Problem::MissingCompanion {
+                companion: "previous_secret_expires_at"
+            }
+        )]
+    );
+    let orphan = doc_issues(with(None, true));
+    assert_eq!(orphan[0].path, "keys[0].previous_secret_expires_at");
+    assert!(matches!(
+        orphan[0].problem,
+        Problem::MissingCompanion { .. }
+    ));
+
+    let bad = doc_issues(with(Some("xyz"), true));
+    assert_eq!(
+        bad,
+        [issue(
+            "keys[0].previous_secret_sha256",
+            "<3 characters>",
+            Problem::BadDigest
+        )]
+    );
+    // The old secret may not open another key too.
+    let current = base_doc().keys[0].secret_sha256.clone();
+    let twin = doc_issues(with(Some(&current), true));
+    assert_eq!(twin[0].path, "keys[0].previous_secret_sha256");
+    assert!(matches!(twin[0].problem, Problem::Duplicate { .. }));
+}

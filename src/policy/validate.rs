@@ -257,19 +257,23 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
                 None
             }
         };
+        // Current and rotated-out digests share one namespace: a secret opens one key.
+        let mut register = |issues: &mut Issues, field: &str, digest: [u8; 32]| {
+            if let Some(&first) = digest_index.get(&digest) {
+                issues.push(
+                    format!("{path}.{field}"),
+                    "<digest>",
+                    Problem::Duplicate {
+                        first: format!("keys[{first}].secret_sha256"),
+                    },
+                );
+            } else {
+                digest_index.insert(digest, i as u32);
+            }
+        };
         let digest = match parse_digest(&key.secret_sha256) {
             Some(digest) => {
-                if let Some(&first) = digest_index.get(&digest) {
-                    issues.push(
-                        format!("{path}.secret_sha256"),
-                        "<digest>",
-                        Problem::Duplicate {
-                            first: format!("keys[{first}].secret_sha256"),
-                        },
-                    );
-                } else {
-                    digest_index.insert(digest, i as u32);
-                }
+                register(&mut issues, "secret_sha256", digest);
                 digest
             }
             None => {
@@ -286,17 +290,7 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
             (None, None) => None,
             (Some(hex_digest), Some(until)) => match parse_digest(hex_digest) {
                 Some(digest) => {
-                    if let Some(&first) = digest_index.get(&digest) {
-                        issues.push(
-                            format!("{path}.previous_secret_sha256"),
-                            "<digest>",
-                            Problem::Duplicate {
-                                first: format!("keys[{first}].secret_sha256"),
-                            },
-                        );
-                    } else {
-                        digest_index.insert(digest, i as u32);
-                    }
+                    register(&mut issues, "previous_secret_sha256", digest);
                     Some((digest, Timestamp::from_datetime(until)))
                 }
                 None => {

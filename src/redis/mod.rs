@@ -251,12 +251,8 @@ impl RedisEngine {
     ) -> Result<RedisReservation, Denial> {
         let inner = &self.inner;
         let status = inner.config.budget_status.code();
-        let Admission {
-            route,
-            ask,
-            input_price,
-            output_price,
-        } = admit(snap, request, now, status)?;
+        let admission = admit(snap, request, now, status)?;
+        let Admission { route, ask, .. } = admission;
 
         let id = self.next_id();
         let groups = inner.layout.groups(snap, route);
@@ -290,10 +286,7 @@ impl RedisEngine {
                 Arc::clone(&self.inner),
                 Arc::clone(snap),
                 id,
-                route,
-                ask,
-                input_price,
-                output_price,
+                admission,
                 tightest,
             )),
             // Only the workspace group checks the key's and workspace's flags.

@@ -7,14 +7,15 @@ use std::sync::Arc;
 
 use rust_decimal::Decimal;
 
+use crate::decide::Admission;
 use crate::denial::Error;
 use crate::money::{picos_to_decimal, token_cost};
 use crate::redis::calls::{self, Used};
 use crate::redis::{Inner, PendingCommit, RedisEngine};
 use crate::request::Usage;
 use crate::reservation::{LimitWindow, RateLimitStatus, Receipt, Reservation};
-use crate::snapshot::{Route, Snapshot};
-use crate::store::{Ask, Tightest};
+use crate::snapshot::Snapshot;
+use crate::store::Tightest;
 
 /// Worst-case tokens and cost held in Redis for one admitted request.
 ///
@@ -37,24 +38,17 @@ struct Remote {
     engine: Arc<Inner>,
     snapshot: Arc<Snapshot>,
     id: String,
-    route: Route,
-    ask: Ask,
-    input_price: u64,
-    output_price: u64,
+    admission: Admission,
     tightest: Tightest,
     settled: bool,
 }
 
 impl RedisReservation {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn remote(
         engine: Arc<Inner>,
         snapshot: Arc<Snapshot>,
         id: String,
-        route: Route,
-        ask: Ask,
-        input_price: u64,
-        output_price: u64,
+        admission: Admission,
         tightest: Tightest,
     ) -> Self {
         RedisReservation {
@@ -62,10 +56,7 @@ impl RedisReservation {
                 engine,
                 snapshot,
                 id,
-                route,
-                ask,
-                input_price,
-                output_price,
+                admission,
                 tightest,
                 settled: false,
             }),
@@ -98,7 +89,7 @@ impl RedisReservation {
     #[must_use]
     pub fn reserved_cost(&self) -> Decimal {
         match &self.kind {
-            Kind::Remote(r) => picos_to_decimal(r.ask.cost),
+            Kind::Remote(r) => picos_to_decimal(r.admission.ask.cost),
             Kind::Local(r) => r.reserved_cost(),
         }
     }
@@ -107,7 +98,7 @@ impl RedisReservation {
     #[must_use]
     pub fn reserved_tokens(&self) -> (u64, u64) {
         match &self.kind {
-            Kind::Remote(r) => (r.ask.input_tokens, r.ask.output_tokens),
+            Kind::Remote(r) => (r.admission.ask.input_tokens, r.admission.ask.output_tokens),
             Kind::Local(r) => r.reserved_tokens(),
         }
     }
@@ -133,28 +124,30 @@ impl RedisReservation {
         let input = u64::from(usage.input_tokens);
         let output = u64::from(usage.output_tokens);
         let used = Used {
-            cost: token_cost(input, remote.input_price)
-                .saturating_add(token_cost(output, remote.output_price)),
+            cost: token_cost(input, remote.admission.input_price)
+                .saturating_add(token_cost(output, remote.admission.output_price)),
             input_tokens: input,
             output_tokens: output,
         };
         let inner = &remote.engine;
-        let groups = inner.layout.groups(&remote.snapshot, remote.route);
+        let groups = inner
+            .layout
+            .groups(&remote.snapshot, remote.admission.route);
         let calls = groups.each_ref().map(|group| {
             calls::commit(
                 &remote.snapshot,
-                remote.route,
+                remote.admission.route,
                 group,
                 &remote.id,
-                remote.ask,
+                remote.admission.ask,
                 used,
                 inner.ttls,
             )
         });
-        let receipt = Receipt::new(used.cost, remote.ask.cost, usage);
+        let receipt = Receipt::new(used.cost, remote.admission.ask.cost, usage);
         let commit = PendingCommit {
             snapshot: Arc::clone(&remote.snapshot),
-            route: remote.route,
+            route: remote.admission.route,
             groups,
             calls,
         };
@@ -194,7 +187,10 @@ impl Drop for Remote {
         let engine = RedisEngine {
             inner: Arc::clone(&self.engine),
         };
-        let groups = engine.inner.layout.groups(&self.snapshot, self.route);
+        let groups = engine
+            .inner
+            .layout
+            .groups(&self.snapshot, self.admission.route);
         let id = std::mem::take(&mut self.id);
         runtime.spawn(async move {
             for group in &groups {
