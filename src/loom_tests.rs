@@ -5,6 +5,7 @@
 //! inside a model: the engine's `ManualClock` is not loom-instrumented, so a frozen
 //! clock keeps every execution deterministic and only the interleaving varies.
 
+mod alerts;
 mod bucket;
 mod budget;
 mod reserve;
