@@ -1,10 +1,51 @@
 //! The admin API under `/admin/`, with its own keys and roles.
+//!
+//! Admin keys are bearer secrets, separate from the API keys of the policy, each with
+//! a name (the actor in the audit log and in engine events) and a role. Only their
+//! SHA-256 digests are kept.
+//!
+//! | route                              | action             | roles                 |
+//! |------------------------------------|--------------------|-----------------------|
+//! | `GET /admin/workspaces`            | `workspace.list`   | admin, editor, viewer |
+//! | `GET /admin/workspaces/{id}`       | `workspace.read`   | admin, editor, viewer |
+//! | `GET /admin/usage`                 | `usage.read`       | admin, editor, viewer |
+//! | `PATCH /admin/workspaces/{id}`     | `workspace.update` | admin, editor         |
+//! | `POST /admin/workspaces`           | `workspace.create` | admin                 |
+//! | `DELETE /admin/workspaces/{id}`    | `workspace.delete` | admin                 |
+//! | `POST /admin/keys`                 | `key.create`       | admin                 |
+//! | `POST /admin/keys/{id}/rotate`     | `key.rotate`       | admin                 |
+//! | `POST /admin/keys/{id}/revoke`     | `key.revoke`       | admin                 |
+//!
+//! Editors change what a workspace may do (status, environment, region, model grants,
+//! limits, budgets); creating and deleting workspaces and anything about keys is for
+//! admins. Errors use the gateway's OpenAI-style shape: 401 for a missing or unknown
+//! admin key, 403 naming the role and the action, 404 for an unknown route or id, 405
+//! for a known route with another method, 400 for a body that is not JSON of the
+//! expected shape, 409 for an id already in use, 422 with tollgate's policy issues
+//! (`path`, `value`, `problem`) when the change would make the policy invalid, 503
+//! when the counter store fails. Every request is audited, whatever its outcome.
 
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::{Request, StatusCode};
+use hyper::header::{HeaderValue, ALLOW, WWW_AUTHENTICATE};
+use hyper::{Method, Request, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tollgate::{
+    BudgetSpec, Environment, Error, KeySpec, LimitsSpec, ModelLimitSpec, NewKey, PolicyDocument,
+    PolicyError, PolicyIssue, Problem, StoreFailureMode, WorkspaceSpec, WorkspaceStatus,
+    WorkspaceUpdate,
+};
 
 use crate::app::App;
-use crate::http::{error, Reply};
+use crate::audit::AdminRecord;
+use crate::http::{bearer, error, json_reply, Reply, MAX_BODY};
 
 /// What an admin key may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,12 +58,727 @@ pub enum Role {
     Viewer,
 }
 
-/// Admin keys by the SHA-256 of their secret.
-#[derive(Default)]
-pub struct AdminKeys {
-    pub keys: Vec<(String, [u8; 32], Role)>,
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Editor => "editor",
+            Role::Viewer => "viewer",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Role> {
+        match text.to_ascii_lowercase().as_str() {
+            "admin" => Some(Role::Admin),
+            "editor" => Some(Role::Editor),
+            "viewer" => Some(Role::Viewer),
+            _ => None,
+        }
+    }
+
+    fn allows(self, action: Action) -> bool {
+        match self {
+            Role::Admin => true,
+            Role::Editor => action.is_read() || action == Action::UpdateWorkspace,
+            Role::Viewer => action.is_read(),
+        }
+    }
 }
 
-pub async fn handle(_app: &App, _request: Request<Incoming>) -> Reply {
-    error(StatusCode::NOT_FOUND, "not_found", "no such admin route")
+/// One admin key: who, with which role, and the SHA-256 of its secret.
+pub struct AdminKey {
+    pub name: String,
+    pub role: Role,
+    digest: [u8; 32],
+}
+
+/// Admin keys by the SHA-256 of their secret. `AdminKeys::default()` has none, so
+/// every admin request is refused with 401.
+#[derive(Default)]
+pub struct AdminKeys {
+    keys: Vec<AdminKey>,
+}
+
+/// The admin keys used when none are configured: `(name, role, secret)`.
+pub const DEMO_KEYS: [(&str, Role, &str); 3] = [
+    ("demo-admin", Role::Admin, "sk-admin-demo"),
+    ("demo-editor", Role::Editor, "sk-editor-demo"),
+    ("demo-viewer", Role::Viewer, "sk-viewer-demo"),
+];
+
+/// Shorter secrets are refused: an admin key guards everything.
+const MIN_SECRET_LEN: usize = 12;
+
+fn digest(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+impl AdminKeys {
+    /// The three demo keys of [`DEMO_KEYS`].
+    pub fn demo() -> Self {
+        AdminKeys {
+            keys: DEMO_KEYS
+                .iter()
+                .map(|&(name, role, secret)| AdminKey {
+                    name: name.into(),
+                    role,
+                    digest: digest(secret),
+                })
+                .collect(),
+        }
+    }
+
+    /// Keys from specs `NAME:ROLE:SECRET`, or `NAME:ROLE:sha256=HEX` to give only the
+    /// digest (so the secret need not appear on a command line). Names and secrets
+    /// must be unique.
+    pub fn parse<S: AsRef<str>>(specs: &[S]) -> Result<Self, String> {
+        let mut keys: Vec<AdminKey> = Vec::new();
+        for spec in specs {
+            let spec = spec.as_ref().trim();
+            let mut parts = spec.splitn(3, ':');
+            let (Some(name), Some(role), Some(secret)) = (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(format!(
+                    "admin key {:?}: expected NAME:ROLE:SECRET",
+                    redact(spec)
+                ));
+            };
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+            {
+                return Err(format!(
+                    "admin key name {name:?}: use letters, digits and - _ . @"
+                ));
+            }
+            let role = Role::parse(role).ok_or_else(|| {
+                format!("admin key {name}: role {role:?} is not admin, editor or viewer")
+            })?;
+            let digest = match secret.strip_prefix("sha256=") {
+                Some(hex_digest) => {
+                    let mut bytes = [0u8; 32];
+                    hex::decode_to_slice(hex_digest, &mut bytes)
+                        .map_err(|_| format!("admin key {name}: sha256= needs 64 hex digits"))?;
+                    bytes
+                }
+                None if secret.len() < MIN_SECRET_LEN => {
+                    return Err(format!(
+                        "admin key {name}: the secret must be at least {MIN_SECRET_LEN} characters"
+                    ))
+                }
+                None => digest(secret),
+            };
+            if keys.iter().any(|k| k.name == name) {
+                return Err(format!("admin key {name}: name used twice"));
+            }
+            if keys.iter().any(|k| k.digest == digest) {
+                return Err(format!(
+                    "admin key {name}: secret already used by another key"
+                ));
+            }
+            keys.push(AdminKey {
+                name: name.into(),
+                role,
+                digest,
+            });
+        }
+        Ok(AdminKeys { keys })
+    }
+
+    pub fn keys(&self) -> &[AdminKey] {
+        &self.keys
+    }
+
+    /// The key whose secret this is. Compares every digest in full, so the time
+    /// taken does not tell how much of a digest matched.
+    pub fn authenticate(&self, secret: &str) -> Option<&AdminKey> {
+        let presented = digest(secret);
+        let mut found = None;
+        for key in &self.keys {
+            let difference = key
+                .digest
+                .iter()
+                .zip(&presented)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            if difference == 0 {
+                found = Some(key);
+            }
+        }
+        found
+    }
+}
+
+/// A spec with its secret hidden, for error messages.
+fn redact(spec: &str) -> String {
+    match spec.rsplit_once(':') {
+        Some((head, _)) => format!("{head}:…"),
+        None => "…".into(),
+    }
+}
+
+/// What an admin request does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    ListWorkspaces,
+    ReadWorkspace,
+    ReadUsage,
+    CreateWorkspace,
+    UpdateWorkspace,
+    DeleteWorkspace,
+    CreateKey,
+    RotateKey,
+    RevokeKey,
+}
+
+impl Action {
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::ListWorkspaces => "workspace.list",
+            Action::ReadWorkspace => "workspace.read",
+            Action::ReadUsage => "usage.read",
+            Action::CreateWorkspace => "workspace.create",
+            Action::UpdateWorkspace => "workspace.update",
+            Action::DeleteWorkspace => "workspace.delete",
+            Action::CreateKey => "key.create",
+            Action::RotateKey => "key.rotate",
+            Action::RevokeKey => "key.revoke",
+        }
+    }
+
+    fn is_read(self) -> bool {
+        matches!(
+            self,
+            Action::ListWorkspaces | Action::ReadWorkspace | Action::ReadUsage
+        )
+    }
+}
+
+enum Route {
+    /// The action and the id in the path, if any.
+    Found(Action, Option<String>),
+    /// A known path with another method: the methods it takes.
+    WrongMethod(&'static str),
+    NotFound,
+}
+
+fn route(method: &Method, path: &str) -> Route {
+    let Some(rest) = path.strip_prefix("/admin/") else {
+        return Route::NotFound;
+    };
+    let parts: Vec<&str> = rest.split('/').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Route::NotFound;
+    }
+    let found = |action, id: Option<&str>| Route::Found(action, id.map(str::to_owned));
+    match (parts.as_slice(), method) {
+        (["workspaces"], &Method::GET) => found(Action::ListWorkspaces, None),
+        (["workspaces"], &Method::POST) => found(Action::CreateWorkspace, None),
+        (["workspaces"], _) => Route::WrongMethod("GET, POST"),
+        (["workspaces", id], &Method::GET) => found(Action::ReadWorkspace, Some(id)),
+        (["workspaces", id], &Method::PATCH) => found(Action::UpdateWorkspace, Some(id)),
+        (["workspaces", id], &Method::DELETE) => found(Action::DeleteWorkspace, Some(id)),
+        (["workspaces", _], _) => Route::WrongMethod("GET, PATCH, DELETE"),
+        (["keys"], &Method::POST) => found(Action::CreateKey, None),
+        (["keys", id, "rotate"], &Method::POST) => found(Action::RotateKey, Some(id)),
+        (["keys", id, "revoke"], &Method::POST) => found(Action::RevokeKey, Some(id)),
+        (["keys"] | ["keys", _, "rotate" | "revoke"], _) => Route::WrongMethod("POST"),
+        (["usage"], &Method::GET) => found(Action::ReadUsage, None),
+        (["usage"], _) => Route::WrongMethod("GET"),
+        _ => Route::NotFound,
+    }
+}
+
+/// Serve one `/admin/` request and audit it, whatever the outcome.
+pub async fn handle(app: &App, request: Request<Incoming>) -> Reply {
+    let mut record = AdminRecord::default();
+    let reply = serve(app, request, &mut record).await;
+    app.audit.admin(record, reply.status());
+    reply
+}
+
+/// An error reply whose message is also the audit line's reason.
+fn fail(record: &mut AdminRecord, status: StatusCode, code: &str, message: String) -> Reply {
+    let reply = error(status, code, &message);
+    record.reason = Some(message);
+    reply
+}
+
+async fn serve(app: &App, request: Request<Incoming>, record: &mut AdminRecord) -> Reply {
+    let found = route(request.method(), request.uri().path());
+    match &found {
+        Route::Found(action, id) => {
+            record.action = action.name().into();
+            record.target.clone_from(id);
+        }
+        _ => {
+            record.action = "unknown".into();
+            record.target = Some(format!("{} {}", request.method(), request.uri().path()));
+        }
+    }
+
+    let Some(key) = bearer(&request).and_then(|secret| app.admin.authenticate(secret)) else {
+        let message = if bearer(&request).is_some() {
+            "unknown admin key"
+        } else {
+            "missing admin key (Authorization: Bearer ...)"
+        };
+        let mut reply = fail(
+            record,
+            StatusCode::UNAUTHORIZED,
+            "invalid_admin_key",
+            message.into(),
+        );
+        reply.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"tollgate-admin\""),
+        );
+        return reply;
+    };
+    record.actor = Some(key.name.clone());
+    record.role = Some(key.role.name());
+
+    let (action, id) = match found {
+        Route::Found(action, id) => (action, id),
+        Route::WrongMethod(allow) => {
+            let mut reply = fail(
+                record,
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{} is not served here; allowed: {allow}", request.method()),
+            );
+            reply
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static(allow));
+            return reply;
+        }
+        Route::NotFound => {
+            return fail(
+                record,
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such admin route".into(),
+            )
+        }
+    };
+    if !key.role.allows(action) {
+        let message = format!("role `{}` may not `{}`", key.role.name(), action.name());
+        record.reason = Some(message.clone());
+        return json_reply(
+            StatusCode::FORBIDDEN,
+            &json!({"error": {
+                "message": message,
+                "type": "permission_error",
+                "code": "admin_forbidden",
+                "role": key.role.name(),
+                "action": action.name(),
+            }}),
+        );
+    }
+
+    let actor = key.name.as_str();
+    let id = id.unwrap_or_default();
+    let result = match action {
+        Action::ListWorkspaces => Ok(list_workspaces(app)),
+        Action::ReadWorkspace => read_workspace(app, &id),
+        Action::ReadUsage => read_usage(app).await,
+        Action::CreateWorkspace => create_workspace(app, request, actor, record).await,
+        Action::UpdateWorkspace => update_workspace(app, request, &id, actor).await,
+        Action::DeleteWorkspace => delete_workspace(app, &id, actor).await,
+        Action::CreateKey => create_key(app, request, actor, record).await,
+        Action::RotateKey => rotate_key(app, request, &id, actor).await,
+        Action::RevokeKey => revoke_key(app, &id, actor).await,
+    };
+    result.unwrap_or_else(|failure| failure.reply(record))
+}
+
+/// Why an admin request failed, before it becomes a reply.
+enum Failure {
+    /// 400: the body is not JSON of the expected shape.
+    BadBody(String),
+    /// 404: the id in the path names nothing.
+    NotFound(String),
+    /// 409: the id is already used.
+    Conflict(Vec<PolicyIssue>),
+    /// 422: the change would make the policy invalid.
+    Invalid(Vec<PolicyIssue>),
+    /// 413: the body is too big.
+    TooLarge,
+    /// 503: the counter store failed.
+    Store(String),
+    /// 500: anything else.
+    Internal(String),
+}
+
+fn issues_json(issues: &[PolicyIssue]) -> Value {
+    issues
+        .iter()
+        .map(|i| json!({"path": i.path, "value": i.value, "problem": i.problem.to_string()}))
+        .collect()
+}
+
+impl Failure {
+    /// A backend error; `lookup` is where the path's id is looked up (`workspaces` or
+    /// `keys`), so that an unknown id there is a 404 rather than a 422.
+    fn from_backend(err: Error, lookup: Option<&str>) -> Failure {
+        match err {
+            Error::Policy(PolicyError::Invalid { issues }) => {
+                let unknown_id = |i: &PolicyIssue| {
+                    Some(i.path.as_str()) == lookup
+                        && matches!(i.problem, Problem::UnknownWorkspace | Problem::UnknownKey)
+                };
+                if let Some(issue) = issues.iter().find(|i| unknown_id(i)) {
+                    let noun = issue.path.trim_end_matches('s');
+                    Failure::NotFound(format!("no {noun} has id {}", issue.value))
+                } else if issues
+                    .iter()
+                    .any(|i| matches!(i.problem, Problem::Duplicate { .. }))
+                {
+                    Failure::Conflict(issues)
+                } else {
+                    Failure::Invalid(issues)
+                }
+            }
+            Error::Store(e) => Failure::Store(e.to_string()),
+            other => Failure::Internal(other.to_string()),
+        }
+    }
+
+    fn reply(self, record: &mut AdminRecord) -> Reply {
+        let with_issues = |record: &mut AdminRecord, status, code: &str, issues: &[PolicyIssue]| {
+            let summary: Vec<String> = issues.iter().map(ToString::to_string).collect();
+            let message = summary.join("; ");
+            record.reason = Some(message.clone());
+            json_reply(
+                status,
+                &json!({"error": {
+                    "message": message,
+                    "type": "invalid_request_error",
+                    "code": code,
+                    "issues": issues_json(issues),
+                }}),
+            )
+        };
+        match self {
+            Failure::BadBody(message) => fail(
+                record,
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                message,
+            ),
+            Failure::NotFound(message) => fail(record, StatusCode::NOT_FOUND, "not_found", message),
+            Failure::Conflict(issues) => {
+                with_issues(record, StatusCode::CONFLICT, "conflict", &issues)
+            }
+            Failure::Invalid(issues) => with_issues(
+                record,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_policy",
+                &issues,
+            ),
+            Failure::TooLarge => fail(
+                record,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "body too large".into(),
+            ),
+            Failure::Store(message) => fail(
+                record,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                message,
+            ),
+            Failure::Internal(message) => fail(
+                record,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                message,
+            ),
+        }
+    }
+}
+
+type Handled = Result<Reply, Failure>;
+
+async fn read_body(request: Request<Incoming>) -> Result<Bytes, Failure> {
+    match Limited::new(request.into_body(), MAX_BODY).collect().await {
+        Ok(body) => Ok(body.to_bytes()),
+        Err(_) => Err(Failure::TooLarge),
+    }
+}
+
+/// The body as `T`; an empty body is `T::default()` when `optional`.
+fn parse<T: DeserializeOwned + Default>(bytes: &[u8], optional: bool) -> Result<T, Failure> {
+    if optional && bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        Failure::BadBody(match e.classify() {
+            serde_json::error::Category::Data => format!("body does not fit: {e}"),
+            _ => format!("body is not JSON: {e}"),
+        })
+    })
+}
+
+fn rfc3339(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// A workspace as listed: its settings, whether it is the default, and its keys
+/// (ids and status, never digests).
+fn workspace_json(doc: &PolicyDocument, ws: &WorkspaceSpec) -> Value {
+    let mut value = serde_json::to_value(ws).unwrap_or(Value::Null);
+    let keys: Vec<Value> = doc
+        .keys
+        .iter()
+        .filter(|k| k.workspace == ws.id)
+        .map(key_json)
+        .collect();
+    if let Value::Object(map) = &mut value {
+        let default = doc.org.default_workspace.as_deref() == Some(ws.id.as_str());
+        map.insert("default".into(), json!(default));
+        map.insert("keys".into(), json!(keys));
+    }
+    value
+}
+
+fn key_json(key: &KeySpec) -> Value {
+    json!({
+        "id": key.id,
+        "status": key.status,
+        "expires_at": key.expires_at.map(rfc3339),
+        "previous_secret_expires_at": key.previous_secret_expires_at.map(rfc3339),
+        "limits": key.limits,
+        "budget": key.budget,
+    })
+}
+
+fn list_workspaces(app: &App) -> Reply {
+    let policy = app.backend.policy();
+    let doc = policy.document();
+    let data: Vec<Value> = doc
+        .workspaces
+        .iter()
+        .map(|ws| workspace_json(doc, ws))
+        .collect();
+    json_reply(
+        StatusCode::OK,
+        &json!({"object": "list", "default_workspace": doc.org.default_workspace, "data": data}),
+    )
+}
+
+fn read_workspace(app: &App, id: &str) -> Handled {
+    let policy = app.backend.policy();
+    let doc = policy.document();
+    let ws = doc
+        .workspaces
+        .iter()
+        .find(|w| w.id == id)
+        .ok_or_else(|| Failure::NotFound(format!("no workspace has id {id:?}")))?;
+    Ok(json_reply(StatusCode::OK, &workspace_json(doc, ws)))
+}
+
+/// The workspace as it is now, answered with `status`.
+fn workspace_reply(app: &App, id: &str, status: StatusCode) -> Reply {
+    let policy = app.backend.policy();
+    let doc = policy.document();
+    let body = doc
+        .workspaces
+        .iter()
+        .find(|w| w.id == id)
+        .map_or_else(|| json!({"id": id}), |ws| workspace_json(doc, ws));
+    json_reply(status, &body)
+}
+
+async fn read_usage(app: &App) -> Handled {
+    let usage = app
+        .backend
+        .usage()
+        .await
+        .map_err(|e| Failure::from_backend(e, None))?;
+    let body = serde_json::to_value(&usage).map_err(|e| Failure::Internal(e.to_string()))?;
+    Ok(json_reply(StatusCode::OK, &body))
+}
+
+async fn create_workspace(
+    app: &App,
+    request: Request<Incoming>,
+    actor: &str,
+    record: &mut AdminRecord,
+) -> Handled {
+    let spec: WorkspaceSpec = parse(&read_body(request).await?, false)?;
+    record.target = Some(spec.id.clone());
+    let id = spec.id.clone();
+    app.backend
+        .create_workspace(spec, actor)
+        .await
+        .map_err(|e| Failure::from_backend(e, None))?;
+    Ok(workspace_reply(app, &id, StatusCode::CREATED))
+}
+
+/// `PATCH /admin/workspaces/{id}`: only the fields given change. `budget: null`
+/// removes the budget.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkspacePatch {
+    status: Option<WorkspaceStatus>,
+    environment: Option<Environment>,
+    region: Option<String>,
+    models: Option<Vec<String>>,
+    limits: Option<LimitsSpec>,
+    model_limits: Option<Vec<ModelLimitSpec>>,
+    #[serde(default, deserialize_with = "present")]
+    budget: Option<Option<BudgetSpec>>,
+    on_store_error: Option<StoreFailureMode>,
+}
+
+/// A field that is present, even as `null`.
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<BudgetSpec>>, D::Error> {
+    Option::<BudgetSpec>::deserialize(d).map(Some)
+}
+
+async fn update_workspace(app: &App, request: Request<Incoming>, id: &str, actor: &str) -> Handled {
+    let patch: WorkspacePatch = parse(&read_body(request).await?, false)?;
+    let update = WorkspaceUpdate {
+        status: patch.status,
+        environment: patch.environment,
+        region: patch.region,
+        models: patch.models,
+        limits: patch.limits,
+        model_limits: patch.model_limits,
+        budget: patch.budget,
+        on_store_error: patch.on_store_error,
+    };
+    if update == WorkspaceUpdate::default() {
+        return Err(Failure::BadBody(
+            "nothing to change: give status, environment, region, models, limits, \
+             model_limits, budget or on_store_error"
+                .into(),
+        ));
+    }
+    app.backend
+        .update_workspace(id, update, actor)
+        .await
+        .map_err(|e| Failure::from_backend(e, Some("workspaces")))?;
+    Ok(workspace_reply(app, id, StatusCode::OK))
+}
+
+async fn delete_workspace(app: &App, id: &str, actor: &str) -> Handled {
+    app.backend
+        .delete_workspace(id, actor)
+        .await
+        .map_err(|e| Failure::from_backend(e, Some("workspaces")))?;
+    Ok(json_reply(
+        StatusCode::OK,
+        &json!({"id": id, "deleted": true}),
+    ))
+}
+
+/// `POST /admin/keys`.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyRequest {
+    id: String,
+    workspace: String,
+    #[serde(default)]
+    expires_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    limits: LimitsSpec,
+    #[serde(default)]
+    budget: Option<BudgetSpec>,
+}
+
+const SHOWN_ONCE: &str = "store the secret now: it is not shown again";
+
+async fn create_key(
+    app: &App,
+    request: Request<Incoming>,
+    actor: &str,
+    record: &mut AdminRecord,
+) -> Handled {
+    let asked: KeyRequest = parse(&read_body(request).await?, false)?;
+    record.target = Some(asked.id.clone());
+    let workspace = asked.workspace.clone();
+    let issued = app
+        .backend
+        .create_key(
+            NewKey {
+                id: asked.id,
+                workspace: asked.workspace,
+                expires_at: asked.expires_at,
+                limits: asked.limits,
+                budget: asked.budget,
+            },
+            actor,
+        )
+        .await
+        .map_err(|e| Failure::from_backend(e, None))?;
+    Ok(json_reply(
+        StatusCode::CREATED,
+        &json!({
+            "id": issued.id,
+            "workspace": workspace,
+            "secret": issued.secret,
+            "expires_at": asked.expires_at.map(rfc3339),
+            "note": SHOWN_ONCE,
+        }),
+    ))
+}
+
+/// `POST /admin/keys/{id}/rotate`, body optional.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateRequest {
+    /// How long the old secret keeps working; default 0 (refused at once).
+    #[serde(default)]
+    grace_seconds: i64,
+}
+
+/// The longest grace a rotation may give the old secret: 7 days.
+const MAX_GRACE_SECONDS: i64 = 7 * 86_400;
+
+async fn rotate_key(app: &App, request: Request<Incoming>, id: &str, actor: &str) -> Handled {
+    let asked: RotateRequest = parse(&read_body(request).await?, true)?;
+    if !(0..=MAX_GRACE_SECONDS).contains(&asked.grace_seconds) {
+        let problem = if asked.grace_seconds < 0 {
+            Problem::Negative
+        } else {
+            Problem::TooLarge {
+                max: MAX_GRACE_SECONDS.to_string(),
+            }
+        };
+        return Err(Failure::Invalid(vec![PolicyIssue {
+            path: "grace_seconds".into(),
+            value: asked.grace_seconds.to_string(),
+            problem,
+        }]));
+    }
+    let grace = Duration::from_secs(asked.grace_seconds.unsigned_abs());
+    let issued = app
+        .backend
+        .rotate_key(id, grace, actor)
+        .await
+        .map_err(|e| Failure::from_backend(e, Some("keys")))?;
+    let old_until =
+        (!grace.is_zero()).then(|| rfc3339(DateTime::<Utc>::from(SystemTime::now() + grace)));
+    Ok(json_reply(
+        StatusCode::OK,
+        &json!({
+            "id": issued.id,
+            "secret": issued.secret,
+            "old_secret_valid_until": old_until,
+            "note": SHOWN_ONCE,
+        }),
+    ))
+}
+
+async fn revoke_key(app: &App, id: &str, actor: &str) -> Handled {
+    app.backend
+        .revoke_key(id, actor)
+        .await
+        .map_err(|e| Failure::from_backend(e, Some("keys")))?;
+    Ok(json_reply(
+        StatusCode::OK,
+        &json!({"id": id, "revoked": true}),
+    ))
 }

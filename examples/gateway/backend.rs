@@ -18,6 +18,9 @@ pub enum Backend {
 }
 
 /// An admitted request's hold, on whichever backend admitted it.
+// One lives on each request handler's stack for the request's lifetime; boxing the
+// larger variant would only add an allocation per request.
+#[allow(clippy::large_enum_variant)]
 pub enum Held {
     Memory(Reservation),
     #[cfg(feature = "redis")]

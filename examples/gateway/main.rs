@@ -6,8 +6,20 @@
 //! - `--policy FILE` [`GATEWAY_POLICY`], default this example's `policy.toml`
 //! - `--redis URL` [`GATEWAY_REDIS`]: counters in Redis (build with `--features redis`)
 //! - `--mock-delay-ms N` [`MOCK_DELAY_MS`], default 50: the mock provider's latency
+//!   (a streamed answer spreads it over its chunks)
+//! - `--upstream URL` [`GATEWAY_UPSTREAM`]: forward to this OpenAI-compatible provider
+//!   (plain `http://` only; base URL as OpenAI's SDKs take it, e.g.
+//!   `http://127.0.0.1:11434/v1`) instead of the mock, with the key in `UPSTREAM_API_KEY`
 //! - `--counters FILE` [`GATEWAY_COUNTERS`]: restore the in-memory counters from this
 //!   file on start and save them there on shutdown
+//! - `--admin-key NAME:ROLE:SECRET` (repeatable) [`GATEWAY_ADMIN_KEYS`, comma-separated]:
+//!   a key for the admin API under `/admin/`; ROLE is `admin`, `editor` or `viewer`;
+//!   `NAME:ROLE:sha256=HEX` gives only the secret's digest. Only digests are kept.
+//!   Without any, three demo keys are used and printed.
+//! - `--audit-log PATH` [`GATEWAY_AUDIT_LOG`], default `gateway-audit.jsonl` in the
+//!   current directory (appended to); `-` for standard output
+//! - `--webhook URL` (repeatable) [`GATEWAY_WEBHOOKS`, comma-separated]: POST budget
+//!   threshold and budget exhausted events to this `http://` URL
 
 mod admin;
 mod app;
@@ -16,16 +28,17 @@ mod backend;
 mod http;
 mod openai;
 mod provider;
+mod webhooks;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tollgate::{Engine, Policy};
+use tollgate::{Engine, EventSink, Policy};
 
 use crate::app::App;
 use crate::backend::Backend;
-use crate::provider::{MockProvider, Provider};
+use crate::provider::{MockProvider, Provider, UpstreamProvider};
 
 /// Command-line flags, falling back to environment variables.
 struct Options {
@@ -34,6 +47,10 @@ struct Options {
     redis: Option<String>,
     mock_delay_ms: u64,
     counters: Option<PathBuf>,
+    admin_keys: Vec<String>,
+    audit_log: String,
+    webhooks: Vec<String>,
+    upstream: Option<String>,
 }
 
 impl Options {
@@ -50,7 +67,13 @@ impl Options {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(50),
             counters: env("GATEWAY_COUNTERS").map(PathBuf::from),
+            admin_keys: list(env("GATEWAY_ADMIN_KEYS")),
+            audit_log: env("GATEWAY_AUDIT_LOG").unwrap_or_else(|| "gateway-audit.jsonl".into()),
+            webhooks: list(env("GATEWAY_WEBHOOKS")),
+            upstream: env("GATEWAY_UPSTREAM"),
         };
+        // A repeatable flag replaces its environment variable's list.
+        let (mut admin_keys, mut webhooks) = (Vec::new(), Vec::new());
         while let Some(flag) = args.next() {
             let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
             match flag.as_str() {
@@ -63,27 +86,61 @@ impl Options {
                         .map_err(|e| format!("--mock-delay-ms: {e}"))?;
                 }
                 "--counters" => options.counters = Some(value()?.into()),
+                "--admin-key" => admin_keys.push(value()?),
+                "--audit-log" => options.audit_log = value()?,
+                "--webhook" => webhooks.push(value()?),
+                "--upstream" => options.upstream = Some(value()?),
                 "--help" | "-h" => return Err(usage()),
                 other => return Err(format!("unknown flag {other}\n{}", usage())),
             }
+        }
+        if !admin_keys.is_empty() {
+            options.admin_keys = admin_keys;
+        }
+        if !webhooks.is_empty() {
+            options.webhooks = webhooks;
         }
         Ok(options)
     }
 }
 
+/// A bad flag: say why and stop.
+fn exit(message: &str) -> ! {
+    eprintln!("{message}");
+    std::process::exit(2);
+}
+
+/// A comma-separated environment variable's items.
+fn list(value: Option<String>) -> Vec<String> {
+    value
+        .iter()
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 fn usage() -> String {
     "usage: gateway [--addr HOST:PORT] [--policy FILE] [--redis URL] [--mock-delay-ms N] \
-     [--counters FILE]"
+     [--counters FILE] [--upstream URL] \
+     [--admin-key NAME:ROLE:SECRET]... [--audit-log PATH|-] [--webhook URL]..."
         .into()
 }
 
-async fn backend(options: &Options, policy: Policy) -> Result<Backend, Box<dyn std::error::Error>> {
+async fn backend(
+    options: &Options,
+    policy: Policy,
+    events: Arc<dyn EventSink>,
+) -> Result<Backend, Box<dyn std::error::Error>> {
     if let Some(url) = &options.redis {
         #[cfg(feature = "redis")]
         {
-            let engine =
-                tollgate::RedisEngine::connect(url, policy, tollgate::RedisConfig::default())
-                    .await?;
+            let config = tollgate::RedisConfig {
+                events: Some(events),
+                ..tollgate::RedisConfig::default()
+            };
+            let engine = tollgate::RedisEngine::connect(url, policy, config).await?;
             return Ok(Backend::Redis(engine));
         }
         #[cfg(not(feature = "redis"))]
@@ -92,7 +149,7 @@ async fn backend(options: &Options, policy: Policy) -> Result<Backend, Box<dyn s
         )
         .into());
     }
-    let builder = Engine::builder(policy);
+    let builder = Engine::builder(policy).events(events);
     let engine = match &options.counters {
         Some(path) if path.exists() => builder.restore_counters(path)?,
         _ => builder.build(),
@@ -110,33 +167,74 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let policy = Policy::from_path(&options.policy)?;
-    let app = Arc::new(App {
-        backend: backend(&options, policy).await?,
-        provider: Provider::Mock(MockProvider {
+    let provider = match &options.upstream {
+        Some(url) => Provider::Upstream(UpstreamProvider::new(
+            url,
+            std::env::var("UPSTREAM_API_KEY").ok(),
+        )?),
+        None => Provider::Mock(MockProvider {
             delay: Duration::from_millis(options.mock_delay_ms),
         }),
-        admin: admin::AdminKeys::default(),
-        audit: audit::Audit::default(),
+    };
+    let admin_keys = if options.admin_keys.is_empty() {
+        admin::AdminKeys::demo()
+    } else {
+        admin::AdminKeys::parse(&options.admin_keys).unwrap_or_else(|message| exit(&message))
+    };
+    let audit = match options.audit_log.as_str() {
+        "-" => audit::Audit::to_stdout(),
+        path => audit::Audit::to_file(std::path::Path::new(path)),
+    }
+    .map_err(|e| format!("--audit-log {}: {e}", options.audit_log))?;
+    let events = Arc::new(webhooks::GatewayEvents {
+        audit: audit.clone(),
+        webhooks: webhooks::Webhooks::start(&options.webhooks, webhooks::Config::default())
+            .unwrap_or_else(|message| exit(&message)),
+    });
+    let app = Arc::new(App {
+        backend: backend(&options, policy, Arc::clone(&events) as Arc<dyn EventSink>).await?,
+        provider,
+        admin: admin_keys,
+        audit,
         counters: options.counters.clone(),
     });
     let listener = tokio::net::TcpListener::bind(&options.addr).await?;
     let url = format!("http://{}", listener.local_addr()?);
-    print_welcome(&url, &options.policy, app.backend.name());
+    print_welcome(
+        &url,
+        &options.policy,
+        app.backend.name(),
+        &app.provider.describe(),
+    );
+    print_admin(&url, &app, !options.admin_keys.is_empty(), &events.webhooks);
+    println!("Ctrl-C to stop.");
 
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
         println!("\nshutting down: finishing requests in flight");
     };
-    app::serve(listener, app, shutdown).await;
+    app::serve(listener, Arc::clone(&app), shutdown).await;
+    let (audit, hooks) = (&app.audit, &events.webhooks);
+    println!(
+        "audit log: {} line(s) written, {} dropped, {} failed; webhooks: {} delivered, \
+         {} retried, {} failed, {} dropped",
+        audit.written(),
+        audit.dropped(),
+        audit.failed(),
+        hooks.delivered(),
+        hooks.retried(),
+        hooks.failed(),
+        hooks.dropped()
+    );
     Ok(())
 }
 
-fn print_welcome(url: &str, policy_path: &str, backend: &str) {
-    println!("tollgate example gateway on {url} ({backend}, mock provider)");
+fn print_welcome(url: &str, policy_path: &str, backend: &str, provider: &str) {
+    println!("tollgate example gateway on {url} ({backend}, {provider})");
     println!("policy: {policy_path}");
     println!();
     println!("demo keys:");
-    println!("  sk-demo-prod     chatbot-production: gpt-4o-mini, gpt-4o");
+    println!("  sk-demo-prod     chatbot-production: gpt-4o-mini, gpt-4o, text-embedding-3-small");
     println!("  sk-demo-staging  chatbot-staging: gpt-4o-mini, 3 requests per minute");
     println!("  sk-demo-default  playground (default workspace): every model, 0.002 USD a day");
     println!();
@@ -152,7 +250,48 @@ fn print_welcome(url: &str, policy_path: &str, backend: &str) {
     println!(
         "  curl -i {url}/v1/chat/completions -H 'Authorization: Bearer sk-demo-default' \\\n    -H 'Content-Type: application/json' \\\n    -d '{{\"model\":\"gpt-4o\",\"max_tokens\":50,\"messages\":[{{\"role\":\"user\",\"content\":\"Hi\"}}]}}'"
     );
+    println!("  # streamed, with the usage chunk at the end");
+    println!(
+        "  curl -N {url}/v1/chat/completions -H 'Authorization: Bearer sk-demo-prod' \\\n    -H 'Content-Type: application/json' \\\n    -d '{{\"model\":\"gpt-4o-mini\",\"stream\":true,\"stream_options\":{{\"include_usage\":true}},\"messages\":[{{\"role\":\"user\",\"content\":\"Hi\"}}]}}'"
+    );
+    println!(
+        "  curl {url}/v1/embeddings -H 'Authorization: Bearer sk-demo-prod' \\\n    -H 'Content-Type: application/json' \\\n    -d '{{\"model\":\"text-embedding-3-small\",\"input\":[\"Hello\",\"world\"]}}'"
+    );
     println!("  curl {url}/v1/models -H 'Authorization: Bearer sk-demo-staging'");
     println!();
-    println!("Ctrl-C to stop.");
+}
+
+fn print_admin(url: &str, app: &App, configured: bool, hooks: &webhooks::Webhooks) {
+    if configured {
+        println!("admin API on {url}/admin/, keys:");
+        for key in app.admin.keys() {
+            println!("  {:<16} {}", key.name, key.role.name());
+        }
+    } else {
+        println!("admin API on {url}/admin/ with demo admin keys (replace with --admin-key):");
+        for (name, role, secret) in admin::DEMO_KEYS {
+            println!("  {secret:<16} {name:<12} {}", role.name());
+        }
+        println!("  curl {url}/admin/usage -H 'Authorization: Bearer sk-viewer-demo'");
+        println!(
+            "  curl -X PATCH {url}/admin/workspaces/ws-staging -H 'Authorization: Bearer sk-editor-demo' \\\n    -d '{{\"limits\":{{\"rpm\":10,\"tpm\":20000}}}}'"
+        );
+    }
+    println!("audit log: {}", app.audit.destination());
+    match hooks.urls() {
+        [] => println!("webhooks: none (--webhook URL for budget alerts)"),
+        urls => {
+            println!("webhooks: {}", urls.join(", "));
+            println!("  budgets alert at their alert_thresholds; give the playground some:");
+            let editor = if configured {
+                "EDITOR_KEY"
+            } else {
+                "sk-editor-demo"
+            };
+            println!(
+                "  curl -X PATCH {url}/admin/workspaces/ws-playground -H 'Authorization: Bearer {editor}' \\\n    -d '{{\"budget\":{{\"limit\":\"0.002\",\"period\":\"day\",\"alert_thresholds\":[50,80,100]}}}}'"
+            );
+        }
+    }
+    println!();
 }

@@ -21,10 +21,14 @@ mod http;
 mod openai;
 #[path = "../../examples/gateway/provider.rs"]
 mod provider;
+#[path = "../../examples/gateway/webhooks.rs"]
+mod webhooks;
 
 #[cfg(feature = "redis")]
 #[path = "../support/redis_server.rs"]
 mod redis_server;
 
+mod admin_api;
 mod chat;
+mod stream;
 mod support;

@@ -12,11 +12,14 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
-use tollgate::{Engine, Policy, UsageSnapshot};
+use tollgate::{Engine, Event, EventSink, Policy, UsageSnapshot};
 
+use crate::admin::AdminKeys;
 use crate::app::{self, App};
+use crate::audit::Audit;
 use crate::backend::Backend;
 use crate::provider::{MockProvider, Provider};
+use crate::webhooks::{self, GatewayEvents, Webhooks};
 
 pub const POLICY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gateway/policy.toml");
 
@@ -25,11 +28,35 @@ pub const POLICY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gateway/
 pub struct Options {
     pub mock_delay: Duration,
     pub counters: Option<PathBuf>,
+    /// Admin keys as `NAME:ROLE:SECRET`; none: the three demo admin keys.
+    pub admin_keys: Vec<String>,
+    /// Write the audit log here; none: no audit log.
+    pub audit_log: Option<PathBuf>,
+    /// Webhook URLs for budget alerts.
+    pub webhooks: Vec<String>,
+    /// How webhooks are delivered; none: the gateway's defaults.
+    pub webhook_config: Option<webhooks::Config>,
+    /// Also hand every engine event to this sink.
+    pub events: Option<Arc<dyn EventSink>>,
+}
+
+/// The gateway's sink, and the test's own if it gave one.
+struct Tee(Arc<GatewayEvents>, Option<Arc<dyn EventSink>>);
+
+impl EventSink for Tee {
+    fn deliver(&self, event: Event) {
+        if let Some(extra) = &self.1 {
+            extra.deliver(event.clone());
+        }
+        self.0.deliver(event);
+    }
 }
 
 pub struct Running {
     pub url: String,
     pub app: Arc<App>,
+    /// The engine's event sink: audit log and webhooks.
+    pub events: Arc<GatewayEvents>,
     pub client: Client<HttpConnector, Full<Bytes>>,
     stop: Option<oneshot::Sender<()>>,
     pub server: Option<tokio::task::JoinHandle<()>>,
@@ -55,6 +82,24 @@ fn redis_requested() -> bool {
 
 pub async fn start_with(options: Options) -> Running {
     let policy = Policy::from_path(POLICY).expect("the example's policy is valid");
+    let admin = if options.admin_keys.is_empty() {
+        AdminKeys::demo()
+    } else {
+        AdminKeys::parse(&options.admin_keys).expect("valid admin keys")
+    };
+    let audit = match &options.audit_log {
+        Some(path) => Audit::to_file(path).expect("the audit log opens"),
+        None => Audit::default(),
+    };
+    let events = Arc::new(GatewayEvents {
+        audit: audit.clone(),
+        webhooks: Webhooks::start(
+            &options.webhooks,
+            options.webhook_config.unwrap_or_default(),
+        )
+        .expect("valid webhook URLs"),
+    });
+    let sink: Arc<dyn EventSink> = Arc::new(Tee(Arc::clone(&events), options.events));
     #[cfg(feature = "redis")]
     let (backend, redis) = if redis_requested() {
         assert!(
@@ -62,13 +107,19 @@ pub async fn start_with(options: Options) -> Running {
             "TOLLGATE_GATEWAY_BACKEND=redis needs redis-server"
         );
         let server = crate::redis_server::RedisServer::start();
-        let engine =
-            tollgate::RedisEngine::connect(&server.url(), policy, tollgate::RedisConfig::default())
-                .await
-                .expect("Redis is up");
+        let config = tollgate::RedisConfig {
+            events: Some(sink),
+            ..tollgate::RedisConfig::default()
+        };
+        let engine = tollgate::RedisEngine::connect(&server.url(), policy, config)
+            .await
+            .expect("Redis is up");
         (Backend::Redis(engine), Some(server))
     } else {
-        (Backend::Memory(Engine::new(policy)), None)
+        (
+            Backend::Memory(Engine::builder(policy).events(sink).build()),
+            None,
+        )
     };
     #[cfg(not(feature = "redis"))]
     let backend = {
@@ -76,15 +127,15 @@ pub async fn start_with(options: Options) -> Running {
             !redis_requested(),
             "TOLLGATE_GATEWAY_BACKEND=redis needs --features redis"
         );
-        Backend::Memory(Engine::new(policy))
+        Backend::Memory(Engine::builder(policy).events(sink).build())
     };
     let app = Arc::new(App {
         backend,
         provider: Provider::Mock(MockProvider {
             delay: options.mock_delay,
         }),
-        admin: crate::admin::AdminKeys::default(),
-        audit: crate::audit::Audit::default(),
+        admin,
+        audit,
         counters: options.counters,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -96,6 +147,7 @@ pub async fn start_with(options: Options) -> Running {
     Running {
         url,
         app,
+        events,
         client: Client::builder(TokioExecutor::new()).build_http(),
         stop: Some(stop),
         server: Some(server),
