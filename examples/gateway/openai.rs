@@ -4,15 +4,36 @@
 //! call the provider, `commit_usage` with what it reports. A provider error drops the
 //! reservation, which gives everything back. Every response carries the rate-limit
 //! headers; a denial is an OpenAI-style JSON error with its status and `Retry-After`.
+//!
+//! A streamed chat completion (`"stream": true`) answers server-sent events in
+//! OpenAI's format, the rate-limit headers on the response head. Its reservation is
+//! held while it streams and committed at the end with the provider's usage. A client
+//! that hangs up mid-stream is charged its prompt and the chunks it was sent, and the
+//! rest is given back; a provider that fails before the first chunk costs nothing.
+//!
+//! Embeddings reserve their input tokens and no output, and are charged the input
+//! tokens the provider counts.
 
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::{Request as HttpRequest, StatusCode};
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::{Request as HttpRequest, Response, StatusCode};
 use serde_json::{json, Value};
-use tollgate::{Request, Usage};
+use tokio::sync::mpsc;
+use tollgate::{Receipt, Request, Usage};
 
 use crate::app::App;
+use crate::backend::Held;
 use crate::http::{add_headers, bearer, denied, error, json_reply, missing_key, read_json, Reply};
-use crate::provider::Provider;
+use crate::provider::{Chat, Event, ProviderError, TokenStream};
 
 pub async fn models(app: &App, request: &HttpRequest<Incoming>) -> Reply {
     let Some(secret) = bearer(request) else {
@@ -34,7 +55,7 @@ pub async fn models(app: &App, request: &HttpRequest<Incoming>) -> Reply {
     json_reply(StatusCode::OK, &json!({"object": "list", "data": models}))
 }
 
-pub async fn chat(app: &App, request: HttpRequest<Incoming>) -> Reply {
+pub async fn chat(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply {
     let Some(secret) = bearer(&request).map(str::to_owned) else {
         return missing_key();
     };
@@ -64,48 +85,330 @@ pub async fn chat(app: &App, request: HttpRequest<Incoming>) -> Reply {
         Err(denial) => return denied(&denial),
     };
     let headers = held.headers();
-    let answer = match &app.provider {
-        Provider::Mock(mock) => mock.complete(prompt_tokens, max_tokens).await,
+    let call = Chat {
+        body: &body,
+        model,
+        prompt_tokens,
+        max_tokens,
+    };
+    if body["stream"].as_bool() == Some(true) {
+        let include_usage = body["stream_options"]["include_usage"].as_bool() == Some(true);
+        let mut reply = match stream_chat(app, held, &call, include_usage).await {
+            Ok(reply) => reply,
+            Err(reply) => return reply,
+        };
+        add_headers(&mut reply, &headers);
+        return reply;
+    }
+    let answer = match app.provider.complete(&call).await {
+        Ok(answer) => answer,
+        // `held` is dropped on the way out: the request is not charged.
+        Err(failure) => return provider_failed(&failure),
     };
     let usage = Usage::new(answer.prompt_tokens, answer.completion_tokens);
     let receipt = match app.backend.commit_usage(held, usage).await {
         Ok(receipt) => receipt,
-        Err(err) => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                &err.to_string(),
-            )
-        }
+        Err(err) => return store_failed(&err),
     };
-    let mut reply = json_reply(
-        StatusCode::OK,
-        &json!({
-            "object": "chat.completion",
-            "model": model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": answer.text},
-                "finish_reason": "stop",
-            }],
-            "usage": {
-                "prompt_tokens": receipt.input_tokens(),
-                "completion_tokens": receipt.output_tokens(),
-                "total_tokens": receipt.input_tokens() + receipt.output_tokens(),
-            },
-            "x_tollgate": {"cost_usd": receipt.cost().to_string()},
-        }),
-    );
+    let mut body = answer.body;
+    body["usage"] = usage_json(&receipt);
+    body["x_tollgate"] = json!({"cost_usd": receipt.cost().to_string()});
+    let mut reply = json_reply(StatusCode::OK, &body);
     add_headers(&mut reply, &headers);
     reply
 }
 
-pub async fn embeddings(_app: &App, _request: HttpRequest<Incoming>) -> Reply {
+/// A streamed chat completion as server-sent events. The provider's first event is
+/// awaited before answering, so a provider that fails at once is a 502 and the hold is
+/// dropped (nothing charged); after that the stream is pumped by its own task, which
+/// holds the reservation until it commits.
+async fn stream_chat(
+    app: &Arc<App>,
+    held: Held,
+    call: &Chat<'_>,
+    include_usage: bool,
+) -> Result<Reply, Reply> {
+    let mut stream = app
+        .provider
+        .stream(call)
+        .await
+        .map_err(|e| provider_failed(&e))?;
+    let first = match stream.next().await {
+        Some(Ok(event)) => event,
+        Some(Err(failure)) => return Err(provider_failed(&failure)),
+        None => {
+            return Err(provider_failed(&ProviderError::failed(
+                "the provider's stream was empty",
+            )))
+        }
+    };
+    let (tx, rx) = mpsc::channel(8);
+    let delivered = Arc::new(AtomicU32::new(0));
+    let pump = Pump {
+        app: Arc::clone(app),
+        tx,
+        delivered: Arc::clone(&delivered),
+        prompt_tokens: call.prompt_tokens,
+        include_usage,
+    };
+    tokio::spawn(pump.run(held, stream, first));
+    let mut reply = Response::new(SseBody { rx, delivered }.boxed());
+    let headers = reply.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(reply)
+}
+
+/// One server-sent event for the client; `token` when it carries generated output.
+struct Sse {
+    data: Bytes,
+    token: bool,
+}
+
+impl Sse {
+    fn json(value: &Value, token: bool) -> Self {
+        Sse {
+            data: Bytes::from(format!("data: {value}\n\n")),
+            token,
+        }
+    }
+}
+
+/// The response body of a stream: the events the pump sends, in order. Counts the
+/// output chunks it hands to the connection, so a client that hangs up is charged for
+/// exactly those. Dropped when the client goes, which the pump sees.
+struct SseBody {
+    rx: mpsc::Receiver<Sse>,
+    delivered: Arc<AtomicU32>,
+}
+
+impl Body for SseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(event)) => {
+                if event.token {
+                    self.delivered.fetch_add(1, Ordering::SeqCst);
+                }
+                Poll::Ready(Some(Ok(Frame::data(event.data))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Moves a provider's stream to the client and charges for it.
+struct Pump {
+    app: Arc<App>,
+    tx: mpsc::Sender<Sse>,
+    delivered: Arc<AtomicU32>,
+    prompt_tokens: u32,
+    include_usage: bool,
+}
+
+/// How a stream ended.
+enum End {
+    /// The provider finished.
+    Complete,
+    /// The provider failed part way.
+    Failed(ProviderError),
+    /// The client went away.
+    Gone,
+}
+
+impl Pump {
+    async fn run(self, held: Held, mut stream: TokenStream, first: Event) {
+        let mut reported: Option<Usage> = None;
+        let mut produced: u32 = 0;
+        // id, created and model of the last chunk, for the usage chunk.
+        let mut last = json!({});
+        let mut next = Some(Some(Ok(first)));
+        let end = loop {
+            let event = match next.take() {
+                Some(event) => event,
+                None => tokio::select! {
+                    biased;
+                    () = self.tx.closed() => break End::Gone,
+                    event = stream.next() => event,
+                },
+            };
+            match event {
+                None => break End::Complete,
+                Some(Err(failure)) => break End::Failed(failure),
+                Some(Ok(Event::Usage(usage))) => reported = Some(usage),
+                Some(Ok(Event::Chunk { mut chunk, token })) => {
+                    for field in ["id", "created", "model"] {
+                        last[field] = chunk[field].clone();
+                    }
+                    if self.include_usage {
+                        chunk["usage"] = Value::Null;
+                    }
+                    if self.tx.send(Sse::json(&chunk, token)).await.is_err() {
+                        break End::Gone;
+                    }
+                    produced += u32::from(token);
+                }
+            }
+        };
+        let usage = match (&end, reported) {
+            (End::Complete, Some(usage)) => usage,
+            (End::Complete | End::Failed(_), _) => Usage::new(self.prompt_tokens, produced),
+            // What reached the client: the body counted it before it was dropped.
+            (End::Gone, _) => Usage::new(self.prompt_tokens, self.delivered.load(Ordering::SeqCst)),
+        };
+        let receipt = match self.app.backend.commit_usage(held, usage).await {
+            Ok(receipt) => Some(receipt),
+            Err(err) => {
+                eprintln!("streamed completion: could not commit {usage:?}: {err}");
+                None
+            }
+        };
+        match end {
+            End::Gone => {}
+            End::Failed(failure) => {
+                let kind = json!({"error": {
+                    "message": failure.message,
+                    "type": "server_error",
+                    "code": "provider_error",
+                }});
+                let _ = self.tx.send(Sse::json(&kind, false)).await;
+            }
+            End::Complete => {
+                if self.include_usage {
+                    let mut chunk = last;
+                    chunk["object"] = json!("chat.completion.chunk");
+                    chunk["choices"] = json!([]);
+                    chunk["usage"] = match &receipt {
+                        Some(receipt) => usage_json(receipt),
+                        None => json!({
+                            "prompt_tokens": usage.input_tokens,
+                            "completion_tokens": usage.output_tokens,
+                            "total_tokens": usage.input_tokens + usage.output_tokens,
+                        }),
+                    };
+                    if let Some(receipt) = &receipt {
+                        chunk["x_tollgate"] = json!({"cost_usd": receipt.cost().to_string()});
+                    }
+                    let _ = self.tx.send(Sse::json(&chunk, false)).await;
+                }
+                let done = Sse {
+                    data: Bytes::from_static(b"data: [DONE]\n\n"),
+                    token: false,
+                };
+                let _ = self.tx.send(done).await;
+            }
+        }
+    }
+}
+
+pub async fn embeddings(app: &App, request: HttpRequest<Incoming>) -> Reply {
+    let Some(secret) = bearer(&request).map(str::to_owned) else {
+        return missing_key();
+    };
+    let body = match read_json(request).await {
+        Ok(body) => body,
+        Err(reply) => return reply,
+    };
+    let Some(model) = body["model"].as_str() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "`model` is required",
+        );
+    };
+    let Some(input_tokens) = estimate_input_tokens(&body["input"]) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "`input` must be a non-empty string, array of strings, or array of token arrays",
+        );
+    };
+    let ask = Request::with_secret(&secret, model)
+        .input_tokens(input_tokens)
+        .max_output_tokens(0);
+    let held = match app.backend.check_and_reserve(&ask).await {
+        Ok(held) => held,
+        Err(denial) => return denied(&denial),
+    };
+    let headers = held.headers();
+    let answer = match app.provider.embed(&body, model, input_tokens).await {
+        Ok(answer) => answer,
+        Err(failure) => return provider_failed(&failure),
+    };
+    let receipt = match app
+        .backend
+        .commit_usage(held, Usage::new(answer.prompt_tokens, 0))
+        .await
+    {
+        Ok(receipt) => receipt,
+        Err(err) => return store_failed(&err),
+    };
+    let mut body = answer.body;
+    body["usage"] = json!({
+        "prompt_tokens": receipt.input_tokens(),
+        "total_tokens": receipt.input_tokens(),
+    });
+    body["x_tollgate"] = json!({"cost_usd": receipt.cost().to_string()});
+    let mut reply = json_reply(StatusCode::OK, &body);
+    add_headers(&mut reply, &headers);
+    reply
+}
+
+fn usage_json(receipt: &Receipt) -> Value {
+    json!({
+        "prompt_tokens": receipt.input_tokens(),
+        "completion_tokens": receipt.output_tokens(),
+        "total_tokens": receipt.input_tokens() + receipt.output_tokens(),
+    })
+}
+
+/// A provider that did not answer: its refusal of the request as it gave it, or 502.
+fn provider_failed(failure: &ProviderError) -> Reply {
+    match &failure.rejected {
+        Some((status, body)) => json_reply(*status, body),
+        None => error(StatusCode::BAD_GATEWAY, "provider_error", &failure.message),
+    }
+}
+
+fn store_failed(err: &tollgate::Error) -> Reply {
     error(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        "embeddings are not served yet",
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        &err.to_string(),
     )
+}
+
+/// Input tokens of an embeddings `input`: about four characters a token for text, the
+/// count for token arrays. `None` when it is missing, empty, or not one of OpenAI's
+/// shapes.
+pub fn estimate_input_tokens(input: &Value) -> Option<u32> {
+    fn text(s: &str) -> Option<usize> {
+        (!s.is_empty()).then(|| s.len().div_ceil(4))
+    }
+    fn token_ids(items: &[Value]) -> Option<usize> {
+        (!items.is_empty() && items.iter().all(Value::is_u64)).then_some(items.len())
+    }
+    let tokens = match input {
+        Value::String(s) => text(s)?,
+        Value::Array(items) if items.is_empty() => return None,
+        Value::Array(items) if items[0].is_u64() => token_ids(items)?,
+        Value::Array(items) => items
+            .iter()
+            .map(|item| match item {
+                Value::String(s) => text(s),
+                Value::Array(ids) => token_ids(ids),
+                _ => None,
+            })
+            .sum::<Option<usize>>()?,
+        _ => return None,
+    };
+    Some(u32::try_from(tokens).unwrap_or(u32::MAX))
 }
 
 /// About four characters per token, plus a few per message for the chat framing: an
