@@ -11,6 +11,10 @@
 //! `bench_table:begin` and `bench_table:end` markers, so the hand-written analysis
 //! around it stays. `--no-memory` skips the million-key memory measurement;
 //! `--stdout` prints the generated part instead of writing the file.
+//!
+//! The Redis section needs a server during the bench run (`redis-server --port 6379
+//! --save '' --daemonize yes`, then `cargo bench --features redis --bench redis`);
+//! without its estimates it says it was not measured.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
@@ -315,7 +319,9 @@ fn utc(at: SystemTime) -> String {
 // Rendering.
 
 fn ns(x: f64) -> String {
-    if x >= 10_000.0 {
+    if x >= 1_000_000.0 {
+        format!("{:.2} ms", x / 1_000_000.0)
+    } else if x >= 10_000.0 {
         format!("{:.1} µs", x / 1_000.0)
     } else if x >= 100.0 {
         format!("{x:.0} ns")
@@ -341,6 +347,19 @@ struct Goal {
     target: &'static str,
     figure: Option<(f64, String)>,
     met: fn(f64) -> bool,
+}
+
+impl Goal {
+    /// The figure as shown, and whether it meets the target.
+    fn verdict(&self) -> (String, &'static str) {
+        match &self.figure {
+            Some((x, shown)) => (
+                shown.clone(),
+                if (self.met)(*x) { "met" } else { "**NOT met**" },
+            ),
+            None => ("not measured".into(), "**NOT measured**"),
+        }
+    }
 }
 
 const BEGIN: &str = "<!-- bench_table:begin -->";
@@ -423,6 +442,35 @@ const CONTENTION: &[(&str, &str)] = &[
     (
         "distinct_no_org_money",
         "distinct workspaces, no org budget or wallet",
+    ),
+];
+
+/// `benches/redis.rs`, one request at a time (current-thread runtime).
+const REDIS_LATENCY: &[(&str, &str)] = &[
+    ("redis_latency/ping", "`PING` round trip"),
+    (
+        "redis_latency/evalsha_trivial",
+        "`EVALSHA` of `return 1` (one key, one argument)",
+    ),
+    (
+        "redis_latency/reserve",
+        "`check_and_reserve` alone (one round trip: workspace and org scripts)",
+    ),
+    (
+        "redis_latency/reserve_commit",
+        "`check_and_reserve` + `commit_usage` (two round trips)",
+    ),
+];
+
+/// `benches/redis.rs`, 64 tasks on one engine (multi-thread runtime).
+const REDIS_THROUGHPUT: &[(&str, &str)] = &[
+    (
+        "redis_throughput/reserve_commit_64_tasks",
+        "reserve + commit, 64 concurrent tasks on one engine",
+    ),
+    (
+        "redis_throughput/evalsha_trivial_64_tasks",
+        "trivial `EVALSHA`, 64 concurrent tasks on one connection",
     ),
 ];
 
@@ -538,13 +586,7 @@ fn render(
         "### Goals\n\n| goal | target | measured | |\n|---|---|---|---|"
     );
     for goal in &goals {
-        let (figure, verdict) = match &goal.figure {
-            Some((x, shown)) => (
-                shown.clone(),
-                if (goal.met)(*x) { "met" } else { "**NOT met**" },
-            ),
-            None => ("not measured".into(), "**NOT measured**"),
-        };
+        let (figure, verdict) = goal.verdict();
         let _ = writeln!(
             md,
             "| {} | {} | {figure} | {verdict} |",
@@ -601,6 +643,60 @@ fn render(
             show(two),
             ratio(two, one).map_or_else(|| "–".into(), |r| format!("{r:.2}×"))
         );
+    }
+
+    let _ = writeln!(
+        md,
+        "\n### Redis backend, one local `redis-server` (`benches/redis.rs`)\n"
+    );
+    let redis_ids = || REDIS_LATENCY.iter().chain(REDIS_THROUGHPUT);
+    let redis_run = redis_ids()
+        .filter_map(|(id, _)| get(id).and_then(|e| e.modified))
+        .max();
+    if redis_ids().all(|(id, _)| get(id).is_none()) {
+        let _ = writeln!(md, "not measured (no Redis server during this run)");
+    } else {
+        let _ = writeln!(
+            md,
+            "Run with a server up: `redis-server --port 6379 --save '' --daemonize yes`, then \
+             `cargo bench --features redis --bench redis` (estimates from {}).\n",
+            redis_run.map_or_else(|| "an unknown time".into(), utc)
+        );
+        let trivial = median("redis_latency/evalsha_trivial");
+        let _ = writeln!(
+            md,
+            "| bench | median | ± MAD | ÷ trivial `EVALSHA` | id |\n|---|---:|---:|---:|---|"
+        );
+        for (id, label) in REDIS_LATENCY {
+            if let Some(e) = get(id) {
+                let _ = writeln!(
+                    md,
+                    "| {label} | {} | {} | {} | `{id}` |",
+                    ns(e.median_ns),
+                    ns(e.mad_ns),
+                    ratio(Some(e.median_ns), trivial)
+                        .map_or_else(|| "–".into(), |r| format!("{r:.2}×"))
+                );
+            }
+        }
+        let goal = Goal {
+            what: "reserve within 1.5× of a trivial EVALSHA's median latency",
+            target: "≤ 1.5×",
+            figure: ratio(median("redis_latency/reserve"), trivial)
+                .map(|r| (r, format!("{r:.2}×"))),
+            met: |r| r <= 1.5,
+        };
+        let (figure, verdict) = goal.verdict();
+        let _ = writeln!(md, "\nGoal: {}: {verdict} ({figure})\n", goal.what);
+        let _ = writeln!(
+            md,
+            "| throughput | operations per second | id |\n|---|---:|---|"
+        );
+        for (id, label) in REDIS_THROUGHPUT {
+            let shown = per_second(id)
+                .map_or_else(|| "–".into(), |x| format!("{} ops/s", group_thousands(x)));
+            let _ = writeln!(md, "| {label} | {shown} | `{id}` |");
+        }
     }
 
     if let Some(m) = memory {
@@ -666,7 +762,12 @@ fn render(
     let unknown: Vec<&String> = estimates
         .keys()
         .filter(|id| {
-            !HOT_PATH.iter().chain(PEERS).any(|(known, _)| known == id)
+            !HOT_PATH
+                .iter()
+                .chain(PEERS)
+                .chain(REDIS_LATENCY)
+                .chain(REDIS_THROUGHPUT)
+                .any(|(known, _)| known == id)
                 && !id.starts_with("contention/")
         })
         .collect();

@@ -1,0 +1,354 @@
+//! The Redis backend (feature `redis`) against a real `redis-server`: latency of one
+//! request, set beside the round trips it is made of, and throughput of one instance
+//! with 64 requests in flight.
+//!
+//! - `redis_latency` (current-thread tokio runtime, one request at a time):
+//!   - `ping`: a `PING` round trip;
+//!   - `evalsha_trivial`: `EVALSHA` of `return 1` with one key and one argument;
+//!   - `reserve`: `check_and_reserve` alone (the commit that follows is not timed);
+//!   - `reserve_commit`: `check_and_reserve` then `commit_usage`.
+//! - `redis_throughput` (multi-thread runtime, one engine, 64 tasks): one iteration is
+//!   64 × 4 operations, reported in elements (operations) per second:
+//!   - `reserve_commit_64_tasks`: each task reserves and commits in a loop;
+//!   - `evalsha_trivial_64_tasks`: each task runs the trivial script in a loop.
+//!
+//! Every figure goes through the same kind of connection the engine uses: a
+//! `ConnectionManager` (one multiplexed connection; concurrent calls pipeline on it),
+//! configured with `RedisConfig`'s default timeouts. A reservation is one round trip
+//! carrying two script calls (the workspace's levels and the org's, each under its own
+//! hash tag), a commit another; so `reserve ÷ evalsha_trivial` is what the Lua work
+//! and the client-side decision add to one round trip.
+//!
+//! Requests are those of the other benches (`common`: 1,000 keys visited in a fixed
+//! random order, every level limited, limits and budgets far from reach, so every
+//! admission is checked with `expect`). Counters live under the prefix `bench-<pid>`,
+//! deleted at the end of the run; nothing else on the server is touched. Commit
+//! markers get a 10-minute TTL (default 24 h; the cost of the `SET` is the same) so an
+//! interrupted run leaves little behind.
+//!
+//! Needs a server: `TOLLGATE_REDIS_URL` (default `redis://127.0.0.1:6379/`); without
+//! one the bench prints why and exits successfully.
+//!
+//! Run: `redis-server --port 6379 --save '' --daemonize yes`, then
+//! `cargo bench --features redis --bench redis` (about 40 s).
+
+#![allow(missing_docs)]
+
+mod common;
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{by_id, KeyTable, Shape, USAGE};
+use criterion::{criterion_group, Criterion, SamplingMode, Throughput};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tollgate::{RedisConfig, RedisEngine};
+
+const DEFAULT_URL: &str = "redis://127.0.0.1:6379/";
+/// Keys in the bench policy (as in `hot_path` and `peers`).
+const KEYS: usize = 1_000;
+/// Concurrent tasks in the throughput benches.
+const TASKS: usize = 64;
+/// Operations per task per criterion iteration in the throughput benches.
+const PER_TASK: u64 = 4;
+/// How long the reachability check may take.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+fn url() -> String {
+    std::env::var("TOLLGATE_REDIS_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
+}
+
+fn prefix() -> String {
+    format!("bench-{}", std::process::id())
+}
+
+fn config() -> RedisConfig {
+    RedisConfig {
+        prefix: prefix(),
+        commit_marker_ttl: Duration::from_secs(600),
+        ..RedisConfig::default()
+    }
+}
+
+/// A blocking connection with short timeouts, for the probe and the clean-up.
+fn blocking_connection(url: &str) -> redis::RedisResult<redis::Connection> {
+    let client = redis::Client::open(url)?;
+    let connection = client.get_connection_with_timeout(PROBE_TIMEOUT)?;
+    connection.set_read_timeout(Some(PROBE_TIMEOUT))?;
+    connection.set_write_timeout(Some(PROBE_TIMEOUT))?;
+    Ok(connection)
+}
+
+/// Whether a server answers `PING` at `url`, and if not, why.
+fn probe(url: &str) -> Result<(), String> {
+    let mut connection = blocking_connection(url).map_err(|e| e.to_string())?;
+    redis::cmd("PING")
+        .query::<String>(&mut connection)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// The same kind of connection `RedisEngine::connect` makes, with the same timeouts.
+async fn manager(url: &str) -> ConnectionManager {
+    let defaults = RedisConfig::default();
+    let client = redis::Client::open(url).expect("valid Redis URL");
+    let manager_config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(defaults.response_timeout))
+        .set_connection_timeout(Some(defaults.connection_timeout));
+    ConnectionManager::new_with_config(client, manager_config)
+        .await
+        .expect("connect to Redis")
+}
+
+async fn engine(url: &str) -> RedisEngine {
+    RedisEngine::connect(url, common::policy(Shape::keys(KEYS)), config())
+        .await
+        .expect("connect to Redis")
+}
+
+/// The trivial script: one key and one argument in, `1` out.
+struct Trivial {
+    script: redis::Script,
+    key: String,
+}
+
+impl Trivial {
+    fn new() -> Self {
+        Trivial {
+            script: redis::Script::new("return 1"),
+            key: format!("{}:trivial", prefix()),
+        }
+    }
+
+    /// One `EVALSHA`, on a clone of the connection as the engine's calls are.
+    async fn call(&self, connection: &ConnectionManager) -> i64 {
+        let mut connection = connection.clone();
+        self.script
+            .key(&self.key)
+            .arg(1)
+            .invoke_async(&mut connection)
+            .await
+            .expect("EVALSHA")
+    }
+}
+
+/// One full admitted request, as `common::reserve_commit` for the in-memory engine.
+async fn reserve_commit(
+    engine: &RedisEngine,
+    request: &tollgate::Request<'_>,
+) -> tollgate::Receipt {
+    let reservation = engine.check_and_reserve(request).await.expect("admitted");
+    engine
+        .commit_usage(reservation, USAGE)
+        .await
+        .expect("committed")
+}
+
+fn latency(c: &mut Criterion) {
+    let url = url();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let (connection, engine) =
+        runtime.block_on(async { (manager(&url).await, engine(&url).await) });
+    let trivial = Trivial::new();
+    let table = KeyTable::for_keys(KEYS);
+    let mut j = 0usize;
+
+    let mut group = c.benchmark_group("redis_latency");
+    group.bench_function("ping", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let mut connection = connection.clone();
+                    let pong: String = redis::cmd("PING")
+                        .query_async(&mut connection)
+                        .await
+                        .expect("PING");
+                    black_box(pong);
+                }
+                start.elapsed()
+            })
+        })
+    });
+    group.bench_function("evalsha_trivial", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    black_box(trivial.call(&connection).await);
+                }
+                start.elapsed()
+            })
+        })
+    });
+    group.bench_function("reserve", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let mut reserving = Duration::ZERO;
+                for _ in 0..iters {
+                    j = j.wrapping_add(1);
+                    let request = by_id(table.id(j));
+                    let start = Instant::now();
+                    let reservation = engine.check_and_reserve(&request).await.expect("admitted");
+                    reserving += start.elapsed();
+                    engine
+                        .commit_usage(reservation, USAGE)
+                        .await
+                        .expect("committed");
+                }
+                reserving
+            })
+        })
+    });
+    group.bench_function("reserve_commit", |b| {
+        b.iter_custom(|iters| {
+            runtime.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    j = j.wrapping_add(1);
+                    black_box(reserve_commit(&engine, &by_id(table.id(j))).await);
+                }
+                start.elapsed()
+            })
+        })
+    });
+    group.finish();
+}
+
+/// Run `per_task` operations on each of `TASKS` tasks at once; the time until all
+/// have finished. `op(t, i)` is task `t`'s operation number `i`.
+fn run_tasks<F, Fut>(runtime: &tokio::runtime::Runtime, per_task: u64, op: F) -> Duration
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    runtime.block_on(async {
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|t| {
+                let op = op.clone();
+                tokio::spawn(async move {
+                    for i in 0..per_task {
+                        op(t, i).await;
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.expect("bench task");
+        }
+        start.elapsed()
+    })
+}
+
+fn throughput(c: &mut Criterion) {
+    let url = url();
+    // The connections' driver tasks run on this runtime's workers, as in a gateway.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let (connection, engine) =
+        runtime.block_on(async { (manager(&url).await, engine(&url).await) });
+    let trivial = Arc::new(Trivial::new());
+    let table = Arc::new(KeyTable::for_keys(KEYS));
+    // Each task starts at its own place in the visiting order.
+    let stride = table.len() / TASKS;
+
+    let mut group = c.benchmark_group("redis_throughput");
+    group
+        .throughput(Throughput::Elements(TASKS as u64 * PER_TASK))
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(4));
+    group.bench_function("reserve_commit_64_tasks", |b| {
+        b.iter_custom(|iters| {
+            let (engine, table) = (engine.clone(), Arc::clone(&table));
+            run_tasks(&runtime, iters * PER_TASK, move |t, i| {
+                let (engine, table) = (engine.clone(), Arc::clone(&table));
+                async move {
+                    let j = t * stride + i as usize;
+                    black_box(reserve_commit(&engine, &by_id(table.id(j))).await);
+                }
+            })
+        })
+    });
+    group.bench_function("evalsha_trivial_64_tasks", |b| {
+        b.iter_custom(|iters| {
+            let (connection, trivial) = (connection.clone(), Arc::clone(&trivial));
+            run_tasks(&runtime, iters * PER_TASK, move |_, _| {
+                let (connection, trivial) = (connection.clone(), Arc::clone(&trivial));
+                async move {
+                    black_box(trivial.call(&connection).await);
+                }
+            })
+        })
+    });
+    group.finish();
+}
+
+/// Delete every key this run created (`<prefix>:*`), nothing else.
+fn clean_up(url: &str) {
+    let result = (|| -> redis::RedisResult<usize> {
+        let mut connection = blocking_connection(url)?;
+        let pattern = format!("{}:*", prefix());
+        let mut cursor = 0u64;
+        let mut deleted = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(10_000)
+                .query(&mut connection)?;
+            if !keys.is_empty() {
+                deleted += redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query::<usize>(&mut connection)?;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    })();
+    if let Err(error) = result {
+        eprintln!(
+            "could not delete the bench's keys ({}:*): {error}",
+            prefix()
+        );
+    }
+}
+
+fn config_criterion() -> Criterion {
+    common::criterion()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(50)
+}
+
+criterion_group! {
+    name = benches;
+    config = config_criterion();
+    targets = latency, throughput
+}
+
+// `criterion_main!`, after checking that there is a server to measure.
+fn main() {
+    let url = url();
+    if let Err(error) = probe(&url) {
+        println!(
+            "skipping Redis benches: no server at {url} (start one with \
+             `redis-server --port 6379 --save ''` or set TOLLGATE_REDIS_URL): {error}"
+        );
+        return;
+    }
+    benches();
+    clean_up(&url);
+    Criterion::default().configure_from_args().final_summary();
+}
