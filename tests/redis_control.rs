@@ -334,3 +334,92 @@ async fn a_changed_budget_period_starts_at_once_and_keeps_the_spend() {
     let usage = a.usage().await.unwrap();
     assert_eq!(usage.workspaces[0].usage.current.cost, spent);
 }
+
+/// Traffic from two instances while one of them revokes keys and edits limits: no
+/// request that started after a revocation returned is admitted on that key, and Redis
+/// counts exactly the receipts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_during_revocations_and_edits_keeps_every_promise() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let (a, _) = instance(&server).await;
+    let (b, _) = instance(&server).await;
+    let keys = ["k1", "k2", "k3"];
+    let revoked: Arc<[AtomicBool; 3]> = Arc::new(Default::default());
+    let mut workers = Vec::new();
+    for (n, engine) in [a.clone(), b.clone(), a.clone(), b.clone()]
+        .into_iter()
+        .enumerate()
+    {
+        let revoked = Arc::clone(&revoked);
+        workers.push(tokio::spawn(async move {
+            let (mut total, mut violations, mut admitted, mut refused) = (Decimal::ZERO, 0, 0, 0);
+            for i in 0..150u32 {
+                let k = (i as usize + n) % 3;
+                let was_revoked = revoked[k].load(Ordering::SeqCst);
+                let request = Request::with_key_id(keys[k], "m")
+                    .input_tokens(10 + i % 7)
+                    .max_output_tokens(20);
+                match engine.check_and_reserve(&request).await {
+                    Ok(r) => {
+                        violations += usize::from(was_revoked);
+                        admitted += 1;
+                        let receipt = engine.commit_usage(r, Usage::new(10 + i % 7, i % 20)).await;
+                        total += receipt.unwrap().cost();
+                    }
+                    Err(d) => {
+                        refused += usize::from(d.reason == DenialReason::KeyRevoked);
+                        assert!(
+                            matches!(
+                                d.reason,
+                                DenialReason::KeyRevoked | DenialReason::TokensPerMinute
+                            ),
+                            "{d:?}"
+                        );
+                    }
+                }
+            }
+            (total, violations, admitted, refused)
+        }));
+    }
+    // Revoke k1 and k3 while traffic flows, and swing the workspace's TPM.
+    for (step, key) in [(0, "k1"), (1, "k3")] {
+        let update = tollgate::WorkspaceUpdate {
+            limits: Some(tollgate::LimitsSpec {
+                tpm: Some(if step == 0 { 5_000 } else { 1_000_000 }),
+                ..tollgate::LimitsSpec::default()
+            }),
+            ..tollgate::WorkspaceUpdate::default()
+        };
+        a.update_workspace("ws1", update, None).await.unwrap();
+        tokio::task::yield_now().await;
+        a.revoke_key(key, None).await.unwrap();
+        revoked[if key == "k1" { 0 } else { 2 }].store(true, Ordering::SeqCst);
+    }
+    let (mut total, mut violations, mut admitted, mut refused) = (Decimal::ZERO, 0, 0, 0);
+    for worker in workers {
+        let (t, v, n, r) = worker.await.unwrap();
+        total += t;
+        violations += v;
+        admitted += n;
+        refused += r;
+    }
+    assert_eq!(
+        violations, 0,
+        "admitted on a key after its revocation returned"
+    );
+    assert!(refused > 0, "the revocations landed while traffic flowed");
+    assert!(admitted > 100, "only {admitted} admitted");
+    let usage = a.usage().await.unwrap();
+    assert_eq!(usage.org.current.cost, total);
+    assert_eq!(usage.org.current.held, Decimal::ZERO);
+    let ws: Decimal = usage.workspaces.iter().map(|w| w.usage.current.cost).sum();
+    assert_eq!(ws, total);
+    // Both instances refuse the revoked keys now, whatever their policy says.
+    assert_eq!(denied(&b, "k1").await, DenialReason::KeyRevoked);
+    assert_eq!(denied(&b, "k3").await, DenialReason::KeyRevoked);
+}
