@@ -55,20 +55,35 @@ pub async fn models(app: &App, request: &HttpRequest<Incoming>) -> Reply {
     json_reply(StatusCode::OK, &json!({"object": "list", "data": models}))
 }
 
-pub async fn chat(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply {
-    let Some(secret) = bearer(&request).map(str::to_owned) else {
-        return missing_key();
-    };
-    let body = match read_json(request).await {
-        Ok(body) => body,
-        Err(reply) => return reply,
-    };
-    let Some(model) = body["model"].as_str() else {
-        return error(
+/// The caller's bearer key and the request's JSON body, or the error to answer with.
+async fn authenticated_body(request: HttpRequest<Incoming>) -> Result<(String, Value), Reply> {
+    let secret = bearer(&request)
+        .map(str::to_owned)
+        .ok_or_else(missing_key)?;
+    Ok((secret, read_json(request).await?))
+}
+
+/// The body's `model`, required by every OpenAI route that takes a body.
+// The error is the reply itself, as `read_json`'s is: boxing it would only add a step.
+#[allow(clippy::result_large_err)]
+fn required_model(body: &Value) -> Result<&str, Reply> {
+    body["model"].as_str().ok_or_else(|| {
+        error(
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             "`model` is required",
-        );
+        )
+    })
+}
+
+pub async fn chat(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply {
+    let (secret, body) = match authenticated_body(request).await {
+        Ok(read) => read,
+        Err(reply) => return reply,
+    };
+    let model = match required_model(&body) {
+        Ok(model) => model,
+        Err(reply) => return reply,
     };
     let max_tokens = body["max_tokens"]
         .as_u64()
@@ -308,19 +323,13 @@ impl Pump {
 }
 
 pub async fn embeddings(app: &App, request: HttpRequest<Incoming>) -> Reply {
-    let Some(secret) = bearer(&request).map(str::to_owned) else {
-        return missing_key();
-    };
-    let body = match read_json(request).await {
-        Ok(body) => body,
+    let (secret, body) = match authenticated_body(request).await {
+        Ok(read) => read,
         Err(reply) => return reply,
     };
-    let Some(model) = body["model"].as_str() else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "`model` is required",
-        );
+    let model = match required_model(&body) {
+        Ok(model) => model,
+        Err(reply) => return reply,
     };
     let Some(input_tokens) = estimate_input_tokens(&body["input"]) else {
         return error(
