@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use crate::clock::Timestamp;
 use crate::denial::{Denial, DenialReason, Quota, Scope};
-use crate::money::{picos_to_decimal, token_cost};
+use crate::money::{picos_to_decimal, usage_cost};
 use crate::policy::{KeyStatus, WorkspaceStatus};
 use crate::request::{Credential, Request};
 use crate::snapshot::{Route, Snapshot};
@@ -93,8 +93,7 @@ pub(crate) fn admit(
         ask: Ask {
             input_tokens: input,
             output_tokens: output,
-            cost: token_cost(input, model.input_price)
-                .saturating_add(token_cost(output, model.output_price)),
+            cost: usage_cost(input, output, model.input_price, model.output_price),
         },
         input_price: model.input_price,
         output_price: model.output_price,

@@ -77,6 +77,13 @@ pub(crate) fn token_cost(tokens: u64, price_per_token: u64) -> i64 {
     i64::try_from(cost).unwrap_or(i64::MAX)
 }
 
+/// The cost of `input` and `output` tokens at per-token prices, in pico-dollars:
+/// what a reservation holds for its worst case and what a commit charges.
+#[inline]
+pub(crate) fn usage_cost(input: u64, output: u64, input_price: u64, output_price: u64) -> i64 {
+    token_cost(input, input_price).saturating_add(token_cost(output, output_price))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@ use rust_decimal::Decimal;
 
 use crate::budget::Settlement;
 use crate::clock::Timestamp;
-use crate::money::{picos_to_decimal, token_cost};
+use crate::money::{picos_to_decimal, usage_cost};
 use crate::request::Usage;
 use crate::snapshot::{Route, Share, LEVELS, WALLET_LEVEL};
 use crate::store::{Ask, LevelHold, Tightest, Window};
@@ -166,8 +166,7 @@ impl Reservation {
         let now = self.snapshot.clock.now();
         let input = u64::from(usage.input_tokens);
         let output = u64::from(usage.output_tokens);
-        let cost = token_cost(input, self.input_price)
-            .saturating_add(token_cost(output, self.output_price));
+        let cost = usage_cost(input, output, self.input_price, self.output_price);
         let settlement = Settlement {
             cost,
             input_tokens: input,

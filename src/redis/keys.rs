@@ -25,7 +25,7 @@ const VERSION: &str = "v1";
 const WORKSPACE_LEVELS: usize = 3;
 
 /// The levels of one request that share a hash tag: one script call each.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Group {
     pub(crate) tag: String,
     /// The workspace's group: its first level is the key, its second the workspace.

@@ -287,6 +287,7 @@ impl RedisEngine {
                 Arc::clone(snap),
                 id,
                 admission,
+                groups,
                 tightest,
             )),
             // Only the workspace group checks the key's and workspace's flags.

@@ -9,8 +9,9 @@ use rust_decimal::Decimal;
 
 use crate::decide::Admission;
 use crate::denial::Error;
-use crate::money::{picos_to_decimal, token_cost};
+use crate::money::{picos_to_decimal, usage_cost};
 use crate::redis::calls::{self, Used};
+use crate::redis::keys::Group;
 use crate::redis::{Inner, PendingCommit, RedisEngine};
 use crate::request::Usage;
 use crate::reservation::{LimitWindow, RateLimitStatus, Receipt, Reservation};
@@ -29,9 +30,8 @@ pub struct RedisReservation {
 
 enum Kind {
     Remote(Remote),
-    /// Admitted by the local limiter of a fail-open workspace while Redis was down
-    /// (boxed: the rare case should not size the common one).
-    Local(Box<Reservation>),
+    /// Admitted by the local limiter of a fail-open workspace while Redis was down.
+    Local(Reservation),
 }
 
 struct Remote {
@@ -39,6 +39,8 @@ struct Remote {
     snapshot: Arc<Snapshot>,
     id: String,
     admission: Admission,
+    /// The key names the reservation was taken under, for its commit or release.
+    groups: [Group; 2],
     tightest: Tightest,
     settled: bool,
 }
@@ -49,6 +51,7 @@ impl RedisReservation {
         snapshot: Arc<Snapshot>,
         id: String,
         admission: Admission,
+        groups: [Group; 2],
         tightest: Tightest,
     ) -> Self {
         RedisReservation {
@@ -57,6 +60,7 @@ impl RedisReservation {
                 snapshot,
                 id,
                 admission,
+                groups,
                 tightest,
                 settled: false,
             }),
@@ -65,7 +69,7 @@ impl RedisReservation {
 
     pub(crate) fn local(reservation: Reservation) -> Self {
         RedisReservation {
-            kind: Kind::Local(Box::new(reservation)),
+            kind: Kind::Local(reservation),
         }
     }
 
@@ -124,15 +128,17 @@ impl RedisReservation {
         let input = u64::from(usage.input_tokens);
         let output = u64::from(usage.output_tokens);
         let used = Used {
-            cost: token_cost(input, remote.admission.input_price)
-                .saturating_add(token_cost(output, remote.admission.output_price)),
+            cost: usage_cost(
+                input,
+                output,
+                remote.admission.input_price,
+                remote.admission.output_price,
+            ),
             input_tokens: input,
             output_tokens: output,
         };
         let inner = &remote.engine;
-        let groups = inner
-            .layout
-            .groups(&remote.snapshot, remote.admission.route);
+        let groups = std::mem::take(&mut remote.groups);
         let calls = groups.each_ref().map(|group| {
             calls::commit(
                 &remote.snapshot,
@@ -187,10 +193,7 @@ impl Drop for Remote {
         let engine = RedisEngine {
             inner: Arc::clone(&self.engine),
         };
-        let groups = engine
-            .inner
-            .layout
-            .groups(&self.snapshot, self.admission.route);
+        let groups = std::mem::take(&mut self.groups);
         let id = std::mem::take(&mut self.id);
         runtime.spawn(async move {
             for group in &groups {
