@@ -77,7 +77,7 @@ fn holds_commits_and_releases_never_overspend_and_spend_adds_up() {
         let committed: i64 = results.iter().flatten().sum();
         let commits = [results[0], results[2]].iter().flatten().count() as u64;
 
-        let (totals, _) = cell.totals(Span::Forever, now);
+        let (totals, _) = cell.totals(now);
         assert_eq!(totals.spent, committed, "spend equals the sum of commits");
         assert_eq!(totals.held, 0, "every hold was committed or released");
         assert_eq!(totals.requests, commits);
