@@ -166,22 +166,17 @@ pub(crate) fn commit(
     ];
     for &(level, _) in &group.levels {
         let rules = rules_of(snap, route, level);
-        match &rules.tpm {
-            Some(tpm) => {
-                args.push(tpm.rate.interval.to_string());
-                args.push(
-                    tpm.counts
-                        .pick(ask.input_tokens, ask.output_tokens)
-                        .to_string(),
-                );
-                args.push(
-                    tpm.counts
-                        .pick(used.input_tokens, used.output_tokens)
-                        .to_string(),
-                );
-            }
-            None => args.extend(["0".into(), "0".into(), "0".into()]),
-        }
+        // The tokens the request used as the reservation's rule counts them; what
+        // they cost in the bucket is the bucket's own (current) interval.
+        args.push(
+            rules
+                .tpm
+                .as_ref()
+                .map_or(0, |tpm| {
+                    tpm.counts.pick(used.input_tokens, used.output_tokens)
+                })
+                .to_string(),
+        );
         let (kind, seconds) = period_args(rules.span);
         args.push(kind.to_string());
         args.push(seconds.to_string());
