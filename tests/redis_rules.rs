@@ -157,6 +157,8 @@ async fn release(server: &RedisServer, reservation: RedisReservation) {
 }
 
 const WS1: &str = "tollgate:v1:{ws:ws1}:ws";
+const WS2: &str = "tollgate:v1:{ws:ws2}:ws";
+const ORG: &str = "tollgate:v1:{org:acme}:org";
 
 /// Item 1: a TPM limit raised from 1,000 to 100,000 while a 1,000-token hold is in
 /// flight. The hold is 1,000 tokens whatever the limit; committing it with 0 tokens
@@ -290,6 +292,144 @@ async fn a_commit_under_an_old_period_kind_keeps_the_new_period() {
         current.period_end.as_unix_nanos() - current.period_start.as_unix_nanos(),
         86_400_000_000_000
     );
+}
+
+/// Every key with a TTL deleted: what an idle TTL does once it has run out (Redis
+/// time cannot be fast-forwarded, and the shortest idle TTL is two budget periods).
+fn expire_everything_with_a_ttl(server: &RedisServer) -> usize {
+    let mut expired = 0;
+    for key in server.cli(&["keys", "*"]).lines() {
+        let key = key.trim();
+        if key.is_empty() {
+            continue;
+        }
+        if server.cli(&["pttl", key]).parse::<i64>().unwrap() >= 0 {
+            server.cli(&["del", key]);
+            expired += 1;
+        }
+    }
+    expired
+}
+
+/// Item 4: a revoked key and a deleted workspace stay refused by every instance,
+/// whatever idle TTLs run out, and late commits of their requests in flight change
+/// nothing about that.
+#[tokio::test(flavor = "current_thread")]
+async fn revoked_and_deleted_flags_outlive_every_idle_ttl() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let p = || policy(LimitsSpec::default(), LimitsSpec::default());
+    let a = engine(&server, p(), RedisConfig::default()).await;
+    // B never applies the changes: its policy lists k1 as active and ws2 as present.
+    let b = engine(&server, p(), RedisConfig::default()).await;
+    let r = reserve(&b, "k1", 10).await;
+    b.commit_usage(r, Usage::new(10, 0)).await.unwrap();
+    let in_flight_k1 = reserve(&b, "k1", 10).await;
+    let in_flight_k3 = reserve(&b, "k3", 10).await;
+
+    a.revoke_key("k1", None).await.unwrap();
+    a.delete_workspace("ws2", None).await.unwrap();
+    // Requests in flight at the time finish later.
+    b.commit_usage(in_flight_k1, Usage::new(10, 0))
+        .await
+        .unwrap();
+    b.commit_usage(in_flight_k3, Usage::new(10, 0))
+        .await
+        .unwrap();
+    assert_eq!(
+        refused(&b, "k1", 1, "revoked").await,
+        DenialReason::KeyRevoked
+    );
+    assert_eq!(
+        refused(&b, "k3", 1, "workspace deleted").await,
+        DenialReason::UnknownKey
+    );
+
+    assert!(expire_everything_with_a_ttl(&server) > 0);
+    assert_eq!(
+        refused(
+            &b,
+            "k1",
+            1,
+            "the revocation expired with the key's counters"
+        )
+        .await,
+        DenialReason::KeyRevoked
+    );
+    assert_eq!(
+        refused(
+            &b,
+            "k3",
+            1,
+            "the deletion expired with the workspace's counters"
+        )
+        .await,
+        DenialReason::UnknownKey
+    );
+    // Untouched keys still work.
+    let r = reserve(&b, "k2", 10).await;
+    b.commit_usage(r, Usage::new(10, 0)).await.unwrap();
+}
+
+/// Item 5: a workspace deleted while a request is in flight and then created again
+/// starts from zero: the late commit settles at the org level only and leaves no
+/// negative concurrency or spend in the new workspace's counters.
+#[tokio::test(flavor = "current_thread")]
+async fn a_recreated_workspace_starts_from_zero() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let one_at_a_time = LimitsSpec {
+        max_concurrent: Some(1),
+        ..LimitsSpec::default()
+    };
+    let p = || policy(LimitsSpec::default(), one_at_a_time.clone());
+    let a = engine(&server, p(), RedisConfig::default()).await;
+    let in_flight = reserve(&a, "k3", 100_000).await;
+    a.delete_workspace("ws2", None).await.unwrap();
+    let receipt = a
+        .commit_usage(in_flight, Usage::new(100_000, 0))
+        .await
+        .unwrap();
+    assert_eq!(receipt.cost(), dec("0.1"));
+
+    a.apply_policy(p()).await.unwrap();
+    let first = reserve(&a, "k3", 10).await;
+    assert_eq!(
+        refused(
+            &a,
+            "k3",
+            10,
+            "two requests in flight with max_concurrent = 1"
+        )
+        .await,
+        DenialReason::Concurrency
+    );
+    for field in ["conc", "held", "used"] {
+        assert!(
+            int(&server, WS2, field) >= 0,
+            "{WS2} {field} = {}",
+            hget(&server, WS2, field)
+        );
+    }
+    assert_eq!(int(&server, WS2, "conc"), 1);
+    assert_eq!(hget(&server, WS2, "used"), hget(&server, WS2, "held"));
+    a.commit_usage(first, Usage::new(10, 0)).await.unwrap();
+    // $1 budget: the deleted workspace's spend is not the new one's, and the new one
+    // got no extra room from it either.
+    let usage = a.usage().await.unwrap();
+    let ws2 = &usage.workspaces[1].usage.current;
+    assert_eq!(ws2.cost, dec("0.00001"));
+    assert_eq!(ws2.held, Decimal::ZERO);
+    assert_eq!(usage.workspaces[1].usage.in_flight, 0);
+    // The org paid for the deleted workspace's last request.
+    assert_eq!(usage.org.current.cost, dec("0.1") + dec("0.00001"));
+    assert_eq!(int(&server, ORG, "held"), 0);
 }
 
 /// Item 7: a commit that arrives after its hold expired (and was given back) is

@@ -255,7 +255,7 @@ impl RedisEngine {
         let Admission { route, ask, .. } = admission;
 
         let id = self.next_id();
-        let groups = inner.layout.groups(snap, route);
+        let mut groups = inner.layout.groups(snap, route);
         let calls = groups
             .each_ref()
             .map(|group| calls::reserve(snap, route, group, &id, ask, inner.ttls));
@@ -272,7 +272,7 @@ impl RedisEngine {
         let org = outcome(&groups[1], org_reply);
 
         // Give back what a group holds when the request as a whole is not admitted.
-        let admitted = |o: &Result<Reserved, StoreError>| matches!(o, Ok(Reserved::Admitted));
+        let admitted = |o: &Result<Reserved, StoreError>| matches!(o, Ok(Reserved::Admitted(_)));
         if !(admitted(&ws) && admitted(&org)) {
             for (group, o) in groups.iter().zip([&ws, &org]) {
                 if admitted(o) {
@@ -282,22 +282,26 @@ impl RedisEngine {
         }
         let workspace = &snap.policy.workspaces[route.workspace as usize];
         match (ws, org) {
-            (Ok(Reserved::Admitted), Ok(Reserved::Admitted)) => Ok(RedisReservation::remote(
-                Arc::clone(&self.inner),
-                Arc::clone(snap),
-                id,
-                admission,
-                groups,
-                tightest,
-            )),
+            (Ok(Reserved::Admitted(ws_generation)), Ok(Reserved::Admitted(org_generation))) => {
+                groups[0].generation = ws_generation;
+                groups[1].generation = org_generation;
+                Ok(RedisReservation::remote(
+                    Arc::clone(&self.inner),
+                    Arc::clone(snap),
+                    id,
+                    admission,
+                    groups,
+                    tightest,
+                ))
+            }
             // Only the workspace group checks the key's and workspace's flags.
             (Ok(Reserved::Gone(reason)), _)
-            | (Ok(Reserved::Admitted), Ok(Reserved::Gone(reason))) => {
+            | (Ok(Reserved::Admitted(_)), Ok(Reserved::Gone(reason))) => {
                 Err(denial(reason, Scope::Key, status))
             }
             // The workspace's levels come first in level order: report them first.
             (Ok(Reserved::Refused { level, refusal }), _)
-            | (Ok(Reserved::Admitted), Ok(Reserved::Refused { level, refusal })) => {
+            | (Ok(Reserved::Admitted(_)), Ok(Reserved::Refused { level, refusal })) => {
                 let (scope, _, _) = snap.level(level, route);
                 Err(refused(
                     scope,

@@ -1,36 +1,46 @@
 -- Settle one reservation on every level of one hash tag: refund unused tokens and
 -- money, charge overage as debt, count the request in the current period. Idempotent
 -- by reservation id: a retried commit finds its marker and charges nothing again.
--- KEYS: holds zset, the record, the commit marker, then one scope hash per level.
--- ARGV: id, done_ttl_ms, reserved_cost, cost, input, output, record_base, then 7 per
--- level: tpm_used_units
+-- KEYS: holds zset, the record, the commit marker, the tag's flags, then one scope
+-- hash per level.
+-- ARGV: id, done_ttl_ms, reserved_cost, cost, input, output, record_base, generation
+-- (the tag's, from the reserve; "" = unknown), then 7 per level: tpm_used_units
 -- period_kind period_seconds tally idle_ttl_ms budget_limit("" = none)
 -- lowest_alert_percent. Buckets and periods follow what the scope hashes store (the
 -- rules in force now), not the rules the reservation was admitted under; the period
 -- kind is only used for a hash that has none yet.
 -- Returns {code, then per level: alerted_before alerted_now spent} with code 1 settled, 2
 -- already committed, 3 committed after the hold had expired (usage charged in full as
--- debt, the request counted once in RPM and RPD); alerted_* are the percentages of the budget already
+-- debt, the request counted once in RPM and RPD), 4 the workspace was deleted since
+-- the reserve (nothing settled on this tag: its counters are gone, and a re-created
+-- workspace starts from zero); alerted_* are the percentages of the budget already
 -- reported before this commit and reached now (-1 -1 when this commit reached nothing
 -- new), so each alert fires once per period across every instance.
 
 local id, done_ttl, reserved, cost = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local input, output, record_base = ARGV[5], ARGV[6], ARGV[7]
-purge(KEYS[1], record_base)
+local input, output, record_base, own_gen = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+purge(KEYS[1], record_base, KEYS[4])
 if redis.call('EXISTS', KEYS[3]) == 1 then return { 2 } end
 local alerts = {}
 
 -- Check everything before writing anything (a failed script keeps its writes).
 local record = read_record(KEYS[2])
 local present = record ~= nil
-for i = 4, #KEYS do check_scope(KEYS[i]) end
-if present and #record.levels ~= #KEYS - 3 then
-  return redis.error_reply('CORRUPT ' .. KEYS[2] .. ' n=' .. #record.levels .. ', expected ' .. (#KEYS - 3))
+local gen, deleted = generation(KEYS[4])
+if deleted or (own_gen ~= '' and tonumber(own_gen) ~= gen) or (present and record.gen ~= gen) then
+  redis.call('DEL', KEYS[2])
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('SET', KEYS[3], '1', 'PX', done_ttl)
+  return { 4 }
+end
+for i = 5, #KEYS do check_scope(KEYS[i]) end
+if present and #record.levels ~= #KEYS - 4 then
+  return redis.error_reply('CORRUPT ' .. KEYS[2] .. ' n=' .. #record.levels .. ', expected ' .. (#KEYS - 4))
 end
 local take_us = present and record.take or 0
-for i = 1, #KEYS - 3 do
-  local key = KEYS[3 + i]
-  local a = 7 + (i - 1) * 7
+for i = 1, #KEYS - 4 do
+  local key = KEYS[4 + i]
+  local a = 8 + (i - 1) * 7
   local used_units = tonumber(ARGV[a + 1])
   roll(key, tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), false)
   if present then

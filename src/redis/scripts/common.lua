@@ -301,15 +301,22 @@ local function check_scope(key)
   for i, field in ipairs(MONEY) do money(key, field, v[i]) end
 end
 
+-- The flags of a hash tag (`<tag>:flags`, which never expires): the workspace's
+-- generation (+1 each time it is deleted) and whether it is deleted now.
+local function generation(flags)
+  local v = redis.call('HMGET', flags, 'gen', 'deleted')
+  return num(flags, 'gen', v[1]), v[2] == '1'
+end
+
 -- A reservation record, parsed and checked whole: t (take time, µs), c (cost), n
--- (levels), k<i> (scope key), h<i> = "slot,"
+-- (levels), g (the tag's generation at the take), k<i> (scope key), h<i> = "slot,"
 -- then per bucket rpm, rpd, tpm "units,ahead,seen,epoch,interval" (16 numbers; 7 in
 -- records written before holds recorded units: those give no bucket back). nil if
 -- there is none.
 local function read_record(rkey)
-  local r = redis.call('HMGET', rkey, 't', 'c', 'n')
+  local r = redis.call('HMGET', rkey, 't', 'c', 'n', 'g')
   if r[1] == false then return nil end
-  local record = { take = num(rkey, 't', r[1]), cost = money(rkey, 'c', r[2]), levels = {} }
+  local record = { take = num(rkey, 't', r[1]), cost = money(rkey, 'c', r[2]), gen = num(rkey, 'g', r[4]), levels = {} }
   for i = 1, num(rkey, 'n', r[3]) do
     local key = redis.call('HGET', rkey, 'k' .. i)
     if not key then error(bad(rkey, 'k' .. i, 'missing')) end
@@ -329,35 +336,40 @@ local function read_record(rkey)
   return record
 end
 
--- Give back everything a parsed record holds, delete it, drop it from the holds.
-local function release_parsed(rkey, record, holds, id)
+-- Give back everything a parsed record holds, delete it, drop it from the holds. A
+-- record of a workspace deleted since its take (another generation) gives nothing
+-- back: its counters were dropped, and a re-created workspace starts from zero.
+local function release_parsed(rkey, record, holds, id, flags)
   if record then
-    for _, level in ipairs(record.levels) do
-      for _, name in ipairs(BUCKETS) do
-        local hold = level[name]
-        if hold then refund(level.key, name, hold, record.take, hold.units) end
+    local gen, deleted = generation(flags)
+    if record.gen == gen and not deleted then
+      for _, level in ipairs(record.levels) do
+        for _, name in ipairs(BUCKETS) do
+          local hold = level[name]
+          if hold then refund(level.key, name, hold, record.take, hold.units) end
+        end
+        if level.slot == 1 then redis.call('HINCRBY', level.key, 'conc', -1) end
+        add_money(level.key, 'used', neg(record.cost))
+        add_money(level.key, 'held', neg(record.cost))
       end
-      if level.slot == 1 then redis.call('HINCRBY', level.key, 'conc', -1) end
-      add_money(level.key, 'used', neg(record.cost))
-      add_money(level.key, 'held', neg(record.cost))
     end
     redis.call('DEL', rkey)
   end
   redis.call('ZREM', holds, id)
 end
 
-local function release_record(rkey, holds, id)
-  release_parsed(rkey, read_record(rkey), holds, id)
+local function release_record(rkey, holds, id, flags)
+  release_parsed(rkey, read_record(rkey), holds, id, flags)
 end
 
 -- Release holds whose owner let them expire (crashed, or never committed).
-local function purge(holds, record_base)
+local function purge(holds, record_base, flags)
   local expired = redis.call('ZRANGEBYSCORE', holds, '-inf', fmt(now / 1000), 'LIMIT', 0, 16)
   for _, id in ipairs(expired) do
     local rkey = record_base .. id
     local ok, record = pcall(read_record, rkey)
     if ok then
-      release_parsed(rkey, record, holds, id)
+      release_parsed(rkey, record, holds, id, flags)
     else
       -- A corrupt record cannot say what to give back. Drop it rather than fail
       -- every call on this tag until it expires: its holds stay counted, which can
