@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use redis_server::{require_redis, RedisServer};
 use rust_decimal::Decimal;
 use tollgate::{
-    BudgetPeriod, BudgetSpec, DenialReason, KeySpec, LimitsSpec, ModelSpec, OrgSpec, Policy,
+    BudgetPeriod, BudgetSpec, DenialReason, Error, KeySpec, LimitsSpec, ModelSpec, OrgSpec, Policy,
     PolicyDocument, RedisConfig, RedisEngine, RedisReservation, Request, Usage, WorkspaceSpec,
     WorkspaceUpdate,
 };
@@ -430,6 +430,74 @@ async fn a_recreated_workspace_starts_from_zero() {
     // The org paid for the deleted workspace's last request.
     assert_eq!(usage.org.current.cost, dec("0.1") + dec("0.00001"));
     assert_eq!(int(&server, ORG, "held"), 0);
+}
+
+/// Item 6: a commit that landed but whose reply timed out is queued; replayed after
+/// its commit marker expired, it must still not be charged again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_later_than_the_commit_marker_never_charges_twice() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let a = engine(
+        &server,
+        policy(LimitsSpec::default(), LimitsSpec::default()),
+        RedisConfig {
+            response_timeout: Duration::from_millis(100),
+            commit_marker_ttl: Duration::from_millis(300),
+            ..RedisConfig::default()
+        },
+    )
+    .await;
+    // Warm up, so the commit below is one EVALSHA that runs when the pause ends.
+    let r = reserve(&a, "k1", 1_000).await;
+    a.commit_usage(r, Usage::new(1_000, 0)).await.unwrap();
+    let r = reserve(&a, "k1", 1_000).await;
+    let id = r.id().unwrap().to_owned();
+    let done = format!("tollgate:v1:{{ws:ws1}}:done:{id}");
+    // Writes are held for 500 ms; the engine gives up after 100 ms.
+    assert_eq!(server.cli(&["client", "pause", "500", "write"]), "OK");
+    match a.commit_usage(r, Usage::new(1_000, 0)).await {
+        Err(Error::Store(e)) => assert!(e.is_transient(), "{e:?}"),
+        other => panic!("commit during CLIENT PAUSE: {other:?}"),
+    }
+    assert_eq!(a.pending_commits(), 1);
+    poll_until("the timed-out commit to land", || async {
+        exists(&server, &done).then_some(())
+    })
+    .await;
+    assert_eq!(int(&server, WS1, "spent"), 2_000_000_000);
+    poll_until("the commit marker to expire", || async {
+        (!exists(&server, &done)).then_some(())
+    })
+    .await;
+
+    let left = poll_until("flush_pending to reach Redis", || async {
+        match a.flush_pending().await {
+            Ok(left) => Some(left),
+            Err(Error::Store(e)) if e.is_transient() => None,
+            Err(e) => panic!("flush_pending: {e:?}"),
+        }
+    })
+    .await;
+    assert_eq!(left, 0);
+    assert_eq!(a.pending_commits(), 0);
+    assert_eq!(
+        a.dropped_commits(),
+        1,
+        "the replay was dropped, and counted"
+    );
+    for key in [WS1, ORG] {
+        assert_eq!(
+            int(&server, key, "spent"),
+            2_000_000_000,
+            "{key}: charged twice"
+        );
+        assert_eq!(int(&server, key, "req"), 2, "{key}");
+        assert_eq!(int(&server, key, "held"), 0, "{key}");
+    }
 }
 
 /// Item 7: a commit that arrives after its hold expired (and was given back) is
