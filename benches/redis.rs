@@ -291,6 +291,114 @@ fn throughput(c: &mut Criterion) {
     group.finish();
 }
 
+/// Server time, from `INFO commandstats`: microseconds of Redis CPU per call (a
+/// function's time includes every command it runs). Reset with `CONFIG RESETSTAT`
+/// before each phase; phases run one request at a time.
+async fn commandstats_usec(connection: &ConnectionManager, command: &str) -> (u64, u64) {
+    let mut connection = connection.clone();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut connection)
+        .await
+        .expect("INFO commandstats");
+    let prefix = format!("cmdstat_{command}:");
+    info.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map_or((0, 0), |stats| {
+            let field = |name: &str| -> u64 {
+                stats
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(name))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            };
+            (field("calls="), field("usec="))
+        })
+}
+
+async fn reset_stats(connection: &ConnectionManager) {
+    let mut connection = connection.clone();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut connection)
+        .await
+        .expect("CONFIG RESETSTAT");
+}
+
+/// What Redis spends on one admitted request: the reserve functions (workspace and
+/// org tags), the commit functions, and a trivial `EVALSHA` for scale. Written to
+/// `$CARGO_TARGET_DIR/criterion/redis_server_time.json` for `bench_table`.
+fn server_time() {
+    const ROUNDS: usize = 20;
+    const BATCH: usize = 100;
+    let url = url();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let (connection, engine) = (manager(&url).await, engine(&url).await);
+        let trivial = Trivial::new();
+        let table = KeyTable::for_keys(KEYS);
+        reset_stats(&connection).await;
+        for _ in 0..ROUNDS * BATCH {
+            black_box(trivial.call(&connection).await);
+        }
+        let (trivial_calls, trivial_usec) = commandstats_usec(&connection, "evalsha").await;
+        let (mut reserve_usec, mut commit_usec, mut requests, mut calls) = (0, 0, 0u64, 0);
+        for round in 0..ROUNDS {
+            reset_stats(&connection).await;
+            let mut held = Vec::with_capacity(BATCH);
+            for i in 0..BATCH {
+                let request = by_id(table.id(round * BATCH + i));
+                held.push(engine.check_and_reserve(&request).await.expect("admitted"));
+            }
+            let (reserve_calls, usec) = commandstats_usec(&connection, "fcall").await;
+            reserve_usec += usec;
+            calls += reserve_calls;
+            reset_stats(&connection).await;
+            for reservation in held {
+                engine
+                    .commit_usage(reservation, USAGE)
+                    .await
+                    .expect("committed");
+            }
+            let (commit_calls, usec) = commandstats_usec(&connection, "fcall").await;
+            commit_usec += usec;
+            calls += commit_calls;
+            requests += BATCH as u64;
+        }
+        let per = |usec: u64, n: u64| usec as f64 / n.max(1) as f64;
+        let figures = [
+            ("trivial_evalsha_us", per(trivial_usec, trivial_calls)),
+            ("reserve_us", per(reserve_usec, requests)),
+            ("commit_us", per(commit_usec, requests)),
+            ("per_request_us", per(reserve_usec + commit_usec, requests)),
+            ("per_function_call_us", per(reserve_usec + commit_usec, calls)),
+        ];
+        let json = figures
+            .iter()
+            .map(|(k, v)| format!("\"{k}\": {v:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let seconds = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        println!("redis server time per admitted request (INFO commandstats): {{{json}}}");
+        let dir = std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| std::path::PathBuf::from("target"), std::path::PathBuf::from)
+            .join("criterion");
+        let _ = std::fs::create_dir_all(&dir);
+        let written = std::fs::write(
+            dir.join("redis_server_time.json"),
+            format!("{{{json}, \"measured_at\": {seconds}}}\n"),
+        );
+        if let Err(error) = written {
+            eprintln!("could not save the server-time figures: {error}");
+        }
+    });
+}
+
 /// Delete every key this run created (`<prefix>:*`), nothing else.
 fn clean_up(url: &str) {
     let result = (|| -> redis::RedisResult<usize> {
@@ -349,6 +457,7 @@ fn main() {
         return;
     }
     benches();
+    server_time();
     clean_up(&url);
     Criterion::default().configure_from_args().final_summary();
 }

@@ -372,14 +372,14 @@ async fn redis_decides_exactly_as_the_in_memory_engine() {
         12,
     );
     assert_eq!(org_spent, total);
-    let wallet_spent = server.cli(&["hget", "tollgate:v1:{org:acme}:wallet", "spent"]);
+    let wallet_spent = server.cli(&["hget", "tollgate:v2:{org:acme}:wallet", "spent"]);
     assert_eq!(Decimal::new(wallet_spent.parse().unwrap(), 12), total);
     for key in [
         redis.workspace_key("ws1"),
         redis.workspace_key("ws2"),
         redis.org_key(),
-        "tollgate:v1:{ws:ws1}:key:k1".to_owned(),
-        "tollgate:v1:{ws:ws1}:model:m".to_owned(),
+        "tollgate:v2:{ws:ws1}:key:k1".to_owned(),
+        "tollgate:v2:{ws:ws1}:model:m".to_owned(),
     ] {
         assert_eq!(server.cli(&["hget", &key, "held"]), "0", "{key}");
     }
@@ -421,9 +421,14 @@ fn lua_period_bounds_match_chrono() {
         return;
     }
     let server = RedisServer::start();
-    let common = include_str!("../src/redis/scripts/common.lua");
-    // `now` is a local of the common prelude; the functions see a reassignment.
-    let script = format!("{common}\nnow = tonumber(ARGV[1])\nlocal s, e = bounds(tonumber(ARGV[2]), tonumber(ARGV[3]))\nreturn {{string.format('%.0f', s), string.format('%.0f', e)}}");
+    // The function library as a plain script (without its shebang line and its
+    // registrations), with `bounds` called at a given `now`: `now` is a local of the
+    // library, and the functions see a reassignment.
+    let library: Vec<&str> = include_str!("../src/redis/scripts/tollgate.lua")
+        .lines()
+        .filter(|line| !line.starts_with("#!") && !line.starts_with("redis.register_function"))
+        .collect();
+    let script = format!("{}\nnow = tonumber(ARGV[1])\nlocal s, e = bounds(tonumber(ARGV[2]), tonumber(ARGV[3]))\nreturn {{string.format('%.0f', s), string.format('%.0f', e)}}", library.join("\n"));
     let month = |at: DateTime<Utc>| {
         let first = Utc
             .with_ymd_and_hms(at.year(), at.month(), 1, 0, 0, 0)

@@ -334,15 +334,15 @@ async fn multi_instance_single_server_never_overspends() {
     let hget = |key: &str, field: &str| server.cli(&["hget", key, field]);
     let ws = engines[0].workspace_key("ws1");
     let org = engines[0].org_key();
-    assert_eq!(ws, "tollgate:v1:{ws:ws1}:ws");
-    assert_eq!(org, "tollgate:v1:{org:acme}:org");
+    assert_eq!(ws, "tollgate:v2:{ws:ws1}:ws");
+    assert_eq!(org, "tollgate:v2:{org:acme}:org");
     let levels = [
         ws.clone(),
         org.clone(),
-        "tollgate:v1:{ws:ws1}:key:k1".to_owned(),
-        "tollgate:v1:{ws:ws1}:model:m".to_owned(),
+        "tollgate:v2:{ws:ws1}:key:k1".to_owned(),
+        "tollgate:v2:{ws:ws1}:model:m".to_owned(),
     ];
-    let holds = ["tollgate:v1:{ws:ws1}:holds", "tollgate:v1:{org:acme}:holds"];
+    let holds = ["tollgate:v2:{ws:ws1}:holds", "tollgate:v2:{org:acme}:holds"];
 
     // Dropped reservations are released in the background: wait for the last ones.
     wait_until(Duration::from_secs(10), "every hold released", || {
@@ -411,7 +411,7 @@ async fn cluster_multi_instance_org_budget_spans_slots() {
         return;
     }
     let cluster = RedisCluster::start(3);
-    let ws_key = |id: &str| format!("tollgate:v1:{{ws:{id}}}:ws");
+    let ws_key = |id: &str| format!("tollgate:v2:{{ws:{id}}}:ws");
 
     // One workspace per node, as far as the candidates go: at least two nodes.
     let mut workspaces: Vec<(String, usize)> = Vec::new();
@@ -430,11 +430,11 @@ async fn cluster_multi_instance_org_budget_spans_slots() {
         nodes.len() >= 2,
         "workspaces all on one node: {workspaces:?}"
     );
-    let org_key = "tollgate:v1:{org:acme}:org";
+    let org_key = "tollgate:v2:{org:acme}:org";
     let org_node = cluster.node_for_key(org_key);
     assert!(org_node < cluster.len());
     assert_eq!(
-        cluster.node_for_key("tollgate:v1:{org:acme}:holds"),
+        cluster.node_for_key("tollgate:v2:{org:acme}:holds"),
         org_node
     );
     eprintln!("workspaces (id, node): {workspaces:?}; org on node {org_node}");
@@ -529,7 +529,7 @@ async fn cluster_multi_instance_org_budget_spans_slots() {
         key: org_key.to_owned(),
         receipts: committed.iter().map(|c| c.receipt).collect(),
     }];
-    let mut holds = vec!["tollgate:v1:{org:acme}:holds".to_owned()];
+    let mut holds = vec!["tollgate:v2:{org:acme}:holds".to_owned()];
     for (w, (id, _)) in workspaces.iter().enumerate() {
         let mine: Vec<Receipt> = committed
             .iter()
@@ -537,7 +537,7 @@ async fn cluster_multi_instance_org_budget_spans_slots() {
             .map(|c| c.receipt)
             .collect();
         assert!(!mine.is_empty(), "nothing committed in {id}");
-        let tag = format!("tollgate:v1:{{ws:{id}}}");
+        let tag = format!("tollgate:v2:{{ws:{id}}}");
         levels.push(Level {
             key: ws_key(id),
             receipts: mine.clone(),
@@ -556,7 +556,7 @@ async fn cluster_multi_instance_org_budget_spans_slots() {
             .collect();
         assert!(!receipts.is_empty(), "nothing committed with {key}");
         levels.push(Level {
-            key: format!("tollgate:v1:{{ws:{}}}:key:{key}", workspaces[*w].0),
+            key: format!("tollgate:v2:{{ws:{}}}:key:{key}", workspaces[*w].0),
             receipts,
         });
     }

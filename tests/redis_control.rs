@@ -126,8 +126,8 @@ async fn revocation_and_deletion_reach_every_instance_at_once() {
     // Its counters are gone; only the tombstone is left, in the workspace's flags
     // (which never expire), with the workspace's next generation.
     assert_eq!(server.cli(&["exists", &ws2]), "0");
-    assert_eq!(server.cli(&["exists", "tollgate:v1:{ws:ws2}:key:k3"]), "0");
-    let flags = "tollgate:v1:{ws:ws2}:flags";
+    assert_eq!(server.cli(&["exists", "tollgate:v2:{ws:ws2}:key:k3"]), "0");
+    let flags = "tollgate:v2:{ws:ws2}:flags";
     assert_eq!(server.cli(&["hget", flags, "deleted"]), "1");
     assert_eq!(server.cli(&["hget", flags, "gen"]), "1");
     assert_eq!(server.cli(&["pttl", flags]), "-1");
@@ -170,7 +170,7 @@ async fn keys_created_and_rotated_on_one_instance() {
     a.commit_usage(r, Usage::new(1, 0)).await.unwrap();
     // Same key, same counters.
     assert_eq!(
-        server.cli(&["hget", "tollgate:v1:{ws:ws1}:key:k9", "req"]),
+        server.cli(&["hget", "tollgate:v2:{ws:ws1}:key:k9", "req"]),
         "2"
     );
 
@@ -184,7 +184,7 @@ async fn keys_created_and_rotated_on_one_instance() {
     let new = a.check_and_reserve(&with(&grace.secret)).await.unwrap();
     a.commit_usage(new, Usage::new(1, 0)).await.unwrap();
     assert_eq!(
-        server.cli(&["hget", "tollgate:v1:{ws:ws1}:key:k9", "req"]),
+        server.cli(&["hget", "tollgate:v2:{ws:ws1}:key:k9", "req"]),
         "4"
     );
 

@@ -168,25 +168,25 @@ fn policy(ws: &str, limits: LimitsSpec, mode: StoreFailureMode) -> Policy {
 }
 
 fn key_key(ws: &str) -> String {
-    format!("tollgate:v1:{{ws:{ws}}}:key:k1")
+    format!("tollgate:v2:{{ws:{ws}}}:key:k1")
 }
 
 fn ws_holds(ws: &str) -> String {
-    format!("tollgate:v1:{{ws:{ws}}}:holds")
+    format!("tollgate:v2:{{ws:{ws}}}:holds")
 }
 
 fn ws_record(ws: &str, id: &str) -> String {
-    format!("tollgate:v1:{{ws:{ws}}}:resv:{id}")
+    format!("tollgate:v2:{{ws:{ws}}}:resv:{id}")
 }
 
 fn ws_done(ws: &str, id: &str) -> String {
-    format!("tollgate:v1:{{ws:{ws}}}:done:{id}")
+    format!("tollgate:v2:{{ws:{ws}}}:done:{id}")
 }
 
-const ORG_HOLDS: &str = "tollgate:v1:{org:acme}:holds";
+const ORG_HOLDS: &str = "tollgate:v2:{org:acme}:holds";
 
 fn org_record(id: &str) -> String {
-    format!("tollgate:v1:{{org:acme}}:resv:{id}")
+    format!("tollgate:v2:{{org:acme}}:resv:{id}")
 }
 
 /// An instance that crashes mid-request leaves holds nobody will commit or release:
@@ -207,7 +207,7 @@ async fn crashed_instance_holds_expire_after_ttl() {
         ..LimitsSpec::default()
     };
     let policy = || policy("ws1", limits.clone(), StoreFailureMode::Closed);
-    let ws = "tollgate:v1:{ws:ws1}:ws";
+    let ws = "tollgate:v2:{ws:ws1}:ws";
 
     // Instance A: short TTL; holds three requests of 2,000 tokens / $0.003 each.
     let a = RedisEngine::connect(
@@ -241,12 +241,12 @@ async fn crashed_instance_holds_expire_after_ttl() {
     }
     drop(a);
 
-    let model_key = "tollgate:v1:{ws:ws1}:model:m".to_owned();
+    let model_key = "tollgate:v2:{ws:ws1}:model:m".to_owned();
     for key in [ws.to_owned(), key_key("ws1"), model_key.clone()] {
         assert_eq!(money(&server, &key, "held"), dec("0.009"), "{key}");
     }
     assert_eq!(
-        money(&server, "tollgate:v1:{org:acme}:org", "held"),
+        money(&server, "tollgate:v2:{org:acme}:org", "held"),
         dec("0.009")
     );
     assert_eq!(hget(&server, ws, "conc"), "3");
@@ -700,6 +700,19 @@ async fn corrupted_counters_are_typed_errors_not_panics() {
     assert!(!r.is_local());
     engine.commit_usage(r, Usage::new(0, 0)).await.unwrap();
 
+    // (a2) The packed numbers cut short (or overwritten by something else): corrupt,
+    // named, and nothing taken.
+    let packed = server.cli(&["hget", &ws, "rules"]); // any string that is not 192 bytes
+    server.cli(&["hset", &ws, "n", &packed]);
+    let denial = engine.check_and_reserve(&request).await.unwrap_err();
+    assert_store_denial(&denial, StoreErrorKind::Corrupt);
+    let error = last_error(&engine);
+    assert!(error.message.contains(&ws), "names the key: {error:?}");
+    assert!(error.message.contains(" n="), "names the field: {error:?}");
+    assert_eq!(hget(&server, &org, "held"), "0");
+    assert_eq!(zcard(&server, &ws_holds("ws1")), 0);
+    server.cli(&["del", &ws]);
+
     // (b) The workspace's hash replaced by a string: Redis refuses the operation
     // (WRONGTYPE); retrying cannot help, and the fail-open workspace is not
     // admitted unmetered.
@@ -740,9 +753,9 @@ fn books(server: &RedisServer) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
     for key in [
         key_key("ws1"),
-        "tollgate:v1:{ws:ws1}:ws".to_owned(),
-        "tollgate:v1:{ws:ws1}:model:m".to_owned(),
-        "tollgate:v1:{org:acme}:org".to_owned(),
+        "tollgate:v2:{ws:ws1}:ws".to_owned(),
+        "tollgate:v2:{ws:ws1}:model:m".to_owned(),
+        "tollgate:v2:{org:acme}:org".to_owned(),
     ] {
         for field in ["spent", "held", "used", "req", "in", "out", "conc"] {
             out.push((key.clone(), field.to_owned(), hget(server, &key, field)));

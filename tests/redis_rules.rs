@@ -147,8 +147,8 @@ async fn release(server: &RedisServer, reservation: RedisReservation) {
     let id = reservation.id().unwrap().to_owned();
     drop(reservation);
     let records = [
-        format!("tollgate:v1:{{ws:ws1}}:resv:{id}"),
-        format!("tollgate:v1:{{org:acme}}:resv:{id}"),
+        format!("tollgate:v2:{{ws:ws1}}:resv:{id}"),
+        format!("tollgate:v2:{{org:acme}}:resv:{id}"),
     ];
     poll_until("the dropped reservation to be released", || async {
         records.iter().all(|r| !exists(server, r)).then_some(())
@@ -156,9 +156,9 @@ async fn release(server: &RedisServer, reservation: RedisReservation) {
     .await;
 }
 
-const WS1: &str = "tollgate:v1:{ws:ws1}:ws";
-const WS2: &str = "tollgate:v1:{ws:ws2}:ws";
-const ORG: &str = "tollgate:v1:{org:acme}:org";
+const WS1: &str = "tollgate:v2:{ws:ws1}:ws";
+const WS2: &str = "tollgate:v2:{ws:ws2}:ws";
+const ORG: &str = "tollgate:v2:{org:acme}:org";
 
 /// Item 1: a TPM limit raised from 1,000 to 100,000 while a 1,000-token hold is in
 /// flight. The hold is 1,000 tokens whatever the limit; committing it with 0 tokens
@@ -456,7 +456,7 @@ async fn a_replay_later_than_the_commit_marker_never_charges_twice() {
     a.commit_usage(r, Usage::new(1_000, 0)).await.unwrap();
     let r = reserve(&a, "k1", 1_000).await;
     let id = r.id().unwrap().to_owned();
-    let done = format!("tollgate:v1:{{ws:ws1}}:done:{id}");
+    let done = format!("tollgate:v2:{{ws:ws1}}:done:{id}");
     // Writes are held for 500 ms; the engine gives up after 100 ms.
     assert_eq!(server.cli(&["client", "pause", "500", "write"]), "OK");
     match a.commit_usage(r, Usage::new(1_000, 0)).await {
@@ -525,7 +525,7 @@ async fn a_commit_after_its_hold_expired_counts_the_request_in_rpm_and_rpd() {
     )
     .await;
     let late = reserve(&a, "k1", 10).await;
-    let holds = "tollgate:v1:{ws:ws1}:holds";
+    let holds = "tollgate:v2:{ws:ws1}:holds";
     let expiry: u64 = server
         .cli(&["zrange", holds, "0", "-1", "withscores"])
         .lines()

@@ -1,11 +1,11 @@
 //! Where counters live in Redis: key names, hash tags, and which levels share a tag.
 //!
 //! ```text
-//! <prefix>:v1:{ws:<workspace>}:key:<key id>      key level
-//! <prefix>:v1:{ws:<workspace>}:ws                workspace level
-//! <prefix>:v1:{ws:<workspace>}:model:<model>     workspace × model level
-//! <prefix>:v1:{org:<org>}:org                    org budget and totals
-//! <prefix>:v1:{org:<org>}:wallet                 org wallet (never expires)
+//! <prefix>:v2:{ws:<workspace>}:key:<key id>      key level
+//! <prefix>:v2:{ws:<workspace>}:ws                workspace level
+//! <prefix>:v2:{ws:<workspace>}:model:<model>     workspace × model level
+//! <prefix>:v2:{org:<org>}:org                    org budget and totals
+//! <prefix>:v2:{org:<org>}:wallet                 org wallet (never expires)
 //! <tag>:holds                                    zset: reservation id → expiry (ms)
 //! <tag>:resv:<id>                                hash: what one reservation holds
 //! <tag>:done:<id>                                commit marker (idempotency)
@@ -24,7 +24,7 @@ use crate::snapshot::{Route, Snapshot, LEVELS};
 
 /// The version in every key name: a layout change gets a new one, so an old and a
 /// new deployment never read each other's counters.
-const VERSION: &str = "v1";
+const VERSION: &str = "v2";
 
 /// Levels under the workspace's tag; the rest are under the org's.
 const WORKSPACE_LEVELS: usize = 3;

@@ -46,7 +46,7 @@ use calls::{Call, Reserved, Ttls};
 use conn::Connection;
 use error::classify;
 use keys::{Group, Layout};
-use scripts::Scripts;
+use scripts::Function;
 
 pub use reservation::RedisReservation;
 
@@ -126,7 +126,6 @@ pub struct RedisEngine {
 
 pub(crate) struct Inner {
     connection: Connection,
-    scripts: Scripts,
     layout: Layout,
     ttls: Ttls,
     config: RedisConfig,
@@ -173,7 +172,7 @@ impl RedisEngine {
         let manager = redis::aio::ConnectionManager::new_with_config(client, manager_config)
             .await
             .map_err(|e| classify("connect", &e))?;
-        Ok(Self::start(Connection::Single(manager), policy, config))
+        Self::start(Connection::Single(manager), policy, config).await
     }
 
     /// Connect to a Redis Cluster through any of its nodes.
@@ -195,10 +194,33 @@ impl RedisEngine {
             .get_async_connection()
             .await
             .map_err(|e| classify("connect", &e))?;
-        Ok(Self::start(Connection::Cluster(connection), policy, config))
+        Self::start(Connection::Cluster(connection), policy, config).await
     }
 
-    fn start(connection: Connection, policy: Policy, config: RedisConfig) -> Self {
+    /// Load the function library (so the first request does not pay for it, and a
+    /// server older than Redis 7 is refused now, by name), then start.
+    async fn start(
+        mut connection: Connection,
+        policy: Policy,
+        config: RedisConfig,
+    ) -> Result<Self, Error> {
+        scripts::load(&mut connection).await.map_err(|error| {
+            if error.message.contains("unknown command") {
+                Error::Store(StoreError {
+                    message: format!(
+                        "tollgate needs Redis 7.0 or later (Redis Functions): {}",
+                        error.message
+                    ),
+                    ..error
+                })
+            } else {
+                Error::Store(error)
+            }
+        })?;
+        Ok(Self::started(connection, policy, config))
+    }
+
+    fn started(connection: Connection, policy: Policy, config: RedisConfig) -> Self {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
         let fallback = fallback::local_share(&policy, config.expected_instances);
         let mut snapshot = Snapshot::build(policy, None, Arc::clone(&clock));
@@ -209,7 +231,6 @@ impl RedisEngine {
         RedisEngine {
             inner: Arc::new(Inner {
                 connection,
-                scripts: Scripts::new(),
                 layout: Layout::new(&config.prefix),
                 ttls: Ttls::new(
                     config.reservation_ttl,
@@ -460,37 +481,21 @@ impl RedisEngine {
         *self.inner.last_error.lock() = Some(error);
     }
 
-    async fn run(
-        &self,
-        op: &str,
-        script: &redis::Script,
-        call: &Call,
-    ) -> Result<Value, StoreError> {
-        let mut invocation = script.prepare_invoke();
-        for key in &call.keys {
-            invocation.key(key);
-        }
-        for arg in &call.args {
-            invocation.arg(arg);
-        }
+    async fn run(&self, function: Function, call: &Call) -> Result<Value, StoreError> {
         let mut connection = self.inner.connection.clone();
-        invocation
-            .invoke_async(&mut connection)
-            .await
-            .map_err(|e| classify(op, &e))
+        scripts::call(&mut connection, function, &call.keys, &call.args).await
     }
 
     async fn run_reserve(&self, call: &Call) -> Result<Value, StoreError> {
-        self.run("reserve", &self.inner.scripts.reserve, call).await
+        self.run(Function::Reserve, call).await
     }
 
     /// Both groups' commits, concurrently, then the budget alerts they reached; the
     /// first error if either failed (commits are idempotent: replaying both is safe).
     pub(crate) async fn run_commit(&self, commit: &PendingCommit) -> Result<(), StoreError> {
-        let script = &self.inner.scripts.commit;
         let (ws, org) = tokio::join!(
-            self.run("commit", script, &commit.calls[0]),
-            self.run("commit", script, &commit.calls[1])
+            self.run(Function::Commit, &commit.calls[0]),
+            self.run(Function::Commit, &commit.calls[1])
         );
         let reached = [
             calls::read_commit(&commit.groups[0], &ws?)?,
@@ -515,7 +520,7 @@ impl RedisEngine {
     async fn release_group(&self, group: &Group, id: &str) {
         let call = calls::release(group, id);
         if let Err(error) = self
-            .run("release", &self.inner.scripts.release, &call)
+            .run(Function::Release, &call)
             .await
         {
             // The hold expires after the reservation TTL; nothing more to do.

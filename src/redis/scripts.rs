@@ -1,23 +1,71 @@
-//! The three Lua scripts, each loaded once and invoked by SHA (`EVALSHA`, falling
-//! back to loading it on `NOSCRIPT`, which `redis::Script` does).
+//! The Lua library (`scripts/tollgate.lua`), run as Redis Functions (Redis 7+): loaded
+//! once per server with `FUNCTION LOAD REPLACE` and called with `FCALL`, so its
+//! helpers are compiled and defined once instead of on every call. A server that lost
+//! it (restarted without persistence, a new cluster node) answers "Function not
+//! found"; the engine then loads it again and retries the call once.
 
-use redis::Script;
+use redis::aio::ConnectionLike;
+use redis::Value;
 
-const COMMON: &str = include_str!("scripts/common.lua");
+use crate::denial::StoreError;
+use crate::redis::error::classify;
 
-pub(crate) struct Scripts {
-    pub(crate) reserve: Script,
-    pub(crate) commit: Script,
-    pub(crate) release: Script,
+/// The library's source; its first line names it (`#!lua name=tollgate`).
+pub(crate) const LIBRARY: &str = include_str!("scripts/tollgate.lua");
+
+/// One function of the library.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Function {
+    Reserve,
+    Commit,
+    Release,
 }
 
-impl Scripts {
-    pub(crate) fn new() -> Self {
-        let with_common = |body: &str| Script::new(&[COMMON, body].concat());
-        Scripts {
-            reserve: with_common(include_str!("scripts/reserve.lua")),
-            commit: with_common(include_str!("scripts/commit.lua")),
-            release: with_common(include_str!("scripts/release.lua")),
+impl Function {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Function::Reserve => "reserve",
+            Function::Commit => "commit",
+            Function::Release => "release",
         }
     }
+}
+
+/// Load (or replace) the library on the server, or on every primary of a cluster.
+pub(crate) async fn load(connection: &mut impl ConnectionLike) -> Result<(), StoreError> {
+    redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(LIBRARY)
+        .query_async::<Value>(connection)
+        .await
+        .map(drop)
+        .map_err(|e| classify("load functions", &e))
+}
+
+/// Call `function` with `keys` and `args`; if the server does not have the library,
+/// load it and call once more.
+pub(crate) async fn call(
+    connection: &mut impl ConnectionLike,
+    function: Function,
+    keys: &[String],
+    args: &[String],
+) -> Result<Value, StoreError> {
+    let mut fcall = redis::cmd("FCALL");
+    fcall.arg(function.name()).arg(keys.len()).arg(keys).arg(args);
+    match fcall.query_async::<Value>(connection).await {
+        Err(e) if is_missing_library(&e) => {
+            load(connection).await?;
+            fcall.query_async(connection).await
+        }
+        other => other,
+    }
+    .map_err(|e| classify(function.name(), &e))
+}
+
+fn is_missing_library(error: &redis::RedisError) -> bool {
+    error
+        .detail()
+        .is_some_and(|detail| detail.starts_with("Function not found"))
+        || error.to_string().contains("Function not found")
 }

@@ -8,10 +8,28 @@ use crate::redis::error::{classify, corrupt_reply};
 use crate::redis::RedisEngine;
 use crate::usage::{KeyUsage, ModelUsage, ScopeReport, ScopeUsage, UsageSnapshot, WorkspaceUsage};
 
-const FIELDS: [&str; 15] = [
-    "ps", "pe", "spent", "held", "req", "in", "out", "p_start", "p_spent", "p_req", "p_in",
-    "p_out", "conc", "pk", "pks",
+/// The string fields of a scope hash a report reads; its numbers are packed in `n`.
+const FIELDS: [&str; 8] = [
+    "n", "spent", "held", "p_start", "p_spent", "p_req", "p_in", "p_out",
 ];
+
+/// The numbers of a scope hash, packed in its field `n` by the function library: 24
+/// little-endian doubles in this order (see `scripts/tollgate.lua`).
+const NUM: [&str; 24] = [
+    "rpm", "rpm@", "rpm#", "rpm^", "rpm-", "rpd", "rpd@", "rpd#", "rpd^", "rpd-", "tpm", "tpm@",
+    "tpm#", "tpm^", "tpm-", "conc", "ps", "pe", "pk", "pks", "req", "in", "out", "alerted",
+];
+
+/// The packed numbers of a scope hash, by name; `None` for a field not in `n`.
+pub(crate) fn unpack_numbers(packed: &[u8]) -> Option<impl Fn(&str) -> Option<i64> + '_> {
+    (packed.len() == 8 * NUM.len()).then_some(move |name: &str| {
+        let at = NUM.iter().position(|n| *n == name)?;
+        let bytes: [u8; 8] = packed[8 * at..8 * at + 8].try_into().ok()?;
+        let value = f64::from_le_bytes(bytes);
+        // Every packed number is an integer below 2^53; anything else is corrupt.
+        (value.fract() == 0.0 && value.abs() < 9_007_199_254_740_992.0).then_some(value as i64)
+    })
+}
 
 impl RedisEngine {
     /// Usage of every key, workspace, workspace × model and the org, current and
@@ -79,26 +97,49 @@ impl RedisEngine {
         now: Timestamp,
     ) -> Result<ScopeReport, StoreError> {
         let mut connection = self.inner.connection.clone();
-        let values: Vec<Option<String>> = redis::cmd("HMGET")
+        let values: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
             .arg(key)
             .arg(&FIELDS[..])
             .query_async(&mut connection)
             .await
             .map_err(|e| classify("usage", &e))?;
+        let corrupt = |field: &str, value: &[u8]| {
+            corrupt_reply(
+                "usage",
+                format!("{key} {field}={:?}", String::from_utf8_lossy(value)),
+            )
+        };
+        let packed = values[0].as_deref().unwrap_or(&[]);
+        let numbers = if packed.is_empty() {
+            None
+        } else {
+            Some(unpack_numbers(packed).ok_or_else(|| corrupt("n", packed))?)
+        };
+        let number = |name: &str| -> Result<i64, StoreError> {
+            match &numbers {
+                None => Ok(0),
+                Some(get) => get(name).ok_or_else(|| corrupt(name, packed)),
+            }
+        };
+        // A string field: FIELDS[i], absent is 0.
         let field = |i: usize| -> Result<i64, StoreError> {
             values[i].as_deref().map_or(Ok(0), |v| {
-                v.parse()
-                    .map_err(|_| corrupt_reply("usage", format!("{key} {}={v:?}", FIELDS[i])))
+                std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| corrupt(FIELDS[i], v))
             })
         };
-        let count = |i: usize| field(i).map(|v| u64::try_from(v).unwrap_or(0));
-        let span = if values[13].is_some() {
-            match field(13)? {
+        let count = |v: i64| u64::try_from(v).unwrap_or(0);
+        // A period end of 0: no period started yet (a forever span ends at -1).
+        let seen = numbers.is_some() && number("pe")? != 0;
+        let span = if seen {
+            match number("pk")? {
                 0 => Span::Forever,
                 1 => Span::Period(BudgetPeriod::Day),
                 2 => Span::Period(BudgetPeriod::Month),
                 _ => Span::Period(BudgetPeriod::Custom {
-                    seconds: count(14)?.max(1),
+                    seconds: count(number("pks")?).max(1),
                 }),
             }
         } else {
@@ -107,28 +148,28 @@ impl RedisEngine {
         let micros =
             |v: i64| Timestamp::from_unix_nanos(u64::try_from(v).unwrap_or(0).saturating_mul(1000));
         let (start, end) = bounds(span, now);
-        let stored_start = micros(field(0)?);
-        let held = picos_to_decimal(field(3)?);
+        let stored_start = micros(number("ps")?);
+        let held = picos_to_decimal(field(2)?);
         let stored = ScopeUsage {
             period_start: stored_start,
-            period_end: if field(1)? < 0 {
+            period_end: if number("pe")? < 0 {
                 Timestamp::from_unix_nanos(u64::MAX)
             } else {
-                micros(field(1)?)
+                micros(number("pe")?)
             },
-            requests: count(4)?,
-            input_tokens: count(5)?,
-            output_tokens: count(6)?,
-            cost: picos_to_decimal(field(2)?),
+            requests: count(number("req")?),
+            input_tokens: count(number("in")?),
+            output_tokens: count(number("out")?),
+            cost: picos_to_decimal(field(1)?),
             held,
         };
         let stored_previous = ScopeUsage {
-            period_start: micros(field(7)?),
+            period_start: micros(field(3)?),
             period_end: stored_start,
-            requests: count(9)?,
-            input_tokens: count(10)?,
-            output_tokens: count(11)?,
-            cost: picos_to_decimal(field(8)?),
+            requests: count(field(5)?),
+            input_tokens: count(field(6)?),
+            output_tokens: count(field(7)?),
+            cost: picos_to_decimal(field(4)?),
             held: rust_decimal::Decimal::ZERO,
         };
         let empty = |period_start, period_end| ScopeUsage {
@@ -143,10 +184,10 @@ impl RedisEngine {
             held,
             ..empty(start, end)
         };
-        let (current, previous) = if values[0].is_none() {
+        let (current, previous) = if !seen {
             (fresh, nothing_before) // never seen, or expired while idle
         } else if span == Span::Forever || stored_start == start {
-            let previous = if values[7].is_some() {
+            let previous = if values[3].is_some() {
                 stored_previous
             } else {
                 nothing_before
@@ -165,7 +206,7 @@ impl RedisEngine {
         Ok(ScopeReport {
             current,
             previous,
-            in_flight: u32::try_from(field(12)?).unwrap_or(0),
+            in_flight: u32::try_from(number("conc")?).unwrap_or(0),
         })
     }
 }

@@ -1,0 +1,746 @@
+#!lua name=tollgate
+-- tollgate's Redis Functions library (Redis 7+): loaded once with FUNCTION LOAD, so
+-- its helpers are defined once, not on every call. Each function loads each scope
+-- hash it touches with ONE HMGET, decides on the parsed values, and writes each scope
+-- with ONE HSET; nothing is written before every value it reads has been parsed and
+-- checked, so a corrupt field fails the call with a `CORRUPT` error before anything
+-- changed (Redis does not undo a function's writes).
+--
+-- A scope hash keeps its numbers (rate buckets, concurrency, period, request and
+-- token counts) packed in one field, `n`: 24 little-endian doubles (all integers
+-- below 2^53, so exact), in the order of `NUM` below. Turning hash fields into Lua
+-- values is what costs in Redis (about 0.3 µs a field); one packed field is one
+-- value. Money stays in its own decimal-string fields (`used`, `held`, `spent`, and
+-- `p_spent` for the previous period), readable with HGET, never rounded.
+--
+-- Redis TIME is the only clock. Times are microseconds since the epoch (exact in a
+-- double until the year 2255); bucket backlogs are nanoseconds (exact to 104 days of
+-- backlog). Money is int64 pico-dollars kept as decimal strings and added exactly by
+-- splitting it into two doubles (`madd`), never rounded through one double.
+--
+-- Functions (their KEYS, ARGV and replies are documented above each one): reserve,
+-- commit, release, renew.
+
+local now = 0
+
+local function clock()
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- An integral double as a decimal string, exactly (`tostring` keeps 14 digits).
+local function fmt(x)
+  return string.format('%d', x)
+end
+
+local function bad(key, field, value)
+  return redis.error_reply('CORRUPT ' .. key .. ' ' .. field .. '=' .. tostring(value))
+end
+
+-- A number field; absent is 0; anything else is corrupt.
+local function num(key, field, raw)
+  if raw == false or raw == nil then return 0 end
+  local n = tonumber(raw)
+  if n == nil then error(bad(key, field, raw)) end
+  return n
+end
+
+-- An integer money field, checked but kept as a string.
+local function money(key, field, raw)
+  if raw == false or raw == nil then return '0' end
+  if not string.match(raw, '^%-?%d+$') then error(bad(key, field, raw)) end
+  return raw
+end
+
+-- Exact int64 arithmetic on decimal strings: a value is hi * 1e9 + lo with
+-- 0 <= lo < 1e9, both exact in doubles; results are pinned to the int64 range.
+local E9 = 1000000000
+local function split(s)
+  local negative = string.sub(s, 1, 1) == '-'
+  local digits = negative and string.sub(s, 2) or s
+  local n = #digits
+  local hi = n > 9 and tonumber(string.sub(digits, 1, n - 9)) or 0
+  local lo = tonumber(string.sub(digits, math.max(1, n - 8)))
+  if negative then
+    hi, lo = -hi, -lo
+    if lo < 0 then hi, lo = hi - 1, lo + E9 end
+  end
+  return hi, lo
+end
+
+local MAX_HI, MAX_LO = 9223372036, 854775807 -- i64::MAX = 9223372036 * 1e9 + 854775807
+
+local function join(hi, lo)
+  if hi > MAX_HI or (hi == MAX_HI and lo > MAX_LO) then return '9223372036854775807' end
+  if hi < -MAX_HI - 1 or (hi == -MAX_HI - 1 and lo < E9 - MAX_LO - 1) then
+    return '-9223372036854775808'
+  end
+  if hi >= 0 then
+    if hi == 0 then return fmt(lo) end
+    return fmt(hi) .. string.format('%09d', lo)
+  end
+  if lo == 0 then return fmt(hi) .. '000000000' end
+  local h, l = -hi - 1, E9 - lo
+  if h == 0 then return '-' .. fmt(l) end
+  return '-' .. fmt(h) .. string.format('%09d', l)
+end
+
+local function madd(a, b)
+  if b == '0' then return a end
+  local ah, al = split(a)
+  local bh, bl = split(b)
+  local hi, lo = ah + bh, al + bl
+  if lo >= E9 then hi, lo = hi + 1, lo - E9 end
+  return join(hi, lo)
+end
+
+local function neg(s)
+  if string.sub(s, 1, 1) == '-' then return string.sub(s, 2) end
+  if s == '0' then return '0' end
+  return '-' .. s
+end
+
+-- Compare two canonical decimal integer strings exactly: -1, 0 or 1.
+local function cmp(a, b)
+  local na, nb = string.sub(a, 1, 1) == '-', string.sub(b, 1, 1) == '-'
+  if na ~= nb then return na and -1 or 1 end
+  if na then a = string.sub(a, 2); b = string.sub(b, 2) end
+  local r
+  if #a ~= #b then
+    r = (#a < #b) and -1 or 1
+  elseif a == b then
+    r = 0
+  else
+    r = (a < b) and -1 or 1
+  end
+  if na then r = -r end
+  return r
+end
+
+-- q, r with a = q * b + r and 0 <= r < b, exactly, for non-negative integers below
+-- 2^53 (a double's quotient can be one off near an integer; the remainder fixes it).
+local function divmod(a, b)
+  local q = math.floor(a / b)
+  local r = a - q * b
+  while r < 0 do q = q - 1; r = r + b end
+  while r >= b do q = q + 1; r = r - b end
+  return q, r
+end
+
+local function divceil(a, b)
+  local q, r = divmod(a, b)
+  if r > 0 then q = q + 1 end
+  return q
+end
+
+-- floor(a * b / c), exactly, although a * b may not fit a double's 53 bits (a, b, c
+-- and the result must): binary long multiplication over the bits of b, keeping the
+-- remainder below c.
+local function muldiv(a, b, c)
+  local qa, ra = divmod(a, c)
+  local bits, x = {}, b
+  while x > 0 do
+    local bit = x % 2
+    bits[#bits + 1] = bit
+    x = (x - bit) / 2
+  end
+  local q, r = 0, 0
+  for i = #bits, 1, -1 do
+    q, r = q * 2, r * 2
+    if r >= c then q, r = q + 1, r - c end
+    if bits[i] == 1 then
+      r = r + ra
+      if r >= c then q, r = q + 1, r - c end
+    end
+  end
+  return qa * b + q
+end
+
+-- The numbers of a scope hash, packed in its field `n`, in this order.
+local NUM = {
+  'rpm', 'rpm@', 'rpm#', 'rpm^', 'rpm-',
+  'rpd', 'rpd@', 'rpd#', 'rpd^', 'rpd-',
+  'tpm', 'tpm@', 'tpm#', 'tpm^', 'tpm-',
+  'conc', 'ps', 'pe', 'pk', 'pks', 'req', 'in', 'out', 'alerted',
+}
+local AT = {}
+for i = 1, #NUM do AT[NUM[i]] = i end -- (`ipairs` is not there while the library loads)
+-- (Written out: the string library is not there while the library loads.)
+local PACKED = '<dddddddddddddddddddddddd'
+local PACKED_BYTES = 8 * #NUM
+
+-- A scope hash, loaded with one HMGET: `s.v` its numbers (by `AT[name]`), `s.used`,
+-- `s.held`, `s.spent` its money. A hash never written reads as zeros (no period
+-- yet, no alert yet). Changes are queued with `put` (string fields) or
+-- by changing `s.v` and setting `s.changed`, and written by `flush` in one HSET.
+-- (A period end `pe` of 0 marks a scope whose period has not started.)
+local function scope(key)
+  local v = redis.call('HMGET', key, 'n', 'used', 'held', 'spent', 'rules')
+  local s = { key = key, out = {}, n = 0, rules = v[5] }
+  local packed = v[1]
+  if packed then
+    if #packed ~= PACKED_BYTES then error(bad(key, 'n', #packed .. ' bytes')) end
+    local values = { struct.unpack(PACKED, packed) }
+    values[#NUM + 1] = nil -- struct.unpack also returns the next position
+    for i = 1, #NUM do
+      local x = values[i]
+      -- NaN, infinities and fractions are corrupt: every number here is an integer
+      -- (x % 1 is NaN for the first two).
+      if x % 1 ~= 0 then
+        error(bad(key, NUM[i], x))
+      end
+    end
+    s.v = values
+  else
+    local values = {}
+    for i = 1, #NUM do values[i] = 0 end
+    values[AT.alerted] = -1
+    s.v = values
+  end
+  s.used = money(key, 'used', v[2])
+  s.held = money(key, 'held', v[3])
+  s.spent = money(key, 'spent', v[4])
+  return s
+end
+
+local function get(s, name)
+  return s.v[AT[name]]
+end
+
+local function set(s, name, x)
+  s.v[AT[name]] = x
+  s.changed = true
+end
+
+local function put(s, field, value)
+  s.out[s.n + 1] = field
+  s.out[s.n + 2] = value
+  s.n = s.n + 2
+end
+
+local function flush(s, idle)
+  if s.changed then put(s, 'n', struct.pack(PACKED, unpack(s.v))) end
+  if s.n > 0 then redis.call('HSET', s.key, unpack(s.out, 1, s.n)) end
+  if idle and idle > 0 then redis.call('PEXPIRE', s.key, idle) end
+end
+
+-- Rate buckets. Per bucket `name` (rpm, rpd, tpm) a scope keeps `name`, the backlog in
+-- ns as of `name@` (µs); `name#`, the interval (ns per unit) of the rule the bucket is
+-- in (0: no limit); `name^`, its epoch (+1 on a rescale, +2 when cleared or its limit
+-- removed, mod 2^16); and `name-`, the nanoseconds ever refunded out of it (mod 2^50:
+-- only differences are used, and a wrapped difference is smaller, so a wrap can only
+-- make a refund smaller). Only `reserve` (which carries the current policy) changes a
+-- bucket's interval; commits and releases use the stored one.
+local EPOCHS = 65536
+local REFUNDED = 1125899906842624
+local BUCKETS = { 'rpm', 'rpd', 'tpm' }
+
+local function bucket(s, name)
+  local at, v = AT[name], s.v
+  return {
+    name = name,
+    backlog = math.max(0, v[at] - (now - v[at + 1]) * 1000),
+    interval = v[at + 2],
+    epoch = v[at + 3],
+    refunded = v[at + 4],
+  }
+end
+
+local function put_bucket(s, b)
+  local at, v = AT[b.name], s.v
+  v[at], v[at + 1], v[at + 2], v[at + 3], v[at + 4] = b.backlog, now, b.interval, b.epoch, b.refunded
+  s.changed = true
+end
+
+-- Bring a bucket to the current rule's interval (reserve only). A changed limit
+-- re-expresses the backlog, so the units already taken count the same; a limit added
+-- where there was none starts full; true if anything changed.
+local function conform(b, interval)
+  if b.interval == interval then return false end
+  if interval == 0 or b.interval == 0 then
+    b.backlog = 0
+    b.epoch = (b.epoch + 2) % EPOCHS
+  else
+    b.backlog = muldiv(b.backlog, interval, b.interval)
+    b.epoch = (b.epoch + 1) % EPOCHS
+  end
+  b.interval = interval
+  return true
+end
+
+-- Give back up to `want` units of `hold` (units, ahead, seen, epoch, interval: what
+-- the take recorded) taken at `take_us`: never more of it than can still be undrained.
+-- True if the bucket changed.
+local function refund(b, hold, take_us, want)
+  if not hold or want <= 0 or hold.units <= 0 then return false end
+  local interval = b.interval
+  if interval == 0 or b.backlog == 0 then return false end
+  local elapsed = math.max(0, (now - take_us) * 1000)
+  local give = 0
+  if b.epoch == hold.epoch and interval == hold.interval then
+    -- No rule change since the take. FIFO: what was ahead of the hold drains first;
+    -- every refund since the take may have been ahead of it (never more than was).
+    local added = hold.units * interval
+    local ahead = math.min((b.refunded - hold.seen) % REFUNDED, hold.ahead)
+    local drained = math.min(math.max(elapsed - (hold.ahead - ahead), 0), added)
+    give = math.min(want * interval, added - drained)
+  elseif b.epoch == (hold.epoch + 1) % EPOCHS then
+    -- One rescale since the take: each unit is one new interval long, and at most as
+    -- many units drained as the faster of the two rules lets through.
+    local fastest = math.min(interval, hold.interval)
+    if fastest > 0 then
+      local left = math.max(0, hold.units - divceil(elapsed, fastest))
+      give = math.min(want, left) * interval
+    end
+  end
+  -- Otherwise (two or more rule changes, or cleared) nothing of the hold is known.
+  if give <= 0 then return false end
+  b.backlog = math.max(0, b.backlog - give)
+  b.refunded = (b.refunded + give) % REFUNDED
+  return true
+end
+
+-- Charge `units` whether or not they fit (usage beyond a hold, or a commit whose hold
+-- expired): debt that later takes wait out, at the bucket's current interval.
+local function charge(b, units)
+  if units <= 0 or b.interval == 0 then return false end
+  b.backlog = b.backlog + units * b.interval
+  return true
+end
+
+-- Civil date from days since the epoch (H. Hinnant's algorithm), for month bounds.
+local function civil(days)
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local y = yoe + era * 400
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = m > 2 and m - 3 or m + 9
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local DAY = 86400000000
+
+-- [start, end) of the period containing now; kind 0 forever, 1 day, 2 month, 3 custom.
+local function bounds(kind, seconds)
+  if kind == 0 then return 0, -1 end
+  if kind == 1 or kind == 3 then
+    local len = (kind == 1) and DAY or seconds * 1000000
+    local start = now - now % len
+    return start, start + len
+  end
+  local y, m = civil(math.floor(now / DAY))
+  local ny, nm = y, m + 1
+  if nm == 13 then ny, nm = y + 1, 1 end
+  return days_from_civil(y, m, 1) * DAY, days_from_civil(ny, nm, 1) * DAY
+end
+
+-- The period of a scope: started anew when now has passed the stored one. Holds in
+-- flight carry over (they stay in `used` and `held`); the ended period's totals become
+-- `p_*`. The scope stores its period kind (`pk`, and `pks` seconds for a custom one):
+-- only `policy` (reserve, which carries the current policy) may change it, starting
+-- the new kind's period at once and carrying what was counted (as the in-memory
+-- engine does); every other caller rolls by the stored kind, and passes its own only
+-- for a scope that has none yet. Queues its changes on `s` (written by `flush`).
+-- Returns the end of the current period.
+local function roll(s, kind, seconds, policy)
+  local stored_start, stored_end = get(s, 'ps'), get(s, 'pe')
+  local start, finish
+  -- A period end of 0 means none yet (a forever span ends at -1).
+  if stored_end ~= 0 then
+    local stored_kind, stored_seconds = get(s, 'pk'), get(s, 'pks')
+    if policy and (stored_kind ~= kind or stored_seconds ~= seconds) then
+      start, finish = bounds(kind, seconds)
+      set(s, 'ps', start); set(s, 'pe', finish); set(s, 'pk', kind); set(s, 'pks', seconds)
+      return finish
+    end
+    kind, seconds = stored_kind, stored_seconds
+    start, finish = bounds(kind, seconds)
+    if stored_start == start then return finish end
+    if stored_end < 0 or now < stored_end then
+      -- Not ended, yet not the period containing now: Redis's clock went back. Only
+      -- the policy moves it.
+      if not policy then return stored_end end
+      set(s, 'ps', start); set(s, 'pe', finish)
+      return finish
+    end
+    -- The stored period ended: its totals move aside, its spend leaves `used`.
+    s.used = madd(s.used, neg(s.spent))
+    put(s, 'used', s.used)
+    put(s, 'p_start', fmt(stored_start)); put(s, 'p_spent', s.spent); put(s, 'p_req', fmt(get(s, 'req')))
+    put(s, 'p_in', fmt(get(s, 'in'))); put(s, 'p_out', fmt(get(s, 'out')))
+  else
+    start, finish = bounds(kind, seconds)
+  end
+  set(s, 'ps', start); set(s, 'pe', finish); set(s, 'pk', kind); set(s, 'pks', seconds)
+  set(s, 'req', 0); set(s, 'in', 0); set(s, 'out', 0); set(s, 'alerted', -1)
+  s.spent = '0'
+  put(s, 'spent', '0')
+  return finish
+end
+
+-- The flags of a hash tag (`<tag>:flags`, which never expires): the workspace's
+-- generation (+1 each time it is deleted), whether it is deleted now, and a key's
+-- revocation.
+local function flags_of(flags, key_id)
+  local v = redis.call('HMGET', flags, 'gen', 'deleted', 'revoked:' .. key_id)
+  return num(flags, 'gen', v[1]), v[2] == '1', v[3] == '1'
+end
+
+-- A reservation record: t (take time, µs), c (cost), n (levels), g (the tag's
+-- generation at the take), k<i> (scope key), h<i> (what level i holds: 16 packed
+-- doubles, "slot" then per bucket rpm, rpd, tpm "units, ahead, seen, epoch,
+-- interval"). Read with one HMGET of up to 5 levels.
+local HOLD = '<dddddddddddddddd'
+local HOLD_BYTES = 128
+local RECORD_FIELDS = { 't', 'c', 'n', 'g', 'k1', 'h1', 'k2', 'h2', 'k3', 'h3', 'k4', 'h4', 'k5', 'h5' }
+
+local function read_record(rkey)
+  local r = redis.call('HMGET', rkey, unpack(RECORD_FIELDS))
+  if r[1] == false then return nil end
+  local record = { take = num(rkey, 't', r[1]), cost = money(rkey, 'c', r[2]), gen = num(rkey, 'g', r[4]), levels = {} }
+  local n = num(rkey, 'n', r[3])
+  if n > 5 then error(bad(rkey, 'n', n)) end
+  for i = 1, n do
+    local key, raw = r[3 + 2 * i], r[4 + 2 * i]
+    if not key then error(bad(rkey, 'k' .. i, 'missing')) end
+    if not raw then error(bad(rkey, 'h' .. i, 'missing')) end
+    if #raw ~= HOLD_BYTES then error(bad(rkey, 'h' .. i, #raw .. ' bytes')) end
+    local h = { struct.unpack(HOLD, raw) }
+    local level = { key = key, slot = h[1] }
+    for j = 1, 3 do
+      local b = 1 + (j - 1) * 5
+      if h[b + 5] > 0 then -- the take's interval: the bucket had a limit
+        level[BUCKETS[j]] = { units = h[b + 1], ahead = h[b + 2], seen = h[b + 3], epoch = h[b + 4], interval = h[b + 5] }
+      end
+    end
+    record.levels[i] = level
+  end
+  return record
+end
+
+-- Give back everything a record holds (all scopes loaded and parsed first), then
+-- delete it and drop it from the holds. A record of a workspace deleted since its
+-- take (another generation) gives nothing back: its counters were dropped, and a
+-- re-created workspace starts from zero.
+local function release_parsed(rkey, record, holds, id, gen, deleted)
+  if record and record.gen == gen and not deleted then
+    local scopes = {}
+    for i, level in ipairs(record.levels) do scopes[i] = scope(level.key) end
+    local back = neg(record.cost)
+    for i, level in ipairs(record.levels) do
+      local s = scopes[i]
+      for _, name in ipairs(BUCKETS) do
+        local hold = level[name]
+        if hold then
+          local b = bucket(s, name)
+          if refund(b, hold, record.take, hold.units) then put_bucket(s, b) end
+        end
+      end
+      if level.slot == 1 then set(s, 'conc', get(s, 'conc') - 1) end
+      put(s, 'used', madd(s.used, back))
+      put(s, 'held', madd(s.held, back))
+      flush(s)
+    end
+  end
+  if record then redis.call('DEL', rkey) end
+  redis.call('ZREM', holds, id)
+end
+
+-- Release holds whose owner let them expire (crashed, or never committed). At most
+-- 16 per call; every call on the tag sweeps.
+local function purge(holds, record_base, flags_key)
+  local expired = redis.call('ZRANGEBYSCORE', holds, '-inf', fmt(math.floor(now / 1000)), 'LIMIT', 0, 16)
+  if #expired == 0 then return end
+  local gen, deleted = flags_of(flags_key, '')
+  for _, id in ipairs(expired) do
+    local rkey = record_base .. id
+    local ok, err = pcall(function()
+      release_parsed(rkey, read_record(rkey), holds, id, gen, deleted)
+    end)
+    if not ok then
+      -- A corrupt record (or a corrupt counter it names) cannot say what to give
+      -- back. Drop it rather than fail every call on this tag until it expires: its
+      -- holds stay counted, which can refuse requests but never overspend.
+      redis.call('DEL', rkey)
+      redis.call('ZREM', holds, id)
+    end
+  end
+end
+
+-- reserve: one request's worst case on every level of one hash tag, all or nothing.
+-- KEYS: holds zset, this reservation's record, its commit marker, the tag's flags,
+-- then one scope hash per level. ARGV: id, ttl_ms, cost, record_base, record_ttl_ms,
+-- key id (the workspace group: its revocation and its workspace's deletion are
+-- checked; "" for none), then 12 per level:
+-- rpm_interval rpm_limit rpd_interval rpd_limit tpm_interval tpm_limit tpm_units
+-- max_concurrent budget_headroom("" = none) period_kind period_seconds idle_ttl_ms.
+-- Returns {1, per level: rpm_rem rpm_reset rpd_rem rpd_reset tpm_rem tpm_reset
+-- (-1 where no limit), then the tag's generation} or {0, level, kind, ...} for the
+-- first refusal; kind 6: the key was revoked, 7: its workspace was deleted (by any
+-- instance).
+local function reserve(KEYS, ARGV)
+  clock()
+  local id, ttl, cost, record_base, record_ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
+  local key_id = ARGV[6]
+  purge(KEYS[1], record_base, KEYS[4])
+  if redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then
+    return redis.error_reply('DUPLICATE reservation id ' .. id)
+  end
+  local gen, deleted, revoked = flags_of(KEYS[4], key_id)
+  if key_id ~= '' then
+    if revoked then return { 0, 1, 6 } end
+    if deleted then return { 0, 2, 7 } end
+  end
+
+  local levels = #KEYS - 4
+  local plan = {}
+  -- A refusal keeps what pass 1 decided about the scopes it read (periods rolled or
+  -- moved to a new kind, buckets brought to new rules), never a take.
+  local function refuse(s, reply)
+    for _, done in ipairs(plan) do flush(done) end
+    flush(s)
+    return reply
+  end
+  -- Pass 1: load every scope once and decide, writing nothing but the above on a
+  -- refusal, so a corrupt value leaves every level as it was.
+  for i = 1, levels do
+    local a = 6 + (i - 1) * 12
+    local rules = {
+      { 'rpm', tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), 1, 1 },
+      { 'rpd', tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), 1, 2 },
+      { 'tpm', tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7]), 3 },
+    }
+    local max_conc = tonumber(ARGV[a + 8])
+    local s = scope(KEYS[4 + i])
+    -- The rules the buckets were last brought to: when they are the same, buckets of
+    -- limits that do not apply need no look.
+    local signature = ARGV[a + 1] .. ':' .. ARGV[a + 3] .. ':' .. ARGV[a + 5]
+    local rules_changed = s.rules ~= signature
+    if rules_changed then put(s, 'rules', signature) end
+    local finish = roll(s, tonumber(ARGV[a + 10]), tonumber(ARGV[a + 11]), true)
+    s.takes = {}
+    for _, rule in ipairs(rules) do
+      local name, interval, limit, units, kind = rule[1], rule[2], rule[3], rule[4], rule[5]
+      if limit <= 0 then interval = 0 end
+      if limit > 0 or rules_changed then
+        local b = bucket(s, name)
+        if conform(b, interval) then put_bucket(s, b) end
+        if limit > 0 then
+          local tolerance = limit * interval
+          local backlog = b.backlog
+          local free = math.floor(math.max(0, tolerance - backlog) / interval)
+          if units > limit then
+            return refuse(s, { 0, i, kind, fmt(math.min(free, limit)), fmt(backlog), -1 })
+          end
+          local after = backlog + units * interval
+          if after > tolerance then
+            return refuse(s, { 0, i, kind, fmt(math.min(free, limit)), fmt(backlog), fmt(after - tolerance) })
+          end
+          s.takes[name] = {
+            bucket = b, units = units, after = after,
+            remaining = math.floor((tolerance - after) / interval),
+          }
+        end
+      end
+    end
+    if max_conc > 0 then
+      local in_flight = get(s, 'conc')
+      if in_flight >= max_conc then return refuse(s, { 0, i, 4, fmt(in_flight) }) end
+      s.slot = true
+    end
+    local headroom = ARGV[a + 9]
+    if headroom ~= '' and cmp(s.used, headroom) > 0 then
+      return refuse(s, { 0, i, 5, s.used, fmt(finish) })
+    end
+    s.idle = tonumber(ARGV[a + 12])
+    plan[i] = s
+  end
+
+  -- Pass 2: take everything and record what was taken, in units and in the terms a
+  -- refund needs (backlog ahead, refunds seen, epoch and interval at the take).
+  local reply = { 1 }
+  local record = { 't', fmt(now), 'c', cost, 'n', fmt(levels), 'g', fmt(gen) }
+  for i = 1, levels do
+    local s = plan[i]
+    local h = { s.slot and 1 or 0 }
+    for j = 1, 3 do
+      local take = s.takes[BUCKETS[j]]
+      if take then
+        local b = take.bucket
+        h[#h + 1] = take.units; h[#h + 1] = b.backlog; h[#h + 1] = b.refunded
+        h[#h + 1] = b.epoch; h[#h + 1] = b.interval
+        b.backlog = take.after
+        put_bucket(s, b)
+        reply[#reply + 1] = take.remaining; reply[#reply + 1] = fmt(take.after)
+      else
+        h[#h + 1] = 0; h[#h + 1] = 0; h[#h + 1] = 0; h[#h + 1] = 0; h[#h + 1] = 0
+        reply[#reply + 1] = -1; reply[#reply + 1] = -1
+      end
+    end
+    if s.slot then set(s, 'conc', get(s, 'conc') + 1) end
+    put(s, 'used', madd(s.used, cost))
+    put(s, 'held', madd(s.held, cost))
+    flush(s, s.idle)
+    record[#record + 1] = 'k' .. i; record[#record + 1] = s.key
+    record[#record + 1] = 'h' .. i; record[#record + 1] = struct.pack(HOLD, unpack(h))
+  end
+  redis.call('HSET', KEYS[2], unpack(record))
+  redis.call('PEXPIRE', KEYS[2], record_ttl)
+  redis.call('ZADD', KEYS[1], fmt(math.floor(now / 1000) + ttl), id)
+  redis.call('PEXPIRE', KEYS[1], record_ttl)
+  reply[#reply + 1] = fmt(gen)
+  return reply
+end
+
+-- commit: settle one reservation on every level of one hash tag: refund unused tokens
+-- and money, charge overage as debt, count the request in the current period.
+-- Idempotent by reservation id: a retried commit finds its marker and charges nothing
+-- again. KEYS: holds zset, the record, the commit marker, the tag's flags, then one
+-- scope hash per level. ARGV: id, done_ttl_ms, reserved_cost, cost, input, output,
+-- record_base, generation (the tag's, from the reserve; "" = unknown), then 7 per
+-- level: tpm_used_units period_kind period_seconds tally idle_ttl_ms
+-- budget_limit("" = none) lowest_alert_percent. Buckets and periods follow what the
+-- scope hashes store (the rules in force now), not the rules the reservation was
+-- admitted under; the period kind is only used for a hash that has none yet.
+-- Returns {code, then per level: alerted_before alerted_now spent} with code 1
+-- settled, 2 already committed, 3 committed after the hold had expired (usage charged
+-- in full as debt, the request counted once in RPM and RPD), 4 the workspace was
+-- deleted since the reserve (nothing settled on this tag: its counters are gone, and a
+-- re-created workspace starts from zero); alerted_* are the percentages of the budget
+-- already reported before this commit and reached now (-1 -1 when this commit reached
+-- nothing new), so each alert fires once per period across every instance.
+local function commit(KEYS, ARGV)
+  clock()
+  local id, done_ttl, reserved, cost = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+  local input, output, record_base, own_gen = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
+  purge(KEYS[1], record_base, KEYS[4])
+  if redis.call('EXISTS', KEYS[3]) == 1 then return { 2 } end
+
+  local record = read_record(KEYS[2])
+  local present = record ~= nil
+  local gen, deleted = flags_of(KEYS[4], '')
+  if deleted or (own_gen ~= '' and tonumber(own_gen) ~= gen) or (present and record.gen ~= gen) then
+    redis.call('DEL', KEYS[2])
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('SET', KEYS[3], '1', 'PX', done_ttl)
+    return { 4 }
+  end
+  local levels = #KEYS - 4
+  if present and #record.levels ~= levels then
+    return redis.error_reply('CORRUPT ' .. KEYS[2] .. ' n=' .. #record.levels .. ', expected ' .. levels)
+  end
+
+  -- Pass 1: load and parse every scope (nothing written yet).
+  local scopes = {}
+  for i = 1, levels do
+    local a = 8 + (i - 1) * 7
+    local s = scope(KEYS[4 + i])
+    roll(s, tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), false)
+    s.used_units = tonumber(ARGV[a + 1])
+    scopes[i] = s
+  end
+
+  -- Pass 2: settle each scope and write it once.
+  local alerts = {}
+  local take_us = present and record.take or 0
+  for i = 1, levels do
+    local a = 8 + (i - 1) * 7
+    local s = scopes[i]
+    local used_units = s.used_units
+    if present then
+      local level = record.levels[i]
+      local hold = level.tpm
+      if hold then
+        local tpm = bucket(s, 'tpm')
+        if used_units < hold.units then
+          if refund(tpm, hold, take_us, hold.units - used_units) then put_bucket(s, tpm) end
+        elseif charge(tpm, used_units - hold.units) then
+          put_bucket(s, tpm)
+        end
+      end
+      if level.slot == 1 then set(s, 'conc', get(s, 'conc') - 1) end
+      s.used = madd(s.used, neg(reserved))
+      put(s, 'held', madd(s.held, neg(reserved)))
+    else
+      -- The hold expired and was given back: charge the request as a fresh one.
+      for _, name in ipairs(BUCKETS) do
+        local b = bucket(s, name)
+        if charge(b, name == 'tpm' and used_units or 1) then put_bucket(s, b) end
+      end
+    end
+    s.used = madd(s.used, cost)
+    put(s, 'used', s.used)
+    s.spent = madd(s.spent, cost)
+    put(s, 'spent', s.spent)
+    if ARGV[a + 4] == '1' then
+      set(s, 'req', get(s, 'req') + 1); set(s, 'in', get(s, 'in') + input); set(s, 'out', get(s, 'out') + output)
+    end
+    local before, reached, spent_now = -1, -1, '0'
+    local limit = ARGV[a + 6]
+    if limit ~= '' then
+      spent_now = s.spent
+      local spent = tonumber(spent_now)
+      local pct = 100
+      if tonumber(limit) > 0 then pct = math.min(100, math.floor(math.max(0, spent) * 100 / tonumber(limit))) end
+      local alerted = get(s, 'alerted')
+      if pct >= tonumber(ARGV[a + 7]) and pct > alerted then
+        set(s, 'alerted', pct)
+        before, reached = alerted, pct
+      end
+    end
+    flush(s, tonumber(ARGV[a + 5]))
+    alerts[#alerts + 1] = before
+    alerts[#alerts + 1] = reached
+    alerts[#alerts + 1] = spent_now
+  end
+  if present then redis.call('DEL', KEYS[2]) end
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('SET', KEYS[3], '1', 'PX', done_ttl)
+  local reply = { present and 1 or 3 }
+  for _, v in ipairs(alerts) do reply[#reply + 1] = v end
+  return reply
+end
+
+-- release: give back everything one reservation holds on the levels of one hash tag
+-- (the request did not happen). KEYS: holds zset, the record, the commit marker, the
+-- tag's flags. ARGV: id, record_base. A reservation already committed, expired or
+-- never taken is a no-op. Returns 1.
+local function release(KEYS, ARGV)
+  clock()
+  purge(KEYS[1], ARGV[2], KEYS[4])
+  local record = read_record(KEYS[2])
+  local gen, deleted = flags_of(KEYS[4], '')
+  release_parsed(KEYS[2], record, KEYS[1], ARGV[1], gen, deleted)
+  return 1
+end
+
+-- renew: keep a live reservation's hold (e.g. a long stream) from expiring. KEYS:
+-- holds zset, the record. ARGV: id, ttl_ms, record_ttl_ms. Returns 1 if the hold was
+-- extended to now + ttl, 0 if it is gone (committed, released or expired).
+local function renew(KEYS, ARGV)
+  clock()
+  if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+  redis.call('ZADD', KEYS[1], 'XX', fmt(math.floor(now / 1000) + tonumber(ARGV[2])), ARGV[1])
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[3]))
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+  return 1
+end
+
+redis.register_function('reserve', reserve)
+redis.register_function('commit', commit)
+redis.register_function('release', release)
+redis.register_function('renew', renew)
