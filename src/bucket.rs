@@ -3,14 +3,29 @@
 //! A bucket is its theoretical arrival time (TAT): the instant at which it would be
 //! full again. Taking `n` units pushes the TAT `n × interval` later; a take is
 //! admitted while the TAT stays within `tolerance` (= `limit × interval`) of now.
-//! Unlike governor's buckets, a take can be given back: the reservation records the
-//! nanoseconds it added and subtracts exactly those, never past "full".
+//! Unlike governor's buckets, a take can be given back.
+//!
+//! Giving back is where rules that change under requests in flight bite, so a hold
+//! records what it took in units (requests, tokens), never in nanoseconds of the rule
+//! it was taken under, and the bucket keeps its own current interval: a refund
+//! converts units with the interval in force when it lands. A refund is also capped
+//! by what of *this* hold can still be undrained (see [`Hold`]), not by where its
+//! slot ended when it was taken: releasing an earlier hold moves every later one's
+//! slot earlier.
 
 use std::num::NonZeroU64;
 use std::time::Duration;
 
 use crate::clock::duration_nanos;
-use crate::sync::{AtomicU32, AtomicU64, Ordering};
+use crate::sync::{spin_wait, AtomicU32, AtomicU64, Ordering};
+
+/// The TAT of a bucket whose rule is being changed: takes and refunds wait it out, so
+/// none of them applies nanoseconds of one interval to a backlog kept in another.
+const CHANGING: u64 = u64::MAX;
+/// Debt saturates here, below [`CHANGING`].
+const MAX_TAT: u64 = u64::MAX - 1;
+/// Low bits of the rule word: the epoch, bumped by every rule change.
+const EPOCH_BITS: u32 = 16;
 
 /// `limit` units per `window`, with its GCRA constants precomputed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,7 +42,11 @@ pub(crate) struct RateRule {
 impl RateRule {
     pub(crate) fn new(limit: NonZeroU64, window: Duration) -> Self {
         let limit = limit.get();
-        let interval = duration_nanos(window).div_ceil(limit).max(1);
+        // Capped so the interval and an epoch share one word (2^48 ns is 3.2 days,
+        // longer than any window a policy can set).
+        let interval = duration_nanos(window)
+            .div_ceil(limit)
+            .clamp(1, (1 << (64 - EPOCH_BITS)) - 1);
         RateRule {
             limit,
             window,
@@ -37,10 +56,70 @@ impl RateRule {
     }
 }
 
-/// What an admitted take did, for rollback and for the rate-limit headers.
+/// One admitted take, recorded in terms that survive a change of the bucket's rule.
+///
+/// What of it can still be given back is worked out when it is given back: the
+/// bucket drains first in, first out, so the `ahead` nanoseconds queued before this
+/// take drain first, less whatever of them was refunded since. Every refund since
+/// the take counts as possibly ahead of it (capped at `ahead`), so a refund never
+/// returns a nanosecond that already drained; it can keep more than strictly needed
+/// when holds taken later were refunded first while the bucket was busy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Hold {
+    /// Units taken (requests or tokens); 0: nothing taken.
+    pub(crate) units: u64,
+    /// Backlog queued before this take when it was taken, in nanoseconds.
+    ahead: u64,
+    /// The bucket's refund total when this take was admitted.
+    seen: u64,
+    /// The interval this take was admitted under.
+    interval: u64,
+    /// The bucket's rule epoch when this take was admitted.
+    epoch: u16,
+    /// Admitted under a rule other than the bucket's (it raced a policy change).
+    stale: bool,
+}
+
+impl Hold {
+    /// Nanoseconds (in the bucket's `interval` now) that a refund of `units` of this
+    /// hold, taken at `at`, may give back at `now`.
+    fn refundable(&self, units: u64, rule: (u64, u16), refunded: u64, at: u64, now: u64) -> u64 {
+        let (interval, epoch) = rule;
+        if interval == 0 {
+            return 0; // the limit is gone: nothing of it to give back
+        }
+        let elapsed = now.saturating_sub(at);
+        match epoch.wrapping_sub(self.epoch) {
+            // The rule this take was counted in is still the bucket's: exact. (A take
+            // admitted under a rule that was being replaced is counted in its own
+            // interval: that is what it added.)
+            0 => {
+                let added = self.units.saturating_mul(self.interval);
+                let ahead_refunded = refunded.wrapping_sub(self.seen).min(self.ahead);
+                let drained = elapsed
+                    .saturating_sub(self.ahead - ahead_refunded)
+                    .min(added);
+                units.saturating_mul(self.interval).min(added - drained)
+            }
+            // Rescaled once since: each unit is now one new interval long, and at most
+            // as many units drained as the faster of the two rules lets through.
+            1 if !self.stale => {
+                let drained = elapsed.div_ceil(interval.min(self.interval));
+                units
+                    .min(self.units.saturating_sub(drained))
+                    .saturating_mul(interval)
+            }
+            // Rescaled twice, or the limit was removed or added since: the bucket no
+            // longer knows where this take lies, so it gives nothing back.
+            _ => 0,
+        }
+    }
+}
+
+/// What an admitted take did: the hold to give back later, and where the bucket stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Taken {
-    pub(crate) added_nanos: u64,
+    pub(crate) hold: Hold,
     pub(crate) remaining: u64,
     pub(crate) reset: Duration,
 }
@@ -54,17 +133,59 @@ pub(crate) struct Refused {
     pub(crate) retry_after: Option<Duration>,
 }
 
-/// One refundable GCRA bucket.
-#[derive(Debug, Default)]
+/// One refundable GCRA bucket, with the rule it counts in.
+#[derive(Debug)]
 pub(crate) struct Gcra {
     tat: AtomicU64,
+    /// `interval << EPOCH_BITS | epoch`; interval 0: no limit.
+    rule: AtomicU64,
+    /// Nanoseconds of refunds begun and finished, ever. A refund counts itself as
+    /// begun before it lands and as finished after, so a take (which reads
+    /// `finished`) never counts a refund that lands after it, and a refund (which
+    /// reads `begun` after the TAT) never misses one that landed before it.
+    refunds_begun: AtomicU64,
+    refunds_finished: AtomicU64,
+}
+
+impl Default for Gcra {
+    fn default() -> Self {
+        Gcra::new(None)
+    }
 }
 
 impl Gcra {
+    /// A full bucket counting in `rule`'s interval (no rule: nothing to count yet).
+    pub(crate) fn new(rule: Option<&RateRule>) -> Self {
+        Gcra {
+            tat: AtomicU64::new(0),
+            rule: AtomicU64::new(pack(rule.map_or(0, |r| r.interval), 0)),
+            refunds_begun: AtomicU64::new(0),
+            refunds_finished: AtomicU64::new(0),
+        }
+    }
+
+    /// The TAT, waiting out a rule change in progress (a policy edit: rare and short).
+    fn settled_tat(&self) -> u64 {
+        loop {
+            let tat = self.tat.load(Ordering::SeqCst);
+            if tat != CHANGING {
+                return tat;
+            }
+            spin_wait();
+        }
+    }
+
+    /// The interval and epoch now. Read after the TAT: a rule change in between moves
+    /// the TAT, so the compare-and-swap that follows fails and the pair is re-read.
+    fn current_rule(&self) -> (u64, u16) {
+        unpack(self.rule.load(Ordering::SeqCst))
+    }
+
     /// Take `units` if they fit now.
     pub(crate) fn try_take(&self, rule: &RateRule, units: u64, now: u64) -> Result<Taken, Refused> {
+        let seen = self.refunds_finished.load(Ordering::SeqCst);
         let horizon = now.saturating_add(rule.tolerance);
-        let mut tat = self.tat.load(Ordering::Acquire);
+        let mut tat = self.settled_tat();
         if units > rule.limit {
             return Err(Refused {
                 remaining: remaining(rule, tat, horizon),
@@ -75,7 +196,8 @@ impl Gcra {
         // `units ≤ limit`, so this is at most `tolerance`: no overflow.
         let added = units * rule.interval;
         loop {
-            let new_tat = tat.max(now).saturating_add(added);
+            let (interval, epoch) = self.current_rule();
+            let new_tat = tat.max(now).saturating_add(added).min(MAX_TAT);
             if new_tat > horizon {
                 return Err(Refused {
                     remaining: remaining(rule, tat, horizon),
@@ -85,82 +207,141 @@ impl Gcra {
             }
             match self
                 .tat
-                .compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange_weak(tat, new_tat, Ordering::SeqCst, Ordering::SeqCst)
             {
                 Ok(_) => {
                     return Ok(Taken {
-                        added_nanos: added,
+                        hold: Hold {
+                            units,
+                            ahead: tat.saturating_sub(now),
+                            seen,
+                            interval: rule.interval,
+                            epoch,
+                            stale: interval != rule.interval,
+                        },
                         remaining: remaining(rule, new_tat, horizon),
                         reset: reset(new_tat, now),
                     })
                 }
-                Err(actual) => tat = actual,
+                Err(_) => tat = self.settled_tat(),
             }
         }
     }
 
-    /// Give back `nanos` of a take; a bucket never refills past full.
-    pub(crate) fn refund(&self, nanos: u64, now: u64) {
-        if nanos == 0 {
+    /// Give back up to `units` of `hold` (taken at `at`): as much of it as can still
+    /// be undrained, in the interval in force now, never past full.
+    pub(crate) fn give_back(&self, hold: &Hold, units: u64, at: u64, now: u64) {
+        if hold.units == 0 || units == 0 {
             return;
         }
-        let mut tat = self.tat.load(Ordering::Acquire);
+        // Refunds this call counted as begun but did not land (a lost race): they
+        // are not refunds that could lie ahead of its own hold.
+        let mut own_misses = 0u64;
+        let mut tat = self.settled_tat();
         loop {
             if tat <= now {
-                return; // already full
+                return; // full: nothing left to give back
             }
-            let new_tat = tat.saturating_sub(nanos).max(now);
-            match self
-                .tat
-                .compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return,
-                Err(actual) => tat = actual,
+            let rule = self.current_rule();
+            let refunded = self
+                .refunds_begun
+                .load(Ordering::SeqCst)
+                .wrapping_sub(own_misses);
+            let give = hold.refundable(units, rule, refunded, at, now);
+            if give == 0 {
+                return;
             }
+            self.refunds_begun.fetch_add(give, Ordering::SeqCst);
+            let landed = self.tat.compare_exchange_weak(
+                tat,
+                tat.saturating_sub(give).max(now),
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+            // A miss counts as finished too: it then reads to everyone as a refund
+            // that may lie ahead of them, which can only make later refunds smaller.
+            self.refunds_finished.fetch_add(give, Ordering::SeqCst);
+            if landed.is_ok() {
+                return;
+            }
+            own_misses = own_misses.wrapping_add(give);
+            tat = self.settled_tat();
         }
     }
 
-    /// Charge `nanos` whether or not they fit: usage beyond a reservation is debt,
-    /// which later takes must wait out. Saturates rather than wraps.
-    pub(crate) fn force_take(&self, nanos: u64, now: u64) {
-        if nanos == 0 {
+    /// Charge `units` whether or not they fit, in the interval in force now: usage
+    /// beyond a reservation is debt, which later takes must wait out. Saturates
+    /// rather than wraps.
+    pub(crate) fn charge(&self, units: u64, now: u64) {
+        if units == 0 {
             return;
         }
-        let mut tat = self.tat.load(Ordering::Acquire);
+        let mut tat = self.settled_tat();
         loop {
-            let new_tat = tat.max(now).saturating_add(nanos);
+            let (interval, _) = self.current_rule();
+            if interval == 0 {
+                return;
+            }
+            let new_tat = tat
+                .max(now)
+                .saturating_add(units.saturating_mul(interval))
+                .min(MAX_TAT);
             match self
                 .tat
-                .compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange_weak(tat, new_tat, Ordering::SeqCst, Ordering::SeqCst)
             {
                 Ok(_) => return,
-                Err(actual) => tat = actual,
+                Err(_) => tat = self.settled_tat(),
             }
         }
     }
 
-    /// Re-express the backlog for a new interval, so the units already taken count the
-    /// same against the new limit (a GCRA backlog is time: left alone, a lower limit
-    /// would see past requests as fewer).
-    pub(crate) fn rescale(&self, old_interval: u64, new_interval: u64, now: u64) {
-        let mut tat = self.tat.load(Ordering::Acquire);
-        loop {
-            let backlog = u128::from(tat.saturating_sub(now));
-            let scaled = backlog * u128::from(new_interval) / u128::from(old_interval.max(1));
-            let new_tat = now.saturating_add(u64::try_from(scaled).unwrap_or(u64::MAX));
-            match self
-                .tat
-                .compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => return,
-                Err(actual) => tat = actual,
-            }
+    /// The limit changed to `rule` (`None`: removed). A changed interval re-expresses
+    /// the backlog, so the units already taken count the same against the new limit
+    /// (a GCRA backlog is time: left alone, a lower limit would see past requests as
+    /// fewer); a limit added where there was none starts full. Holds taken before
+    /// convert their units at the new interval when given back.
+    pub(crate) fn change_rule(&self, rule: Option<&RateRule>, now: u64) {
+        let interval = rule.map_or(0, |r| r.interval);
+        if self.current_rule().0 == interval {
+            return;
         }
-    }
-
-    /// Forget the backlog: a limit that did not exist counted nothing.
-    pub(crate) fn clear(&self) {
-        self.tat.store(0, Ordering::Release);
+        // Policy changes are serialised by the engine; the loop only waits out takes
+        // and refunds racing this one.
+        let mut tat = self.settled_tat();
+        while let Err(actual) =
+            self.tat
+                .compare_exchange_weak(tat, CHANGING, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            tat = if actual == CHANGING {
+                self.settled_tat()
+            } else {
+                actual
+            };
+        }
+        let (old, epoch) = self.current_rule();
+        let backlog = tat.saturating_sub(now);
+        let (next, epoch) = if old > 0 && interval > 0 && backlog > 0 {
+            let scaled = u128::from(backlog) * u128::from(interval) / u128::from(old);
+            let next = now
+                .saturating_add(u64::try_from(scaled).unwrap_or(u64::MAX))
+                .min(MAX_TAT);
+            (next, epoch.wrapping_add(1))
+        } else if old > 0 && interval > 0 {
+            (tat, epoch.wrapping_add(1))
+        } else {
+            (0, epoch.wrapping_add(2))
+        };
+        self.rule.store(pack(interval, epoch), Ordering::SeqCst);
+        // The TAT must differ from the one before the change, or a take or refund that
+        // read it before could still land, computed in the old interval (an ABA). A
+        // bucket that is full stays full whether its TAT is 0 or 1.
+        let next = match next {
+            same if same == tat && same <= now => u64::from(same == 0),
+            same if same == tat => same + 1,
+            other => other,
+        };
+        self.tat.store(next, Ordering::SeqCst);
     }
 
     /// Units that would fit right now.
@@ -181,6 +362,14 @@ impl Gcra {
     }
 }
 
+fn pack(interval: u64, epoch: u16) -> u64 {
+    interval << EPOCH_BITS | u64::from(epoch)
+}
+
+fn unpack(word: u64) -> (u64, u16) {
+    (word >> EPOCH_BITS, word as u16)
+}
+
 fn remaining(rule: &RateRule, tat: u64, horizon: u64) -> u64 {
     (horizon.saturating_sub(tat) / rule.interval).min(rule.limit)
 }
@@ -188,7 +377,6 @@ fn remaining(rule: &RateRule, tat: u64, horizon: u64) -> u64 {
 fn reset(tat: u64, now: u64) -> Duration {
     Duration::from_nanos(tat.saturating_sub(now))
 }
-
 /// A cap on requests in flight at once.
 #[derive(Debug, Default)]
 pub(crate) struct Slots {
@@ -237,7 +425,7 @@ mod tests {
     #[test]
     fn exactly_limit_units_fit_even_when_the_interval_rounds() {
         let rule = per_minute(7); // 60 s / 7 is not a whole number of nanoseconds
-        let bucket = Gcra::default();
+        let bucket = Gcra::new(Some(&rule));
         let now = 1_000 * SEC;
         for i in 0..7 {
             let taken = bucket.try_take(&rule, 1, now).unwrap();
@@ -259,13 +447,13 @@ mod tests {
     #[test]
     fn refund_restores_capacity_but_never_beyond_full() {
         let rule = per_minute(100);
-        let bucket = Gcra::default();
+        let bucket = Gcra::new(Some(&rule));
         let now = 1_000 * SEC;
         let taken = bucket.try_take(&rule, 60, now).unwrap();
         assert_eq!(taken.remaining, 40);
-        bucket.refund(taken.added_nanos / 2, now);
+        bucket.give_back(&taken.hold, 30, now, now);
         assert_eq!(bucket.remaining(&rule, now), 70);
-        bucket.refund(taken.added_nanos * 10, now);
+        bucket.give_back(&taken.hold, 600, now, now);
         assert_eq!(bucket.remaining(&rule, now), 100);
         assert_eq!(bucket.occupied_nanos(now), 0);
     }
@@ -273,7 +461,7 @@ mod tests {
     #[test]
     fn oversized_request_is_refused_without_retry() {
         let rule = per_minute(10);
-        let refused = Gcra::default().try_take(&rule, 11, SEC).unwrap_err();
+        let refused = Gcra::new(Some(&rule)).try_take(&rule, 11, SEC).unwrap_err();
         assert_eq!(refused.retry_after, None);
         assert_eq!(refused.remaining, 10);
     }
@@ -281,13 +469,99 @@ mod tests {
     #[test]
     fn forced_debt_blocks_until_paid_and_saturates() {
         let rule = per_minute(60); // one unit per second
-        let bucket = Gcra::default();
+        let bucket = Gcra::new(Some(&rule));
         let now = 1_000 * SEC;
-        bucket.force_take(120 * rule.interval, now);
+        bucket.charge(120, now);
         let refused = bucket.try_take(&rule, 1, now).unwrap_err();
         assert_eq!(refused.retry_after, Some(Duration::from_secs(61)));
-        bucket.force_take(u64::MAX, now);
-        assert_eq!(bucket.occupied_nanos(now), u64::MAX - now);
+        bucket.charge(u64::MAX, now);
+        assert_eq!(bucket.occupied_nanos(now), MAX_TAT - now);
+    }
+
+    #[test]
+    fn a_hold_taken_before_a_raised_limit_gives_back_units_not_old_nanoseconds() {
+        // TPM 1,000 raised to 100,000 with a 1,000-token hold in flight.
+        let before = per_minute(1_000);
+        let after = per_minute(100_000);
+        let bucket = Gcra::new(Some(&before));
+        let now = 1_000 * SEC;
+        let hold = bucket.try_take(&before, 1_000, now).unwrap().hold;
+        bucket.change_rule(Some(&after), now);
+        // The backlog now reads as the 1,000 tokens taken, in the new interval.
+        assert_eq!(bucket.remaining(&after, now), 99_000);
+        // Committed with nothing used: 1,000 tokens back, not 1,000 old intervals
+        // (which would read as 100,000 tokens of the new limit).
+        bucket.give_back(&hold, 1_000, now, now);
+        assert_eq!(bucket.remaining(&after, now), 100_000);
+        assert!(bucket.try_take(&after, 100_000, now).is_ok());
+        assert!(bucket.try_take(&after, 1, now).is_err());
+    }
+
+    #[test]
+    fn a_refund_after_an_earlier_release_gives_back_only_what_has_not_drained() {
+        // TPM 100: 50 and 50, the first dropped, 20 s later 50 and 33, the second
+        // dropped. The second hold drained for 20 s after the first left: only its
+        // last 10 s (16 tokens) can come back, so 50 more do not fit.
+        let rule = per_minute(100);
+        let bucket = Gcra::new(Some(&rule));
+        let t0 = 1_000 * SEC;
+        let first = bucket.try_take(&rule, 50, t0).unwrap().hold;
+        let second = bucket.try_take(&rule, 50, t0).unwrap().hold;
+        bucket.give_back(&first, 50, t0, t0);
+        let t1 = t0 + 20 * SEC;
+        assert!(bucket.try_take(&rule, 50, t1).is_ok());
+        assert!(bucket.try_take(&rule, 33, t1).is_ok());
+        bucket.give_back(&second, 50, t0, t1);
+        assert_eq!(bucket.remaining(&rule, t1), 17);
+        assert!(bucket.try_take(&rule, 50, t1).is_err());
+    }
+
+    #[test]
+    fn holds_given_back_in_any_order_return_the_bucket_to_full_and_no_further() {
+        let rule = per_minute(100);
+        let bucket = Gcra::new(Some(&rule));
+        let now = 1_000 * SEC;
+        let holds: Vec<_> = [30, 20, 40]
+            .iter()
+            .map(|&n| bucket.try_take(&rule, n, now).unwrap().hold)
+            .collect();
+        for &i in &[1, 2, 0] {
+            bucket.give_back(&holds[i], holds[i].units, now, now);
+        }
+        assert_eq!(bucket.occupied_nanos(now), 0);
+        // Given back twice (a bug elsewhere): still never past full.
+        bucket.give_back(&holds[0], holds[0].units, now, now);
+        assert_eq!(bucket.remaining(&rule, now), 100);
+    }
+
+    #[test]
+    fn a_limit_removed_and_added_again_forgets_holds_from_before() {
+        let rule = per_minute(10);
+        let bucket = Gcra::new(Some(&rule));
+        let now = 1_000 * SEC;
+        let old = bucket.try_take(&rule, 5, now).unwrap().hold;
+        bucket.change_rule(None, now);
+        bucket.change_rule(Some(&rule), now);
+        assert_eq!(bucket.remaining(&rule, now), 10); // added: starts full
+        let new = bucket.try_take(&rule, 10, now).unwrap().hold;
+        // The old hold must not give back the new take's tokens.
+        bucket.give_back(&old, 5, now, now);
+        assert_eq!(bucket.remaining(&rule, now), 0);
+        bucket.give_back(&new, 10, now, now);
+        assert_eq!(bucket.remaining(&rule, now), 10);
+    }
+
+    #[test]
+    fn a_lowered_limit_keeps_the_units_taken_and_refunds_them_in_the_new_interval() {
+        let before = per_minute(100);
+        let after = per_minute(10);
+        let bucket = Gcra::new(Some(&before));
+        let now = 1_000 * SEC;
+        let hold = bucket.try_take(&before, 6, now).unwrap().hold;
+        bucket.change_rule(Some(&after), now);
+        assert_eq!(bucket.remaining(&after, now), 4);
+        bucket.give_back(&hold, 6, now, now);
+        assert_eq!(bucket.remaining(&after, now), 10);
     }
 
     #[test]

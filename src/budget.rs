@@ -53,8 +53,18 @@ pub(crate) struct PeriodCell {
     /// pass the same line back and forth for counts that only `usage()` reads. The
     /// admission word stays single, so budgets stay exact.
     spread: Option<Box<[Padded<Tallies>]>>,
-    /// The period before the current one; its lock also serialises rollovers.
-    previous: Mutex<PeriodTotals>,
+    /// The period before the current one and the span periods follow now; the lock
+    /// also serialises rollovers.
+    rollover: Mutex<Rollover>,
+}
+
+/// What only a rollover or a change of period kind reads and writes.
+#[derive(Debug)]
+struct Rollover {
+    previous: PeriodTotals,
+    /// The period kind in force: set by the policy, never by a reservation settling
+    /// under the rules it was admitted with.
+    span: Span,
 }
 
 /// Committed spend and usage of one period (or one share of it).
@@ -121,7 +131,10 @@ impl PeriodCell {
             committed_and_held: AtomicI64::new(0),
             tallies: Tallies::default(),
             spread: shared.then(|| (1..SHARES).map(|_| Padded::default()).collect()),
-            previous: Mutex::new(empty_period_before(span, start)),
+            rollover: Mutex::new(Rollover {
+                previous: empty_period_before(span, start),
+                span,
+            }),
         }
     }
 
@@ -133,18 +146,18 @@ impl PeriodCell {
         )
     }
 
-    /// Make the period containing `now` the current one. A load and a compare unless
-    /// a boundary has passed.
+    /// Make the period containing `now` (of the kind in force) the current one. A
+    /// load and a compare unless a boundary has passed.
     #[inline]
-    pub(crate) fn roll(&self, span: Span, now: Timestamp) {
+    pub(crate) fn roll(&self, now: Timestamp) {
         if now.as_unix_nanos() >= self.end.load(Ordering::Acquire) {
-            self.roll_over(span, now);
+            self.roll_over(&mut self.rollover.lock(), now);
         }
     }
 
     #[cold]
-    fn roll_over(&self, span: Span, now: Timestamp) {
-        let mut previous = self.previous.lock();
+    fn roll_over(&self, rollover: &mut Rollover, now: Timestamp) {
+        let span = rollover.span;
         let end = self.end.load(Ordering::Acquire);
         if now.as_unix_nanos() < end {
             return; // another thread rolled over while this one waited
@@ -160,7 +173,7 @@ impl PeriodCell {
         saturating_add_i64(&self.committed_and_held, ended.spent.saturating_neg());
 
         let (next_start, next_end) = bounds(span, now);
-        *previous = if next_start.as_unix_nanos() == end {
+        rollover.previous = if next_start.as_unix_nanos() == end {
             PeriodTotals {
                 start: Timestamp::from_unix_nanos(start),
                 end: Timestamp::from_unix_nanos(end),
@@ -232,11 +245,19 @@ impl PeriodCell {
         (spent, self.start.load(Ordering::Acquire))
     }
 
-    /// The budget's period kind changed: the period containing `now` under the new
-    /// kind becomes the current one at once, carrying what the current one counted
-    /// (spend is never forgotten by an edit; the next boundary starts from zero).
-    pub(crate) fn rebase(&self, span: Span, now: Timestamp) {
-        let _rollover = self.previous.lock();
+    /// Follow the policy's period kind. When it changed, the period containing `now`
+    /// under the new kind becomes the current one at once, carrying what the current
+    /// one counted (spend is never forgotten by an edit; the next boundary starts
+    /// from zero). A period of the old kind that had already ended is closed first.
+    pub(crate) fn follow(&self, span: Span, now: Timestamp) {
+        let mut rollover = self.rollover.lock();
+        if rollover.span == span {
+            return;
+        }
+        if now.as_unix_nanos() >= self.end.load(Ordering::Acquire) {
+            self.roll_over(&mut rollover, now);
+        }
+        rollover.span = span;
         let (start, end) = bounds(span, now);
         self.start.store(start.as_unix_nanos(), Ordering::Release);
         self.end.store(end.as_unix_nanos(), Ordering::Release);
@@ -247,13 +268,13 @@ impl PeriodCell {
     /// period, if it was the one just before), and the saved previous period.
     pub(crate) fn restore(
         &self,
-        span: Span,
         now: Timestamp,
         saved_current: PeriodTotals,
         saved_previous: PeriodTotals,
     ) {
-        self.roll(span, now);
-        let mut previous = self.previous.lock();
+        self.roll(now);
+        let mut rollover = self.rollover.lock();
+        let previous = &mut rollover.previous;
         let start = Timestamp::from_unix_nanos(self.start.load(Ordering::Acquire));
         if saved_current.start == start {
             let t = &self.tallies;
@@ -279,10 +300,10 @@ impl PeriodCell {
     }
 
     /// Totals of the current and the previous period as of `now`.
-    pub(crate) fn totals(&self, span: Span, now: Timestamp) -> (PeriodTotals, PeriodTotals) {
-        self.roll(span, now);
+    pub(crate) fn totals(&self, now: Timestamp) -> (PeriodTotals, PeriodTotals) {
+        self.roll(now);
         // Under the rollover lock, so the pair is never torn by a rollover.
-        let previous = self.previous.lock();
+        let rollover = self.rollover.lock();
         let counted = self
             .all_tallies()
             .map(Tallies::read)
@@ -296,7 +317,7 @@ impl PeriodCell {
                 .saturating_sub(counted.spent),
             ..counted
         };
-        (current, *previous)
+        (current, rollover.previous)
     }
 }
 
@@ -339,7 +360,7 @@ mod tests {
         cell.settle(60, cost(130), true);
         // 130 spent of 100: in debt, even a zero-cost hold is refused.
         assert_eq!(cell.try_hold(0, 100), Err(0));
-        let (totals, _) = cell.totals(Span::Forever, day(0));
+        let (totals, _) = cell.totals(day(0));
         assert_eq!((totals.spent, totals.held, totals.requests), (130, 0, 1));
     }
 
@@ -350,12 +371,12 @@ mod tests {
         assert_eq!(cell.try_hold(500, 1_000), Ok(400));
 
         let next = day(1).saturating_add(Duration::from_secs(5));
-        cell.roll(DAY, next);
+        cell.roll(next);
         // The ended day's spend left; the hold in flight did not.
         assert_eq!(cell.try_hold(600, 1_000), Err(500));
         cell.settle(500, cost(300), true);
 
-        let (current, previous) = cell.totals(DAY, next);
+        let (current, previous) = cell.totals(next);
         assert_eq!((current.start, current.end), (day(1), day(2)));
         assert_eq!((current.spent, current.held, current.requests), (300, 0, 1));
         assert_eq!((previous.start, previous.end), (day(0), day(1)));
@@ -369,7 +390,7 @@ mod tests {
     fn periods_with_no_access_show_as_an_empty_previous_period() {
         let cell = PeriodCell::new(DAY, day(0), false);
         cell.settle(0, cost(100), true);
-        let (current, previous) = cell.totals(DAY, day(3));
+        let (current, previous) = cell.totals(day(3));
         assert_eq!((current.start, current.spent), (day(3), 0));
         assert_eq!(
             (previous.start, previous.end, previous.spent),
@@ -395,7 +416,7 @@ mod tests {
             thread.join().unwrap();
         }
         // Twenty threads are more than the inline tallies plus the spread: some share.
-        let (current, _) = cell.totals(DAY, day(0));
+        let (current, _) = cell.totals(day(0));
         assert_eq!(
             (current.spent, current.held, current.requests),
             (6_000, 0, 2_000)
@@ -405,7 +426,7 @@ mod tests {
             (2_000, 4_000)
         );
 
-        let (current, previous) = cell.totals(DAY, day(1));
+        let (current, previous) = cell.totals(day(1));
         assert_eq!((current.spent, current.requests, current.held), (0, 0, 0));
         assert_eq!((previous.spent, previous.requests), (6_000, 2_000));
         // The admission word lost exactly the ended period's spend.

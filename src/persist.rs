@@ -20,7 +20,6 @@ use sha2::{Digest, Sha256};
 use crate::budget::PeriodTotals;
 use crate::clock::Timestamp;
 use crate::money::{picos_from_decimal, picos_to_decimal};
-use crate::period::Span;
 use crate::snapshot::Snapshot;
 use crate::store::ScopeState;
 
@@ -121,31 +120,24 @@ impl SavedPeriod {
     }
 }
 
-/// Every scope of a snapshot: its name in the file, counters and span.
-fn scopes(snap: &Snapshot) -> Vec<(String, &ScopeState, Span)> {
+/// Every scope of a snapshot: its name in the file and its counters.
+fn scopes(snap: &Snapshot) -> Vec<(String, &ScopeState)> {
     let policy = &snap.policy;
     let mut out = Vec::new();
     for (k, key) in policy.keys.iter().enumerate() {
-        let ws = &policy.workspaces[key.workspace as usize];
-        let span = key.rules.as_deref().unwrap_or(&ws.plain_key_rules).span;
-        out.push((format!("key:{}", key.id), &*snap.keys[k], span));
+        out.push((format!("key:{}", key.id), &*snap.keys[k]));
     }
     for (w, ws) in policy.workspaces.iter().enumerate() {
-        out.push((
-            format!("workspace:{}", ws.id),
-            &**snap.workspaces[w],
-            ws.rules.span,
-        ));
+        out.push((format!("workspace:{}", ws.id), &**snap.workspaces[w]));
         for (m, model) in policy.models.iter().enumerate() {
             out.push((
                 format!("model:{}/{}", ws.id, model.name),
                 &**snap.workspace_models[w][m],
-                ws.model_rules[m].span,
             ));
         }
     }
-    out.push(("org".into(), &**snap.org, policy.org.rules.span));
-    out.push(("wallet".into(), &**snap.wallet, Span::Forever));
+    out.push(("org".into(), &**snap.org));
+    out.push(("wallet".into(), &**snap.wallet));
     out
 }
 
@@ -163,8 +155,8 @@ pub(crate) fn save(snap: &Snapshot, now: Timestamp, path: &Path) -> Result<(), P
         org: snap.policy.org.id.to_string(),
         scopes: scopes(snap)
             .into_iter()
-            .map(|(scope, state, span)| {
-                let (current, previous) = state.periods.totals(span, now);
+            .map(|(scope, state)| {
+                let (current, previous) = state.periods.totals(now);
                 SavedScope {
                     scope,
                     current: current.into(),
@@ -236,17 +228,17 @@ pub(crate) fn restore(snap: &Snapshot, now: Timestamp, path: &Path) -> Result<()
         body.scopes.iter().map(|s| (s.scope.as_str(), s)).collect();
     // Check everything before changing anything.
     let mut loads = Vec::new();
-    for (name, state, span) in scopes(snap) {
+    for (name, state) in scopes(snap) {
         if let Some(scope) = saved.remove(name.as_str()) {
             let (Some(current), Some(previous)) = (scope.current.totals(), scope.previous.totals())
             else {
                 return Err(corrupt(format!("{name}: spend out of range")));
             };
-            loads.push((state, span, current, previous));
+            loads.push((state, current, previous));
         }
     }
-    for (state, span, current, previous) in loads {
-        state.periods.restore(span, now, current, previous);
+    for (state, current, previous) in loads {
+        state.periods.restore(now, current, previous);
     }
     Ok(())
 }

@@ -179,7 +179,7 @@ impl Reservation {
                 if let Some(rules) = rules {
                     // The wallet reports money only; requests and tokens are the org's.
                     let tally = level != WALLET_LEVEL;
-                    hold.settle(state, rules, self.ask, settlement, now, tally);
+                    hold.settle(state, rules, settlement, now, tally);
                 }
             }
         }

@@ -52,20 +52,19 @@ impl Snapshot {
         clock: StdArc<dyn Clock>,
     ) -> Snapshot {
         let now = clock.now();
-        // Reuse a counter of the previous snapshot by id (adapted to changed rules),
+        // Reuse a counter of the previous snapshot by id (adapted to the new rules),
         // or start a fresh one.
-        type Found<'p, T> = Option<(&'p Arc<T>, &'p LevelRules)>;
-        let reuse = |found: Found<'_, ScopeState>, rules: &LevelRules| match found {
-            Some((state, old)) => {
-                state.adapt(old, rules, now);
+        let reuse = |found: Option<&Arc<ScopeState>>, rules: &LevelRules| match found {
+            Some(state) => {
+                state.adapt(rules, now);
                 Arc::clone(state)
             }
             None => Arc::new(ScopeState::new(rules, now, false)),
         };
         let reuse_padded =
-            |found: Found<'_, Padded<ScopeState>>, rules: &LevelRules, shared| match found {
-                Some((state, old)) => {
-                    state.adapt(old, rules, now);
+            |found: Option<&Arc<Padded<ScopeState>>>, rules: &LevelRules, shared| match found {
+                Some(state) => {
+                    state.adapt(rules, now);
                     Arc::clone(state)
                 }
                 None => Arc::new(Padded(ScopeState::new(rules, now, shared))),
@@ -93,7 +92,7 @@ impl Snapshot {
         for ws in &policy.workspaces {
             let old = previous.and_then(|p| Some((p, p.workspace_index(&ws.id)? as usize)));
             workspaces.push(reuse_padded(
-                old.map(|(p, i)| (&p.workspaces[i], &p.policy.workspaces[i].rules)),
+                old.map(|(p, i)| &p.workspaces[i]),
                 &ws.rules,
                 false,
             ));
@@ -104,10 +103,7 @@ impl Snapshot {
                 .map(|(model, rules)| {
                     let found = old.and_then(|(p, i)| {
                         let m = p.model_index(&model.name)? as usize;
-                        Some((
-                            p.workspace_models[i].get(m)?,
-                            p.policy.workspaces[i].model_rules.get(m)?,
-                        ))
+                        p.workspace_models[i].get(m)
                     });
                     reuse_padded(found, rules, false)
                 })
@@ -117,15 +113,7 @@ impl Snapshot {
 
         let mut keys = Vec::with_capacity(policy.keys.len());
         for key in &policy.keys {
-            let found = previous.and_then(|p| {
-                let k = p.key_index(&key.id)? as usize;
-                let old = &p.policy.keys[k];
-                let old_rules = old
-                    .rules
-                    .as_deref()
-                    .unwrap_or(&p.policy.workspaces[old.workspace as usize].plain_key_rules);
-                Some((&p.keys[k], old_rules))
-            });
+            let found = previous.and_then(|p| Some(&p.keys[p.key_index(&key.id)? as usize]));
             let rules = key
                 .rules
                 .as_deref()
@@ -151,14 +139,10 @@ impl Snapshot {
         }
 
         // Every request writes the org's and the wallet's counters: split their tallies.
-        let org = reuse_padded(
-            previous.map(|p| (&p.org, &p.policy.org.rules)),
-            &policy.org.rules,
-            true,
-        );
+        let org = reuse_padded(previous.map(|p| &p.org), &policy.org.rules, true);
         // The wallet never rolls over, whether or not this policy sets one yet.
         let forever = LevelRules::unlimited(Span::Forever);
-        let wallet = reuse_padded(previous.map(|p| (&p.wallet, &forever)), &forever, true);
+        let wallet = reuse_padded(previous.map(|p| &p.wallet), &forever, true);
         Snapshot {
             policy,
             clock,

@@ -9,9 +9,9 @@
 use std::time::Duration;
 
 use crate::alerts::Alerts;
-use crate::bucket::{Gcra, RateRule, Slots, Taken};
+use crate::bucket::{Gcra, Hold, RateRule, Slots};
 use crate::budget::{PeriodCell, Settlement};
-use crate::clock::{duration_nanos, Timestamp};
+use crate::clock::Timestamp;
 use crate::policy::rules::{LevelRules, TokenRule};
 use crate::sync::{AtomicU32, Ordering};
 
@@ -40,29 +40,17 @@ pub(crate) const KEY_REVOKED: u32 = 1;
 pub(crate) const KEY_EXPIRY_REPORTED: u32 = 2;
 
 impl ScopeState {
-    /// Carry these counters over from `old` rules to `new` ones (a policy change):
-    /// rate limits keep the amount already used (a limit added starts full), and a
-    /// budget whose period kind changed starts its new period now.
-    pub(crate) fn adapt(&self, old: &LevelRules, new: &LevelRules, now: Timestamp) {
+    /// Carry these counters over to `rules` (a policy change): rate limits keep the
+    /// amount already used (a limit added starts full), and a budget whose period
+    /// kind changed starts its new period now. Each counter knows the rule it counts
+    /// in, so holds in flight settle in the rules in force when they settle.
+    pub(crate) fn adapt(&self, rules: &LevelRules, now: Timestamp) {
         let at = now.as_unix_nanos();
-        let rate = |t: &Option<TokenRule>| t.as_ref().map(|t| t.rate);
-        for (bucket, old_rule, new_rule) in [
-            (&self.rpm, old.rpm, new.rpm),
-            (&self.rpd, old.rpd, new.rpd),
-            (&self.tpm, rate(&old.tpm), rate(&new.tpm)),
-        ] {
-            match (old_rule, new_rule) {
-                (Some(o), Some(n)) if o.interval != n.interval => {
-                    bucket.rescale(o.interval, n.interval, at);
-                }
-                // A limit added now starts full: without it nothing was counted.
-                (None, Some(_)) => bucket.clear(),
-                _ => {}
-            }
-        }
-        if old.span != new.span {
-            self.periods.rebase(new.span, now);
-        }
+        self.rpm.change_rule(rules.rpm.as_ref(), at);
+        self.rpd.change_rule(rules.rpd.as_ref(), at);
+        self.tpm
+            .change_rule(rules.tpm.as_ref().map(|t| &t.rate), at);
+        self.periods.follow(rules.span, now);
     }
 
     /// Whether the key these counters belong to has been revoked or deleted.
@@ -83,39 +71,13 @@ impl ScopeState {
     /// Fresh counters; `shared` for a scope every request writes (see `PeriodCell`).
     pub(crate) fn new(rules: &LevelRules, now: Timestamp, shared: bool) -> Self {
         ScopeState {
-            rpm: Gcra::default(),
-            rpd: Gcra::default(),
-            tpm: Gcra::default(),
+            rpm: Gcra::new(rules.rpm.as_ref()),
+            rpd: Gcra::new(rules.rpd.as_ref()),
+            tpm: Gcra::new(rules.tpm.as_ref().map(|t| &t.rate)),
             slots: Slots::default(),
             periods: PeriodCell::new(rules.span, now, shared),
             alerts: Alerts::default(),
             flags: AtomicU32::new(0),
-        }
-    }
-}
-
-/// A take from one GCRA bucket: what to give back, and the end of its slot in the
-/// bucket's schedule (the part before "now" has already drained and is not refunded).
-/// `added == 0` means nothing was taken.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct BucketHold {
-    added: u64,
-    end: u64,
-}
-
-impl BucketHold {
-    fn of(taken: &Taken, at: u64) -> Self {
-        BucketHold {
-            added: taken.added_nanos,
-            end: at.saturating_add(duration_nanos(taken.reset)),
-        }
-    }
-
-    /// Give back whatever part of the `nanos` at the tail of this take has not drained.
-    fn give_back(self, bucket: &Gcra, nanos: u64, now: u64) {
-        let refund = nanos.min(self.added).min(self.end.saturating_sub(now));
-        if refund != 0 {
-            bucket.refund(refund, now);
         }
     }
 }
@@ -125,9 +87,11 @@ impl BucketHold {
 /// are that snapshot's, so nothing here is reference-counted.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct LevelHold {
-    rpm: BucketHold,
-    rpd: BucketHold,
-    tokens: BucketHold,
+    rpm: Hold,
+    rpd: Hold,
+    tokens: Hold,
+    /// When the takes were made.
+    at: u64,
     slot: bool,
     held_cost: i64,
 }
@@ -205,8 +169,11 @@ pub(crate) fn reserve_level(
     tightest: &mut Tightest,
 ) -> Result<LevelHold, Refusal> {
     let at = now.as_unix_nanos();
-    state.periods.roll(rules.span, now);
-    let mut hold = LevelHold::default();
+    state.periods.roll(now);
+    let mut hold = LevelHold {
+        at,
+        ..LevelHold::default()
+    };
     // On refusal the half-built hold gives back what it has taken so far.
     let refuse = |hold: LevelHold, refusal: Refusal| {
         hold.release(state, now);
@@ -220,11 +187,10 @@ pub(crate) fn reserve_level(
         let Some(rule) = rule else { continue };
         match bucket.try_take(rule, 1, at) {
             Ok(taken) => {
-                let taken_hold = BucketHold::of(&taken, at);
                 if per_day {
-                    hold.rpd = taken_hold;
+                    hold.rpd = taken.hold;
                 } else {
-                    hold.rpm = taken_hold;
+                    hold.rpm = taken.hold;
                 }
                 keep_tightest(
                     &mut tightest.requests,
@@ -255,7 +221,7 @@ pub(crate) fn reserve_level(
         let units = counts.pick(ask.input_tokens, ask.output_tokens);
         match state.tpm.try_take(rate, units, at) {
             Ok(taken) => {
-                hold.tokens = BucketHold::of(&taken, at);
+                hold.tokens = taken.hold;
                 keep_tightest(
                     &mut tightest.tokens,
                     Window {
@@ -322,10 +288,14 @@ pub(crate) fn reserve_level(
 impl LevelHold {
     /// Give back everything: the request did not happen.
     pub(crate) fn release(self, state: &ScopeState, now: Timestamp) {
-        let at = now.as_unix_nanos();
-        self.rpm.give_back(&state.rpm, u64::MAX, at);
-        self.rpd.give_back(&state.rpd, u64::MAX, at);
-        self.tokens.give_back(&state.tpm, u64::MAX, at);
+        let now_nanos = now.as_unix_nanos();
+        for (hold, bucket) in [
+            (&self.rpm, &state.rpm),
+            (&self.rpd, &state.rpd),
+            (&self.tokens, &state.tpm),
+        ] {
+            bucket.give_back(hold, hold.units, self.at, now_nanos);
+        }
         if self.slot {
             state.slots.release();
         }
@@ -335,32 +305,32 @@ impl LevelHold {
     /// Replace the hold by real usage: refund unused tokens and money, charge any
     /// overage as debt, count the request in the period containing `now` (its
     /// requests and tokens only if `tally`). `rules` are the ones the hold was taken
-    /// under.
+    /// under: they say which tokens it counted; the counters convert them with the
+    /// rules in force now, and roll periods of the kind in force now.
     pub(crate) fn settle(
         self,
         state: &ScopeState,
         rules: &LevelRules,
-        reserved: Ask,
         used: Settlement,
         now: Timestamp,
         tally: bool,
     ) {
         let at = now.as_unix_nanos();
-        if let Some(TokenRule { rate, counts }) = &rules.tpm {
-            let reserved_units = counts.pick(reserved.input_tokens, reserved.output_tokens);
-            let used_units = counts.pick(used.input_tokens, used.output_tokens);
-            if used_units < reserved_units {
-                let unused = (reserved_units - used_units).saturating_mul(rate.interval);
-                self.tokens.give_back(&state.tpm, unused, at);
-            } else if used_units > reserved_units {
-                let overage = (used_units - reserved_units).saturating_mul(rate.interval);
-                state.tpm.force_take(overage, at);
+        if let Some(TokenRule { counts, .. }) = &rules.tpm {
+            let reserved = self.tokens.units;
+            let spent = counts.pick(used.input_tokens, used.output_tokens);
+            if spent < reserved {
+                state
+                    .tpm
+                    .give_back(&self.tokens, reserved - spent, self.at, at);
+            } else {
+                state.tpm.charge(spent - reserved, at);
             }
         }
         if self.slot {
             state.slots.release();
         }
-        state.periods.roll(rules.span, now);
+        state.periods.roll(now);
         state.periods.settle(self.held_cost, used, tally);
     }
 }

@@ -39,6 +39,16 @@ pub(crate) fn thread_share() -> usize {
     0
 }
 
+/// Wait a moment for another thread to finish a short critical step (a bucket's
+/// rule change). Under loom a yield, so the model checker lets the other thread run.
+#[inline]
+pub(crate) fn spin_wait() {
+    #[cfg(not(loom))]
+    std::hint::spin_loop();
+    #[cfg(loom)]
+    loom::thread::yield_now();
+}
+
 /// A value on its own pair of cache lines (x86's adjacent-line prefetch pairs them),
 /// so writes to it do not contend with its neighbours'.
 #[derive(Debug, Default)]
@@ -148,22 +158,45 @@ impl<T> SwapCell<T> {
 /// Adds `delta` to `cell`, pinning at the `i64` range instead of wrapping, so an
 /// absurd overage can never turn a large debt into a large credit.
 ///
-/// One `fetch_add`, not a compare-and-swap loop: counters shared by every request
-/// (the org's, the wallet's) are contended, and a CAS loop there costs a retry per
-/// collision. The rare add that crosses the bound is pinned right after; an update
-/// racing that instant may be absorbed by the pin, which only happens at the bound.
+/// One `fetch_add` while the result stays far from the bound (every ordinary update),
+/// so counters shared by every request (the org's, the wallet's) pay no CAS retries.
+/// Near the bound a compare-and-swap loop takes over: a plain `fetch_add` there would
+/// leave a wrapped value visible to a concurrent reader (a budget check seeing a huge
+/// debt as a huge credit) until it was pinned, and could lose an update racing the pin.
 pub(crate) fn saturating_add_i64(cell: &AtomicI64, delta: i64) {
-    let before = cell.fetch_add(delta, Ordering::AcqRel);
-    if before.checked_add(delta).is_none() {
-        cell.store(before.saturating_add(delta), Ordering::Release);
+    let mut current = cell.load(Ordering::Acquire);
+    if delta.unsigned_abs() < FAST_DELTA && current.unsigned_abs() < FAST_VALUE {
+        cell.fetch_add(delta, Ordering::AcqRel);
+        return;
+    }
+    loop {
+        let next = current.saturating_add(delta);
+        match cell.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return,
+            Err(actual) => current = actual,
+        }
     }
 }
+
+/// Below these, `fetch_add` cannot cross the bound: that would take 2^22 (four
+/// million) adds in flight between one thread's load and its add. $1.09 in
+/// pico-dollars per add; $4.6 million (or 4.6 × 10^18 tokens) per counter.
+const FAST_DELTA: u64 = 1 << 40;
+const FAST_VALUE: u64 = 1 << 62;
 
 /// Adds `delta` to `cell`, pinning at `u64::MAX` instead of wrapping (see
 /// [`saturating_add_i64`]).
 pub(crate) fn saturating_add_u64(cell: &AtomicU64, delta: u64) {
-    let before = cell.fetch_add(delta, Ordering::AcqRel);
-    if before.checked_add(delta).is_none() {
-        cell.store(u64::MAX, Ordering::Release);
+    let mut current = cell.load(Ordering::Acquire);
+    if delta < FAST_DELTA && current < FAST_VALUE {
+        cell.fetch_add(delta, Ordering::AcqRel);
+        return;
+    }
+    loop {
+        let next = current.saturating_add(delta);
+        match cell.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return,
+            Err(actual) => current = actual,
+        }
     }
 }

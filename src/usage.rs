@@ -7,7 +7,6 @@ use crate::budget::PeriodTotals;
 use crate::clock::Timestamp;
 use crate::engine::Engine;
 use crate::money::picos_to_decimal;
-use crate::period::Span;
 use crate::store::ScopeState;
 
 /// One scope's usage over one period.
@@ -55,8 +54,8 @@ pub struct ScopeReport {
     pub in_flight: u32,
 }
 
-fn report(state: &ScopeState, span: Span, now: Timestamp) -> ScopeReport {
-    let (current, previous) = state.periods.totals(span, now);
+fn report(state: &ScopeState, now: Timestamp) -> ScopeReport {
+    let (current, previous) = state.periods.totals(now);
     ScopeReport {
         current: current.into(),
         previous: previous.into(),
@@ -125,14 +124,14 @@ impl Engine {
             .enumerate()
             .map(|(w, ws)| WorkspaceUsage {
                 id: ws.id.to_string(),
-                usage: report(&snap.workspaces[w], ws.rules.span, now),
+                usage: report(&snap.workspaces[w], now),
                 models: policy
                     .models
                     .iter()
                     .enumerate()
                     .map(|(m, model)| ModelUsage {
                         model: model.name.to_string(),
-                        usage: report(&snap.workspace_models[w][m], ws.model_rules[m].span, now),
+                        usage: report(&snap.workspace_models[w][m], now),
                     })
                     .collect(),
             })
@@ -143,18 +142,17 @@ impl Engine {
             .enumerate()
             .map(|(k, key)| {
                 let ws = &policy.workspaces[key.workspace as usize];
-                let span = key.rules.as_deref().unwrap_or(&ws.plain_key_rules).span;
                 KeyUsage {
                     id: key.id.to_string(),
                     workspace: ws.id.to_string(),
-                    usage: report(&snap.keys[k], span, now),
+                    usage: report(&snap.keys[k], now),
                 }
             })
             .collect();
         UsageSnapshot {
             taken_at: now,
-            org: report(&snap.org, policy.org.rules.span, now),
-            wallet_spent: report(&snap.wallet, Span::Forever, now).current.cost,
+            org: report(&snap.org, now),
+            wallet_spent: report(&snap.wallet, now).current.cost,
             workspaces,
             keys,
         }

@@ -123,15 +123,20 @@ async fn revocation_and_deletion_reach_every_instance_at_once() {
     a.delete_workspace("ws2", None).await.unwrap();
     assert_eq!(denied(&a, "k3").await, DenialReason::UnknownKey);
     assert_eq!(denied(&b, "k3").await, DenialReason::UnknownKey);
-    // Its counters are gone; only the tombstone is left.
-    assert_eq!(server.cli(&["hgetall", &ws2]), "deleted\n1");
+    // Its counters are gone; only the tombstone is left, in the workspace's flags
+    // (which never expire), with the workspace's next generation.
+    assert_eq!(server.cli(&["exists", &ws2]), "0");
     assert_eq!(server.cli(&["exists", "tollgate:v1:{ws:ws2}:key:k3"]), "0");
+    let flags = "tollgate:v1:{ws:ws2}:flags";
+    assert_eq!(server.cli(&["hget", flags, "deleted"]), "1");
+    assert_eq!(server.cli(&["hget", flags, "gen"]), "1");
+    assert_eq!(server.cli(&["pttl", flags]), "-1");
 
     // Re-created, it starts from zero and its keys work again.
     a.apply_policy(Policy::from_toml_str(POLICY).unwrap())
         .await
         .unwrap();
-    assert_eq!(server.cli(&["hget", &ws2, "deleted"]), "");
+    assert_eq!(server.cli(&["hget", flags, "deleted"]), "");
     assert_eq!(
         spend(&a, "k3", 5).await,
         Decimal::from_str("0.000005").unwrap()

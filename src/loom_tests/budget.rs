@@ -77,10 +77,32 @@ fn holds_commits_and_releases_never_overspend_and_spend_adds_up() {
         let committed: i64 = results.iter().flatten().sum();
         let commits = [results[0], results[2]].iter().flatten().count() as u64;
 
-        let (totals, _) = cell.totals(Span::Forever, now);
+        let (totals, _) = cell.totals(now);
         assert_eq!(totals.spent, committed, "spend equals the sum of commits");
         assert_eq!(totals.held, 0, "every hold was committed or released");
         assert_eq!(totals.requests, commits);
         assert_eq!(outstanding.load(Ordering::SeqCst), committed);
+    });
+}
+
+#[test]
+fn a_debt_pinned_at_the_bound_never_reads_as_room_to_a_racing_hold() {
+    super::check("budget/overage at the bound races a hold", || {
+        let now = Timestamp::from_unix_nanos(1_000);
+        let cell = Arc::new(PeriodCell::new(Span::Forever, now, false));
+        // Almost the most spend a counter can say, then an absurd overage: the
+        // admission word must pin at i64::MAX, never wrap to a large credit that a
+        // concurrent hold could read as room (a `fetch_add` then a pin did).
+        cell.settle(0, spend(i64::MAX - 10), true);
+        let debtor = {
+            let cell = Arc::clone(&cell);
+            thread::spawn(move || cell.settle(0, spend(1_000), true))
+        };
+        let admitted = cell.try_hold(5, LIMIT).is_ok();
+        debtor.join().unwrap();
+
+        assert!(!admitted, "a hold was admitted against a debt of i64::MAX");
+        let (totals, _) = cell.totals(now);
+        assert_eq!(totals.spent, i64::MAX);
     });
 }

@@ -39,7 +39,7 @@ fn rollover_racing_holds_and_commits_loses_and_doubles_nothing() {
         let spanning = {
             let cell = Arc::clone(&cell);
             thread::spawn(move || {
-                cell.roll(DAY, day(0));
+                cell.roll(day(0));
                 let admitted = cell.try_hold(60, LIMIT).is_ok();
                 if admitted {
                     cell.settle(60, spend(40), true);
@@ -48,7 +48,7 @@ fn rollover_racing_holds_and_commits_loses_and_doubles_nothing() {
             })
         };
         // The first request of day 1: it rolls the period over and commits.
-        cell.roll(DAY, day(1));
+        cell.roll(day(1));
         let fresh = cell.try_hold(30, LIMIT).is_ok();
         if fresh {
             cell.settle(30, spend(30), true);
@@ -58,7 +58,7 @@ fn rollover_racing_holds_and_commits_loses_and_doubles_nothing() {
         // Day 1 starts from zero spend, so 30 always fits; 60 fits on either day
         // (10 + 60 on day 0, at most 30 + 60 on day 1, as the hold is carried over).
         assert!(fresh && spanning);
-        let (current, previous) = cell.totals(DAY, day(1));
+        let (current, previous) = cell.totals(day(1));
         assert_eq!((current.start, previous.start), (day(1), day(0)));
         // Nothing lost, nothing counted twice, whichever side of the swap a commit
         // landed on; the day-0 spend never leaks into day 1 beyond that race.

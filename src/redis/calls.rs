@@ -108,7 +108,7 @@ pub(crate) fn reserve(
         ask.cost.to_string(),
         group.record_base(),
         ttls.record().to_string(),
-        if group.workspace { "1" } else { "0" }.to_owned(),
+        group.key_id.clone().unwrap_or_default(),
     ];
     for &(level, _) in &group.levels {
         let rules = rules_of(snap, route, level);
@@ -163,25 +163,21 @@ pub(crate) fn commit(
         used.input_tokens.to_string(),
         used.output_tokens.to_string(),
         group.record_base(),
+        group.generation.clone(),
     ];
     for &(level, _) in &group.levels {
         let rules = rules_of(snap, route, level);
-        match &rules.tpm {
-            Some(tpm) => {
-                args.push(tpm.rate.interval.to_string());
-                args.push(
-                    tpm.counts
-                        .pick(ask.input_tokens, ask.output_tokens)
-                        .to_string(),
-                );
-                args.push(
-                    tpm.counts
-                        .pick(used.input_tokens, used.output_tokens)
-                        .to_string(),
-                );
-            }
-            None => args.extend(["0".into(), "0".into(), "0".into()]),
-        }
+        // The tokens the request used as the reservation's rule counts them; what
+        // they cost in the bucket is the bucket's own (current) interval.
+        args.push(
+            rules
+                .tpm
+                .as_ref()
+                .map_or(0, |tpm| {
+                    tpm.counts.pick(used.input_tokens, used.output_tokens)
+                })
+                .to_string(),
+        );
         let (kind, seconds) = period_args(rules.span);
         args.push(kind.to_string());
         args.push(seconds.to_string());
@@ -212,7 +208,12 @@ pub(crate) fn commit(
 /// `release.lua` for one group.
 pub(crate) fn release(group: &Group, id: &str) -> Call {
     Call {
-        keys: vec![group.holds(), group.record(id), group.done(id)],
+        keys: vec![
+            group.holds(),
+            group.record(id),
+            group.done(id),
+            group.flags(),
+        ],
         args: vec![id.to_owned(), group.record_base()],
     }
 }
@@ -239,12 +240,10 @@ fn items<'v>(op: &str, value: &'v Value) -> Result<&'v [Value], StoreError> {
 
 /// What one group's reserve said.
 pub(crate) enum Reserved {
-    Admitted,
+    /// Admitted, with the tag's generation (see [`Group::generation`]).
+    Admitted(String),
     /// Level `level` refused.
-    Refused {
-        level: usize,
-        refusal: Refusal,
-    },
+    Refused { level: usize, refusal: Refusal },
     /// Another instance revoked the key or deleted its workspace.
     Gone(DenialReason),
 }
@@ -294,7 +293,11 @@ pub(crate) fn read_reserve(
                 keep_tightest(slot, window);
             }
         }
-        return Ok(Reserved::Admitted);
+        let generation = items
+            .get(1 + group.levels.len() * 6)
+            .ok_or_else(|| corrupt_reply(OP_RESERVE, format!("short reply {items:?}")))
+            .and_then(|v| integer(OP_RESERVE, v))?;
+        return Ok(Reserved::Admitted(generation.to_string()));
     }
     let position = usize::try_from(int(1)? - 1)
         .ok()
@@ -364,12 +367,14 @@ pub(crate) struct Reached {
 pub(crate) fn read_commit(group: &Group, reply: &Value) -> Result<Vec<Reached>, StoreError> {
     let items = items("commit", reply)?;
     let code = integer("commit", &items[0])?;
-    if !(1..=3).contains(&code) {
+    if !(1..=4).contains(&code) {
         return Err(corrupt_reply("commit", code));
     }
     let mut reached = Vec::new();
-    if code == 2 {
-        return Ok(reached); // already committed: reported then
+    if code == 2 || code == 4 {
+        // Already committed (reported then), or the workspace was deleted since the
+        // reserve (nothing settled on its levels).
+        return Ok(reached);
     }
     for (position, &(level, _)) in group.levels.iter().enumerate() {
         let value = |i: usize| {

@@ -6,7 +6,10 @@
 //! applying the same file everywhere). Revocations and deletions are also flags in
 //! Redis that the reserve script checks, so every instance refuses a revoked key or a
 //! deleted workspace's keys from the moment the operation returns, whatever policy
-//! it runs. A deleted workspace's counters are dropped from Redis.
+//! it runs. The flags live in the workspace's `flags` hash, which never expires. A
+//! deleted workspace's counters are dropped from Redis, and its generation moves on:
+//! its reservations still in flight settle at the org level only, so a re-created
+//! workspace starts from zero.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -149,30 +152,32 @@ impl RedisEngine {
     }
 
     /// Write the revocations, reactivations, deletions and re-creations between two
-    /// policies to Redis.
+    /// policies to Redis, in the workspace's flags hash (which never expires, unlike
+    /// counters).
     async fn publish_flags(&self, previous: &Snapshot, next: &Snapshot) -> Result<(), StoreError> {
         let layout = &self.inner.layout;
         let (old, new) = (&previous.policy, &next.policy);
         let mut commands = Vec::new();
+        let revoked = |key: &str| format!("revoked:{key}");
         for key in &new.keys {
             let ws = &new.workspaces[key.workspace as usize].id;
             let was_revoked = previous
                 .key_index(&key.id)
                 .map(|k| old.keys[k as usize].status == KeyStatus::Revoked);
-            let revoked = key.status == KeyStatus::Revoked;
-            if revoked && was_revoked != Some(true) {
+            let is_revoked = key.status == KeyStatus::Revoked;
+            if is_revoked && was_revoked != Some(true) {
                 commands.push(
                     redis::cmd("HSET")
-                        .arg(layout.key(ws, &key.id))
-                        .arg("revoked")
+                        .arg(layout.workspace_flags(ws))
+                        .arg(revoked(&key.id))
                         .arg("1")
                         .clone(),
                 );
-            } else if !revoked && was_revoked == Some(true) {
+            } else if !is_revoked && was_revoked == Some(true) {
                 commands.push(
                     redis::cmd("HDEL")
-                        .arg(layout.key(ws, &key.id))
-                        .arg("revoked")
+                        .arg(layout.workspace_flags(ws))
+                        .arg(revoked(&key.id))
                         .clone(),
                 );
             }
@@ -181,31 +186,44 @@ impl RedisEngine {
             if next.workspace_index(&ws.id).is_some() {
                 continue;
             }
-            // Gone: drop its counters, and leave a tombstone every instance checks.
+            // Gone. First the tombstone every instance checks, and a new generation,
+            // so the reservations in flight settle nothing on its levels (a
+            // re-created workspace starts from zero); then its counters are dropped.
+            let flags = layout.workspace_flags(&ws.id);
+            commands.push(
+                redis::cmd("HSET")
+                    .arg(&flags)
+                    .arg("deleted")
+                    .arg("1")
+                    .clone(),
+            );
+            commands.push(redis::cmd("HINCRBY").arg(&flags).arg("gen").arg(1).clone());
             let w = previous.workspace_index(&ws.id).expect("listed") as usize;
+            let keys = || old.keys.iter().filter(|k| k.workspace as usize == w);
+            let mut forget = redis::cmd("HDEL");
+            forget.arg(&flags);
+            for key in keys() {
+                forget.arg(revoked(&key.id));
+            }
+            if keys().next().is_some() {
+                commands.push(forget);
+            }
             let mut del = redis::cmd("DEL");
             del.arg(layout.workspace(&ws.id))
                 .arg(format!("{}:holds", layout.workspace_tag(&ws.id)));
-            for key in old.keys.iter().filter(|k| k.workspace as usize == w) {
+            for key in keys() {
                 del.arg(layout.key(&ws.id, &key.id));
             }
             for model in &old.models {
                 del.arg(layout.model(&ws.id, &model.name));
             }
             commands.push(del);
-            commands.push(
-                redis::cmd("HSET")
-                    .arg(layout.workspace(&ws.id))
-                    .arg("deleted")
-                    .arg("1")
-                    .clone(),
-            );
         }
         for ws in &new.workspaces {
             if previous.workspace_index(&ws.id).is_none() {
                 commands.push(
                     redis::cmd("HDEL")
-                        .arg(layout.workspace(&ws.id))
+                        .arg(layout.workspace_flags(&ws.id))
                         .arg("deleted")
                         .clone(),
                 );

@@ -9,7 +9,12 @@
 //! <tag>:holds                                    zset: reservation id → expiry (ms)
 //! <tag>:resv:<id>                                hash: what one reservation holds
 //! <tag>:done:<id>                                commit marker (idempotency)
+//! <tag>:flags                                    hash, never expires: `revoked:<key id>`,
+//!                                                `deleted`, `gen` (workspace generation)
 //! ```
+//!
+//! Flags that must outlive counters live in `<tag>:flags`, which no script ever gives a
+//! TTL: counter hashes expire when idle, and late commits re-arm their TTLs.
 //!
 //! Everything one script touches shares one hash tag, so it runs on Redis Cluster:
 //! a workspace's levels live under its workspace tag (workspaces spread over the
@@ -28,8 +33,14 @@ const WORKSPACE_LEVELS: usize = 3;
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Group {
     pub(crate) tag: String,
-    /// The workspace's group: its first level is the key, its second the workspace.
-    pub(crate) workspace: bool,
+    /// The workspace's group: the key whose revocation (and whose workspace's
+    /// deletion) the reserve script checks. Its first level is the key, its second
+    /// the workspace.
+    pub(crate) key_id: Option<String>,
+    /// The tag's generation when the reservation was taken (from the reserve's reply):
+    /// a commit of a reservation from before the workspace was deleted settles nothing
+    /// on its levels. Empty before the reserve.
+    pub(crate) generation: String,
     /// (level number, scope hash key) for every level that applies.
     pub(crate) levels: Vec<(usize, String)>,
 }
@@ -51,9 +62,14 @@ impl Group {
         format!("{}:done:{id}", self.tag)
     }
 
-    /// Holds zset, record and commit marker, then the scope hashes in level order.
+    pub(crate) fn flags(&self) -> String {
+        format!("{}:flags", self.tag)
+    }
+
+    /// Holds zset, record, commit marker and flags, then the scope hashes in level
+    /// order.
     pub(crate) fn keys(&self, id: &str) -> Vec<String> {
-        let mut keys = vec![self.holds(), self.record(id), self.done(id)];
+        let mut keys = vec![self.holds(), self.record(id), self.done(id), self.flags()];
         keys.extend(self.levels.iter().map(|(_, key)| key.clone()));
         keys
     }
@@ -95,6 +111,11 @@ impl Layout {
         format!("{}:model:{model}", self.workspace_tag(workspace))
     }
 
+    /// The flags of `workspace` (revoked keys, deletion, generation): never expire.
+    pub(crate) fn workspace_flags(&self, workspace: &str) -> String {
+        format!("{}:flags", self.workspace_tag(workspace))
+    }
+
     /// The org's budget counters.
     pub(crate) fn org(&self, org: &str) -> String {
         format!("{}:org", self.org_tag(org))
@@ -113,12 +134,14 @@ impl Layout {
         let org_tag = self.org_tag(&policy.org.id);
         let mut workspace = Group {
             tag: ws_tag.clone(),
-            workspace: true,
+            key_id: Some(policy.keys[route.key as usize].id.to_string()),
+            generation: String::new(),
             levels: Vec::with_capacity(WORKSPACE_LEVELS),
         };
         let mut org = Group {
             tag: org_tag.clone(),
-            workspace: false,
+            key_id: None,
+            generation: String::new(),
             levels: Vec::with_capacity(LEVELS - WORKSPACE_LEVELS),
         };
         for level in 0..LEVELS {

@@ -23,7 +23,7 @@ mod usage;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -62,6 +62,9 @@ pub struct RedisConfig {
     /// wallet never). Default 40 days.
     pub idle_ttl: Duration,
     /// How long a commit is remembered so a retried one charges nothing. Default 24 h.
+    /// A commit queued after a transient error is replayed only within half of this
+    /// since it was first sent (so its marker, if it landed, is still there); an older
+    /// one is dropped and counted by [`RedisEngine::dropped_commits`].
     pub commit_marker_ttl: Duration,
     /// Gateway instances sharing the limits: a fail-open workspace's local limiter
     /// gets `1 / expected_instances` of every limit and budget. Default 1.
@@ -137,6 +140,7 @@ pub(crate) struct Inner {
     pending: Mutex<Vec<PendingCommit>>,
     last_error: Mutex<Option<StoreError>>,
     failed_commits: AtomicU64,
+    dropped_commits: AtomicU64,
     instance: u64,
     sequence: AtomicU64,
 }
@@ -148,6 +152,9 @@ pub(crate) struct PendingCommit {
     pub(crate) route: Route,
     pub(crate) groups: [Group; 2],
     pub(crate) calls: [Call; 2],
+    /// When the commit was first sent: it cannot have landed (and set its commit
+    /// marker) before.
+    pub(crate) first_sent: Instant,
 }
 
 impl RedisEngine {
@@ -217,6 +224,7 @@ impl RedisEngine {
                 pending: Mutex::new(Vec::new()),
                 last_error: Mutex::new(None),
                 failed_commits: AtomicU64::new(0),
+                dropped_commits: AtomicU64::new(0),
                 instance: instance_id(),
                 sequence: AtomicU64::new(0),
             }),
@@ -255,7 +263,7 @@ impl RedisEngine {
         let Admission { route, ask, .. } = admission;
 
         let id = self.next_id();
-        let groups = inner.layout.groups(snap, route);
+        let mut groups = inner.layout.groups(snap, route);
         let calls = groups
             .each_ref()
             .map(|group| calls::reserve(snap, route, group, &id, ask, inner.ttls));
@@ -272,7 +280,7 @@ impl RedisEngine {
         let org = outcome(&groups[1], org_reply);
 
         // Give back what a group holds when the request as a whole is not admitted.
-        let admitted = |o: &Result<Reserved, StoreError>| matches!(o, Ok(Reserved::Admitted));
+        let admitted = |o: &Result<Reserved, StoreError>| matches!(o, Ok(Reserved::Admitted(_)));
         if !(admitted(&ws) && admitted(&org)) {
             for (group, o) in groups.iter().zip([&ws, &org]) {
                 if admitted(o) {
@@ -282,22 +290,26 @@ impl RedisEngine {
         }
         let workspace = &snap.policy.workspaces[route.workspace as usize];
         match (ws, org) {
-            (Ok(Reserved::Admitted), Ok(Reserved::Admitted)) => Ok(RedisReservation::remote(
-                Arc::clone(&self.inner),
-                Arc::clone(snap),
-                id,
-                admission,
-                groups,
-                tightest,
-            )),
+            (Ok(Reserved::Admitted(ws_generation)), Ok(Reserved::Admitted(org_generation))) => {
+                groups[0].generation = ws_generation;
+                groups[1].generation = org_generation;
+                Ok(RedisReservation::remote(
+                    Arc::clone(&self.inner),
+                    Arc::clone(snap),
+                    id,
+                    admission,
+                    groups,
+                    tightest,
+                ))
+            }
             // Only the workspace group checks the key's and workspace's flags.
             (Ok(Reserved::Gone(reason)), _)
-            | (Ok(Reserved::Admitted), Ok(Reserved::Gone(reason))) => {
+            | (Ok(Reserved::Admitted(_)), Ok(Reserved::Gone(reason))) => {
                 Err(denial(reason, Scope::Key, status))
             }
             // The workspace's levels come first in level order: report them first.
             (Ok(Reserved::Refused { level, refusal }), _)
-            | (Ok(Reserved::Admitted), Ok(Reserved::Refused { level, refusal })) => {
+            | (Ok(Reserved::Admitted(_)), Ok(Reserved::Refused { level, refusal })) => {
                 let (scope, _, _) = snap.level(level, route);
                 Err(refused(
                     scope,
@@ -349,6 +361,11 @@ impl RedisEngine {
     /// Replay commits that failed with a transient error, in order. Returns how many
     /// are still pending.
     ///
+    /// A queued commit first sent more than half of `commit_marker_ttl` ago is
+    /// dropped instead, and counted by [`RedisEngine::dropped_commits`]: if it did
+    /// land, its commit marker may have expired, and replaying it would charge it
+    /// again as a commit whose hold expired. A replay never charges twice.
+    ///
     /// A replayed commit that fails again transiently stays queued; one that fails
     /// for good (corrupt or foreign data at its keys) leaves the queue, is counted in
     /// [`RedisEngine::failed_commits`] and reported by `last_store_error`, so it can
@@ -360,7 +377,12 @@ impl RedisEngine {
         let queued = std::mem::take(&mut *self.inner.pending.lock());
         let mut first_error = None;
         let mut left = Vec::new();
+        let window = self.inner.config.commit_marker_ttl / 2;
         for pending in queued {
+            if pending.first_sent.elapsed() >= window {
+                self.inner.dropped_commits.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             if let Err(error) = self.run_commit(&pending).await {
                 self.record_error(error.clone());
                 if error.is_transient() {
@@ -388,6 +410,14 @@ impl RedisEngine {
     #[must_use]
     pub fn failed_commits(&self) -> u64 {
         self.inner.failed_commits.load(Ordering::Relaxed)
+    }
+
+    /// Queued commits dropped unreplayed because half of `commit_marker_ttl` had
+    /// passed since they were first sent (see [`RedisEngine::flush_pending`]): their
+    /// usage may or may not have been recorded in Redis, but never twice.
+    #[must_use]
+    pub fn dropped_commits(&self) -> u64 {
+        self.inner.dropped_commits.load(Ordering::Relaxed)
     }
 
     /// Commits waiting for Redis.

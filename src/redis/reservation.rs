@@ -4,6 +4,7 @@
 use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
 use rust_decimal::Decimal;
 
@@ -156,6 +157,7 @@ impl RedisReservation {
             route: remote.admission.route,
             groups,
             calls,
+            first_sent: Instant::now(),
         };
         match engine.run_commit(&commit).await {
             Ok(()) => {

@@ -3,14 +3,14 @@
 use crate::clock::Timestamp;
 use crate::denial::{Error, StoreError};
 use crate::money::picos_to_decimal;
-use crate::period::{bounds, Span};
+use crate::period::{bounds, BudgetPeriod, Span};
 use crate::redis::error::{classify, corrupt_reply};
 use crate::redis::RedisEngine;
 use crate::usage::{KeyUsage, ModelUsage, ScopeReport, ScopeUsage, UsageSnapshot, WorkspaceUsage};
 
-const FIELDS: [&str; 13] = [
+const FIELDS: [&str; 15] = [
     "ps", "pe", "spent", "held", "req", "in", "out", "p_start", "p_spent", "p_req", "p_in",
-    "p_out", "conc",
+    "p_out", "conc", "pk", "pks",
 ];
 
 impl RedisEngine {
@@ -70,7 +70,8 @@ impl RedisEngine {
 
     /// One scope hash as a report. A scope Redis has not seen (or has expired) reports
     /// zeros for the period containing `now`; a period that has ended without traffic
-    /// since is reported as the previous one.
+    /// since is reported as the previous one. Periods follow the kind the hash stores
+    /// (only a reserve under the current policy changes it), else `span`.
     async fn report(
         &self,
         key: &str,
@@ -91,6 +92,18 @@ impl RedisEngine {
             })
         };
         let count = |i: usize| field(i).map(|v| u64::try_from(v).unwrap_or(0));
+        let span = if values[13].is_some() {
+            match field(13)? {
+                0 => Span::Forever,
+                1 => Span::Period(BudgetPeriod::Day),
+                2 => Span::Period(BudgetPeriod::Month),
+                _ => Span::Period(BudgetPeriod::Custom {
+                    seconds: count(14)?.max(1),
+                }),
+            }
+        } else {
+            span
+        };
         let micros =
             |v: i64| Timestamp::from_unix_nanos(u64::try_from(v).unwrap_or(0).saturating_mul(1000));
         let (start, end) = bounds(span, now);
