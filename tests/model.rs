@@ -1008,24 +1008,24 @@ fn refund(b: &mut Bucket, h: &Take, want: u64, now: u64, counts: &mut RefundCoun
         return 0;
     }
     let elapsed = now.saturating_sub(h.at);
-    let give = if b.epoch == h.epoch && interval == h.interval {
+    let give = if b.epoch == h.epoch {
         // No rule change since the take: FIFO. Material ahead of `h` drains first;
         // every refund since the take may have been ahead of it (never more than
-        // what was ahead at the take).
-        let added = h.units * interval;
+        // what was ahead at the take). Sequentially, `h.interval` is the bucket's.
+        let added = h.units * h.interval;
         let refunded_since = u64::try_from(b.refunded - h.seen).unwrap_or(u64::MAX);
         let ahead_now = h.ahead - refunded_since.min(h.ahead);
         let drained = elapsed.saturating_sub(ahead_now).min(added);
-        let give = want.saturating_mul(interval).min(added - drained);
+        let give = want.saturating_mul(h.interval).min(added - drained);
         counts.exact += usize::from(give > 0 && elapsed > 0);
         give
-    } else if b.epoch == h.epoch.wrapping_add(1) || b.epoch == h.epoch {
-        // One rescale: units, not nanoseconds, cross the change; assume the take
-        // drained from its take time at the faster of the two rates.
-        let fastest = interval.min(h.interval);
-        let drained_units = elapsed.div_ceil(fastest);
+    } else if b.epoch == h.epoch.wrapping_add(1) {
+        // One rescale: units, not nanoseconds, cross the change (the rescale made
+        // each unit `interval` long); at most as many units drained as the faster of
+        // the two rules lets through since the take.
+        let drained_units = elapsed.div_ceil(interval.min(h.interval));
         let left_units = h.units.saturating_sub(drained_units);
-        let give = want.min(left_units) * fastest;
+        let give = want.min(left_units) * interval;
         counts.one_rescale += usize::from(give > 0);
         give
     } else {
