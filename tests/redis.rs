@@ -403,6 +403,7 @@ struct Edited {
     rpm: i64,
     tpm: i64,
     period: BudgetPeriod,
+    k2: bool,
     k2_revoked: bool,
     ws2: bool,
     k3: bool,
@@ -428,6 +429,7 @@ impl Edited {
         if self.k2_revoked {
             k2.status = KeyStatus::Revoked;
         }
+        let k1 = KeySpec::new("k1", "ws1", "sk-e1");
         let mut doc = PolicyDocument::new(org)
             .model(ModelSpec::new("m", dec("1"), dec("2")))
             .workspace(
@@ -440,8 +442,10 @@ impl Edited {
                     })
                     .budget(BudgetSpec::new(dec("0.1"), self.period)),
             )
-            .key(KeySpec::new("k1", "ws1", "sk-e1"))
-            .key(k2);
+            .key(k1);
+        if self.k2 {
+            doc = doc.key(k2);
+        }
         if self.ws2 {
             doc = doc.workspace(ws2_spec());
             if self.k3 {
@@ -674,6 +678,7 @@ async fn redis_and_memory_agree_when_rules_change_under_requests_in_flight() {
         rpm: 10,
         tpm: 6_000,
         period: BudgetPeriod::Month,
+        k2: true,
         k2_revoked: false,
         ws2: true,
         k3: true,
@@ -797,12 +802,13 @@ const EDITED: Edited = Edited {
     rpm: 60,
     tpm: 6_000,
     period: BudgetPeriod::Month,
+    k2: true,
     k2_revoked: false,
     ws2: true,
     k3: true,
 };
 
-// The three tests below show where Redis still counts differently from the in-memory
+// The four tests below show where Redis still counts differently from the in-memory
 // engine under changed rules (found by the lockstep test above; see each). They are
 // ignored until the Redis backend or spec-12 is settled on each point; run them with
 // `cargo test --features redis --test redis -- --ignored`.
@@ -898,6 +904,37 @@ async fn a_period_kind_change_after_an_ended_period_starts_alike_on_both() {
     assert!(both.reserve("after", "k1", 10, 0).await);
     both.commit("after", 10, 0).await;
     both.same_books("after the kind change").await;
+}
+
+/// A key taken out of the policy while its request is in flight, then put back: the
+/// in-memory engine gives the key fresh counters (the late commit settles on the old
+/// ones, which no report shows); Redis keeps the key's counters under the same name,
+/// so the key comes back with its old spend plus the late commit. (A deleted and
+/// re-created workspace starts from zero on both.)
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "Redis keeps a removed key's counters for when it comes back; memory starts it afresh"]
+async fn a_key_removed_and_put_back_starts_alike_on_both() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let mut both = Lockstep::start(&server, EDITED).await;
+    assert!(both.reserve("spent", "k2", 1_000, 0).await);
+    both.commit("spent", 1_000, 0).await;
+    assert!(both.reserve("in flight", "k2", 1_000, 0).await);
+    both.apply(Edited {
+        k2: false,
+        ..both.policy
+    })
+    .await;
+    both.apply(Edited {
+        k2: true,
+        ..both.policy
+    })
+    .await;
+    both.commit("in flight", 1_000, 0).await;
+    both.same_books("after the key came back").await;
 }
 
 /// The scripts compute calendar-month bounds from Redis TIME in Lua; they must be the
