@@ -1,14 +1,26 @@
 //! Model-based property test: the real [`Engine`] and a deliberately plain, sequential
 //! reference model run the same random sequences of reservations, commits, drops,
 //! clock advances and policy changes, and must agree on every decision (admitted, or
-//! denied with the same reason and scope), every receipt (to the pico-dollar) and every
-//! current-period counter that `Engine::usage` reports.
+//! denied with the same reason and scope), every admission's rate-limit headers, every
+//! receipt (to the pico-dollar) and every current-period counter that `Engine::usage`
+//! reports.
+//!
+//! Policy changes land while reservations are in flight: whole policies replaced, and
+//! targeted edits (a rate limit raised, lowered, added or removed; a budget's limit and
+//! period kind changed; a key revoked or put back; a workspace deleted and re-created).
+//! The model follows the hold and period rules agreed for issue 12 (spec-12), restated
+//! below in plain integers: see [`refund`], [`set_interval`], [`roll`] and
+//! [`change_kind`]; what a deleted scope's in-flight reservations do is
+//! [`DELETED_SCOPES`]. As a check independent of those formulas, every
+//! bucket's TAT is compared at every step with an exact GCRA replay of what really
+//! happened to it ([`replay`]): the bucket may be stricter, never more generous.
 //!
 //! The model is written for clarity, not speed: its own GCRA buckets, budgets, holds
 //! and periods, with plain integers (`i128` for money, so it never saturates) and no
-//! atomics. The policy is tiny (one org with a budget and a wallet, two workspaces, two
-//! priced models and a third unknown one, three keys and a fourth unknown one) and its
-//! limits are small, so every kind of denial happens often.
+//! atomics, and no code shared with the engine. The policy is tiny (one org with a
+//! budget and a wallet, two workspaces, two priced models and a third unknown one,
+//! three keys and a fourth unknown one) and its limits are small, so every kind of
+//! denial happens often.
 //!
 //! `PROPTEST_CASES` sets the number of cases (256 by default; CI runs 2000).
 
@@ -36,7 +48,7 @@ fn start() -> u64 {
 }
 
 // ---------------------------------------------------------------------------------
-// The fixed part of the policy: names, prices, periods and output defaults.
+// The fixed part of the policy: names, prices and output defaults.
 // ---------------------------------------------------------------------------------
 
 const MODELS: [&str; 2] = ["m-lite", "m-max"];
@@ -48,19 +60,19 @@ const INPUT_PICOS: [i128; 2] = [150_000, 2_500_000];
 const OUTPUT_PICOS: [i128; 2] = [600_000, 10_000_000];
 
 const WORKSPACES: [&str; 2] = ["ws-a", "ws-b"];
-const WORKSPACE_PERIOD: [BudgetPeriod; 2] =
-    [BudgetPeriod::Day, BudgetPeriod::Custom { seconds: 5_400 }];
 
 const KEYS: [&str; 3] = ["k-a1", "k-a2", "k-b"];
 const SECRETS: [&str; 3] = ["sk-a1", "sk-a2", "sk-b"];
 const KEY_WORKSPACE: [usize; 3] = [0, 0, 1];
-/// Every key's budget period equals the span its counters would have without one (its
-/// workspace's), except `k-a1`, whose budget is never removed: so no policy change ever
-/// moves a scope to a different span, a case the rollover rule leaves open (workspaces
-/// and the org always have a budget for the same reason).
-const KEY_PERIOD: [BudgetPeriod; 3] = [
-    BudgetPeriod::Custom { seconds: 3_600 },
+
+/// Budget periods a workspace or key budget may have: all on the grids `Op::AdvanceTo`
+/// lands on (hours, 90 minutes, days; months start on a day boundary). A scope without
+/// a budget of its own counts in its parent's period (key → workspace → org, which
+/// counts in months without a budget), so one edit can move several scopes at once.
+const PERIODS: [BudgetPeriod; 4] = [
     BudgetPeriod::Day,
+    BudgetPeriod::Month,
+    BudgetPeriod::Custom { seconds: 3_600 },
     BudgetPeriod::Custom { seconds: 5_400 },
 ];
 
@@ -78,7 +90,7 @@ const HUGE: u64 = 1_000_000_000_000;
 // The random part of the policy.
 // ---------------------------------------------------------------------------------
 
-#[derive(Clone, Debug)]
+#[derive(Clone, PartialEq)]
 struct Limits {
     rpm: Option<i64>,
     rpd: Option<i64>,
@@ -87,44 +99,180 @@ struct Limits {
     max_concurrent: Option<i64>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, PartialEq)]
 struct ModelLimits {
     rpm: Option<i64>,
     tpm: Option<i64>,
     counts: TokenCount,
 }
 
-#[derive(Clone, Debug)]
+/// A budget: µUSD per period, and the period.
+type Budget = (u64, BudgetPeriod);
+
+#[derive(Clone)]
 struct WorkspaceParams {
+    /// Absent workspaces are unknown (and so are their keys); one that comes back gets
+    /// fresh counters.
+    present: bool,
     status: WorkspaceStatus,
     grants: [bool; 2],
     limits: Limits,
     model_limits: [ModelLimits; 2],
-    /// µUSD per period.
-    budget: u64,
+    budget: Option<Budget>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 struct KeyParams {
-    /// Absent keys are unknown; one that comes back gets fresh counters.
+    /// Absent keys are unknown; one that comes back gets fresh counters. A key is only
+    /// present while its workspace is.
     present: bool,
     revoked: bool,
     /// Expiry, in seconds after [`start`].
     expires_after: Option<u64>,
     limits: Limits,
-    /// µUSD per period.
-    budget: Option<u64>,
+    budget: Option<Budget>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 struct Params {
-    /// µUSD per month.
-    org_budget: u64,
+    org_budget: Option<Budget>,
     /// µUSD, never reset.
     wallet: Option<u64>,
+    /// Always a present workspace.
     default_workspace: Option<usize>,
     workspaces: [WorkspaceParams; 2],
     keys: [KeyParams; 3],
+}
+
+impl Params {
+    /// Keys of absent workspaces are absent; the default workspace is present.
+    fn consistent(mut self) -> Self {
+        for (key, &w) in self.keys.iter_mut().zip(&KEY_WORKSPACE) {
+            if !self.workspaces[w].present {
+                key.present = false;
+            }
+        }
+        if self
+            .default_workspace
+            .is_some_and(|w| !self.workspaces[w].present)
+        {
+            self.default_workspace = None;
+        }
+        self
+    }
+}
+
+// Compact `Debug` for the generated policy, so a shrunk failing case reads in a few
+// lines: only what is set is shown (`-` for nothing), budgets as µUSD per period.
+
+fn show_budget(b: &Option<Budget>) -> String {
+    match b {
+        None => "-".to_owned(),
+        Some((micros, BudgetPeriod::Custom { seconds })) => format!("{micros}µ/{seconds}s"),
+        Some((micros, period)) => format!("{micros}µ/{period:?}").to_lowercase(),
+    }
+}
+
+fn show_counts(counts: TokenCount) -> &'static str {
+    match counts {
+        TokenCount::Total => "",
+        TokenCount::Input => " in",
+        TokenCount::Output => " out",
+    }
+}
+
+impl std::fmt::Debug for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(v) = self.rpm {
+            parts.push(format!("rpm {v}"));
+        }
+        if let Some(v) = self.rpd {
+            parts.push(format!("rpd {v}"));
+        }
+        if let Some(v) = self.tpm {
+            parts.push(format!("tpm {v}{}", show_counts(self.counts)));
+        }
+        if let Some(v) = self.max_concurrent {
+            parts.push(format!("conc {v}"));
+        }
+        write!(f, "[{}]", parts.join(", "))
+    }
+}
+
+impl std::fmt::Debug for ModelLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(v) = self.rpm {
+            parts.push(format!("rpm {v}"));
+        }
+        if let Some(v) = self.tpm {
+            parts.push(format!("tpm {v}{}", show_counts(self.counts)));
+        }
+        write!(f, "[{}]", parts.join(", "))
+    }
+}
+
+impl std::fmt::Debug for WorkspaceParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.present {
+            return write!(f, "absent");
+        }
+        if self.status != WorkspaceStatus::Active {
+            write!(f, "{:?} ", self.status)?;
+        }
+        let grants: Vec<&str> = (0..2)
+            .filter(|&m| self.grants[m])
+            .map(|m| MODELS[m])
+            .collect();
+        write!(
+            f,
+            "grants {grants:?} limits {:?} lite {:?} max {:?} budget {}",
+            self.limits,
+            self.model_limits[0],
+            self.model_limits[1],
+            show_budget(&self.budget)
+        )
+    }
+}
+
+impl std::fmt::Debug for KeyParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.present {
+            return write!(f, "absent");
+        }
+        if self.revoked {
+            write!(f, "revoked ")?;
+        }
+        if let Some(s) = self.expires_after {
+            write!(f, "expires +{s}s ")?;
+        }
+        write!(
+            f,
+            "limits {:?} budget {}",
+            self.limits,
+            show_budget(&self.budget)
+        )
+    }
+}
+
+impl std::fmt::Debug for Params {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{{org budget {}", show_budget(&self.org_budget))?;
+        if let Some(w) = self.wallet {
+            write!(f, ", wallet {w}µ")?;
+        }
+        if let Some(w) = self.default_workspace {
+            write!(f, ", default {}", WORKSPACES[w])?;
+        }
+        for (id, w) in WORKSPACES.iter().zip(&self.workspaces) {
+            write!(f, "; {id}: {w:?}")?;
+        }
+        for (id, k) in KEYS.iter().zip(&self.keys) {
+            write!(f, "; {id}: {k:?}")?;
+        }
+        write!(f, "}}")
+    }
 }
 
 fn usd(micros: u64) -> Decimal {
@@ -145,10 +293,57 @@ fn limits_spec(l: &Limits) -> LimitsSpec {
     }
 }
 
+fn budget_spec(b: &Option<Budget>) -> Option<BudgetSpec> {
+    b.map(|(micros, period)| BudgetSpec::new(usd(micros), period))
+}
+
+fn model_limit_specs(wp: &WorkspaceParams) -> Vec<ModelLimitSpec> {
+    (0..2)
+        .map(|m| ModelLimitSpec {
+            model: MODELS[m].to_owned(),
+            rpm: wp.model_limits[m].rpm,
+            tpm: wp.model_limits[m].tpm,
+            tpm_counts: wp.model_limits[m].counts,
+        })
+        .collect()
+}
+
+fn workspace_spec(w: usize, wp: &WorkspaceParams) -> WorkspaceSpec {
+    WorkspaceSpec {
+        status: wp.status,
+        models: (0..2)
+            .filter(|&m| wp.grants[m])
+            .map(|m| MODELS[m].to_owned())
+            .collect(),
+        limits: limits_spec(&wp.limits),
+        model_limits: model_limit_specs(wp),
+        budget: budget_spec(&wp.budget),
+        default_max_output_tokens: WORKSPACE_DEFAULT_OUTPUT[w].map(i64::from),
+        ..WorkspaceSpec::new(WORKSPACES[w], WORKSPACES[w])
+    }
+}
+
+fn key_spec(k: usize, kp: &KeyParams) -> KeySpec {
+    KeySpec {
+        status: if kp.revoked {
+            KeyStatus::Revoked
+        } else {
+            KeyStatus::Active
+        },
+        expires_at: kp
+            .expires_after
+            .map(|s| DateTime::from_timestamp_nanos((start() + s * SEC) as i64)),
+        limits: limits_spec(&kp.limits),
+        budget: budget_spec(&kp.budget),
+        default_max_output_tokens: KEY_DEFAULT_OUTPUT[k].map(i64::from),
+        ..KeySpec::new(KEYS[k], WORKSPACES[KEY_WORKSPACE[k]], SECRETS[k])
+    }
+}
+
 fn policy(p: &Params) -> Policy {
     let mut doc = PolicyDocument::new(OrgSpec {
         wallet: p.wallet.map(usd),
-        budget: Some(BudgetSpec::new(usd(p.org_budget), BudgetPeriod::Month)),
+        budget: budget_spec(&p.org_budget),
         default_workspace: p.default_workspace.map(|w| WORKSPACES[w].to_owned()),
         ..OrgSpec::new("org")
     });
@@ -164,44 +359,14 @@ fn policy(p: &Params) -> Policy {
         });
     }
     for (w, wp) in p.workspaces.iter().enumerate() {
-        doc.workspaces.push(WorkspaceSpec {
-            status: wp.status,
-            models: (0..2)
-                .filter(|&m| wp.grants[m])
-                .map(|m| MODELS[m].to_owned())
-                .collect(),
-            limits: limits_spec(&wp.limits),
-            model_limits: (0..2)
-                .map(|m| ModelLimitSpec {
-                    model: MODELS[m].to_owned(),
-                    rpm: wp.model_limits[m].rpm,
-                    tpm: wp.model_limits[m].tpm,
-                    tpm_counts: wp.model_limits[m].counts,
-                })
-                .collect(),
-            budget: Some(BudgetSpec::new(usd(wp.budget), WORKSPACE_PERIOD[w])),
-            default_max_output_tokens: WORKSPACE_DEFAULT_OUTPUT[w].map(i64::from),
-            ..WorkspaceSpec::new(WORKSPACES[w], WORKSPACES[w])
-        });
+        if wp.present {
+            doc.workspaces.push(workspace_spec(w, wp));
+        }
     }
     for (k, kp) in p.keys.iter().enumerate() {
-        if !kp.present {
-            continue;
+        if kp.present {
+            doc.keys.push(key_spec(k, kp));
         }
-        doc.keys.push(KeySpec {
-            status: if kp.revoked {
-                KeyStatus::Revoked
-            } else {
-                KeyStatus::Active
-            },
-            expires_at: kp
-                .expires_after
-                .map(|s| DateTime::from_timestamp_nanos((start() + s * SEC) as i64)),
-            limits: limits_spec(&kp.limits),
-            budget: kp.budget.map(|b| BudgetSpec::new(usd(b), KEY_PERIOD[k])),
-            default_max_output_tokens: KEY_DEFAULT_OUTPUT[k].map(i64::from),
-            ..KeySpec::new(KEYS[k], WORKSPACES[KEY_WORKSPACE[k]], SECRETS[k])
-        });
     }
     Policy::new(doc).expect("generated policies are valid")
 }
@@ -250,7 +415,7 @@ impl ModelPick {
     }
 }
 
-/// Grids of period boundaries: hourly keys, 90-minute workspaces, days (and months).
+/// Grids of period boundaries: hours, 90 minutes, days (and months).
 #[derive(Clone, Copy, Debug)]
 enum Grid {
     Hour,
@@ -266,6 +431,65 @@ impl Grid {
             Grid::Day => DAY,
         }
     }
+}
+
+/// Which rate limit of a key or workspace an edit changes (a workspace × model limit
+/// has requests and tokens per minute only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Which {
+    Rpm,
+    Rpd,
+    Tpm,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum RateTarget {
+    Key(usize, Which),
+    Workspace(usize, Which),
+    /// Workspace, model; `true` for tokens, `false` for requests.
+    Model(usize, usize, bool),
+    /// A level (0 key, 1 workspace, 2 workspace × model) of the reservation taken last
+    /// of those still outstanding, so edits often change limits that hold units.
+    Latest(u8, Which),
+}
+
+/// How an edit changes one rate limit, relative to what it is when the edit runs.
+#[derive(Clone, Copy, Debug)]
+enum RateChange {
+    /// Multiply (a limit that was absent is added at its lowest value).
+    Raise(u8),
+    /// Divide, down to 1 (a limit that was absent is added at its lowest value).
+    Lower(u8),
+    Remove,
+    Set(i64),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum BudgetTarget {
+    Org,
+    Workspace(usize),
+    Key(usize),
+}
+
+/// A targeted change to the running policy, interpreted against the policy in force
+/// when it runs (an edit of something absent does nothing, or is refused by both).
+#[derive(Clone, Debug)]
+enum Edit {
+    /// Through `update_workspace` for workspace levels, `apply_policy` for keys.
+    Rate(RateTarget, RateChange),
+    /// A new limit and period kind (or none); `update_workspace` for workspaces.
+    Budget(BudgetTarget, Option<Budget>),
+    /// `revoke_key`.
+    Revoke(usize),
+    /// `delete_workspace`: its keys go with it.
+    DeleteWorkspace(usize),
+    /// `create_workspace` of the first absent workspace from this one on; refused when
+    /// both exist.
+    CreateWorkspace(usize, Box<WorkspaceParams>),
+    /// Put a key (back) with these settings, if its workspace exists (`apply_policy`):
+    /// the first absent one from this one on that can be, else a revoked one, else
+    /// this one.
+    PutKey(usize, Box<KeyParams>),
 }
 
 #[derive(Clone, Debug)]
@@ -297,7 +521,9 @@ enum Op {
         grid: Grid,
         offset_nanos: i64,
     },
+    /// Replace the whole policy (`apply_policy`).
     Apply(Box<Params>),
+    Edit(Edit),
     CheckUsage,
 }
 
@@ -330,10 +556,18 @@ fn money(lo: u64, hi: u64) -> impl Strategy<Value = u64> {
     ]
 }
 
-fn limits() -> impl Strategy<Value = Limits> {
+fn period() -> impl Strategy<Value = BudgetPeriod> {
+    prop::sample::select(PERIODS.to_vec())
+}
+
+fn budget(lo: u64, hi: u64) -> BoxedStrategy<Budget> {
+    (money(lo, hi), period()).boxed()
+}
+
+fn limits() -> BoxedStrategy<Limits> {
     (
         sometimes(1..=5i64),
-        sometimes(2..=10i64),
+        sometimes(1..=6i64),
         sometimes(400..=4_000i64),
         counts(),
         sometimes(1..=3i64),
@@ -345,15 +579,18 @@ fn limits() -> impl Strategy<Value = Limits> {
             counts,
             max_concurrent,
         })
+        .boxed()
 }
 
-fn model_limits() -> impl Strategy<Value = ModelLimits> {
-    (sometimes(1..=4i64), sometimes(300..=2_500i64), counts())
+fn model_limits() -> BoxedStrategy<ModelLimits> {
+    (sometimes(1..=3i64), sometimes(300..=2_500i64), counts())
         .prop_map(|(rpm, tpm, counts)| ModelLimits { rpm, tpm, counts })
+        .boxed()
 }
 
-fn workspace() -> impl Strategy<Value = WorkspaceParams> {
+fn workspace(present: f64) -> BoxedStrategy<WorkspaceParams> {
     (
+        prop::bool::weighted(present),
         prop_oneof![
             30 => Just(WorkspaceStatus::Active),
             1 => Just(WorkspaceStatus::Review),
@@ -362,10 +599,11 @@ fn workspace() -> impl Strategy<Value = WorkspaceParams> {
         [prop::bool::weighted(0.93), prop::bool::weighted(0.93)],
         limits(),
         [model_limits(), model_limits()],
-        money(5_000, 80_000),
+        prop_oneof![1 => Just(None), 7 => budget(5_000, 80_000).prop_map(Some)],
     )
         .prop_map(
-            |(status, grants, limits, model_limits, budget)| WorkspaceParams {
+            |(present, status, grants, limits, model_limits, budget)| WorkspaceParams {
+                present,
                 status,
                 grants,
                 limits,
@@ -373,20 +611,16 @@ fn workspace() -> impl Strategy<Value = WorkspaceParams> {
                 budget,
             },
         )
+        .boxed()
 }
 
-fn key(always_budgeted: bool) -> impl Strategy<Value = KeyParams> {
-    let budget = if always_budgeted {
-        money(2_000, 40_000).prop_map(Some).boxed()
-    } else {
-        sometimes(money(2_000, 40_000))
-    };
+fn key() -> BoxedStrategy<KeyParams> {
     (
         prop::bool::weighted(0.96),
         prop::bool::weighted(0.06),
         expiry(),
         limits(),
-        budget,
+        prop_oneof![2 => Just(None), 3 => budget(2_000, 40_000).prop_map(Some)],
     )
         .prop_map(
             |(present, revoked, expires_after, limits, budget)| KeyParams {
@@ -397,6 +631,7 @@ fn key(always_budgeted: bool) -> impl Strategy<Value = KeyParams> {
                 budget,
             },
         )
+        .boxed()
 }
 
 /// Seconds after [`start`]. Often on the hour, where `Op::AdvanceTo` lands exactly,
@@ -410,23 +645,36 @@ fn expiry() -> impl Strategy<Value = Option<u64>> {
     ]
 }
 
-fn params() -> impl Strategy<Value = Params> {
+fn org_budget() -> BoxedStrategy<Option<Budget>> {
+    prop_oneof![
+        1 => Just(None),
+        6 => (money(40_000, 500_000), Just(BudgetPeriod::Month)).prop_map(Some),
+        2 => budget(40_000, 500_000).prop_map(Some),
+    ]
+    .boxed()
+}
+
+fn params() -> BoxedStrategy<Params> {
     (
-        money(40_000, 500_000),
+        org_budget(),
         prop_oneof![1 => Just(None), 3 => money(40_000, 600_000).prop_map(Some)],
         prop_oneof![3 => Just(None), 1 => (0..2usize).prop_map(Some)],
-        [workspace(), workspace()],
-        [key(true), key(false), key(false)],
+        [workspace(0.95), workspace(0.95)],
+        [key(), key(), key()],
     )
         .prop_map(
-            |(org_budget, wallet, default_workspace, workspaces, keys)| Params {
-                org_budget,
-                wallet,
-                default_workspace,
-                workspaces,
-                keys,
+            |(org_budget, wallet, default_workspace, workspaces, keys)| {
+                Params {
+                    org_budget,
+                    wallet,
+                    default_workspace,
+                    workspaces,
+                    keys,
+                }
+                .consistent()
             },
         )
+        .boxed()
 }
 
 fn tokens() -> impl Strategy<Value = u32> {
@@ -437,7 +685,54 @@ fn tokens() -> impl Strategy<Value = u32> {
     ]
 }
 
-fn op() -> impl Strategy<Value = Op> {
+fn which() -> impl Strategy<Value = Which> {
+    prop_oneof![2 => Just(Which::Rpm), 1 => Just(Which::Rpd), 4 => Just(Which::Tpm)]
+}
+
+fn rate_target() -> BoxedStrategy<RateTarget> {
+    prop_oneof![
+        2 => (0..3usize, which()).prop_map(|(k, b)| RateTarget::Key(k, b)),
+        2 => (0..2usize, which()).prop_map(|(w, b)| RateTarget::Workspace(w, b)),
+        1 => (0..2usize, 0..2usize, prop::bool::weighted(0.6)).prop_map(|(w, m, t)| RateTarget::Model(w, m, t)),
+        4 => (0..3u8, which()).prop_map(|(level, b)| RateTarget::Latest(level, b)),
+    ]
+    .boxed()
+}
+
+fn rate_change() -> impl Strategy<Value = RateChange> {
+    prop_oneof![
+        4 => (2..=4u8).prop_map(RateChange::Raise),
+        4 => (2..=4u8).prop_map(RateChange::Lower),
+        1 => Just(RateChange::Remove),
+        1 => (1..=4_000i64).prop_map(RateChange::Set),
+    ]
+}
+
+fn budget_target() -> impl Strategy<Value = BudgetTarget> {
+    prop_oneof![
+        1 => Just(BudgetTarget::Org),
+        2 => (0..2usize).prop_map(BudgetTarget::Workspace),
+        2 => (0..3usize).prop_map(BudgetTarget::Key),
+    ]
+}
+
+fn edit() -> BoxedStrategy<Edit> {
+    prop_oneof![
+        8 => (rate_target(), rate_change()).prop_map(|(t, c)| Edit::Rate(t, c)),
+        5 => (
+            budget_target(),
+            prop_oneof![1 => Just(None), 5 => budget(2_000, 300_000).prop_map(Some)],
+        )
+            .prop_map(|(t, b)| Edit::Budget(t, b)),
+        1 => (0..3usize).prop_map(Edit::Revoke),
+        1 => (0..2usize).prop_map(Edit::DeleteWorkspace),
+        3 => (0..2usize, workspace(1.0)).prop_map(|(w, p)| Edit::CreateWorkspace(w, Box::new(p))),
+        6 => (0..3usize, key()).prop_map(|(k, p)| Edit::PutKey(k, Box::new(p))),
+    ]
+    .boxed()
+}
+
+fn op() -> BoxedStrategy<Op> {
     let key = prop_oneof![
         5 => Just(KeyPick::A1),
         5 => Just(KeyPick::A2),
@@ -470,8 +765,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => -2_000_000_000..=2_000_000_000i64,
     ];
     prop_oneof![
-        12 => reserve,
-        5 => (0..8usize, tokens(), tokens())
+        16 => reserve,
+        4 => (0..8usize, tokens(), tokens())
             .prop_map(|(nth, input, output)| Op::Commit { nth, input, output }),
         2 => (0..8usize).prop_map(|nth| Op::Drop { nth }),
         3 => (0..=3_000u64).prop_map(|millis| Op::Advance { millis }),
@@ -479,16 +774,18 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..=30 * 3_600_000u64).prop_map(|millis| Op::Advance { millis }),
         2 => (grid, offset).prop_map(|(grid, offset_nanos)| Op::AdvanceTo { grid, offset_nanos }),
         1 => params().prop_map(|p| Op::Apply(Box::new(p))),
+        6 => edit().prop_map(Op::Edit),
         2 => Just(Op::CheckUsage),
     ]
+    .boxed()
 }
 
 // ---------------------------------------------------------------------------------
-// The reference model.
+// The reference model: periods.
 // ---------------------------------------------------------------------------------
 
-/// What a scope's usage counters cover.
-#[derive(Clone, Copy, Debug)]
+/// What a scope's usage counters cover: a period kind, or all time (the wallet).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Span {
     Seconds(u64),
     Day,
@@ -532,11 +829,61 @@ fn bounds(span: Span, t: u64) -> (u64, u64) {
     }
 }
 
+/// THE PERIOD RULE (spec-12, "Budget periods"), part 1: every access to a scope's
+/// counters at time `t` other than a policy change (a reservation reaching the level, a
+/// commit settling on it, a usage report) first moves the scope to the period
+/// containing `t`, with the period kind the counters have STORED, whatever the rules a
+/// reservation was admitted under. The period that ended is left behind (its totals
+/// are the engine's `previous`, which is not compared); the new one starts with
+/// nothing spent, requested or used, but the money held by outstanding reservations is
+/// carried over into it, so their commits and drops settle against the period they
+/// happen in. (A drop only gives back held money: whether it rolls first cannot be
+/// seen, so it does not.)
+fn roll(c: &mut Counters, t: u64) {
+    if t < c.end {
+        return;
+    }
+    (c.start, c.end) = bounds(c.kind, t);
+    c.spent = 0;
+    c.requests = 0;
+    c.input_tokens = 0;
+    c.output_tokens = 0;
+}
+
+/// Whether a policy change that moves a scope to another period kind first rolls it
+/// with the kind it had. The spec says the change "starts the new kind's period at
+/// once carrying what was counted"; it does not say what happens when the stored
+/// period has already ended (nobody touched the scope since its boundary). The model
+/// rolls first, so spend of an ended period is never carried into a new one (and the
+/// outcome does not depend on whether something happened to touch the scope after
+/// the boundary); Redis's `roll` does the same. Flip this to carry instead.
+const ROLL_BEFORE_KIND_CHANGE: bool = true;
+
+/// THE PERIOD RULE, part 2: only a policy change changes the kind a scope's counters
+/// store; it starts the new kind's period (the one containing `now`) at once, carrying
+/// what the current period counted. Returns whether the kind changed.
+fn change_kind(c: &mut Counters, kind: Span, now: u64) -> bool {
+    if c.kind == kind {
+        return false;
+    }
+    if ROLL_BEFORE_KIND_CHANGE {
+        roll(c, now);
+    }
+    c.kind = kind;
+    (c.start, c.end) = bounds(kind, now);
+    true
+}
+
+// ---------------------------------------------------------------------------------
+// The reference model: buckets.
+// ---------------------------------------------------------------------------------
+
 /// A GCRA rate: `limit` units per `window`, one unit every `interval` nanoseconds
 /// (rounded up), at most `limit` units' worth of intervals ahead of now.
 #[derive(Clone, Copy, Debug)]
 struct Rate {
     limit: u64,
+    window: u64,
     interval: u64,
     tolerance: u64,
 }
@@ -547,52 +894,233 @@ impl Rate {
         let interval = window.div_ceil(limit).max(1);
         Rate {
             limit,
+            window,
             interval,
             tolerance: limit * interval,
         }
     }
 }
 
-/// One admitted take from a bucket: the nanoseconds it pushed the theoretical arrival
-/// time (TAT) forward, and the TAT right after it (the end of its slot in the schedule).
+/// A scope's buckets, by index.
+const RPM: usize = 0;
+const RPD: usize = 1;
+const TPM: usize = 2;
+const BUCKET_NAMES: [&str; 3] = ["rpm", "rpd", "tpm"];
+
+/// What happened to a bucket since it last started from empty, for [`replay`].
 #[derive(Clone, Copy, Debug)]
-struct Take {
-    added: u64,
-    end: u64,
+enum Event {
+    /// Take number `take` at `at`, `interval` nanoseconds a unit; how many units it
+    /// really took is looked up when replaying (see `Model::charged`).
+    Take { take: usize, at: u64, interval: u64 },
+    /// Usage beyond a take, charged as debt.
+    Debt { at: u64, nanos: u64 },
+    /// The limit changed from one interval to another.
+    Rescale { at: u64, from: u64, to: u64 },
 }
 
-/// Take `units` from the bucket whose TAT is `tat`, if they fit now.
-fn take(tat: &mut u64, rate: Rate, units: u64, now: u64) -> Option<Take> {
+/// One refundable GCRA bucket and the state the spec gives it as its own.
+#[derive(Clone, Debug, Default)]
+struct Bucket {
+    /// Theoretical arrival time, ns.
+    tat: u64,
+    /// Nanoseconds a unit of the bucket's CURRENT rule; 0 = no limit.
+    interval: u64,
+    /// +1 on every rescale, +2 when cleared (a limit added) or its limit removed.
+    epoch: u16,
+    /// Every nanosecond ever refunded out of it.
+    refunded: u128,
+    /// Since the bucket last started empty (created, or a limit added).
+    history: Vec<Event>,
+}
+
+impl Bucket {
+    fn new(interval: u64) -> Self {
+        Bucket {
+            interval,
+            ..Bucket::default()
+        }
+    }
+}
+
+/// One take from a bucket, recorded in rule-independent form.
+#[derive(Clone, Copy, Debug)]
+struct Take {
+    /// Index into `Model::charged`.
+    id: usize,
+    units: u64,
+    /// The bucket's backlog just before the take.
+    ahead: u64,
+    at: u64,
+    /// The bucket's `refunded` at the take.
+    seen: u128,
+    epoch: u16,
+    interval: u64,
+}
+
+/// Take `units` from `b` under `rate` if they fit now.
+fn take(b: &mut Bucket, rate: Rate, units: u64, now: u64, id: usize) -> Option<Take> {
+    assert_eq!(
+        b.interval, rate.interval,
+        "a bucket's interval follows its rule"
+    );
     if units > rate.limit {
         return None;
     }
-    let added = units * rate.interval;
-    let new_tat = (*tat).max(now) + added;
+    let from = b.tat.max(now);
+    let new_tat = from.saturating_add(units * rate.interval);
     if new_tat > now + rate.tolerance {
         return None;
     }
-    *tat = new_tat;
+    b.tat = new_tat;
+    b.history.push(Event::Take {
+        take: id,
+        at: now,
+        interval: rate.interval,
+    });
     Some(Take {
-        added,
-        end: new_tat,
+        id,
+        units,
+        ahead: from - now,
+        at: now,
+        seen: b.refunded,
+        epoch: b.epoch,
+        interval: rate.interval,
     })
 }
 
-/// Give back up to `nanos` of a take, but only the part of it that has not drained yet
-/// (its slot ends at `take.end`; what lies before now is gone), and never past full.
-fn give_back(tat: &mut u64, take: Take, nanos: u64, now: u64) {
-    let undrained = take.end.saturating_sub(now);
-    let amount = nanos.min(take.added).min(undrained);
-    if *tat > now {
-        *tat = tat.saturating_sub(amount).max(now);
+/// Which formula refunds took, for the generator's guard.
+#[derive(Clone, Copy, Debug, Default)]
+struct RefundCounts {
+    /// No rule change since the take, something given back after time passed.
+    exact: usize,
+    /// One rescale since the take, something given back.
+    one_rescale: usize,
+    /// Two or more rule changes (or a clear) since the take, with a backlog: nothing.
+    after_many: usize,
+}
+
+/// THE REFUND RULE (spec-12, "Buckets"): give back up to `want` units of take `h` at
+/// `now`; returns the nanoseconds given back.
+fn refund(b: &mut Bucket, h: &Take, want: u64, now: u64, counts: &mut RefundCounts) -> u64 {
+    let interval = b.interval;
+    if interval == 0 || b.tat <= now {
+        return 0;
+    }
+    let elapsed = now.saturating_sub(h.at);
+    let give = if b.epoch == h.epoch {
+        // No rule change since the take: FIFO. Material ahead of `h` drains first;
+        // every refund since the take may have been ahead of it (never more than
+        // what was ahead at the take). Sequentially, `h.interval` is the bucket's.
+        let added = h.units * h.interval;
+        let refunded_since = u64::try_from(b.refunded - h.seen).unwrap_or(u64::MAX);
+        let ahead_now = h.ahead - refunded_since.min(h.ahead);
+        let drained = elapsed.saturating_sub(ahead_now).min(added);
+        let give = want.saturating_mul(h.interval).min(added - drained);
+        counts.exact += usize::from(give > 0 && elapsed > 0);
+        give
+    } else if b.epoch == h.epoch.wrapping_add(1) {
+        // One rescale: units, not nanoseconds, cross the change (the rescale made
+        // each unit `interval` long); at most as many units drained as the faster of
+        // the two rules lets through since the take.
+        let drained_units = elapsed.div_ceil(interval.min(h.interval));
+        let left_units = h.units.saturating_sub(drained_units);
+        let give = want.min(left_units) * interval;
+        counts.one_rescale += usize::from(give > 0);
+        give
+    } else {
+        counts.after_many += 1;
+        0
+    };
+    b.tat = b.tat.saturating_sub(give).max(now);
+    b.refunded += u128::from(give);
+    give
+}
+
+/// Usage beyond a take is debt at the bucket's CURRENT interval: it pushes the TAT on
+/// whether or not it fits.
+fn charge(b: &mut Bucket, units: u64, now: u64) {
+    let nanos = units.saturating_mul(b.interval);
+    if nanos > 0 {
+        b.tat = b.tat.max(now).saturating_add(nanos);
+        b.history.push(Event::Debt { at: now, nanos });
     }
 }
 
-/// Usage beyond a take is debt: it pushes the TAT on whether or not it fits.
-fn charge(tat: &mut u64, nanos: u64, now: u64) {
-    if nanos > 0 {
-        *tat = (*tat).max(now).saturating_add(nanos);
+/// What a rule change did to a bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RuleChange {
+    None,
+    /// The interval got shorter: a higher limit.
+    Raised,
+    Lowered,
+    Added,
+    Removed,
+}
+
+/// THE RULE-CHANGE RULE (spec-12, "Rescale"): the bucket follows its rule's new
+/// interval (0 = no limit). A changed limit keeps the units already taken (the backlog
+/// re-expressed in the new interval); a limit added starts full.
+fn set_interval(b: &mut Bucket, new: u64, now: u64) -> RuleChange {
+    let old = b.interval;
+    let change = match (old, new) {
+        _ if old == new => return RuleChange::None,
+        (0, _) => {
+            b.tat = 0;
+            b.epoch = b.epoch.wrapping_add(2);
+            b.history.clear();
+            RuleChange::Added
+        }
+        (_, 0) => {
+            b.epoch = b.epoch.wrapping_add(2);
+            b.history.clear();
+            RuleChange::Removed
+        }
+        _ => {
+            let backlog = u128::from(b.tat.saturating_sub(now));
+            let scaled = backlog * u128::from(new) / u128::from(old);
+            b.tat = now.saturating_add(u64::try_from(scaled).unwrap_or(u64::MAX));
+            b.epoch = b.epoch.wrapping_add(1);
+            b.history.push(Event::Rescale {
+                at: now,
+                from: old,
+                to: new,
+            });
+            if new < old {
+                RuleChange::Raised
+            } else {
+                RuleChange::Lowered
+            }
+        }
+    };
+    b.interval = new;
+    change
+}
+
+/// The safety check, independent of the refund formulas: the TAT a plain GCRA reaches
+/// when it is fed what really happened to the bucket since it last started empty,
+/// each take at its take time with the units it finally cost (a committed request's
+/// used units up to what it held, a dropped one's nothing, an outstanding one's held
+/// units), debt where it was charged, and the same rescales. The bucket's own TAT must
+/// never be earlier (the bucket never more generous than the truth).
+fn replay(b: &Bucket, charged: &[u64]) -> u64 {
+    let mut tat = 0u64;
+    for event in &b.history {
+        match *event {
+            Event::Take { take, at, interval } => {
+                tat = tat
+                    .max(at)
+                    .saturating_add(charged[take].saturating_mul(interval));
+            }
+            Event::Debt { at, nanos } => tat = tat.max(at).saturating_add(nanos),
+            Event::Rescale { at, from, to } => {
+                let backlog = u128::from(tat.saturating_sub(at));
+                let scaled = backlog * u128::from(to) / u128::from(from);
+                tat = at.saturating_add(u64::try_from(scaled).unwrap_or(u64::MAX));
+            }
+        }
     }
+    tat
 }
 
 fn pick(counts: TokenCount, input: u64, output: u64) -> u64 {
@@ -603,36 +1131,109 @@ fn pick(counts: TokenCount, input: u64, output: u64) -> u64 {
     }
 }
 
-/// Every limit one level enforces for one request.
-#[derive(Clone, Debug, Default)]
+// ---------------------------------------------------------------------------------
+// The reference model: scopes, rules, holds.
+// ---------------------------------------------------------------------------------
+
+/// Every limit one level enforces for one request, and the period its counters cover.
+#[derive(Clone, Debug)]
 struct Rules {
-    rpm: Option<Rate>,
-    rpd: Option<Rate>,
-    tpm: Option<(Rate, TokenCount)>,
+    /// Requests per minute, requests per day, tokens per minute.
+    rates: [Option<Rate>; 3],
+    counts: TokenCount,
     max_concurrent: Option<u32>,
     /// Pico-dollars.
     budget: Option<i128>,
+    span: Span,
 }
 
 impl Rules {
-    fn of(limits: &Limits, budget: Option<u64>) -> Self {
+    fn unlimited(span: Span) -> Self {
         Rules {
-            rpm: limits.rpm.map(|l| Rate::new(l, MINUTE)),
-            rpd: limits.rpd.map(|l| Rate::new(l, DAY)),
-            tpm: limits.tpm.map(|l| (Rate::new(l, MINUTE), limits.counts)),
-            max_concurrent: limits.max_concurrent.map(|m| m as u32),
-            budget: budget.map(picos),
+            rates: [None; 3],
+            counts: TokenCount::Total,
+            max_concurrent: None,
+            budget: None,
+            span,
         }
     }
+
+    fn of(limits: &Limits, budget: Option<Budget>, inherited: Span) -> Self {
+        Rules {
+            rates: [
+                limits.rpm.map(|l| Rate::new(l, MINUTE)),
+                limits.rpd.map(|l| Rate::new(l, DAY)),
+                limits.tpm.map(|l| Rate::new(l, MINUTE)),
+            ],
+            counts: limits.counts,
+            max_concurrent: limits.max_concurrent.map(|m| m as u32),
+            budget: budget.map(|(micros, _)| picos(micros)),
+            span: budget.map_or(inherited, |(_, period)| period.into()),
+        }
+    }
+}
+
+fn org_rules(p: &Params) -> Rules {
+    Rules {
+        budget: p.org_budget.map(|(micros, _)| picos(micros)),
+        ..Rules::unlimited(
+            p.org_budget
+                .map_or(Span::Month, |(_, period)| period.into()),
+        )
+    }
+}
+
+fn wallet_rules(p: &Params) -> Option<Rules> {
+    p.wallet.map(|micros| Rules {
+        budget: Some(picos(micros)),
+        ..Rules::unlimited(Span::Forever)
+    })
+}
+
+fn workspace_rules(p: &Params, w: usize) -> Rules {
+    let wp = &p.workspaces[w];
+    Rules::of(&wp.limits, wp.budget, org_rules(p).span)
+}
+
+fn model_rules(p: &Params, w: usize, m: usize) -> Rules {
+    let ml = &p.workspaces[w].model_limits[m];
+    Rules {
+        rates: [
+            ml.rpm.map(|l| Rate::new(l, MINUTE)),
+            None,
+            ml.tpm.map(|l| Rate::new(l, MINUTE)),
+        ],
+        counts: ml.counts,
+        ..Rules::unlimited(workspace_rules(p, w).span)
+    }
+}
+
+fn key_rules(p: &Params, k: usize) -> Rules {
+    let kp = &p.keys[k];
+    Rules::of(
+        &kp.limits,
+        kp.budget,
+        workspace_rules(p, KEY_WORKSPACE[k]).span,
+    )
+}
+
+/// Which id a scope's counters belong to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ScopeId {
+    Key(usize),
+    Workspace(usize),
+    Model(usize, usize),
+    Org,
+    Wallet,
 }
 
 /// All counters of one scope (key, workspace, workspace × model, org, wallet).
 #[derive(Clone, Debug)]
 struct Counters {
-    span: Span,
-    rpm_tat: u64,
-    rpd_tat: u64,
-    tpm_tat: u64,
+    id: ScopeId,
+    /// The period kind the counters are in (only a policy change changes it).
+    kind: Span,
+    buckets: [Bucket; 3],
     in_flight: u32,
     start: u64,
     end: u64,
@@ -641,16 +1242,21 @@ struct Counters {
     requests: u64,
     input_tokens: u64,
     output_tokens: u64,
+    /// Level holds of outstanding reservations on this scope, and their takes by bucket
+    /// (for the generator's guard only).
+    outstanding: u32,
+    takes_outstanding: [u32; 3],
 }
 
 impl Counters {
-    fn new(span: Span, now: u64) -> Self {
-        let (start, end) = bounds(span, now);
+    fn new(id: ScopeId, rules: &Rules, now: u64) -> Self {
+        let (start, end) = bounds(rules.span, now);
         Counters {
-            span,
-            rpm_tat: 0,
-            rpd_tat: 0,
-            tpm_tat: 0,
+            id,
+            kind: rules.span,
+            buckets: rules
+                .rates
+                .map(|rate| Bucket::new(rate.map_or(0, |r| r.interval))),
             in_flight: 0,
             start,
             end,
@@ -659,81 +1265,59 @@ impl Counters {
             requests: 0,
             input_tokens: 0,
             output_tokens: 0,
+            outstanding: 0,
+            takes_outstanding: [0; 3],
         }
     }
 }
 
-/// THE PERIOD RULE, kept in this one function so it is easy to adapt. Every access to a
-/// scope's counters at time `t` (a reservation reaching the level, a commit or drop
-/// settling on it, a usage report) first moves the scope to the period containing `t`.
-/// The period that ended is left behind (its totals are the engine's `previous`, which
-/// is not compared); the new one starts with nothing spent, requested or used, but the
-/// money held by outstanding reservations is carried over into it, so their commits
-/// and drops settle against the period they happen in.
-fn roll(c: &mut Counters, t: u64) {
-    if t < c.end {
-        return;
-    }
-    (c.start, c.end) = bounds(c.span, t);
-    c.spent = 0;
-    c.requests = 0;
-    c.input_tokens = 0;
-    c.output_tokens = 0;
+/// The rate-limit numbers of an admission, as the model computes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Window {
+    limit: u64,
+    remaining: u64,
+    reset: u64,
+    window: u64,
 }
 
-/// Requests per minute, per day, tokens, a concurrency slot and the worst-case cost, in
-/// that order, each recorded in `hold` as it is taken.
-fn take_each(
-    c: &mut Counters,
-    hold: &mut LevelHold,
-    rules: &Rules,
-    ask: Ask,
-    now: u64,
-) -> Result<(), DenialReason> {
-    if let Some(rate) = rules.rpm {
-        let t = take(&mut c.rpm_tat, rate, 1, now).ok_or(DenialReason::RequestsPerMinute)?;
-        hold.rpm = Some(t);
-    }
-    if let Some(rate) = rules.rpd {
-        let t = take(&mut c.rpd_tat, rate, 1, now).ok_or(DenialReason::RequestsPerDay)?;
-        hold.rpd = Some(t);
-    }
-    if let Some((rate, counts)) = rules.tpm {
-        let units = pick(counts, ask.input, ask.output);
-        let t = take(&mut c.tpm_tat, rate, units, now).ok_or(DenialReason::TokensPerMinute)?;
-        hold.tokens = Some((t, rate.interval, counts));
-    }
-    if let Some(max) = rules.max_concurrent {
-        if c.in_flight >= max {
-            return Err(DenialReason::Concurrency);
+impl From<LimitWindow> for Window {
+    fn from(w: LimitWindow) -> Self {
+        Window {
+            limit: w.limit,
+            remaining: w.remaining,
+            reset: w.reset.as_nanos() as u64,
+            window: w.window.as_nanos() as u64,
         }
-        c.in_flight += 1;
-        hold.slot = true;
     }
-    // Held on every level, budget or not, so usage shows what is in flight and a
-    // budget set by a later policy counts it.
-    if rules
-        .budget
-        .is_some_and(|limit| c.spent + c.held + ask.cost > limit)
-    {
-        return Err(DenialReason::Budget);
+}
+
+/// The tightest request and token windows of an admission: fewest left, then the
+/// lowest limit; the first seen wins a tie (levels in order, per minute before per day).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Tightest {
+    requests: Option<Window>,
+    tokens: Option<Window>,
+}
+
+fn keep_tightest(slot: &mut Option<Window>, candidate: Window) {
+    if slot.map_or(true, |w| {
+        (candidate.remaining, candidate.limit) < (w.remaining, w.limit)
+    }) {
+        *slot = Some(candidate);
     }
-    c.held += ask.cost;
-    hold.held = ask.cost;
-    Ok(())
 }
 
 /// What one level holds for one admitted request.
 #[derive(Clone, Debug)]
 struct LevelHold {
     scope: usize,
-    rpm: Option<Take>,
-    rpd: Option<Take>,
-    /// The take, and the interval and counting of the token limit it was taken under
-    /// (a policy change in between does not change how it is settled).
-    tokens: Option<(Take, u64, TokenCount)>,
+    takes: [Option<Take>; 3],
+    /// How the token limit the tokens were taken under counted them.
+    counts: TokenCount,
     slot: bool,
     held: i128,
+    /// The scope's period kind when the hold was taken.
+    kind: Span,
 }
 
 /// The worst case a request asks for.
@@ -748,51 +1332,92 @@ struct Ask {
 struct ModelReservation {
     levels: Vec<LevelHold>,
     ask: Ask,
+    key: usize,
     model: usize,
     /// When it was taken.
     at: u64,
+    tightest: Tightest,
 }
 
 type Refusal = (DenialReason, Scope);
 
-struct Model {
-    now: u64,
-    params: Params,
-    /// Counters by scope; a scope whose id leaves the policy stays here (reservations
-    /// taken from it still settle against it) but is no longer reachable by id.
-    scopes: Vec<Counters>,
-    keys: [Option<usize>; 3],
-    workspaces: [usize; 2],
-    workspace_models: [[usize; 2]; 2],
-    org: usize,
-    wallet: usize,
+/// How often the model met each situation the generator must reach.
+#[derive(Clone, Copy, Debug, Default)]
+struct Reached {
+    refunds: RefundCounts,
+    /// Rule changes of a bucket that outstanding reservations hold units of.
+    raised_with_holds: usize,
+    lowered_with_holds: usize,
+    added_with_holds: usize,
+    removed_with_holds: usize,
+    /// Period kind changes of a scope with reservations in flight on it.
+    kind_changes_with_holds: usize,
+    /// Commits and drops on a scope whose period kind changed since the take.
+    settled_after_kind_change: usize,
+    revoked_in_flight: usize,
+    deleted_in_flight: usize,
+    /// Workspaces created again after a deletion, and those with reservations of the
+    /// deleted one still in flight at that moment.
+    recreated: usize,
+    recreated_with_old_in_flight: usize,
+    /// Level holds settled on counters whose scope was deleted meanwhile.
+    settled_on_deleted: usize,
 }
 
-fn key_rules(params: &Params, k: usize) -> Rules {
-    let kp = &params.keys[k];
-    Rules::of(&kp.limits, kp.budget)
-}
-
-fn workspace_rules(params: &Params, w: usize) -> Rules {
-    let wp = &params.workspaces[w];
-    Rules::of(&wp.limits, Some(wp.budget))
-}
-
-fn model_rules(params: &Params, w: usize, m: usize) -> Rules {
-    let ml = &params.workspaces[w].model_limits[m];
-    Rules {
-        rpm: ml.rpm.map(|l| Rate::new(l, MINUTE)),
-        tpm: ml.tpm.map(|l| (Rate::new(l, MINUTE), ml.counts)),
-        ..Rules::default()
+impl Reached {
+    fn add(&mut self, o: &Reached) {
+        self.refunds.exact += o.refunds.exact;
+        self.refunds.one_rescale += o.refunds.one_rescale;
+        self.refunds.after_many += o.refunds.after_many;
+        self.raised_with_holds += o.raised_with_holds;
+        self.lowered_with_holds += o.lowered_with_holds;
+        self.added_with_holds += o.added_with_holds;
+        self.removed_with_holds += o.removed_with_holds;
+        self.kind_changes_with_holds += o.kind_changes_with_holds;
+        self.settled_after_kind_change += o.settled_after_kind_change;
+        self.revoked_in_flight += o.revoked_in_flight;
+        self.deleted_in_flight += o.deleted_in_flight;
+        self.recreated += o.recreated;
+        self.recreated_with_old_in_flight += o.recreated_with_old_in_flight;
+        self.settled_on_deleted += o.settled_on_deleted;
     }
 }
 
-fn key_span(k: usize) -> Span {
-    KEY_PERIOD[k].into()
+/// What happens to the level of an in-flight reservation whose scope (a key, or a
+/// workspace and its workspace × model scopes and keys) was deleted before it settles.
+#[allow(dead_code)] // the alternatives are kept for reconciling with other backends
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DeletedScopes {
+    /// It settles on the counters it was taken from, which no report shows any more
+    /// (the in-memory engine: a reservation keeps its snapshot and so its counters).
+    Orphaned,
+    /// It settles on whatever counters have the same id now (a scope created again
+    /// under the same id gets the spend, if it exists).
+    Successor,
+    /// It does not settle at all.
+    Skipped,
 }
 
-fn workspace_span(w: usize) -> Span {
-    WORKSPACE_PERIOD[w].into()
+/// THE DELETION RULE. The org and wallet levels are never deleted and always settle.
+const DELETED_SCOPES: DeletedScopes = DeletedScopes::Orphaned;
+
+struct Model {
+    now: u64,
+    params: Params,
+    /// Counters by scope; counters whose id leaves the policy stay here (reservations
+    /// taken from them still settle against them) but are no longer reachable by id.
+    scopes: Vec<Counters>,
+    keys: [Option<usize>; 3],
+    workspaces: [Option<usize>; 2],
+    workspace_models: [[Option<usize>; 2]; 2],
+    org: usize,
+    wallet: usize,
+    /// By take id: the units a take counts for now (what it holds while outstanding,
+    /// what it finally cost once settled), for [`replay`].
+    charged: Vec<u64>,
+    /// Workspaces that have been deleted at least once.
+    deleted_before: [bool; 2],
+    reached: Reached,
 }
 
 impl Model {
@@ -802,85 +1427,147 @@ impl Model {
             params: params.clone(),
             scopes: Vec::new(),
             keys: [None; 3],
-            workspaces: [0; 2],
-            workspace_models: [[0; 2]; 2],
+            workspaces: [None; 2],
+            workspace_models: [[None; 2]; 2],
             org: 0,
             wallet: 0,
+            charged: Vec::new(),
+            deleted_before: [false; 2],
+            reached: Reached::default(),
         };
+        model.org = model.new_scope(ScopeId::Org, &org_rules(&params));
+        let wallet = wallet_rules(&params).unwrap_or(Rules::unlimited(Span::Forever));
+        model.wallet = model.new_scope(ScopeId::Wallet, &wallet);
         for w in 0..2 {
-            model.workspaces[w] = model.new_scope(workspace_span(w));
-            for m in 0..2 {
-                model.workspace_models[w][m] = model.new_scope(workspace_span(w));
+            if params.workspaces[w].present {
+                model.create_workspace_scopes(w);
             }
         }
-        model.org = model.new_scope(Span::Month);
-        model.wallet = model.new_scope(Span::Forever);
-        model.apply(params);
+        for k in 0..3 {
+            if params.keys[k].present {
+                model.keys[k] = Some(model.new_scope(ScopeId::Key(k), &key_rules(&params, k)));
+            }
+        }
         model
     }
 
-    fn new_scope(&mut self, span: Span) -> usize {
-        self.scopes.push(Counters::new(span, self.now));
+    fn new_scope(&mut self, id: ScopeId, rules: &Rules) -> usize {
+        self.scopes.push(Counters::new(id, rules, self.now));
         self.scopes.len() - 1
     }
 
-    /// Counters of ids that persist are kept; a key that left and comes back starts
-    /// afresh.
-    fn apply(&mut self, params: Params) {
-        // Rate limits that persist keep the units already taken: a changed interval
-        // rescales the backlog; a limit added starts full.
+    fn create_workspace_scopes(&mut self, w: usize) {
+        let p = self.params.clone();
+        self.workspaces[w] = Some(self.new_scope(ScopeId::Workspace(w), &workspace_rules(&p, w)));
+        for m in 0..2 {
+            self.workspace_models[w][m] =
+                Some(self.new_scope(ScopeId::Model(w, m), &model_rules(&p, w, m)));
+        }
+    }
+
+    /// The counters currently reachable under `id`, if any.
+    fn current(&self, id: ScopeId) -> Option<usize> {
+        match id {
+            ScopeId::Key(k) => self.keys[k],
+            ScopeId::Workspace(w) => self.workspaces[w],
+            ScopeId::Model(w, m) => self.workspace_models[w][m],
+            ScopeId::Org => Some(self.org),
+            ScopeId::Wallet => Some(self.wallet),
+        }
+    }
+
+    /// Where a level hold taken from counters `scope` settles (see [`DELETED_SCOPES`]).
+    fn settles_on(&mut self, scope: usize) -> Option<usize> {
+        let current = self.current(self.scopes[scope].id);
+        if current == Some(scope) {
+            return Some(scope);
+        }
+        self.reached.settled_on_deleted += 1;
+        match DELETED_SCOPES {
+            DeletedScopes::Orphaned => Some(scope),
+            DeletedScopes::Successor => current,
+            DeletedScopes::Skipped => None,
+        }
+    }
+
+    /// Carry counters that persist over to new rules: every bucket follows its rule,
+    /// and the period kind follows the budget's (or the inherited one).
+    fn adapt(&mut self, scope: usize, rules: &Rules) {
         let now = self.now;
-        let adapt = |c: &mut Counters, old: &Rules, new: &Rules| {
-            let rates = [
-                (&mut c.rpm_tat, old.rpm, new.rpm),
-                (&mut c.rpd_tat, old.rpd, new.rpd),
-                (&mut c.tpm_tat, old.tpm.map(|t| t.0), new.tpm.map(|t| t.0)),
-            ];
-            for (tat, old, new) in rates {
-                match (old, new) {
-                    (Some(o), Some(n)) if o.interval != n.interval => {
-                        let backlog = u128::from(tat.saturating_sub(now));
-                        let scaled = backlog * u128::from(n.interval) / u128::from(o.interval);
-                        *tat = now.saturating_add(u64::try_from(scaled).unwrap_or(u64::MAX));
-                    }
-                    (None, Some(_)) => *tat = 0,
-                    _ => {}
+        let c = &mut self.scopes[scope];
+        for b in 0..3 {
+            let interval = rules.rates[b].map_or(0, |r| r.interval);
+            let change = set_interval(&mut c.buckets[b], interval, now);
+            if c.takes_outstanding[b] > 0 {
+                let r = &mut self.reached;
+                match change {
+                    RuleChange::None => {}
+                    RuleChange::Raised => r.raised_with_holds += 1,
+                    RuleChange::Lowered => r.lowered_with_holds += 1,
+                    RuleChange::Added => r.added_with_holds += 1,
+                    RuleChange::Removed => r.removed_with_holds += 1,
                 }
             }
-        };
-        for k in 0..3 {
-            if let (Some(scope), true) = (self.keys[k], params.keys[k].present) {
-                adapt(
-                    &mut self.scopes[scope],
-                    &key_rules(&self.params, k),
-                    &key_rules(&params, k),
-                );
-            }
         }
+        if change_kind(c, rules.span, now) && c.outstanding > 0 {
+            self.reached.kind_changes_with_holds += 1;
+        }
+    }
+
+    /// Apply a new policy. Counters of ids that persist are kept and adapted; a
+    /// workspace or key that left and comes back starts afresh.
+    fn apply(&mut self, params: Params) {
+        let old = std::mem::replace(&mut self.params, params.clone());
         for w in 0..2 {
-            let scope = self.workspaces[w];
-            adapt(
-                &mut self.scopes[scope],
-                &workspace_rules(&self.params, w),
-                &workspace_rules(&params, w),
-            );
-            for m in 0..2 {
-                let scope = self.workspace_models[w][m];
-                adapt(
-                    &mut self.scopes[scope],
-                    &model_rules(&self.params, w, m),
-                    &model_rules(&params, w, m),
-                );
+            match (old.workspaces[w].present, params.workspaces[w].present) {
+                (true, true) => {
+                    self.adapt(self.workspaces[w].unwrap(), &workspace_rules(&params, w));
+                    for m in 0..2 {
+                        let scope = self.workspace_models[w][m].unwrap();
+                        self.adapt(scope, &model_rules(&params, w, m));
+                    }
+                }
+                (true, false) => {
+                    let scope = self.workspaces[w].take().unwrap();
+                    if self.scopes[scope].outstanding > 0 {
+                        self.reached.deleted_in_flight += 1;
+                    }
+                    self.workspace_models[w] = [None; 2];
+                    self.deleted_before[w] = true;
+                }
+                (false, true) => {
+                    if self.deleted_before[w] {
+                        self.reached.recreated += 1;
+                        let old_in_flight = self
+                            .scopes
+                            .iter()
+                            .any(|c| c.id == ScopeId::Workspace(w) && c.outstanding > 0);
+                        self.reached.recreated_with_old_in_flight += usize::from(old_in_flight);
+                    }
+                    self.create_workspace_scopes(w);
+                }
+                (false, false) => {}
             }
         }
         for k in 0..3 {
-            if !params.keys[k].present {
-                self.keys[k] = None;
-            } else if self.keys[k].is_none() {
-                self.keys[k] = Some(self.new_scope(key_span(k)));
+            match (self.keys[k], params.keys[k].present) {
+                (Some(scope), true) => {
+                    if params.keys[k].revoked
+                        && !old.keys[k].revoked
+                        && self.scopes[scope].outstanding > 0
+                    {
+                        self.reached.revoked_in_flight += 1;
+                    }
+                    self.adapt(scope, &key_rules(&params, k));
+                }
+                (Some(_), false) => self.keys[k] = None,
+                (None, true) => {
+                    self.keys[k] = Some(self.new_scope(ScopeId::Key(k), &key_rules(&params, k)));
+                }
+                (None, false) => {}
             }
         }
-        self.params = params;
+        self.adapt(self.org, &org_rules(&params));
     }
 
     fn reserve(
@@ -927,44 +1614,28 @@ impl Model {
             cost: i128::from(input) * INPUT_PICOS[m] + i128::from(output) * OUTPUT_PICOS[m],
         };
 
+        let p = &self.params;
         let levels = [
-            (
-                Scope::Key,
-                self.keys[k].unwrap(),
-                Some(key_rules(&self.params, k)),
-            ),
+            (Scope::Key, self.keys[k].unwrap(), Some(key_rules(p, k))),
             (
                 Scope::Workspace,
-                self.workspaces[w],
-                Some(workspace_rules(&self.params, w)),
+                self.workspaces[w].unwrap(),
+                Some(workspace_rules(p, w)),
             ),
             (
                 Scope::WorkspaceModel,
-                self.workspace_models[w][m],
-                Some(model_rules(&self.params, w, m)),
+                self.workspace_models[w][m].unwrap(),
+                Some(model_rules(p, w, m)),
             ),
-            (
-                Scope::Org,
-                self.org,
-                Some(Rules {
-                    budget: Some(picos(self.params.org_budget)),
-                    ..Rules::default()
-                }),
-            ),
-            (
-                Scope::Org,
-                self.wallet,
-                self.params.wallet.map(|w| Rules {
-                    budget: Some(picos(w)),
-                    ..Rules::default()
-                }),
-            ),
+            (Scope::Org, self.org, Some(org_rules(p))),
+            (Scope::Org, self.wallet, wallet_rules(p)),
         ];
 
         let mut taken = Vec::new();
+        let mut tightest = Tightest::default();
         for (level, (scope, index, rules)) in levels.into_iter().enumerate() {
             let Some(rules) = rules else { continue };
-            match self.take_level(index, &rules, ask) {
+            match self.take_level(index, &rules, ask, &mut tightest) {
                 Ok(hold) => taken.push(hold),
                 Err(reason) => {
                     for hold in taken {
@@ -981,51 +1652,144 @@ impl Model {
         Ok(ModelReservation {
             levels: taken,
             ask,
+            key: k,
             model: m,
             at: now,
+            tightest,
         })
     }
 
-    /// Take this level's share; on refusal give back whatever of it was taken.
+    /// Take one bucket's share of a request, if there is a limit and it fits.
+    fn take_bucket(
+        &mut self,
+        hold: &mut LevelHold,
+        b: usize,
+        rate: Rate,
+        units: u64,
+        tightest: &mut Tightest,
+    ) -> bool {
+        let now = self.now;
+        let id = self.charged.len();
+        let c = &mut self.scopes[hold.scope];
+        let Some(t) = take(&mut c.buckets[b], rate, units, now, id) else {
+            return false;
+        };
+        self.charged.push(units);
+        c.takes_outstanding[b] += 1;
+        hold.takes[b] = Some(t);
+        let tat = c.buckets[b].tat;
+        let window = Window {
+            limit: rate.limit,
+            remaining: ((now + rate.tolerance - tat) / rate.interval).min(rate.limit),
+            reset: tat - now,
+            window: rate.window,
+        };
+        let slot = if b == TPM {
+            &mut tightest.tokens
+        } else {
+            &mut tightest.requests
+        };
+        keep_tightest(slot, window);
+        true
+    }
+
+    /// Requests per minute, per day, tokens, a concurrency slot and the worst-case cost,
+    /// in that order, each recorded as it is taken; on refusal give back whatever of
+    /// this level was taken.
     fn take_level(
         &mut self,
-        index: usize,
+        scope: usize,
         rules: &Rules,
         ask: Ask,
+        tightest: &mut Tightest,
     ) -> Result<LevelHold, DenialReason> {
         let now = self.now;
-        let c = &mut self.scopes[index];
-        roll(c, now);
+        roll(&mut self.scopes[scope], now);
         let mut hold = LevelHold {
-            scope: index,
-            rpm: None,
-            rpd: None,
-            tokens: None,
+            scope,
+            takes: [None; 3],
+            counts: rules.counts,
             slot: false,
             held: 0,
+            kind: self.scopes[scope].kind,
         };
-        match take_each(c, &mut hold, rules, ask, now) {
-            Ok(()) => Ok(hold),
-            Err(reason) => {
+        self.scopes[scope].outstanding += 1;
+        let refused = [
+            (RPM, 1, DenialReason::RequestsPerMinute),
+            (RPD, 1, DenialReason::RequestsPerDay),
+            (
+                TPM,
+                pick(rules.counts, ask.input, ask.output),
+                DenialReason::TokensPerMinute,
+            ),
+        ]
+        .into_iter()
+        .find_map(|(b, units, reason)| {
+            let rate = rules.rates[b]?;
+            (!self.take_bucket(&mut hold, b, rate, units, tightest)).then_some(reason)
+        });
+        let c = &mut self.scopes[scope];
+        let refused = refused.or_else(|| {
+            if let Some(max) = rules.max_concurrent {
+                if c.in_flight >= max {
+                    return Some(DenialReason::Concurrency);
+                }
+                c.in_flight += 1;
+                hold.slot = true;
+            }
+            // Held on every level, budget or not, so usage shows what is in flight and a
+            // budget set by a later policy counts it.
+            if rules
+                .budget
+                .is_some_and(|limit| c.spent + c.held + ask.cost > limit)
+            {
+                return Some(DenialReason::Budget);
+            }
+            c.held += ask.cost;
+            hold.held = ask.cost;
+            None
+        });
+        match refused {
+            None => Ok(hold),
+            Some(reason) => {
                 self.release(hold);
                 Err(reason)
             }
         }
     }
 
+    fn settled(&mut self, hold: &LevelHold) -> Option<usize> {
+        let c = &mut self.scopes[hold.scope];
+        c.outstanding -= 1;
+        for b in 0..3 {
+            if hold.takes[b].is_some() {
+                c.takes_outstanding[b] -= 1;
+            }
+        }
+        if c.kind != hold.kind {
+            self.reached.settled_after_kind_change += 1;
+        }
+        self.settles_on(hold.scope)
+    }
+
     /// The request did not happen: give everything back.
     fn release(&mut self, hold: LevelHold) {
         let now = self.now;
-        let c = &mut self.scopes[hold.scope];
-        roll(c, now);
-        if let Some(t) = hold.rpm {
-            give_back(&mut c.rpm_tat, t, u64::MAX, now);
-        }
-        if let Some(t) = hold.rpd {
-            give_back(&mut c.rpd_tat, t, u64::MAX, now);
-        }
-        if let Some((t, _, _)) = hold.tokens {
-            give_back(&mut c.tpm_tat, t, u64::MAX, now);
+        let Some(scope) = self.settled(&hold) else {
+            return;
+        };
+        let c = &mut self.scopes[scope];
+        for (b, t) in hold.takes.iter().enumerate() {
+            if let Some(t) = t {
+                refund(
+                    &mut c.buckets[b],
+                    t,
+                    t.units,
+                    now,
+                    &mut self.reached.refunds,
+                );
+                self.charged[t.id] = 0;
+            }
         }
         if hold.slot {
             c.in_flight -= 1;
@@ -1046,37 +1810,36 @@ impl Model {
         let (input, output) = (u64::from(input), u64::from(output));
         let cost = i128::from(input) * INPUT_PICOS[reservation.model]
             + i128::from(output) * OUTPUT_PICOS[reservation.model];
-        let ask = reservation.ask;
+        let wallet = self.wallet;
         for hold in reservation.levels {
-            let c = &mut self.scopes[hold.scope];
+            let Some(scope) = self.settled(&hold) else {
+                continue;
+            };
+            let c = &mut self.scopes[scope];
             roll(c, now);
-            if let Some((t, interval, counts)) = hold.tokens {
-                let reserved = pick(counts, ask.input, ask.output);
-                let used = pick(counts, input, output);
-                if used < reserved {
-                    give_back(
-                        &mut c.tpm_tat,
-                        t,
-                        (reserved - used).saturating_mul(interval),
-                        now,
-                    );
+            // Requests are not given back: the request happened. Tokens: the unused
+            // part is refunded, usage beyond the hold is debt.
+            if let Some(t) = hold.takes[TPM] {
+                let used = pick(hold.counts, input, output);
+                let bucket = &mut c.buckets[TPM];
+                if used < t.units {
+                    refund(bucket, &t, t.units - used, now, &mut self.reached.refunds);
                 } else {
-                    charge(
-                        &mut c.tpm_tat,
-                        (used - reserved).saturating_mul(interval),
-                        now,
-                    );
+                    charge(bucket, used - t.units, now);
                 }
+                self.charged[t.id] = used.min(t.units);
             }
-            // Requests are not given back: the request happened.
             if hold.slot {
                 c.in_flight -= 1;
             }
             c.held -= hold.held;
             c.spent += cost;
-            c.requests += 1;
-            c.input_tokens += input;
-            c.output_tokens += output;
+            // The wallet reports money only.
+            if scope != wallet {
+                c.requests += 1;
+                c.input_tokens += input;
+                c.output_tokens += output;
+            }
         }
         cost
     }
@@ -1097,6 +1860,29 @@ impl Model {
             held: decimal(c.held),
             in_flight: c.in_flight,
         }
+    }
+
+    /// The safety check at every step: no bucket is more generous than an exact replay
+    /// of what really happened to it.
+    fn check_buckets(&self, when: &str) -> Result<(), TestCaseError> {
+        for (s, c) in self.scopes.iter().enumerate() {
+            for (b, bucket) in c.buckets.iter().enumerate() {
+                let exact = replay(bucket, &self.charged).max(self.now);
+                let tat = bucket.tat.max(self.now);
+                prop_assert!(
+                    tat >= exact,
+                    "{} of {:?} (counters #{}) is more generous than what happened: TAT {} ns \
+                     after now, an exact replay gives {} ns; {}",
+                    BUCKET_NAMES[b],
+                    c.id,
+                    s,
+                    tat - self.now,
+                    exact - self.now,
+                    when
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1154,6 +1940,12 @@ struct Outcomes {
     rollovers: usize,
     /// Commits and drops of reservations taken before a period boundary since passed.
     settled_across_a_boundary: usize,
+    /// Policy changes (edits or whole policies) made while reservations were in flight.
+    changes_in_flight: usize,
+    /// Edits the engine refused as the model expected (deleting an unknown or the
+    /// default workspace, creating one that exists, revoking an unknown key).
+    refused_edits: usize,
+    reached: Reached,
 }
 
 impl Outcomes {
@@ -1172,6 +1964,9 @@ impl Outcomes {
         self.refunds += other.refunds;
         self.rollovers += other.rollovers;
         self.settled_across_a_boundary += other.settled_across_a_boundary;
+        self.changes_in_flight += other.changes_in_flight;
+        self.refused_edits += other.refused_edits;
+        self.reached.add(&other.reached);
     }
 }
 
@@ -1191,15 +1986,22 @@ fn check_usage(engine: &Engine, model: &mut Model, when: &str) -> Result<(), Tes
     prop_assert_eq!(Seen::from(&usage.org), want, "org, {}", when);
     let want = model.report(model.wallet).cost;
     prop_assert_eq!(usage.wallet_spent.normalize(), want, "wallet, {}", when);
-    prop_assert_eq!(usage.workspaces.len(), 2);
-    for (w, ws) in usage.workspaces.iter().enumerate() {
-        prop_assert_eq!(&ws.id, WORKSPACES[w]);
-        let want = model.report(model.workspaces[w]);
+
+    let mut ids: Vec<&str> = usage.workspaces.iter().map(|w| w.id.as_str()).collect();
+    ids.sort_unstable();
+    let want_ids: Vec<&str> = (0..2)
+        .filter(|&w| model.workspaces[w].is_some())
+        .map(|w| WORKSPACES[w])
+        .collect();
+    prop_assert_eq!(ids, want_ids, "workspaces, {}", when);
+    for ws in &usage.workspaces {
+        let w = WORKSPACES.iter().position(|&id| id == ws.id).unwrap();
+        let want = model.report(model.workspaces[w].unwrap());
         prop_assert_eq!(Seen::from(&ws.usage), want, "{}, {}", &ws.id, when);
         prop_assert_eq!(ws.models.len(), 2);
         for (m, mu) in ws.models.iter().enumerate() {
             prop_assert_eq!(&mu.model, MODELS[m]);
-            let want = model.report(model.workspace_models[w][m]);
+            let want = model.report(model.workspace_models[w][m].unwrap());
             prop_assert_eq!(
                 Seen::from(&mu.usage),
                 want,
@@ -1210,11 +2012,16 @@ fn check_usage(engine: &Engine, model: &mut Model, when: &str) -> Result<(), Tes
             );
         }
     }
-    let present: Vec<usize> = (0..3).filter(|&k| model.keys[k].is_some()).collect();
-    let ids: Vec<&str> = usage.keys.iter().map(|k| k.id.as_str()).collect();
-    let want_ids: Vec<&str> = present.iter().map(|&k| KEYS[k]).collect();
+
+    let mut ids: Vec<&str> = usage.keys.iter().map(|k| k.id.as_str()).collect();
+    ids.sort_unstable();
+    let want_ids: Vec<&str> = (0..3)
+        .filter(|&k| model.keys[k].is_some())
+        .map(|k| KEYS[k])
+        .collect();
     prop_assert_eq!(ids, want_ids, "keys, {}", when);
-    for (key, &k) in usage.keys.iter().zip(&present) {
+    for key in &usage.keys {
+        let k = KEYS.iter().position(|&id| id == key.id).unwrap();
         prop_assert_eq!(&key.workspace, WORKSPACES[KEY_WORKSPACE[k]]);
         let want = model.report(model.keys[k].unwrap());
         prop_assert_eq!(Seen::from(&key.usage), want, "{}, {}", &key.id, when);
@@ -1237,6 +2044,242 @@ fn request(
     .input_tokens(input);
     request.max_output_tokens = max_output;
     request
+}
+
+/// A rate limit changed as `change` says, within `lo..=hi`.
+fn changed(current: Option<i64>, change: RateChange, lo: i64, hi: i64) -> Option<i64> {
+    match change {
+        RateChange::Raise(f) => Some(current.map_or(hi / 2, |v| (v * i64::from(f)).min(hi))),
+        RateChange::Lower(f) => Some(current.map_or(lo, |v| (v / i64::from(f)).max(1))),
+        RateChange::Remove => None,
+        RateChange::Set(v) => Some(lo + v % (hi - lo + 1)),
+    }
+}
+
+fn change_rate(limits: &mut Limits, which: Which, change: RateChange) {
+    match which {
+        Which::Rpm => limits.rpm = changed(limits.rpm, change, 1, 10),
+        Which::Rpd => limits.rpd = changed(limits.rpd, change, 1, 12),
+        Which::Tpm => limits.tpm = changed(limits.tpm, change, 100, 8_000),
+    }
+}
+
+/// The limit a `Latest` rate edit means: the first that exists of the named level and
+/// limit, then the other limits and levels of that reservation; `target` itself for
+/// the other targets.
+fn resolve(target: RateTarget, latest: Option<(usize, usize)>, p: &Params) -> Option<RateTarget> {
+    let RateTarget::Latest(level, which) = target else {
+        return Some(target);
+    };
+    let (k, m) = latest?;
+    let w = KEY_WORKSPACE[k];
+    let candidates = (0..3).flat_map(|i| {
+        [which, Which::Tpm, Which::Rpm, Which::Rpd].map(move |b| ((level + i) % 3, b))
+    });
+    candidates
+        .filter_map(|(level, b)| {
+            let limits = match level {
+                0 => &p.keys[k].limits,
+                1 => &p.workspaces[w].limits,
+                _ => {
+                    let ml = &p.workspaces[w].model_limits[m];
+                    let set = match b {
+                        Which::Rpm => ml.rpm.is_some(),
+                        Which::Tpm => ml.tpm.is_some(),
+                        Which::Rpd => false,
+                    };
+                    return set.then_some(RateTarget::Model(w, m, b == Which::Tpm));
+                }
+            };
+            let set = match b {
+                Which::Rpm => limits.rpm.is_some(),
+                Which::Rpd => limits.rpd.is_some(),
+                Which::Tpm => limits.tpm.is_some(),
+            };
+            let target = if level == 0 {
+                RateTarget::Key(k, b)
+            } else {
+                RateTarget::Workspace(w, b)
+            };
+            set.then_some(target)
+        })
+        .next()
+}
+
+/// How the engine is told about an edit.
+enum Call {
+    Replace,
+    Update(usize, Box<WorkspaceUpdate>),
+    Revoke(usize),
+    Delete(usize),
+    Create(Box<WorkspaceSpec>),
+}
+
+/// What an edit does to the policy in force.
+enum Plan {
+    /// Nothing to change (it names something absent); the engine is not called.
+    Skip,
+    /// Both must refuse it.
+    Refused(Call),
+    /// The policy after the edit, and how the engine is told.
+    Change(Box<Params>, Call),
+}
+
+/// `latest`: the key and model of the reservation taken last of those outstanding.
+fn plan(p: &Params, edit: &Edit, latest: Option<(usize, usize)>) -> Plan {
+    let mut p = p.clone();
+    let call = match *edit {
+        Edit::Rate(target, change) => match resolve(target, latest, &p) {
+            Some(RateTarget::Key(k, which)) => {
+                if !p.keys[k].present {
+                    return Plan::Skip;
+                }
+                change_rate(&mut p.keys[k].limits, which, change);
+                Call::Replace
+            }
+            Some(RateTarget::Workspace(w, which)) => {
+                if !p.workspaces[w].present {
+                    return Plan::Skip;
+                }
+                change_rate(&mut p.workspaces[w].limits, which, change);
+                let limits = Some(limits_spec(&p.workspaces[w].limits));
+                Call::Update(
+                    w,
+                    Box::new(WorkspaceUpdate {
+                        limits,
+                        ..WorkspaceUpdate::default()
+                    }),
+                )
+            }
+            None | Some(RateTarget::Latest(..)) => return Plan::Skip,
+            Some(RateTarget::Model(w, m, tokens)) => {
+                if !p.workspaces[w].present {
+                    return Plan::Skip;
+                }
+                let ml = &mut p.workspaces[w].model_limits[m];
+                if tokens {
+                    ml.tpm = changed(ml.tpm, change, 100, 5_000);
+                } else {
+                    ml.rpm = changed(ml.rpm, change, 1, 8);
+                }
+                let model_limits = Some(model_limit_specs(&p.workspaces[w]));
+                Call::Update(
+                    w,
+                    Box::new(WorkspaceUpdate {
+                        model_limits,
+                        ..WorkspaceUpdate::default()
+                    }),
+                )
+            }
+        },
+        Edit::Budget(target, budget) => match target {
+            BudgetTarget::Org => {
+                p.org_budget = budget;
+                Call::Replace
+            }
+            BudgetTarget::Workspace(w) => {
+                if !p.workspaces[w].present {
+                    return Plan::Skip;
+                }
+                p.workspaces[w].budget = budget;
+                Call::Update(
+                    w,
+                    Box::new(WorkspaceUpdate {
+                        budget: Some(budget_spec(&budget)),
+                        ..WorkspaceUpdate::default()
+                    }),
+                )
+            }
+            BudgetTarget::Key(k) => {
+                if !p.keys[k].present {
+                    return Plan::Skip;
+                }
+                p.keys[k].budget = budget;
+                Call::Replace
+            }
+        },
+        Edit::Revoke(k) => {
+            if !p.keys[k].present {
+                return Plan::Refused(Call::Revoke(k));
+            }
+            p.keys[k].revoked = true;
+            Call::Revoke(k)
+        }
+        Edit::DeleteWorkspace(w) => {
+            if !p.workspaces[w].present || p.default_workspace == Some(w) {
+                return Plan::Refused(Call::Delete(w));
+            }
+            p.workspaces[w].present = false;
+            p = p.consistent();
+            Call::Delete(w)
+        }
+        Edit::CreateWorkspace(w, ref spec) => {
+            // An absent workspace first, else this one (refused).
+            let w = (0..2)
+                .map(|i| (w + i) % 2)
+                .find(|&w| !p.workspaces[w].present)
+                .unwrap_or(w);
+            let call = Call::Create(Box::new(workspace_spec(w, spec)));
+            if p.workspaces[w].present {
+                return Plan::Refused(call);
+            }
+            p.workspaces[w] = WorkspaceParams {
+                present: true,
+                ..(**spec).clone()
+            };
+            call
+        }
+        Edit::PutKey(k, ref spec) => {
+            // An absent key whose workspace exists first, then a revoked one, else this.
+            let order = || (0..3).map(|i| (k + i) % 3);
+            let absent =
+                order().find(|&k| !p.keys[k].present && p.workspaces[KEY_WORKSPACE[k]].present);
+            let revoked = order().find(|&k| p.keys[k].present && p.keys[k].revoked);
+            let k = absent.or(revoked).unwrap_or(k);
+            if !p.workspaces[KEY_WORKSPACE[k]].present {
+                return Plan::Skip;
+            }
+            p.keys[k] = KeyParams {
+                present: true,
+                ..(**spec).clone()
+            };
+            Call::Replace
+        }
+    };
+    Plan::Change(Box::new(p), call)
+}
+
+/// Make one edit on both sides: the engine must accept exactly the edits the model
+/// expects to be valid. Returns whether the policy changed.
+fn make_edit(
+    engine: &Engine,
+    model: &mut Model,
+    edit: &Edit,
+    latest: Option<(usize, usize)>,
+) -> Result<bool, TestCaseError> {
+    let (params, call, valid) = match plan(&model.params, edit, latest) {
+        Plan::Skip => return Ok(false),
+        Plan::Refused(call) => (None, call, false),
+        Plan::Change(params, call) => (Some(*params), call, true),
+    };
+    let got = match call {
+        Call::Replace => {
+            engine.apply_policy(policy(params.as_ref().unwrap()));
+            Ok(())
+        }
+        Call::Update(w, update) => engine.update_workspace(WORKSPACES[w], *update, None),
+        Call::Revoke(k) => engine.revoke_key(KEYS[k], None),
+        Call::Delete(w) => engine.delete_workspace(WORKSPACES[w], None),
+        Call::Create(spec) => engine.create_workspace(*spec, None),
+    };
+    prop_assert_eq!(got.is_ok(), valid, "the engine answered {:?}", got);
+    match params {
+        Some(params) => {
+            model.apply(params);
+            Ok(true)
+        }
+        None => Ok(false),
+    }
 }
 
 fn run(initial: &Params, ops: &[Op]) -> Result<Outcomes, TestCaseError> {
@@ -1265,6 +2308,12 @@ fn run(initial: &Params, ops: &[Op]) -> Result<Outcomes, TestCaseError> {
                         prop_assert_eq!(reservation.reserved_cost(), want, "{}", what());
                         let want = (held.ask.input, held.ask.output);
                         prop_assert_eq!(reservation.reserved_tokens(), want, "{}", what());
+                        let limits = reservation.rate_limits();
+                        let got = Tightest {
+                            requests: limits.requests.map(Window::from),
+                            tokens: limits.tokens.map(Window::from),
+                        };
+                        prop_assert_eq!(got, held.tightest, "rate limits, {}", what());
                         seen.admitted += 1;
                         outstanding.push((reservation, held));
                     }
@@ -1326,9 +2375,22 @@ fn run(initial: &Params, ops: &[Op]) -> Result<Outcomes, TestCaseError> {
             Op::Apply(ref params) => {
                 engine.apply_policy(policy(params));
                 model.apply((**params).clone());
+                seen.changes_in_flight += usize::from(!outstanding.is_empty());
+            }
+            Op::Edit(ref e) => {
+                let latest = outstanding.last().map(|(_, r)| (r.key, r.model));
+                if let Plan::Refused(_) = plan(&model.params, e, latest) {
+                    seen.refused_edits += 1;
+                }
+                let changed = make_edit(&engine, &mut model, e, latest)
+                    .map_err(|e| TestCaseError::fail(format!("{}: {}", what(), e)))?;
+                if changed && !outstanding.is_empty() {
+                    seen.changes_in_flight += 1;
+                }
             }
             Op::CheckUsage => check_usage(&engine, &mut model, &format!("after step {step}"))?,
         }
+        model.check_buckets(&format!("after step {step}: {op:?}"))?;
     }
     check_usage(&engine, &mut model, "at the end")?;
 
@@ -1336,6 +2398,7 @@ fn run(initial: &Params, ops: &[Op]) -> Result<Outcomes, TestCaseError> {
         drop(reservation);
         model.drop_reservation(held);
     }
+    model.check_buckets("after dropping every reservation")?;
     check_usage(&engine, &mut model, "after dropping every reservation")?;
     // Whatever the model says, nothing may stay held or in flight once all is dropped.
     let usage = engine.usage();
@@ -1348,6 +2411,7 @@ fn run(initial: &Params, ops: &[Op]) -> Result<Outcomes, TestCaseError> {
     for report in scopes {
         prop_assert_eq!((report.current.held, report.in_flight), (Decimal::ZERO, 0));
     }
+    seen.reached = model.reached;
     Ok(seen)
 }
 
@@ -1382,10 +2446,10 @@ proptest! {
 }
 
 /// A guard on the generator rather than the engine: every kind of denial at every
-/// scope it can come from, admissions, overage, refunds and period rollovers all turn
-/// up, often, in a fixed sample of cases. Without it a change to the policy or the
-/// operations could make some outcome rare and the property above would silently stop
-/// testing it.
+/// scope it can come from, admissions, overage, refunds, period rollovers, and policy
+/// changes of every kind with reservations in flight all turn up, often, in a fixed
+/// sample of cases. Without it a change to the policy or the operations could make
+/// some outcome rare and the property above would silently stop testing it.
 #[test]
 fn the_generator_reaches_every_outcome() {
     let mut runner = TestRunner::deterministic();
@@ -1433,13 +2497,49 @@ fn the_generator_reaches_every_outcome() {
         "rarely or never denied: {rare:?} (seen: {:#?})",
         all.denials
     );
-    assert!(all.admitted >= 500, "admitted {}", all.admitted);
-    assert!(all.overages >= 100, "overages {}", all.overages);
-    assert!(all.refunds >= 100, "refunds {}", all.refunds);
-    assert!(all.rollovers >= 100, "rollovers {}", all.rollovers);
+    let r = &all.reached;
+    let counts = [
+        ("admitted", all.admitted, 500),
+        ("overages", all.overages, 100),
+        ("refunds", all.refunds, 100),
+        ("rollovers", all.rollovers, 100),
+        (
+            "settled across a boundary",
+            all.settled_across_a_boundary,
+            100,
+        ),
+        ("policy changes in flight", all.changes_in_flight, 300),
+        ("edits refused by both", all.refused_edits, 80),
+        ("exact refunds after time passed", r.refunds.exact, 80),
+        ("refunds across one rescale", r.refunds.one_rescale, 12),
+        ("refunds after two or more changes", r.refunds.after_many, 5),
+        ("limits raised with holds", r.raised_with_holds, 60),
+        ("limits lowered with holds", r.lowered_with_holds, 60),
+        ("limits added with holds", r.added_with_holds, 10),
+        ("limits removed with holds", r.removed_with_holds, 100),
+        (
+            "period kinds changed with holds",
+            r.kind_changes_with_holds,
+            200,
+        ),
+        (
+            "settled after a kind change",
+            r.settled_after_kind_change,
+            200,
+        ),
+        ("keys revoked in flight", r.revoked_in_flight, 10),
+        ("workspaces deleted in flight", r.deleted_in_flight, 12),
+        ("workspaces re-created", r.recreated, 20),
+        (
+            "re-created with the old in flight",
+            r.recreated_with_old_in_flight,
+            4,
+        ),
+        ("settled on deleted counters", r.settled_on_deleted, 60),
+    ];
+    let short: Vec<_> = counts.iter().filter(|(_, n, min)| n < min).collect();
     assert!(
-        all.settled_across_a_boundary >= 100,
-        "settled across a boundary {}",
-        all.settled_across_a_boundary
+        short.is_empty(),
+        "reached too rarely: {short:?} (all: {counts:?})"
     );
 }

@@ -12,8 +12,9 @@ use std::str::FromStr;
 use redis_server::{require_redis, RedisServer};
 use rust_decimal::Decimal;
 use tollgate::{
-    BudgetPeriod, BudgetSpec, DenialReason, Held, KeySpec, Limiter, LimitsSpec, ModelSpec, OrgSpec,
-    Policy, PolicyDocument, RedisConfig, RedisEngine, Request, Scope, Usage, WorkspaceSpec,
+    BudgetPeriod, BudgetSpec, DenialReason, Held, KeySpec, KeyStatus, Limiter, LimitsSpec,
+    ModelSpec, OrgSpec, Policy, PolicyDocument, RedisConfig, RedisEngine, RedisReservation,
+    Request, Reservation, Scope, ScopeReport, Usage, UsageSnapshot, WorkspaceSpec,
 };
 
 fn dec(s: &str) -> Decimal {
@@ -387,6 +388,553 @@ async fn redis_decides_exactly_as_the_in_memory_engine() {
         server.cli(&["hget", &redis.workspace_key("ws1"), "conc"]),
         "0"
     );
+}
+
+// ---------------------------------------------------------------------------------
+// Policy edits with requests in flight (issue 12), on both backends in lockstep.
+// ---------------------------------------------------------------------------------
+
+/// The policy the edits test runs, as its steps change it: org "acme" ($1 a month,
+/// $0.50 wallet), model "m" at $1 per million input and $2 per million output tokens;
+/// "ws1" with `rpm`, `tpm` and a $0.10 budget per `period`, keys "k1" and "k2";
+/// "ws2" (at most 2 in flight, 3,000 tokens a minute, $0.05 a month) with key "k3".
+#[derive(Clone, Copy)]
+struct Edited {
+    rpm: i64,
+    tpm: i64,
+    period: BudgetPeriod,
+    k2: bool,
+    k2_revoked: bool,
+    ws2: bool,
+    k3: bool,
+}
+
+fn ws2_spec() -> WorkspaceSpec {
+    WorkspaceSpec::new("ws2", "two")
+        .grant("m")
+        .limits(LimitsSpec {
+            tpm: Some(3_000),
+            max_concurrent: Some(2),
+            ..LimitsSpec::default()
+        })
+        .budget(BudgetSpec::new(dec("0.05"), BudgetPeriod::Month))
+}
+
+impl Edited {
+    fn policy(self) -> Policy {
+        let mut org = OrgSpec::new("acme");
+        org.budget = Some(BudgetSpec::new(dec("1"), BudgetPeriod::Month));
+        org.wallet = Some(dec("0.5"));
+        let mut k2 = KeySpec::new("k2", "ws1", "sk-e2");
+        if self.k2_revoked {
+            k2.status = KeyStatus::Revoked;
+        }
+        let k1 = KeySpec::new("k1", "ws1", "sk-e1");
+        let mut doc = PolicyDocument::new(org)
+            .model(ModelSpec::new("m", dec("1"), dec("2")))
+            .workspace(
+                WorkspaceSpec::new("ws1", "one")
+                    .grant("m")
+                    .limits(LimitsSpec {
+                        rpm: Some(self.rpm),
+                        tpm: Some(self.tpm),
+                        ..LimitsSpec::default()
+                    })
+                    .budget(BudgetSpec::new(dec("0.1"), self.period)),
+            )
+            .key(k1);
+        if self.k2 {
+            doc = doc.key(k2);
+        }
+        if self.ws2 {
+            doc = doc.workspace(ws2_spec());
+            if self.k3 {
+                doc = doc.key(KeySpec::new("k3", "ws2", "sk-e3"));
+            }
+        }
+        Policy::new(doc).unwrap()
+    }
+}
+
+/// What a step did on one backend.
+fn outcome<R: Held>(result: &Result<R, tollgate::Denial>) -> Outcome {
+    match result {
+        Ok(r) => Outcome::Admitted {
+            held: r.reserved_cost(),
+            limits: r.rate_limits(),
+        },
+        Err(d) => Outcome::Denied {
+            reason: d.reason,
+            scope: d.scope,
+            quota: d.quota,
+            status: d.http_status(),
+        },
+    }
+}
+
+/// One scope's current period as both backends report it.
+type Book = (
+    tollgate::Timestamp,
+    tollgate::Timestamp,
+    u64,
+    u64,
+    u64,
+    Decimal,
+    Decimal,
+    u32,
+);
+
+fn book(r: &ScopeReport) -> Book {
+    let c = &r.current;
+    (
+        c.period_start,
+        c.period_end,
+        c.requests,
+        c.input_tokens,
+        c.output_tokens,
+        c.cost,
+        c.held,
+        r.in_flight,
+    )
+}
+
+/// Every scope's book, by id, in a fixed order.
+fn books(u: &UsageSnapshot) -> (Book, Decimal, Vec<(String, Book)>) {
+    let mut scopes = Vec::new();
+    for ws in &u.workspaces {
+        scopes.push((ws.id.clone(), book(&ws.usage)));
+        for m in &ws.models {
+            scopes.push((format!("{} × {}", ws.id, m.model), book(&m.usage)));
+        }
+    }
+    for k in &u.keys {
+        scopes.push((format!("key {}", k.id), book(&k.usage)));
+    }
+    scopes.sort_by(|a, b| a.0.cmp(&b.0));
+    (book(&u.org), u.wallet_spent, scopes)
+}
+
+/// The in-memory engine and the Redis engine, driven step by step through the same
+/// requests and policy edits, each step on one right after the other so both see the
+/// same instants (token windows drain in real time: a few tokens' drift is allowed,
+/// as in the script above).
+struct Lockstep<'s> {
+    server: &'s RedisServer,
+    memory: tollgate::Engine,
+    redis: RedisEngine,
+    policy: Edited,
+    /// Outstanding reservations by name, with their workspace.
+    held: Vec<(&'static str, &'static str, Reservation, RedisReservation)>,
+    /// Receipts, with the workspace each request was admitted in.
+    receipts: Vec<(&'static str, tollgate::Receipt)>,
+}
+
+impl<'s> Lockstep<'s> {
+    async fn start(server: &'s RedisServer, policy: Edited) -> Self {
+        Lockstep {
+            server,
+            memory: tollgate::Engine::new(policy.policy()),
+            redis: RedisEngine::connect(&server.url(), policy.policy(), RedisConfig::default())
+                .await
+                .unwrap(),
+            policy,
+            held: Vec::new(),
+            receipts: Vec::new(),
+        }
+    }
+
+    /// Reserve on both; both must decide alike. Keeps the reservations as `name`.
+    async fn reserve(&mut self, name: &'static str, key: &str, input: u32, output: u32) -> bool {
+        let request = Request::with_key_id(key, "m")
+            .input_tokens(input)
+            .max_output_tokens(output);
+        let memory = self.memory.check_and_reserve(&request);
+        let redis = self.redis.check_and_reserve(&request).await;
+        let (m, r) = (outcome(&memory), outcome(&redis));
+        eprintln!("{name}: memory {m:?}\n{name}: redis {r:?}");
+        assert_same_outcomes(std::slice::from_ref(&r), std::slice::from_ref(&m));
+        match (memory, redis) {
+            (Ok(memory), Ok(redis)) => {
+                let ws = if key == "k3" { "ws2" } else { "ws1" };
+                self.held.push((name, ws, memory, redis));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn take(&mut self, name: &str) -> (&'static str, Reservation, RedisReservation) {
+        let i = self
+            .held
+            .iter()
+            .position(|h| h.0 == name)
+            .unwrap_or_else(|| panic!("{name} is not held"));
+        let (_, ws, memory, redis) = self.held.remove(i);
+        (ws, memory, redis)
+    }
+
+    async fn commit(&mut self, name: &str, input: u32, output: u32) {
+        let (ws, memory, redis) = self.take(name);
+        let m = self
+            .memory
+            .commit_usage(memory, Usage::new(input, output))
+            .unwrap();
+        let r = self
+            .redis
+            .commit_usage(redis, Usage::new(input, output))
+            .await
+            .unwrap();
+        assert_eq!(r, m, "receipts of {name}");
+        self.receipts.push((ws, m));
+    }
+
+    /// Drop on both, and wait until Redis has released the hold in the background.
+    async fn drop(&mut self, name: &str) {
+        let (ws, memory, redis) = self.take(name);
+        let id = redis.id().unwrap().to_owned();
+        drop(memory);
+        drop(redis);
+        let records = [
+            format!("tollgate:v1:{{ws:{ws}}}:resv:{id}"),
+            format!("tollgate:v1:{{org:acme}}:resv:{id}"),
+        ];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while records
+            .iter()
+            .any(|r| self.server.cli(&["exists", r]) == "1")
+        {
+            assert!(std::time::Instant::now() < deadline, "{name} not released");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn apply(&mut self, policy: Edited) {
+        self.policy = policy;
+        self.memory.apply_policy(policy.policy());
+        self.redis.apply_policy(policy.policy()).await.unwrap();
+    }
+
+    async fn revoke(&mut self, key: &str) {
+        self.policy.k2_revoked |= key == "k2";
+        self.memory.revoke_key(key, None).unwrap();
+        self.redis.revoke_key(key, None).await.unwrap();
+    }
+
+    async fn delete_ws2(&mut self) {
+        (self.policy.ws2, self.policy.k3) = (false, false);
+        self.memory.delete_workspace("ws2", None).unwrap();
+        self.redis.delete_workspace("ws2", None).await.unwrap();
+    }
+
+    async fn create_ws2(&mut self) {
+        self.policy.ws2 = true;
+        self.memory.create_workspace(ws2_spec(), None).unwrap();
+        self.redis.create_workspace(ws2_spec(), None).await.unwrap();
+    }
+
+    /// Both backends' books agree, scope by scope.
+    async fn same_books(&self, when: &str) -> UsageSnapshot {
+        let memory = self.memory.usage();
+        let redis = self.redis.usage().await.unwrap();
+        assert_eq!(books(&redis), books(&memory), "redis, then memory: {when}");
+        memory
+    }
+
+    /// What the receipts of requests admitted in `ws` (all of them: `None`) cost.
+    fn charged(&self, ws: Option<&str>) -> Decimal {
+        self.receipts
+            .iter()
+            .filter(|(w, _)| ws.map_or(true, |ws| ws == *w))
+            .map(|(_, r)| r.cost())
+            .sum()
+    }
+}
+
+/// Sleep until `offset` after the next whole multiple of `period` on the system clock
+/// (which Redis `TIME` reads too).
+async fn sleep_past_boundary(period: std::time::Duration, offset: std::time::Duration) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let period_ns = period.as_nanos();
+    let next = (now.as_nanos() / period_ns + 1) * period_ns;
+    let wait = std::time::Duration::from_nanos((next - now.as_nanos()) as u64) + offset;
+    tokio::time::sleep(wait).await;
+}
+
+/// Issue 12 on both backends: rate limits raised and lowered under holds in flight, a
+/// budget's period kind changed under a hold, a key revoked and a workspace deleted
+/// and re-created while their requests are in flight. Every decision, receipt and
+/// book (spend, held, requests and tokens per scope, period bounds, in flight) must be
+/// the same in memory and in Redis; spend must add up to the receipts.
+#[tokio::test(flavor = "current_thread")]
+async fn redis_and_memory_agree_when_rules_change_under_requests_in_flight() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let start = Edited {
+        rpm: 10,
+        tpm: 6_000,
+        period: BudgetPeriod::Month,
+        k2: true,
+        k2_revoked: false,
+        ws2: true,
+        k3: true,
+    };
+    let mut both = Lockstep::start(&server, start).await;
+
+    // Rate limits raised, then lowered, with holds in flight: refunds in units at the
+    // interval in force (at most what can be undrained), overage at the new interval.
+    // Redis brings a bucket to a changed rule at its next reserve (commits and
+    // releases use the rule it stores), so every edit here is followed by a request
+    // reaching ws1's buckets before anything settles: then both count alike.
+    assert!(both.reserve("r1", "k1", 1_000, 1_000).await);
+    assert!(both.reserve("r2", "k1", 1_500, 500).await);
+    both.apply(Edited {
+        rpm: 20,
+        tpm: 12_000,
+        ..both.policy
+    })
+    .await;
+    assert!(both.reserve("r3", "k2", 2_000, 2_000).await);
+    both.drop("r1").await; // one rescale (a raise) since its take
+    both.same_books("after a raise and a drop").await;
+    both.apply(Edited {
+        rpm: 5,
+        tpm: 3_000,
+        ..both.policy
+    })
+    .await;
+    // 6,000 tokens of backlog against 3,000 a minute: refused, the buckets rescaled.
+    assert!(!both.reserve("touch", "k1", 1, 0).await);
+    both.commit("r2", 500, 100).await; // two rescales since its take: nothing back
+    both.commit("r3", 4_500, 0).await; // one rescale since; 500 tokens of overage
+                                       // The lowered bucket is deep in debt: refused on both.
+    assert!(!both.reserve("refused", "k1", 100, 100).await);
+    both.same_books("after lowering").await;
+
+    // A budget's period kind changed under a hold (bug 3): a hold taken under a
+    // 2-second period settles after its boundary into the monthly period the policy
+    // says now, without starting the month again.
+    // (Redis moves a scope to a changed period kind at its next reserve too, so again
+    // a request follows each edit.)
+    both.apply(Edited {
+        rpm: 60,
+        tpm: 100_000,
+        ..both.policy
+    })
+    .await;
+    assert!(both.reserve("t1", "k1", 1, 0).await);
+    let seconds = |s| std::time::Duration::from_secs(s);
+    sleep_past_boundary(seconds(2), std::time::Duration::from_millis(20)).await;
+    both.apply(Edited {
+        period: BudgetPeriod::Custom { seconds: 2 },
+        ..both.policy
+    })
+    .await;
+    assert!(both.reserve("r4", "k1", 200, 200).await);
+    both.apply(Edited {
+        period: BudgetPeriod::Month,
+        ..both.policy
+    })
+    .await;
+    assert!(both.reserve("t2", "k1", 1, 0).await);
+    sleep_past_boundary(seconds(2), std::time::Duration::from_millis(100)).await;
+    both.commit("r4", 300, 100).await;
+    both.commit("t1", 1, 0).await;
+    both.commit("t2", 1, 0).await;
+    let usage = both.same_books("after a period kind change").await;
+    let ws1 = usage.workspaces.iter().find(|w| w.id == "ws1").unwrap();
+    let ws1 = &ws1.usage.current;
+    assert_eq!(ws1.cost, both.charged(Some("ws1")), "ws1 kept its month");
+    assert_eq!(ws1.requests, 5);
+
+    // A key revoked while its request is in flight: refused at once, the request in
+    // flight still settles.
+    assert!(both.reserve("r5", "k2", 100, 100).await);
+    both.revoke("k2").await;
+    assert!(!both.reserve("revoked", "k2", 1, 1).await);
+    both.commit("r5", 100, 50).await;
+    both.same_books("after a revocation").await;
+
+    // A workspace deleted and re-created while its request is in flight: the late
+    // commit is charged to the org and wallet, and the new workspace starts from zero.
+    assert!(both.reserve("r6", "k3", 1_000, 1_000).await);
+    assert!(both.reserve("r7", "k3", 500, 500).await);
+    both.delete_ws2().await;
+    assert!(!both.reserve("deleted", "k3", 1, 1).await);
+    both.commit("r6", 1_000, 200).await;
+    both.create_ws2().await;
+    both.apply(Edited {
+        k3: true,
+        ..both.policy
+    })
+    .await;
+    both.drop("r7").await;
+    let usage = both.same_books("after re-creating a workspace").await;
+    let ws2 = usage.workspaces.iter().find(|w| w.id == "ws2").unwrap();
+    assert_eq!(
+        (
+            ws2.usage.current.cost,
+            ws2.usage.current.held,
+            ws2.usage.in_flight
+        ),
+        (Decimal::ZERO, Decimal::ZERO, 0),
+        "a re-created workspace starts from zero"
+    );
+    // Two in flight at once again in the new workspace (its limit is 2).
+    assert!(both.reserve("r8", "k3", 10, 10).await);
+    assert!(both.reserve("r9", "k3", 10, 10).await);
+    assert!(!both.reserve("third", "k3", 10, 10).await);
+    both.commit("r8", 10, 10).await;
+    both.commit("r9", 10, 10).await;
+
+    let usage = both.same_books("at the end").await;
+    assert_eq!(usage.org.current.cost, both.charged(None));
+    assert_eq!(usage.wallet_spent, both.charged(None));
+    assert_eq!(usage.org.current.held, Decimal::ZERO);
+    assert!(both.held.is_empty());
+}
+
+const EDITED: Edited = Edited {
+    rpm: 60,
+    tpm: 6_000,
+    period: BudgetPeriod::Month,
+    k2: true,
+    k2_revoked: false,
+    ws2: true,
+    k3: true,
+};
+
+// The four tests below show where Redis still counts differently from the in-memory
+// engine under changed rules (found by the lockstep test above; see each). They are
+// ignored until the Redis backend or spec-12 is settled on each point; run them with
+// `cargo test --features redis --test redis -- --ignored`.
+
+/// A hold taken before a limit was lowered and refunded after it: spec-12 converts
+/// the units left at the bucket's interval now (the in-memory engine does); Redis
+/// converts them at the faster of the two intervals, so it gives back half of what
+/// the engine gives here (2,000 tokens refunded as 1,000 against 3,000 a minute).
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "Redis refunds after one rescale at the faster interval, spec-12 says the interval now"]
+async fn a_hold_refunded_after_a_lowered_limit_gives_back_the_same_on_both() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let mut both = Lockstep::start(&server, EDITED).await;
+    assert!(both.reserve("held", "k1", 2_000, 0).await);
+    both.apply(Edited {
+        tpm: 3_000,
+        ..both.policy
+    })
+    .await;
+    // Brings Redis's buckets to the new limit before anything settles.
+    assert!(both.reserve("touch", "k2", 1, 0).await);
+    both.commit("held", 0, 0).await;
+    assert!(both.reserve("probe", "k1", 100, 0).await);
+}
+
+/// A budget's period kind changed while a request is in flight, and no request
+/// reaches the workspace before the old kind's boundary: the in-memory engine moves
+/// to the new kind when the policy is applied; Redis only at the workspace's next
+/// reserve, so the late commit rolls the period by the old kind (bug 3 in that
+/// window): the spend counted before it is lost to the month.
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "Redis changes a scope's period kind at its next reserve, not when the policy is applied"]
+async fn a_period_kind_change_applies_at_once_on_both() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let two_seconds = Edited {
+        period: BudgetPeriod::Custom { seconds: 2 },
+        ..EDITED
+    };
+    let mut both = Lockstep::start(&server, two_seconds).await;
+    let seconds = std::time::Duration::from_secs(2);
+    sleep_past_boundary(seconds, std::time::Duration::from_millis(20)).await;
+    assert!(both.reserve("spent", "k1", 1_000, 0).await);
+    both.commit("spent", 1_000, 0).await;
+    assert!(both.reserve("in flight", "k1", 500, 0).await);
+    both.apply(Edited {
+        period: BudgetPeriod::Month,
+        ..both.policy
+    })
+    .await;
+    sleep_past_boundary(seconds, std::time::Duration::from_millis(100)).await;
+    both.commit("in flight", 500, 0).await;
+    let usage = both.same_books("after the late commit").await;
+    let ws1 = usage.workspaces.iter().find(|w| w.id == "ws1").unwrap();
+    assert_eq!(ws1.usage.current.cost, both.charged(Some("ws1")));
+}
+
+/// A budget's period kind changed after the old kind's period ended with no request
+/// since: the in-memory engine closes the ended period first (its spend is the
+/// previous period's) and starts the new kind's from zero; Redis carries the ended
+/// period's spend into the new one. Spec-12 says a kind change carries "what was
+/// counted" and does not say which; the model test follows the in-memory engine.
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "Redis carries an ended period's spend into a changed period kind; memory closes it first"]
+async fn a_period_kind_change_after_an_ended_period_starts_alike_on_both() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let two_seconds = Edited {
+        period: BudgetPeriod::Custom { seconds: 2 },
+        ..EDITED
+    };
+    let mut both = Lockstep::start(&server, two_seconds).await;
+    let seconds = std::time::Duration::from_secs(2);
+    sleep_past_boundary(seconds, std::time::Duration::from_millis(20)).await;
+    assert!(both.reserve("spent", "k1", 1_000, 0).await);
+    both.commit("spent", 1_000, 0).await;
+    sleep_past_boundary(seconds, std::time::Duration::from_millis(100)).await;
+    both.apply(Edited {
+        period: BudgetPeriod::Month,
+        ..both.policy
+    })
+    .await;
+    assert!(both.reserve("after", "k1", 10, 0).await);
+    both.commit("after", 10, 0).await;
+    both.same_books("after the kind change").await;
+}
+
+/// A key taken out of the policy while its request is in flight, then put back: the
+/// in-memory engine gives the key fresh counters (the late commit settles on the old
+/// ones, which no report shows); Redis keeps the key's counters under the same name,
+/// so the key comes back with its old spend plus the late commit. (A deleted and
+/// re-created workspace starts from zero on both.)
+#[tokio::test(flavor = "current_thread")]
+#[ignore = "Redis keeps a removed key's counters for when it comes back; memory starts it afresh"]
+async fn a_key_removed_and_put_back_starts_alike_on_both() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let mut both = Lockstep::start(&server, EDITED).await;
+    assert!(both.reserve("spent", "k2", 1_000, 0).await);
+    both.commit("spent", 1_000, 0).await;
+    assert!(both.reserve("in flight", "k2", 1_000, 0).await);
+    both.apply(Edited {
+        k2: false,
+        ..both.policy
+    })
+    .await;
+    both.apply(Edited {
+        k2: true,
+        ..both.policy
+    })
+    .await;
+    both.commit("in flight", 1_000, 0).await;
+    both.same_books("after the key came back").await;
 }
 
 /// The scripts compute calendar-month bounds from Redis TIME in Lua; they must be the
