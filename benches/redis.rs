@@ -374,7 +374,10 @@ fn server_time() {
             ("reserve_us", per(reserve_usec, requests)),
             ("commit_us", per(commit_usec, requests)),
             ("per_request_us", per(reserve_usec + commit_usec, requests)),
-            ("per_function_call_us", per(reserve_usec + commit_usec, calls)),
+            (
+                "per_function_call_us",
+                per(reserve_usec + commit_usec, calls),
+            ),
         ];
         let json = figures
             .iter()
@@ -386,7 +389,10 @@ fn server_time() {
             .map_or(0, |d| d.as_secs());
         println!("redis server time per admitted request (INFO commandstats): {{{json}}}");
         let dir = std::env::var_os("CARGO_TARGET_DIR")
-            .map_or_else(|| std::path::PathBuf::from("target"), std::path::PathBuf::from)
+            .map_or_else(
+                || std::path::PathBuf::from("target"),
+                std::path::PathBuf::from,
+            )
             .join("criterion");
         let _ = std::fs::create_dir_all(&dir);
         let written = std::fs::write(

@@ -65,7 +65,7 @@ impl Ttls {
     }
 }
 
-fn period_args(span: Span) -> (u8, u64) {
+pub(crate) fn period_args(span: Span) -> (u8, u64) {
     match span {
         Span::Forever => (0, 0),
         Span::Period(BudgetPeriod::Day) => (1, 0),

@@ -17,10 +17,26 @@ use std::time::Duration;
 
 use crate::control::{next_snapshot, Change, IssuedKey, NewKey, WorkspaceUpdate};
 use crate::denial::{Error, StoreError};
+use crate::policy::rules::LevelRules;
 use crate::policy::{KeyStatus, Policy, WorkspaceSpec};
 use crate::redis::error::classify;
-use crate::redis::{fallback, RedisEngine};
+use crate::redis::scripts::{self, Function};
+use crate::redis::{calls, fallback, RedisEngine};
 use crate::snapshot::Snapshot;
+
+/// What a scope's counters follow of its rules: the three rate intervals (0: no
+/// limit) and the budget period.
+fn rule_signature(rules: &LevelRules) -> [u64; 5] {
+    let interval = |rule: Option<&crate::bucket::RateRule>| rule.map_or(0, |r| r.interval);
+    let (kind, seconds) = calls::period_args(rules.span);
+    [
+        interval(rules.rpm.as_ref()),
+        interval(rules.rpd.as_ref()),
+        interval(rules.tpm.as_ref().map(|t| &t.rate)),
+        u64::from(kind),
+        seconds,
+    ]
+}
 
 impl RedisEngine {
     /// Apply a new policy (see [`crate::Engine::apply_policy`]).
@@ -138,6 +154,7 @@ impl RedisEngine {
         let previous = inner.snapshot.load_full();
         let (next, applied) = next_snapshot(&previous, change)?;
         self.publish_flags(&previous, &next).await?;
+        self.follow_rules(&previous, &next).await?;
         inner.fallback.store(Arc::new(fallback::local_share(
             &next.policy,
             inner.config.expected_instances,
@@ -149,6 +166,73 @@ impl RedisEngine {
             events.emit(now, actor, applied.event);
         }
         Ok(applied.issued)
+    }
+
+    /// Bring the counters of every scope whose rate limits or budget period changed
+    /// to the new rules now, as the in-memory engine does when it applies a policy
+    /// (one `follow` call per hash tag): a reservation that settles before the next
+    /// reserve then settles into the new rules too.
+    async fn follow_rules(&self, previous: &Snapshot, next: &Snapshot) -> Result<(), StoreError> {
+        let layout = &self.inner.layout;
+        let (old, new) = (&previous.policy, &next.policy);
+        // Per hash tag: the scope hashes and their new rules.
+        let mut tags: Vec<(Vec<String>, Vec<String>)> = Vec::new();
+        let add = |tag: &mut (Vec<String>, Vec<String>),
+                   key: String,
+                   was: &LevelRules,
+                   now: &LevelRules| {
+            if rule_signature(was) != rule_signature(now) {
+                let (kind, seconds) = calls::period_args(now.span);
+                let [rpm, rpd, tpm, ..] = rule_signature(now);
+                tag.0.push(key);
+                tag.1
+                    .extend([rpm, rpd, tpm, u64::from(kind), seconds].map(|x| x.to_string()));
+            }
+        };
+        for (w, ws) in new.workspaces.iter().enumerate() {
+            let Some(old_w) = previous.workspace_index(&ws.id) else {
+                continue;
+            };
+            let old_ws = &old.workspaces[old_w as usize];
+            let mut tag = (Vec::new(), Vec::new());
+            add(&mut tag, layout.workspace(&ws.id), &old_ws.rules, &ws.rules);
+            for (m, model) in new.models.iter().enumerate() {
+                if let Some(old_m) = previous.model_index(&model.name) {
+                    add(
+                        &mut tag,
+                        layout.model(&ws.id, &model.name),
+                        &old_ws.model_rules[old_m as usize],
+                        &ws.model_rules[m],
+                    );
+                }
+            }
+            for key in new.keys.iter().filter(|k| k.workspace as usize == w) {
+                let Some(old_k) = previous.key_index(&key.id) else {
+                    continue;
+                };
+                let old_key = &old.keys[old_k as usize];
+                if old_key.workspace != old_w {
+                    continue;
+                }
+                let was = old_key.rules.as_deref().unwrap_or(&old_ws.plain_key_rules);
+                let now = key.rules.as_deref().unwrap_or(&ws.plain_key_rules);
+                add(&mut tag, layout.key(&ws.id, &key.id), was, now);
+            }
+            tags.push(tag);
+        }
+        let mut org = (Vec::new(), Vec::new());
+        add(
+            &mut org,
+            layout.org(&new.org.id),
+            &old.org.rules,
+            &new.org.rules,
+        );
+        tags.push(org);
+        let mut connection = self.inner.connection.clone();
+        for (keys, args) in tags.into_iter().filter(|(keys, _)| !keys.is_empty()) {
+            scripts::call(&mut connection, Function::Follow, &keys, &args).await?;
+        }
+        Ok(())
     }
 
     /// Write the revocations, reactivations, deletions and re-creations between two

@@ -519,10 +519,7 @@ impl RedisEngine {
 
     async fn release_group(&self, group: &Group, id: &str) {
         let call = calls::release(group, id);
-        if let Err(error) = self
-            .run(Function::Release, &call)
-            .await
-        {
+        if let Err(error) = self.run(Function::Release, &call).await {
             // The hold expires after the reservation TTL; nothing more to do.
             self.record_error(error);
         }

@@ -29,10 +29,13 @@ pub struct RedisReservation {
     kind: Kind,
 }
 
+// Boxing `Remote`, the common case, would allocate on every request; `Local` (only
+// while Redis is down, for a fail-open workspace) is the one boxed.
+#[allow(clippy::large_enum_variant)]
 enum Kind {
     Remote(Remote),
     /// Admitted by the local limiter of a fail-open workspace while Redis was down.
-    Local(Reservation),
+    Local(Box<Reservation>),
 }
 
 struct Remote {
@@ -70,7 +73,7 @@ impl RedisReservation {
 
     pub(crate) fn local(reservation: Reservation) -> Self {
         RedisReservation {
-            kind: Kind::Local(reservation),
+            kind: Kind::Local(Box::new(reservation)),
         }
     }
 

@@ -19,6 +19,7 @@ pub(crate) enum Function {
     Reserve,
     Commit,
     Release,
+    Follow,
 }
 
 impl Function {
@@ -27,6 +28,7 @@ impl Function {
             Function::Reserve => "reserve",
             Function::Commit => "commit",
             Function::Release => "release",
+            Function::Follow => "follow",
         }
     }
 }
@@ -52,7 +54,11 @@ pub(crate) async fn call(
     args: &[String],
 ) -> Result<Value, StoreError> {
     let mut fcall = redis::cmd("FCALL");
-    fcall.arg(function.name()).arg(keys.len()).arg(keys).arg(args);
+    fcall
+        .arg(function.name())
+        .arg(keys.len())
+        .arg(keys)
+        .arg(args);
     match fcall.query_async::<Value>(connection).await {
         Err(e) if is_missing_library(&e) => {
             load(connection).await?;

@@ -195,7 +195,7 @@ local function scope(key)
     local values = {}
     for i = 1, #NUM do values[i] = 0 end
     values[AT.alerted] = -1
-    s.v = values
+    s.v, s.fresh = values, true
   end
   s.used = money(key, 'used', v[2])
   s.held = money(key, 'held', v[3])
@@ -351,44 +351,39 @@ end
 -- The period of a scope: started anew when now has passed the stored one. Holds in
 -- flight carry over (they stay in `used` and `held`); the ended period's totals become
 -- `p_*`. The scope stores its period kind (`pk`, and `pks` seconds for a custom one):
--- only `policy` (reserve, which carries the current policy) may change it, starting
--- the new kind's period at once and carrying what was counted (as the in-memory
--- engine does); every other caller rolls by the stored kind, and passes its own only
+-- only `policy` (a reserve or a policy change, which carry the current policy) may
+-- change it: the new kind's period starts at once, carrying what the current one
+-- counted, after closing a stored period that had already ended (as the in-memory
+-- engine does). Every other caller rolls by the stored kind, and passes its own only
 -- for a scope that has none yet. Queues its changes on `s` (written by `flush`).
 -- Returns the end of the current period.
 local function roll(s, kind, seconds, policy)
   local stored_start, stored_end = get(s, 'ps'), get(s, 'pe')
-  local start, finish
   -- A period end of 0 means none yet (a forever span ends at -1).
   if stored_end ~= 0 then
     local stored_kind, stored_seconds = get(s, 'pk'), get(s, 'pks')
-    if policy and (stored_kind ~= kind or stored_seconds ~= seconds) then
-      start, finish = bounds(kind, seconds)
-      set(s, 'ps', start); set(s, 'pe', finish); set(s, 'pk', kind); set(s, 'pks', seconds)
-      return finish
+    local changing = policy and (stored_kind ~= kind or stored_seconds ~= seconds)
+    if not changing then kind, seconds = stored_kind, stored_seconds end
+    local ended = stored_end > 0 and now >= stored_end
+    if not ended and not changing then
+      local start, finish = bounds(kind, seconds)
+      if stored_start == start then return finish end
+      -- Not ended, yet not the period containing now: Redis's clock went back.
+      return stored_end
     end
-    kind, seconds = stored_kind, stored_seconds
-    start, finish = bounds(kind, seconds)
-    if stored_start == start then return finish end
-    if stored_end < 0 or now < stored_end then
-      -- Not ended, yet not the period containing now: Redis's clock went back. Only
-      -- the policy moves it.
-      if not policy then return stored_end end
-      set(s, 'ps', start); set(s, 'pe', finish)
-      return finish
+    if ended then
+      -- The stored period ended: its totals move aside, its spend leaves `used`.
+      s.used = madd(s.used, neg(s.spent))
+      put(s, 'used', s.used)
+      put(s, 'p_start', fmt(stored_start)); put(s, 'p_spent', s.spent); put(s, 'p_req', fmt(get(s, 'req')))
+      put(s, 'p_in', fmt(get(s, 'in'))); put(s, 'p_out', fmt(get(s, 'out')))
+      set(s, 'req', 0); set(s, 'in', 0); set(s, 'out', 0); set(s, 'alerted', -1)
+      s.spent = '0'
+      put(s, 'spent', '0')
     end
-    -- The stored period ended: its totals move aside, its spend leaves `used`.
-    s.used = madd(s.used, neg(s.spent))
-    put(s, 'used', s.used)
-    put(s, 'p_start', fmt(stored_start)); put(s, 'p_spent', s.spent); put(s, 'p_req', fmt(get(s, 'req')))
-    put(s, 'p_in', fmt(get(s, 'in'))); put(s, 'p_out', fmt(get(s, 'out')))
-  else
-    start, finish = bounds(kind, seconds)
   end
+  local start, finish = bounds(kind, seconds)
   set(s, 'ps', start); set(s, 'pe', finish); set(s, 'pk', kind); set(s, 'pks', seconds)
-  set(s, 'req', 0); set(s, 'in', 0); set(s, 'out', 0); set(s, 'alerted', -1)
-  s.spent = '0'
-  put(s, 'spent', '0')
   return finish
 end
 
@@ -740,6 +735,31 @@ local function renew(KEYS, ARGV)
   return 1
 end
 
+-- follow: bring scopes to a policy just applied (the in-memory engine does this when
+-- it applies a policy): buckets re-expressed in changed intervals (a limit added
+-- starts full, a removed one is forgotten), a changed period kind started at once.
+-- KEYS: scope hashes. ARGV: per scope rpm_interval rpd_interval tpm_interval
+-- period_kind period_seconds (interval 0: no limit). Returns 1.
+local function follow(KEYS, ARGV)
+  clock()
+  local scopes = {}
+  for i = 1, #KEYS do scopes[i] = scope(KEYS[i]) end
+  for i, s in ipairs(scopes) do
+    local a = (i - 1) * 5
+    if not s.fresh then -- a scope never used has nothing to follow
+    for j, name in ipairs(BUCKETS) do
+      local b = bucket(s, name)
+      if conform(b, tonumber(ARGV[a + j])) then put_bucket(s, b) end
+    end
+    put(s, 'rules', ARGV[a + 1] .. ':' .. ARGV[a + 2] .. ':' .. ARGV[a + 3])
+    roll(s, tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), true)
+    flush(s)
+    end
+  end
+  return 1
+end
+
+redis.register_function('follow', follow)
 redis.register_function('reserve', reserve)
 redis.register_function('commit', commit)
 redis.register_function('release', release)
