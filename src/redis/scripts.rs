@@ -1,4 +1,4 @@
-//! The three Lua scripts, each loaded once and invoked by SHA (`EVALSHA`, falling
+//! The Lua scripts, each loaded once and invoked by SHA (`EVALSHA`, falling
 //! back to loading it on `NOSCRIPT`, which `redis::Script` does).
 
 use redis::Script;
@@ -9,6 +9,7 @@ pub(crate) struct Scripts {
     pub(crate) reserve: Script,
     pub(crate) commit: Script,
     pub(crate) release: Script,
+    pub(crate) renew: Script,
 }
 
 impl Scripts {
@@ -18,6 +19,7 @@ impl Scripts {
             reserve: with_common(include_str!("scripts/reserve.lua")),
             commit: with_common(include_str!("scripts/commit.lua")),
             release: with_common(include_str!("scripts/release.lua")),
+            renew: with_common(include_str!("scripts/renew.lua")),
         }
     }
 }
