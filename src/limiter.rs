@@ -41,8 +41,11 @@ impl Held for Reservation {
 ///         .await?;
 ///     // ... call the provider ...
 ///     match limiter.commit_usage(reservation, Usage::new(900, 120)).await {
+///         // Pending: the store will record it (exactly once); deliver the answer.
+///         Ok(receipt) if receipt.is_pending() => Ok(format!("cost ${}, pending", receipt.cost())),
 ///         Ok(receipt) => Ok(format!("cost ${}", receipt.cost())),
-///         Err(error) => Ok(format!("committed later: {error}")),
+///         // The store refused it for good: nothing was charged.
+///         Err(error) => Ok(format!("not charged: {error}")),
 ///     }
 /// }
 /// ```
@@ -56,7 +59,10 @@ pub trait Limiter: Send + Sync {
         request: &Request<'_>,
     ) -> impl Future<Output = Result<Self::Reservation, Denial>> + Send;
 
-    /// Replace a reservation by what the request really used.
+    /// Replace a reservation by what the request really used. `Ok` means the usage is
+    /// charged exactly once, now or (a [pending](Receipt::is_pending) receipt) when the
+    /// store answers again: deliver the provider's answer. `Err` means it could not be
+    /// recorded at all.
     fn commit_usage(
         &self,
         reservation: Self::Reservation,

@@ -41,12 +41,18 @@ pub struct Reservation {
 ///
 /// Amounts are kept in the engine's fixed-point unit and turned into `Decimal` only
 /// when asked for, so committing builds no `Decimal` on the hot path.
+///
+/// A receipt means the request's usage is (or will be) charged exactly once, so the
+/// provider's answer can be delivered. With the Redis backend it may be
+/// [pending](Receipt::is_pending): computed here while Redis has not acknowledged the
+/// commit yet.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Receipt {
     cost: i64,
     reserved_cost: i64,
     input_tokens: u32,
     output_tokens: u32,
+    pending: bool,
 }
 
 impl Receipt {
@@ -57,7 +63,31 @@ impl Receipt {
             reserved_cost,
             input_tokens: usage.input_tokens,
             output_tokens: usage.output_tokens,
+            pending: false,
         }
+    }
+
+    /// The same receipt, for a commit queued for replay.
+    #[cfg(feature = "redis")]
+    pub(crate) fn into_pending(self) -> Self {
+        Receipt {
+            pending: true,
+            ..self
+        }
+    }
+
+    /// True when the store has not acknowledged the commit yet: the Redis backend met a
+    /// transient error (a timeout, a dropped connection, a failover) and queued the
+    /// commit, to be replayed after the next commit that succeeds or by
+    /// `RedisEngine::flush_pending`. Commits are idempotent by reservation id, so the
+    /// usage is charged exactly once, whether or not the first attempt landed. The
+    /// amounts are exact (computed locally from the same prices).
+    ///
+    /// Deliver the provider's answer either way: the request happened and will be
+    /// charged. Never true for the in-memory engine.
+    #[must_use]
+    pub fn is_pending(&self) -> bool {
+        self.pending
     }
 
     /// The real cost in USD, exact.
@@ -99,6 +129,7 @@ impl fmt::Debug for Receipt {
             .field("overage", &self.overage())
             .field("input_tokens", &self.input_tokens)
             .field("output_tokens", &self.output_tokens)
+            .field("pending", &self.pending)
             .finish()
     }
 }

@@ -5,6 +5,9 @@
 //! - `--addr HOST:PORT` [`GATEWAY_ADDR`], default `127.0.0.1:8080`
 //! - `--policy FILE` [`GATEWAY_POLICY`], default this example's `policy.toml`
 //! - `--redis URL` [`GATEWAY_REDIS`]: counters in Redis (build with `--features redis`)
+//! - `--reservation-ttl-secs N` [`GATEWAY_RESERVATION_TTL_SECS`], default 30 (Redis
+//!   only): how long a hold outlives its instance if that instance dies; live holds are
+//!   renewed every third of it, so it does not limit how long a request may stream
 //! - `--mock-delay-ms N` [`MOCK_DELAY_MS`], default 50: the mock provider's latency
 //!   (a streamed answer spreads it over its chunks)
 //! - `--upstream URL` [`GATEWAY_UPSTREAM`]: forward to this OpenAI-compatible provider
@@ -45,6 +48,7 @@ struct Options {
     addr: String,
     policy: String,
     redis: Option<String>,
+    reservation_ttl_secs: Option<u64>,
     mock_delay_ms: u64,
     counters: Option<PathBuf>,
     admin_keys: Vec<String>,
@@ -63,6 +67,9 @@ impl Options {
                 concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gateway/policy.toml").into()
             }),
             redis: env("GATEWAY_REDIS"),
+            reservation_ttl_secs: env("GATEWAY_RESERVATION_TTL_SECS")
+                .map(|v| ttl_secs(&v))
+                .transpose()?,
             mock_delay_ms: env("MOCK_DELAY_MS")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(50),
@@ -80,6 +87,9 @@ impl Options {
                 "--addr" => options.addr = value()?,
                 "--policy" => options.policy = value()?,
                 "--redis" => options.redis = Some(value()?),
+                "--reservation-ttl-secs" => {
+                    options.reservation_ttl_secs = Some(ttl_secs(&value()?)?);
+                }
                 "--mock-delay-ms" => {
                     options.mock_delay_ms = value()?
                         .parse()
@@ -104,6 +114,16 @@ impl Options {
     }
 }
 
+/// A reservation TTL in whole seconds, at least 1.
+fn ttl_secs(value: &str) -> Result<u64, String> {
+    match value.parse::<u64>() {
+        Ok(secs) if secs > 0 => Ok(secs),
+        _ => Err(format!(
+            "--reservation-ttl-secs: {value:?} is not a whole number of seconds above 0"
+        )),
+    }
+}
+
 /// A bad flag: say why and stop.
 fn exit(message: &str) -> ! {
     eprintln!("{message}");
@@ -122,7 +142,8 @@ fn list(value: Option<String>) -> Vec<String> {
 }
 
 fn usage() -> String {
-    "usage: gateway [--addr HOST:PORT] [--policy FILE] [--redis URL] [--mock-delay-ms N] \
+    "usage: gateway [--addr HOST:PORT] [--policy FILE] [--redis URL] \
+     [--reservation-ttl-secs N] [--mock-delay-ms N] \
      [--counters FILE] [--upstream URL] \
      [--admin-key NAME:ROLE:SECRET]... [--audit-log PATH|-] [--webhook URL]..."
         .into()
@@ -136,9 +157,13 @@ async fn backend(
     if let Some(url) = &options.redis {
         #[cfg(feature = "redis")]
         {
+            let defaults = tollgate::RedisConfig::default();
             let config = tollgate::RedisConfig {
                 events: Some(events),
-                ..tollgate::RedisConfig::default()
+                reservation_ttl: options
+                    .reservation_ttl_secs
+                    .map_or(defaults.reservation_ttl, Duration::from_secs),
+                ..defaults
             };
             let engine = tollgate::RedisEngine::connect(url, policy, config).await?;
             return Ok(Backend::Redis(engine));
@@ -148,6 +173,9 @@ async fn backend(
             "--redis {url}: this build has no Redis backend; run with --features redis"
         )
         .into());
+    }
+    if options.reservation_ttl_secs.is_some() {
+        eprintln!("--reservation-ttl-secs: only the Redis backend has reservation TTLs; ignored");
     }
     let builder = Engine::builder(policy).events(events);
     let engine = match &options.counters {

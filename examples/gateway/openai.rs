@@ -5,6 +5,12 @@
 //! reservation, which gives everything back. Every response carries the rate-limit
 //! headers; a denial is an OpenAI-style JSON error with its status and `Retry-After`.
 //!
+//! An answer is delivered exactly when it is charged. A commit that Redis did not
+//! acknowledge (a timeout, a failover) still returns a receipt, marked pending: it is
+//! queued and charged once when Redis answers, so the answer is delivered, with
+//! `"x_tollgate": {"commit": "pending"}`. Only a commit Redis refused for good (corrupt
+//! data at its keys) is an error: nothing is charged, and the client gets a 503.
+//!
 //! A streamed chat completion (`"stream": true`) answers server-sent events in
 //! OpenAI's format, the rate-limit headers on the response head. Its reservation is
 //! held while it streams and committed at the end with the provider's usage. A client
@@ -122,12 +128,12 @@ pub async fn chat(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply {
     };
     let usage = Usage::new(answer.prompt_tokens, answer.completion_tokens);
     let receipt = match app.backend.commit_usage(held, usage).await {
-        Ok(receipt) => receipt,
+        Ok(receipt) => receipted(receipt, "chat completion"),
         Err(err) => return store_failed(&err),
     };
     let mut body = answer.body;
     body["usage"] = usage_json(&receipt);
-    body["x_tollgate"] = json!({"cost_usd": receipt.cost().to_string()});
+    body["x_tollgate"] = tollgate_json(&receipt);
     let mut reply = json_reply(StatusCode::OK, &body);
     add_headers(&mut reply, &headers);
     reply
@@ -278,7 +284,7 @@ impl Pump {
             (End::Gone, _) => Usage::new(self.prompt_tokens, self.delivered.load(Ordering::SeqCst)),
         };
         let receipt = match self.app.backend.commit_usage(held, usage).await {
-            Ok(receipt) => Some(receipt),
+            Ok(receipt) => Some(receipted(receipt, "streamed completion")),
             Err(err) => {
                 eprintln!("streamed completion: could not commit {usage:?}: {err}");
                 None
@@ -308,7 +314,7 @@ impl Pump {
                         }),
                     };
                     if let Some(receipt) = &receipt {
-                        chunk["x_tollgate"] = json!({"cost_usd": receipt.cost().to_string()});
+                        chunk["x_tollgate"] = tollgate_json(receipt);
                     }
                     let _ = self.tx.send(Sse::json(&chunk, false)).await;
                 }
@@ -355,7 +361,7 @@ pub async fn embeddings(app: &App, request: HttpRequest<Incoming>) -> Reply {
         .commit_usage(held, Usage::new(answer.prompt_tokens, 0))
         .await
     {
-        Ok(receipt) => receipt,
+        Ok(receipt) => receipted(receipt, "embeddings"),
         Err(err) => return store_failed(&err),
     };
     let mut body = answer.body;
@@ -363,10 +369,29 @@ pub async fn embeddings(app: &App, request: HttpRequest<Incoming>) -> Reply {
         "prompt_tokens": receipt.input_tokens(),
         "total_tokens": receipt.input_tokens(),
     });
-    body["x_tollgate"] = json!({"cost_usd": receipt.cost().to_string()});
+    body["x_tollgate"] = tollgate_json(&receipt);
     let mut reply = json_reply(StatusCode::OK, &body);
     add_headers(&mut reply, &headers);
     reply
+}
+
+/// A commit's receipt, logged when it is pending (Redis has not acknowledged it: it
+/// is queued and charged once when Redis answers). Pending or not, the answer goes out.
+fn receipted(receipt: Receipt, what: &str) -> Receipt {
+    if receipt.is_pending() {
+        eprintln!("{what}: commit pending (Redis did not answer), queued for replay: {receipt:?}");
+    }
+    receipt
+}
+
+/// The `x_tollgate` extension of an answer: its cost, and `"commit": "pending"` when
+/// the store has not acknowledged the charge yet.
+fn tollgate_json(receipt: &Receipt) -> Value {
+    let mut extension = json!({"cost_usd": receipt.cost().to_string()});
+    if receipt.is_pending() {
+        extension["commit"] = json!("pending");
+    }
+    extension
 }
 
 fn usage_json(receipt: &Receipt) -> Value {
@@ -385,6 +410,8 @@ fn provider_failed(failure: &ProviderError) -> Reply {
     }
 }
 
+/// A commit the store refused for good: the usage could not be recorded, so the
+/// answer is not delivered either.
 fn store_failed(err: &tollgate::Error) -> Reply {
     error(
         StatusCode::SERVICE_UNAVAILABLE,

@@ -48,7 +48,7 @@ impl Ttls {
     }
 
     /// A record outlives its hold, so a late sweep can still read what to give back.
-    fn record(self) -> u64 {
+    pub(crate) fn record(self) -> u64 {
         self.idle.max(self.reservation.saturating_mul(2))
     }
 

@@ -8,8 +8,11 @@
 //! multiplexed connection, so a reservation costs one round trip of latency; each
 //! is atomic on its own shard. If one group refuses, the other's hold is released;
 //! in between it only over-holds, which can refuse a request but never overspend.
-//! See `keys` for the layout.
+//! See `keys` for the layout, and `background` for what happens when a caller goes
+//! away mid-call (store calls finish detached, releases are retried, live holds are
+//! renewed).
 
+mod background;
 mod calls;
 mod conn;
 mod control;
@@ -21,8 +24,8 @@ mod scripts;
 mod usage;
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -42,6 +45,7 @@ use crate::reservation::Receipt;
 use crate::snapshot::{Route, Snapshot, WALLET_LEVEL};
 use crate::store::Tightest;
 
+use background::{Detach, Hold, Renewals};
 use calls::{Call, Reserved, Ttls};
 use conn::Connection;
 use error::classify;
@@ -55,8 +59,10 @@ pub use reservation::RedisReservation;
 pub struct RedisConfig {
     /// Prepended to every key, so deployments can share a server. Default `tollgate`.
     pub prefix: String,
-    /// How long a reservation holds if its instance never commits or releases it
-    /// (crashed, partitioned): longer than your slowest upstream call. Default 10 min.
+    /// How long a hold lasts in Redis without renewal. A live reservation renews its
+    /// holds every third of this (so a stream of any length keeps them), and a dropped
+    /// one is released at once: this only bounds how long a crashed or partitioned
+    /// instance's holds keep blocking limits and budgets. Default 30 s.
     pub reservation_ttl: Duration,
     /// Idle counters expire after this (never within two budget periods, and the
     /// wallet never). Default 40 days.
@@ -84,7 +90,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             prefix: "tollgate".to_owned(),
-            reservation_ttl: Duration::from_secs(600),
+            reservation_ttl: Duration::from_secs(30),
             idle_ttl: Duration::from_secs(40 * 86_400),
             commit_marker_ttl: Duration::from_secs(86_400),
             expected_instances: NonZeroU32::MIN,
@@ -122,6 +128,9 @@ impl Default for RedisConfig {
 #[derive(Clone)]
 pub struct RedisEngine {
     inner: Arc<Inner>,
+    /// Counts the handles (clones) of this engine: background tasks hold `inner`
+    /// only, and renewals stop when the last handle is gone.
+    _handle: Arc<()>,
 }
 
 pub(crate) struct Inner {
@@ -142,6 +151,12 @@ pub(crate) struct Inner {
     dropped_commits: AtomicU64,
     instance: u64,
     sequence: AtomicU64,
+    /// Counts the engine's handles (`RedisEngine::_handle`).
+    handles: Weak<()>,
+    /// Live reservations, whose holds are renewed.
+    renewals: Renewals,
+    /// Releases being retried in the background.
+    releases_in_flight: AtomicUsize,
 }
 
 /// A commit that Redis has not acknowledged: both groups' calls, replayable because
@@ -149,7 +164,7 @@ pub(crate) struct Inner {
 pub(crate) struct PendingCommit {
     pub(crate) snapshot: Arc<Snapshot>,
     pub(crate) route: Route,
-    pub(crate) groups: [Group; 2],
+    pub(crate) hold: Arc<Hold>,
     pub(crate) calls: [Call; 2],
     /// When the commit was first sent: it cannot have landed (and set its commit
     /// marker) before.
@@ -221,6 +236,7 @@ impl RedisEngine {
     }
 
     fn started(connection: Connection, policy: Policy, config: RedisConfig) -> Self {
+        let config_ttl = config.reservation_ttl;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
         let fallback = fallback::local_share(&policy, config.expected_instances);
         let mut snapshot = Snapshot::build(policy, None, Arc::clone(&clock));
@@ -228,6 +244,7 @@ impl RedisEngine {
             .events
             .clone()
             .map(|sink| Arc::new(Events::new(sink)));
+        let handle = Arc::new(());
         RedisEngine {
             inner: Arc::new(Inner {
                 connection,
@@ -248,12 +265,22 @@ impl RedisEngine {
                 dropped_commits: AtomicU64::new(0),
                 instance: instance_id(),
                 sequence: AtomicU64::new(0),
+                handles: Arc::downgrade(&handle),
+                renewals: Renewals::new(config_ttl),
+                releases_in_flight: AtomicUsize::new(0),
             }),
+            _handle: handle,
         }
     }
 
     /// May this key call this model now? If so, hold the request's worst case on every
     /// level in Redis, all or nothing. One round trip.
+    ///
+    /// Cancellation-safe: dropped at any point (a client that hangs up, a timeout
+    /// around it), it leaves nothing held. Once the scripts are sent they run to their
+    /// end in a spawned task, and a reservation that lands with nobody waiting for it
+    /// is released there. A reserve whose reply is lost (a response timeout, a dropped
+    /// connection) may still have landed: it is released in the background too.
     ///
     /// # Errors
     /// A [`Denial`] naming the scope and limit that refused, or
@@ -281,69 +308,12 @@ impl RedisEngine {
         let inner = &self.inner;
         let status = inner.config.budget_status.code();
         let admission = admit(snap, request, now, status)?;
-        let Admission { route, ask, .. } = admission;
-
-        let id = self.next_id();
-        let mut groups = inner.layout.groups(snap, route);
-        let calls = groups
-            .each_ref()
-            .map(|group| calls::reserve(snap, route, group, &id, ask, inner.ttls));
-        let (ws_reply, org_reply) =
-            tokio::join!(self.run_reserve(&calls[0]), self.run_reserve(&calls[1]));
-
-        let mut tightest = Tightest::default();
-        let mut outcome = |group: &Group, reply: Result<Value, StoreError>| {
-            reply.and_then(|reply| {
-                calls::read_reserve(snap, route, group, ask, &reply, &mut tightest)
-            })
-        };
-        let ws = outcome(&groups[0], ws_reply);
-        let org = outcome(&groups[1], org_reply);
-
-        // Give back what a group holds when the request as a whole is not admitted.
-        let admitted = |o: &Result<Reserved, StoreError>| matches!(o, Ok(Reserved::Admitted(_)));
-        if !(admitted(&ws) && admitted(&org)) {
-            for (group, o) in groups.iter().zip([&ws, &org]) {
-                if admitted(o) {
-                    self.release_group(group, &id).await;
-                }
-            }
-        }
-        let workspace = &snap.policy.workspaces[route.workspace as usize];
-        match (ws, org) {
-            (Ok(Reserved::Admitted(ws_generation)), Ok(Reserved::Admitted(org_generation))) => {
-                groups[0].generation = ws_generation;
-                groups[1].generation = org_generation;
-                Ok(RedisReservation::remote(
-                    Arc::clone(&self.inner),
-                    Arc::clone(snap),
-                    id,
-                    admission,
-                    groups,
-                    tightest,
-                ))
-            }
-            // Only the workspace group checks the key's and workspace's flags.
-            (Ok(Reserved::Gone(reason)), _)
-            | (Ok(Reserved::Admitted(_)), Ok(Reserved::Gone(reason))) => {
-                Err(denial(reason, Scope::Key, status))
-            }
-            // The workspace's levels come first in level order: report them first.
-            (Ok(Reserved::Refused { level, refusal }), _)
-            | (Ok(Reserved::Admitted(_)), Ok(Reserved::Refused { level, refusal })) => {
-                let (scope, _, _) = snap.level(level, route);
-                Err(refused(
-                    scope,
-                    level == WALLET_LEVEL,
-                    refusal,
-                    ask,
-                    now,
-                    status,
-                ))
-            }
-            (Err(error), _) | (_, Err(error)) => {
-                let kind = error.kind;
-                self.record_error(error);
+        let remote = Inner::reserve(Arc::clone(inner), Arc::clone(snap), admission, now);
+        match Detach::new(remote).await {
+            Reserve::Admitted(reservation) => Ok(reservation),
+            Reserve::Denied(denial) => Err(denial),
+            Reserve::Failed(kind) => {
+                let workspace = &snap.policy.workspaces[admission.route.workspace as usize];
                 if kind == StoreErrorKind::Transient
                     && workspace.on_store_error == StoreFailureMode::Open
                 {
@@ -364,19 +334,27 @@ impl RedisEngine {
 
     /// Replace a reservation by what the request really used, in one round trip.
     ///
+    /// The commit is built when this is called and runs to its end even if the
+    /// returned future is dropped, before or after it is first polled (the request
+    /// happened: it is charged exactly once).
+    ///
+    /// A commit that meets a transient error (a timeout, a dropped connection, a
+    /// failover) is not an error: it is queued and replayed after the next commit that
+    /// succeeds (or by [`RedisEngine::flush_pending`]), and commits are idempotent by
+    /// reservation id, so one that did land is not charged twice. The caller gets
+    /// `Ok` with the receipt computed here, marked [pending](Receipt::is_pending):
+    /// deliver the provider's answer.
+    ///
     /// # Errors
-    /// [`Error::Store`] if Redis did not acknowledge the commit. After a transient
-    /// error nothing is lost: the commit is queued and replayed after the next commit
-    /// that succeeds (or by [`RedisEngine::flush_pending`]), and commits are idempotent
-    /// by reservation id, so a commit that did land is not charged twice. A permanent
-    /// or corrupt-data error is not queued (it would fail again): it is counted in
+    /// [`Error::Store`] if Redis refused the commit for good (corrupt or foreign data at
+    /// its keys): it is not queued (it would fail again), it is counted in
     /// [`RedisEngine::failed_commits`], and the script wrote nothing.
-    pub async fn commit_usage(
+    pub fn commit_usage(
         &self,
         reservation: RedisReservation,
         usage: Usage,
-    ) -> Result<Receipt, Error> {
-        reservation.commit(self, usage).await
+    ) -> impl std::future::Future<Output = Result<Receipt, Error>> + Send + 'static {
+        reservation.commit(usage)
     }
 
     /// Replay commits that failed with a transient error, in order. Returns how many
@@ -395,34 +373,7 @@ impl RedisEngine {
     /// # Errors
     /// The first failure met; every other queued commit was still tried.
     pub async fn flush_pending(&self) -> Result<usize, Error> {
-        let queued = std::mem::take(&mut *self.inner.pending.lock());
-        let mut first_error = None;
-        let mut left = Vec::new();
-        let window = self.inner.config.commit_marker_ttl / 2;
-        for pending in queued {
-            if pending.first_sent.elapsed() >= window {
-                self.inner.dropped_commits.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            if let Err(error) = self.run_commit(&pending).await {
-                self.record_error(error.clone());
-                if error.is_transient() {
-                    left.push(pending);
-                } else {
-                    self.inner.failed_commits.fetch_add(1, Ordering::Relaxed);
-                }
-                first_error.get_or_insert(error);
-            }
-        }
-        let mut queue = self.inner.pending.lock();
-        left.append(&mut queue);
-        *queue = left;
-        let remaining = queue.len();
-        drop(queue);
-        match first_error {
-            Some(error) => Err(Error::Store(error)),
-            None => Ok(remaining),
-        }
+        self.inner.flush_pending().await
     }
 
     /// Commits that failed for good (not transiently): their usage could not be
@@ -445,6 +396,17 @@ impl RedisEngine {
     #[must_use]
     pub fn pending_commits(&self) -> usize {
         self.inner.pending.lock().len()
+    }
+
+    /// Releases Redis has not acknowledged yet, retried in the background with backoff
+    /// (dropped reservations, the half of a request only one hash tag admitted, reserves
+    /// whose reply was lost). Each is retried until acknowledged or until one
+    /// `reservation_ttl` has passed, after which its hold has expired in Redis and the
+    /// next script on its workspace or org gives it back. A graceful shutdown can wait
+    /// for this to reach zero.
+    #[must_use]
+    pub fn releases_in_flight(&self) -> usize {
+        self.inner.releases_in_flight.load(Ordering::Relaxed)
     }
 
     /// The last error Redis returned, for logs and health checks.
@@ -471,23 +433,122 @@ impl RedisEngine {
         let org = &self.inner.snapshot.load().policy.org.id;
         format!("{}:org", self.inner.layout.org_tag(org))
     }
+}
 
+/// What the store said to a reserve.
+enum Reserve {
+    Admitted(RedisReservation),
+    Denied(Denial),
+    /// Redis failed (the caller may fall back to the local limiter).
+    Failed(StoreErrorKind),
+}
+
+impl Inner {
     fn next_id(&self) -> String {
-        let n = self.inner.sequence.fetch_add(1, Ordering::Relaxed);
-        format!("{:016x}{n:016x}", self.inner.instance)
+        let n = self.sequence.fetch_add(1, Ordering::Relaxed);
+        format!("{:016x}{n:016x}", self.instance)
     }
 
     fn record_error(&self, error: StoreError) {
-        *self.inner.last_error.lock() = Some(error);
+        *self.last_error.lock() = Some(error);
     }
 
     async fn run(&self, function: Function, call: &Call) -> Result<Value, StoreError> {
-        let mut connection = self.inner.connection.clone();
+        let mut connection = self.connection.clone();
         scripts::call(&mut connection, function, &call.keys, &call.args).await
     }
 
-    async fn run_reserve(&self, call: &Call) -> Result<Value, StoreError> {
-        self.run(Function::Reserve, call).await
+    /// Both groups' reserves and what they mean, owning everything it needs: it runs
+    /// detached when its caller goes away. Whatever a group holds when the request as
+    /// a whole is not admitted is released, and a reservation whose caller is gone is
+    /// dropped (released) by whoever drops the result.
+    async fn reserve(
+        self: Arc<Self>,
+        snap: Arc<Snapshot>,
+        admission: Admission,
+        now: Timestamp,
+    ) -> Reserve {
+        let status = self.config.budget_status.code();
+        let Admission { route, ask, .. } = admission;
+        let id = self.next_id();
+        let mut groups = self.layout.groups(&snap, route);
+        let calls = groups
+            .each_ref()
+            .map(|group| calls::reserve(&snap, route, group, &id, ask, self.ttls));
+        let (ws_reply, org_reply) = tokio::join!(
+            self.run(Function::Reserve, &calls[0]),
+            self.run(Function::Reserve, &calls[1])
+        );
+        let taken = Instant::now();
+
+        let mut tightest = Tightest::default();
+        let mut outcome = |group: &Group, reply: Result<Value, StoreError>| {
+            reply.and_then(|reply| {
+                calls::read_reserve(&snap, route, group, ask, &reply, &mut tightest)
+            })
+        };
+        let ws = outcome(&groups[0], ws_reply);
+        let org = outcome(&groups[1], org_reply);
+
+        let admitted = |o: &Result<Reserved, StoreError>| matches!(o, Ok(Reserved::Admitted(_)));
+        if let (Ok(Reserved::Admitted(ws_generation)), Ok(Reserved::Admitted(org_generation))) =
+            (&ws, &org)
+        {
+            groups[0].generation.clone_from(ws_generation);
+            groups[1].generation.clone_from(org_generation);
+            let hold = Arc::new(Hold { id, groups });
+            return Reserve::Admitted(RedisReservation::remote(
+                Arc::clone(&self),
+                snap,
+                hold,
+                admission,
+                tightest,
+                taken,
+            ));
+        }
+        // Not admitted as a whole: give back what a group holds. A group whose reply
+        // was lost (or unreadable) may have landed: released in the background (a
+        // harmless no-op if it did not). A group that admitted is released before the
+        // denial is answered, retried in the background if Redis fails meanwhile.
+        let hold = Arc::new(Hold { id, groups });
+        for (group, o) in [&ws, &org].into_iter().enumerate() {
+            if o.is_err() {
+                background::release(&self, &hold, group);
+            }
+        }
+        for (group, o) in [&ws, &org].into_iter().enumerate() {
+            if admitted(o) {
+                background::release_now(&self, &hold, group).await;
+            }
+        }
+        match (ws, org) {
+            (Ok(Reserved::Admitted(_)), Ok(Reserved::Admitted(_))) => {
+                unreachable!("admitted above")
+            }
+            // Only the workspace group checks the key's and workspace's flags.
+            (Ok(Reserved::Gone(reason)), _)
+            | (Ok(Reserved::Admitted(_)), Ok(Reserved::Gone(reason))) => {
+                Reserve::Denied(denial(reason, Scope::Key, status))
+            }
+            // The workspace's levels come first in level order: report them first.
+            (Ok(Reserved::Refused { level, refusal }), _)
+            | (Ok(Reserved::Admitted(_)), Ok(Reserved::Refused { level, refusal })) => {
+                let (scope, _, _) = snap.level(level, route);
+                Reserve::Denied(refused(
+                    scope,
+                    level == WALLET_LEVEL,
+                    refusal,
+                    ask,
+                    now,
+                    status,
+                ))
+            }
+            (Err(error), _) | (_, Err(error)) => {
+                let kind = error.kind;
+                self.record_error(error);
+                Reserve::Failed(kind)
+            }
+        }
     }
 
     /// Both groups' commits, concurrently, then the budget alerts they reached; the
@@ -498,11 +559,11 @@ impl RedisEngine {
             self.run(Function::Commit, &commit.calls[1])
         );
         let reached = [
-            calls::read_commit(&commit.groups[0], &ws?)?,
-            calls::read_commit(&commit.groups[1], &org?)?,
+            calls::read_commit(&commit.hold.groups[0], &ws?)?,
+            calls::read_commit(&commit.hold.groups[1], &org?)?,
         ];
         if let Some(events) = &commit.snapshot.events {
-            let now = self.inner.clock.now();
+            let now = self.clock.now();
             for r in reached.iter().flatten() {
                 events.budget_reached(
                     &commit.snapshot,
@@ -517,11 +578,35 @@ impl RedisEngine {
         Ok(())
     }
 
-    async fn release_group(&self, group: &Group, id: &str) {
-        let call = calls::release(group, id);
-        if let Err(error) = self.run(Function::Release, &call).await {
-            // The hold expires after the reservation TTL; nothing more to do.
-            self.record_error(error);
+    /// See [`RedisEngine::flush_pending`].
+    pub(crate) async fn flush_pending(&self) -> Result<usize, Error> {
+        let queued = std::mem::take(&mut *self.pending.lock());
+        let mut first_error = None;
+        let mut left = Vec::new();
+        let window = self.config.commit_marker_ttl / 2;
+        for pending in queued {
+            if pending.first_sent.elapsed() >= window {
+                self.dropped_commits.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if let Err(error) = self.run_commit(&pending).await {
+                self.record_error(error.clone());
+                if error.is_transient() {
+                    left.push(pending);
+                } else {
+                    self.failed_commits.fetch_add(1, Ordering::Relaxed);
+                }
+                first_error.get_or_insert(error);
+            }
+        }
+        let mut queue = self.pending.lock();
+        left.append(&mut queue);
+        *queue = left;
+        let remaining = queue.len();
+        drop(queue);
+        match first_error {
+            Some(error) => Err(Error::Store(error)),
+            None => Ok(remaining),
         }
     }
 }

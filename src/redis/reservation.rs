@@ -2,6 +2,7 @@
 //! the local limiter).
 
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,9 +12,9 @@ use rust_decimal::Decimal;
 use crate::decide::Admission;
 use crate::denial::Error;
 use crate::money::{picos_to_decimal, usage_cost};
+use crate::redis::background::{self, Detach, Hold};
 use crate::redis::calls::{self, Used};
-use crate::redis::keys::Group;
-use crate::redis::{Inner, PendingCommit, RedisEngine};
+use crate::redis::{Inner, PendingCommit};
 use crate::request::Usage;
 use crate::reservation::{LimitWindow, RateLimitStatus, Receipt, Reservation};
 use crate::snapshot::Snapshot;
@@ -21,9 +22,13 @@ use crate::store::Tightest;
 
 /// Worst-case tokens and cost held in Redis for one admitted request.
 ///
-/// Commit it with [`RedisEngine::commit_usage`]. Dropping it instead releases the
-/// hold in the background (on the current tokio runtime); if that cannot reach Redis,
-/// the hold expires after the configured reservation TTL.
+/// Commit it with [`RedisEngine::commit_usage`](crate::RedisEngine::commit_usage).
+/// While it lives, its holds' expiry in Redis is renewed in the background (every
+/// third of `RedisConfig::reservation_ttl`), so a long stream keeps its hold. Dropping
+/// it instead releases the hold in the background (on the current tokio runtime),
+/// retried until Redis acknowledges it; if Redis stays unreachable for a whole
+/// reservation TTL, the hold expires there and the next script on its workspace or
+/// org gives it back.
 #[must_use = "dropping a reservation releases it; commit it with the real usage"]
 pub struct RedisReservation {
     kind: Kind,
@@ -34,37 +39,43 @@ pub struct RedisReservation {
 #[allow(clippy::large_enum_variant)]
 enum Kind {
     Remote(Remote),
-    /// Admitted by the local limiter of a fail-open workspace while Redis was down.
+    /// Admitted by the local limiter of a fail-open workspace while Redis was down
+    /// (boxed: it is the rare case, and much the larger).
     Local(Box<Reservation>),
 }
 
 struct Remote {
     engine: Arc<Inner>,
     snapshot: Arc<Snapshot>,
-    id: String,
+    /// Its id and the key names it was taken under, for its renewal, commit or
+    /// release.
+    hold: Arc<Hold>,
+    /// Its entry in the engine's renewals.
+    renewal: u64,
     admission: Admission,
-    /// The key names the reservation was taken under, for its commit or release.
-    groups: [Group; 2],
     tightest: Tightest,
     settled: bool,
 }
 
 impl RedisReservation {
+    /// A reservation both groups admitted, renewed from now on; `taken` is when the
+    /// reserve's replies arrived (the holds expire one TTL after some moment before).
     pub(crate) fn remote(
         engine: Arc<Inner>,
         snapshot: Arc<Snapshot>,
-        id: String,
+        hold: Arc<Hold>,
         admission: Admission,
-        groups: [Group; 2],
         tightest: Tightest,
+        taken: Instant,
     ) -> Self {
+        let renewal = engine.renewals.register(&engine, &hold, taken);
         RedisReservation {
             kind: Kind::Remote(Remote {
                 engine,
                 snapshot,
-                id,
+                hold,
+                renewal,
                 admission,
-                groups,
                 tightest,
                 settled: false,
             }),
@@ -88,7 +99,7 @@ impl RedisReservation {
     #[must_use]
     pub fn id(&self) -> Option<&str> {
         match &self.kind {
-            Kind::Remote(r) => Some(&r.id),
+            Kind::Remote(r) => Some(&r.hold.id),
             Kind::Local(_) => None,
         }
     }
@@ -123,12 +134,21 @@ impl RedisReservation {
         }
     }
 
-    pub(crate) async fn commit(self, engine: &RedisEngine, usage: Usage) -> Result<Receipt, Error> {
+    /// Send the commit: see [`RedisEngine::commit_usage`](crate::RedisEngine::commit_usage).
+    pub(crate) fn commit(
+        self,
+        usage: Usage,
+    ) -> impl Future<Output = Result<Receipt, Error>> + Send + 'static {
         let mut remote = match self.kind {
-            Kind::Local(local) => return Ok(local.commit(usage)),
+            Kind::Local(local) => {
+                let receipt = local.commit(usage);
+                return Detach::new(async move { Ok(receipt) });
+            }
             Kind::Remote(remote) => remote,
         };
         remote.settled = true;
+        let inner = Arc::clone(&remote.engine);
+        inner.renewals.forget(remote.renewal);
         let input = u64::from(usage.input_tokens);
         let output = u64::from(usage.output_tokens);
         let used = Used {
@@ -141,48 +161,74 @@ impl RedisReservation {
             input_tokens: input,
             output_tokens: output,
         };
-        let inner = &remote.engine;
-        let groups = std::mem::take(&mut remote.groups);
-        let calls = groups.each_ref().map(|group| {
+        let calls = remote.hold.groups.each_ref().map(|group| {
             calls::commit(
                 &remote.snapshot,
                 remote.admission.route,
                 group,
-                &remote.id,
+                &remote.hold.id,
                 remote.admission.ask,
                 used,
                 inner.ttls,
             )
         });
         let receipt = Receipt::new(used.cost, remote.admission.ask.cost, usage);
-        let commit = PendingCommit {
-            snapshot: Arc::clone(&remote.snapshot),
-            route: remote.admission.route,
-            groups,
-            calls,
-            first_sent: Instant::now(),
+        let commit = QueueOnDrop {
+            inner: Arc::clone(&inner),
+            commit: Some(PendingCommit {
+                snapshot: Arc::clone(&remote.snapshot),
+                route: remote.admission.route,
+                hold: Arc::clone(&remote.hold),
+                calls,
+                first_sent: Instant::now(),
+            }),
         };
-        match engine.run_commit(&commit).await {
-            Ok(()) => {
-                // Redis answers again: replay what an outage left queued.
-                if engine.pending_commits() != 0 {
-                    let engine = engine.clone();
-                    tokio::spawn(async move {
-                        // A failure leaves them queued for the next attempt.
-                        let _ = engine.flush_pending().await;
-                    });
+        Detach::new(async move {
+            let mut commit = commit;
+            let sent = commit.commit.as_ref().expect("not yet taken");
+            let result = inner.run_commit(sent).await;
+            let sent = commit.commit.take().expect("not yet taken");
+            match result {
+                Ok(()) => {
+                    // Redis answers again: replay what an outage left queued.
+                    if !inner.pending.lock().is_empty() {
+                        let inner = Arc::clone(&inner);
+                        tokio::spawn(async move {
+                            // A failure leaves them queued for the next attempt.
+                            let _ = inner.flush_pending().await;
+                        });
+                    }
+                    Ok(receipt)
                 }
-                Ok(receipt)
-            }
-            Err(error) => {
-                engine.record_error(error.clone());
-                if error.is_transient() {
-                    inner.pending.lock().push(commit);
-                } else {
-                    inner.failed_commits.fetch_add(1, Ordering::Relaxed);
+                Err(error) => {
+                    let transient = error.is_transient();
+                    inner.record_error(error.clone());
+                    if transient {
+                        // It may have landed; if not, the replay charges it, once.
+                        inner.pending.lock().push(sent);
+                        Ok(receipt.into_pending())
+                    } else {
+                        inner.failed_commits.fetch_add(1, Ordering::Relaxed);
+                        Err(Error::Store(error))
+                    }
                 }
-                Err(Error::Store(error))
             }
+        })
+    }
+}
+
+/// A commit in flight: queued for replay if its future is dropped before the store
+/// answered (the runtime shut down under it), so it is never lost while the process
+/// lives.
+struct QueueOnDrop {
+    inner: Arc<Inner>,
+    commit: Option<PendingCommit>,
+}
+
+impl Drop for QueueOnDrop {
+    fn drop(&mut self) {
+        if let Some(commit) = self.commit.take() {
+            self.inner.pending.lock().push(commit);
         }
     }
 }
@@ -192,19 +238,10 @@ impl Drop for Remote {
         if self.settled {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return; // No runtime to release on: the hold expires after its TTL.
-        };
-        let engine = RedisEngine {
-            inner: Arc::clone(&self.engine),
-        };
-        let groups = std::mem::take(&mut self.groups);
-        let id = std::mem::take(&mut self.id);
-        runtime.spawn(async move {
-            for group in &groups {
-                engine.release_group(group, &id).await;
-            }
-        });
+        self.engine.renewals.forget(self.renewal);
+        for group in 0..2 {
+            background::release(&self.engine, &self.hold, group);
+        }
     }
 }
 

@@ -20,6 +20,7 @@ pub(crate) enum Function {
     Commit,
     Release,
     Follow,
+    Renew,
 }
 
 impl Function {
@@ -29,6 +30,7 @@ impl Function {
             Function::Commit => "commit",
             Function::Release => "release",
             Function::Follow => "follow",
+            Function::Renew => "renew",
         }
     }
 }

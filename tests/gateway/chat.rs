@@ -126,3 +126,77 @@ async fn two_hundred_concurrent_requests_never_pass_the_budget() {
     assert_eq!(ws.usage.current.cost, admitted);
     assert_eq!(ws.usage.current.held, Decimal::ZERO);
 }
+
+/// An answer whose commit Redis did not acknowledge (its writes paused past the
+/// response timeout while the provider answered) is delivered all the same, marked
+/// pending, and charged exactly once when Redis answers again. Redis backend only.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_whose_commit_redis_did_not_acknowledge_is_delivered() {
+    use std::time::{Duration, Instant};
+
+    use crate::backend::Backend;
+    use crate::support::{start_with, Options};
+
+    let gw = start_with(Options {
+        mock_delay: Duration::from_millis(600),
+        ..Options::default()
+    })
+    .await;
+    let (Some(redis), Backend::Redis(engine)) = (gw.redis.as_ref(), &gw.app.backend) else {
+        eprintln!("skipping: the Redis backend only (TOLLGATE_GATEWAY_BACKEND=redis)");
+        return;
+    };
+    async fn poll(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let holds = [
+        "tollgate:v2:{ws:ws-prod}:holds",
+        "tollgate:v2:{org:acme}:holds",
+    ];
+    // Warm up, so the commit below is one EVALSHA that runs when the pause ends (not a
+    // NOSCRIPT answered after the gateway stopped waiting: that one would land with the
+    // replay instead).
+    let first = gw.chat("sk-demo-prod", "gpt-4o-mini", None).await;
+    assert_eq!(first.status, StatusCode::OK);
+    let asked = gw.chat("sk-demo-prod", "gpt-4o-mini", None);
+    let pause = async {
+        // Once the reservation has landed (while the provider thinks), Redis stops
+        // running scripts for 1.5 s: the commit's reply will not come within 500 ms.
+        poll("the reservation to land", || {
+            holds.iter().all(|h| redis.cli(&["zcard", h]) == "1")
+        })
+        .await;
+        assert_eq!(redis.cli(&["client", "pause", "1500", "write"]), "OK");
+    };
+    let (answer, ()) = tokio::join!(asked, pause);
+    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+    assert_eq!(answer.body["usage"]["completion_tokens"], 40);
+    assert_eq!(answer.body["x_tollgate"]["cost_usd"], "0.0000249");
+    assert_eq!(answer.body["x_tollgate"]["commit"], "pending");
+    assert_eq!(engine.pending_commits(), 1);
+
+    // The commit lands when the pause ends; the next commit replays the queue, which
+    // finds it done and charges nothing again.
+    let ws = |usage: &tollgate::UsageSnapshot| {
+        let ws = usage.workspaces.iter().find(|w| w.id == "ws-prod").unwrap();
+        (ws.usage.current.cost, ws.usage.current.requests)
+    };
+    poll("the commit to land when the pause ends", || {
+        redis.cli(&["zcard", holds[0]]) == "0"
+    })
+    .await;
+    assert_eq!(ws(&gw.usage().await), (dec("0.0000498"), 2));
+    let third = gw.chat("sk-demo-prod", "gpt-4o-mini", None).await;
+    assert_eq!(third.status, StatusCode::OK);
+    assert!(third.body["x_tollgate"].get("commit").is_none());
+    poll("the queued commit to be replayed", || {
+        engine.pending_commits() == 0
+    })
+    .await;
+    assert_eq!(ws(&gw.usage().await), (dec("0.0000747"), 3));
+}

@@ -60,8 +60,9 @@ pub struct Running {
     pub client: Client<HttpConnector, Full<Bytes>>,
     stop: Option<oneshot::Sender<()>>,
     pub server: Option<tokio::task::JoinHandle<()>>,
+    /// The Redis server of the Redis backend (`TOLLGATE_GATEWAY_BACKEND=redis`).
     #[cfg(feature = "redis")]
-    _redis: Option<crate::redis_server::RedisServer>,
+    pub redis: Option<crate::redis_server::RedisServer>,
 }
 
 impl Drop for Running {
@@ -152,7 +153,7 @@ pub async fn start_with(options: Options) -> Running {
         stop: Some(stop),
         server: Some(server),
         #[cfg(feature = "redis")]
-        _redis: redis,
+        redis,
     }
 }
 
