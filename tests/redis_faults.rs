@@ -596,7 +596,7 @@ async fn timed_out_commit_that_landed_is_charged_once() {
     let request = Request::with_key_id("k1", "m")
         .input_tokens(1000)
         .max_output_tokens(1000);
-    // Warm up: the commit script is loaded, so the delayed commit below is one EVALSHA
+    // Warm up: the functions are loaded, so the delayed commit below is one FCALL
     // that runs as soon as the pause ends (not a NOSCRIPT answered too late).
     let r = engine.check_and_reserve(&request).await.unwrap();
     let warm = engine.commit_usage(r, Usage::new(1000, 0)).await.unwrap();

@@ -10,7 +10,7 @@
 //!   one reservation TTL has passed since it was due (by then the hold has expired in
 //!   Redis, and the next script on its tag gives it back).
 //! - [`Renewals`]: every live reservation's holds get their expiry moved on every third
-//!   of the reservation TTL, in one `renew.lua` call per hash tag, until the
+//!   of the reservation TTL, in one `renew` call per hash tag, until the
 //!   reservation is committed or dropped, or its engine's last handle is dropped
 //!   (nothing can commit it then). A crashed instance stops renewing, so its holds come
 //!   back within one TTL.
@@ -163,7 +163,7 @@ pub(crate) async fn release_now(inner: &Arc<Inner>, hold: &Arc<Hold>, group: usi
     }
 }
 
-/// At most this many holds per `renew.lua` call.
+/// At most this many holds per the `renew` function call.
 const RENEW_BATCH: usize = 128;
 
 /// A live reservation, renewed until it is committed or dropped.
@@ -347,7 +347,7 @@ async fn renew_due(inner: &Arc<Inner>) {
     }
 }
 
-/// `renew.lua`'s reply: whether each hold was renewed (else it was gone).
+/// the `renew` function's reply: whether each hold was renewed (else it was gone).
 fn read_renew(reply: &Value, count: usize) -> Result<Vec<bool>, StoreError> {
     let Value::Array(items) = reply else {
         return Err(corrupt_reply("renew", format!("{reply:?}")));

@@ -93,7 +93,7 @@ fn rules_of(snap: &Snapshot, route: Route, level: usize) -> &LevelRules {
         .expect("a group lists only levels whose rules apply")
 }
 
-/// `reserve.lua` for one group.
+/// the `reserve` function for one group.
 pub(crate) fn reserve(
     snap: &Snapshot,
     route: Route,
@@ -137,7 +137,7 @@ pub(crate) fn reserve(
     }
 }
 
-/// What a request really used, for `commit.lua`.
+/// What a request really used, for the `commit` function.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Used {
     pub(crate) cost: i64,
@@ -145,7 +145,7 @@ pub(crate) struct Used {
     pub(crate) output_tokens: u64,
 }
 
-/// `commit.lua` for one group.
+/// the `commit` function for one group.
 pub(crate) fn commit(
     snap: &Snapshot,
     route: Route,
@@ -205,7 +205,7 @@ pub(crate) fn commit(
     }
 }
 
-/// `release.lua` for one group.
+/// the `release` function for one group.
 pub(crate) fn release(group: &Group, id: &str) -> Call {
     Call {
         keys: vec![
@@ -250,7 +250,7 @@ pub(crate) enum Reserved {
 
 const OP_RESERVE: &str = "reserve";
 
-/// Read `reserve.lua`'s reply; on admission fold the group's windows into `tightest`.
+/// Read the `reserve` function's reply; on admission fold the group's windows into `tightest`.
 pub(crate) fn read_reserve(
     snap: &Snapshot,
     route: Route,
@@ -363,7 +363,7 @@ pub(crate) struct Reached {
     pub(crate) spent: i64,
 }
 
-/// `commit.lua`'s reply: the levels whose budgets reached new alert percentages.
+/// the `commit` function's reply: the levels whose budgets reached new alert percentages.
 pub(crate) fn read_commit(group: &Group, reply: &Value) -> Result<Vec<Reached>, StoreError> {
     let items = items("commit", reply)?;
     let code = integer("commit", &items[0])?;

@@ -200,3 +200,70 @@ async fn an_answer_whose_commit_redis_did_not_acknowledge_is_delivered() {
     .await;
     assert_eq!(ws(&gw.usage().await), (dec("0.0000747"), 3));
 }
+
+/// A client that hangs up while its reservation is on its way to Redis (Redis's writes
+/// paused, so the reserve cannot land yet) leaves nothing held once Redis answers:
+/// within seconds, not a reservation TTL (30 s), however far the gateway got with the
+/// request; and it is charged at most once. Redis backend only.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_during_reserve_leaves_nothing_held() {
+    use std::time::{Duration, Instant};
+
+    use crate::backend::Backend;
+    use crate::support::start;
+
+    let gw = start().await;
+    let (Some(redis), Backend::Redis(_)) = (gw.redis.as_ref(), &gw.app.backend) else {
+        eprintln!("skipping: the Redis backend only (TOLLGATE_GATEWAY_BACKEND=redis)");
+        return;
+    };
+    let holds = [
+        "tollgate:v2:{ws:ws-prod}:holds",
+        "tollgate:v2:{org:acme}:holds",
+    ];
+    let spent = |usage: &tollgate::UsageSnapshot| {
+        let ws = usage.workspaces.iter().find(|w| w.id == "ws-prod").unwrap();
+        (ws.usage.current.cost, ws.usage.current.held)
+    };
+    let first = gw.chat("sk-demo-prod", "gpt-4o-mini", None).await;
+    assert_eq!(first.status, StatusCode::OK);
+    let (before, _) = spent(&gw.usage().await);
+
+    for _ in 0..5 {
+        assert_eq!(redis.cli(&["client", "pause", "700", "write"]), "OK");
+        // The request is sent, its reserve waits on the paused server, and the client
+        // gives up after 150 ms: its connection closes.
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(150),
+            gw.chat("sk-demo-prod", "gpt-4o-mini", None),
+        )
+        .await;
+        if let Ok(answer) = gave_up {
+            panic!("answered during the pause: {}", answer.status);
+        }
+    }
+    // A write waits out the pause (reads do not: a hold count read during the pause
+    // says nothing); then the reserves that were waiting run.
+    assert_eq!(redis.cli(&["set", "pause-probe", "1"]), "OK");
+    // Once Redis answers again, every hold taken for those requests is given back
+    // (or committed, if the gateway got that far): none is left to expire. Twice in a
+    // row, so a reserve still landing cannot pass for a release.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut zero_seen = 0;
+    while zero_seen < 2 {
+        let left: Vec<String> = holds.iter().map(|h| redis.cli(&["zcard", h])).collect();
+        zero_seen = if left.iter().all(|n| n == "0") {
+            zero_seen + 1
+        } else {
+            0
+        };
+        assert!(Instant::now() < deadline, "holds left: {left:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (after, held) = spent(&gw.usage().await);
+    assert_eq!(held, Decimal::ZERO);
+    // Each abandoned request is charged once if the gateway answered it, else not at
+    // all: never more than one request's cost each (0.0000249 USD here).
+    assert!(after >= before && after - before <= dec("0.0000249") * Decimal::from(5));
+}
