@@ -87,6 +87,9 @@ end
 
 local function madd(a, b)
   if b == '0' then return a end
+  -- Both below 10^15 in magnitude (every counter under $1,000 and every request's
+  -- cost, in pico-dollars): the sum is below 2^53, so one double adds it exactly.
+  if #a <= 15 and #b <= 15 then return fmt(tonumber(a) + tonumber(b)) end
   local ah, al = split(a)
   local bh, bl = split(b)
   local hi, lo = ah + bh, al + bl
@@ -365,12 +368,9 @@ local function roll(s, kind, seconds, policy)
     local changing = policy and (stored_kind ~= kind or stored_seconds ~= seconds)
     if not changing then kind, seconds = stored_kind, stored_seconds end
     local ended = stored_end > 0 and now >= stored_end
-    if not ended and not changing then
-      local start, finish = bounds(kind, seconds)
-      if stored_start == start then return finish end
-      -- Not ended, yet not the period containing now: Redis's clock went back.
-      return stored_end
-    end
+    -- Not ended and no new kind: the stored period is the current one (if Redis's
+    -- clock went back before its start, it stays current until it ends).
+    if not ended and not changing then return stored_end end
     if ended then
       -- The stored period ended: its totals move aside, its spend leaves `used`.
       s.used = madd(s.used, neg(s.spent))
