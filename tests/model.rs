@@ -8,8 +8,8 @@
 //! Policy changes land while reservations are in flight: whole policies replaced, and
 //! targeted edits (a rate limit raised, lowered, added or removed; a budget's limit and
 //! period kind changed; a key revoked or put back; a workspace deleted and re-created).
-//! The model follows the hold and period rules agreed for issue 12 (spec-12), restated
-//! below in plain integers: see [`refund`], [`set_interval`], [`roll`] and
+//! The model follows the hold and period rules of issue 12 (README, "How counters follow
+//! changed rules"), restated below in plain integers: see [`refund`], [`set_interval`], [`roll`] and
 //! [`change_kind`]; what a deleted scope's in-flight reservations do is
 //! [`DELETED_SCOPES`]. As a check independent of those formulas, every
 //! bucket's TAT is compared at every step with an exact GCRA replay of what really
@@ -829,7 +829,7 @@ fn bounds(span: Span, t: u64) -> (u64, u64) {
     }
 }
 
-/// THE PERIOD RULE (spec-12, "Budget periods"), part 1: every access to a scope's
+/// THE PERIOD RULE (README, "How counters follow changed rules"), part 1: every access to a scope's
 /// counters at time `t` other than a policy change (a reservation reaching the level, a
 /// commit settling on it, a usage report) first moves the scope to the period
 /// containing `t`, with the period kind the counters have STORED, whatever the rules a
@@ -1000,7 +1000,7 @@ struct RefundCounts {
     after_many: usize,
 }
 
-/// THE REFUND RULE (spec-12, "Buckets"): give back up to `want` units of take `h` at
+/// THE REFUND RULE (README, "How counters follow changed rules"): give back up to `want` units of take `h` at
 /// `now`; returns the nanoseconds given back.
 fn refund(b: &mut Bucket, h: &Take, want: u64, now: u64, counts: &mut RefundCounts) -> u64 {
     let interval = b.interval;
@@ -1058,7 +1058,7 @@ enum RuleChange {
     Removed,
 }
 
-/// THE RULE-CHANGE RULE (spec-12, "Rescale"): the bucket follows its rule's new
+/// THE RULE-CHANGE RULE (README, "How counters follow changed rules"): the bucket follows its rule's new
 /// interval (0 = no limit). A changed limit keeps the units already taken (the backlog
 /// re-expressed in the new interval); a limit added starts full.
 fn set_interval(b: &mut Bucket, new: u64, now: u64) -> RuleChange {
