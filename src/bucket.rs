@@ -19,11 +19,18 @@ use std::time::Duration;
 use crate::clock::duration_nanos;
 use crate::sync::{spin_wait, AtomicU32, AtomicU64, Ordering};
 
-/// The TAT of a bucket whose rule is being changed: takes and refunds wait it out, so
-/// none of them applies nanoseconds of one interval to a backlog kept in another.
+/// The state word of a bucket whose rule is being changed: takes and refunds wait it
+/// out, so none of them applies nanoseconds of one interval to a backlog kept in another.
 const CHANGING: u64 = u64::MAX;
-/// Debt saturates here, below [`CHANGING`].
-const MAX_TAT: u64 = u64::MAX - 1;
+/// Low bits of the state word: the rule's epoch, modulo 4. Every rule change moves
+/// them, so a take or refund that read the word under the old rule can never
+/// compare-and-swap it afterwards, even if the arrival time comes back to the same
+/// nanosecond (an ABA): its word still carries the old epoch.
+const TAG_BITS: u32 = 2;
+const TAG_MASK: u64 = (1 << TAG_BITS) - 1;
+/// The latest arrival time a state word can hold (nanoseconds since the Unix epoch:
+/// the year 2116); debt saturates here, and no word reaches [`CHANGING`].
+const MAX_TAT: u64 = (u64::MAX >> TAG_BITS) - 1;
 /// Low bits of the rule word: the epoch, bumped by every rule change.
 const EPOCH_BITS: u32 = 16;
 
@@ -136,7 +143,9 @@ pub(crate) struct Refused {
 /// One refundable GCRA bucket, with the rule it counts in.
 #[derive(Debug)]
 pub(crate) struct Gcra {
-    tat: AtomicU64,
+    /// `tat << TAG_BITS | epoch % 4`: the theoretical arrival time (ns) and the epoch
+    /// of the rule it is kept in.
+    word: AtomicU64,
     /// `interval << EPOCH_BITS | epoch`; interval 0: no limit.
     rule: AtomicU64,
     /// Nanoseconds of refunds begun and finished, ever. A refund counts itself as
@@ -145,6 +154,14 @@ pub(crate) struct Gcra {
     /// reads `begun` after the TAT) never misses one that landed before it.
     refunds_begun: AtomicU64,
     refunds_finished: AtomicU64,
+}
+
+/// A bucket's state word, decoded, with the rule it is kept in.
+struct State {
+    word: u64,
+    tat: u64,
+    interval: u64,
+    epoch: u16,
 }
 
 impl Default for Gcra {
@@ -157,46 +174,59 @@ impl Gcra {
     /// A full bucket counting in `rule`'s interval (no rule: nothing to count yet).
     pub(crate) fn new(rule: Option<&RateRule>) -> Self {
         Gcra {
-            tat: AtomicU64::new(0),
+            word: AtomicU64::new(0),
             rule: AtomicU64::new(pack(rule.map_or(0, |r| r.interval), 0)),
             refunds_begun: AtomicU64::new(0),
             refunds_finished: AtomicU64::new(0),
         }
     }
 
-    /// The TAT, waiting out a rule change in progress (a policy edit: rare and short).
-    fn settled_tat(&self) -> u64 {
+    /// The state word, its arrival time and the rule it is kept in, waiting out a rule
+    /// change in progress (a policy edit: rare and short). The word's epoch tag and
+    /// the rule's epoch agree, so the pair is one consistent state: any rule change
+    /// after it also changes the word, and the compare-and-swap that follows fails.
+    fn settled(&self) -> State {
         loop {
-            let tat = self.tat.load(Ordering::SeqCst);
-            if tat != CHANGING {
-                return tat;
+            let word = self.word.load(Ordering::SeqCst);
+            if word != CHANGING {
+                let (interval, epoch) = unpack(self.rule.load(Ordering::SeqCst));
+                if u64::from(epoch) & TAG_MASK == word & TAG_MASK {
+                    return State {
+                        word,
+                        tat: word >> TAG_BITS,
+                        interval,
+                        epoch,
+                    };
+                }
             }
             spin_wait();
         }
     }
 
-    /// The interval and epoch now. Read after the TAT: a rule change in between moves
-    /// the TAT, so the compare-and-swap that follows fails and the pair is re-read.
-    fn current_rule(&self) -> (u64, u16) {
-        unpack(self.rule.load(Ordering::SeqCst))
+    /// Replace the state `from` by the arrival time `tat`, in the same rule.
+    fn replace(&self, from: &State, tat: u64) -> bool {
+        let word = tat.min(MAX_TAT) << TAG_BITS | from.word & TAG_MASK;
+        self.word
+            .compare_exchange_weak(from.word, word, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
     }
 
     /// Take `units` if they fit now.
     pub(crate) fn try_take(&self, rule: &RateRule, units: u64, now: u64) -> Result<Taken, Refused> {
         let seen = self.refunds_finished.load(Ordering::SeqCst);
         let horizon = now.saturating_add(rule.tolerance);
-        let mut tat = self.settled_tat();
+        let mut state = self.settled();
         if units > rule.limit {
             return Err(Refused {
-                remaining: remaining(rule, tat, horizon),
-                reset: reset(tat, now),
+                remaining: remaining(rule, state.tat, horizon),
+                reset: reset(state.tat, now),
                 retry_after: None,
             });
         }
         // `units ≤ limit`, so this is at most `tolerance`: no overflow.
         let added = units * rule.interval;
         loop {
-            let (interval, epoch) = self.current_rule();
+            let tat = state.tat;
             let new_tat = tat.max(now).saturating_add(added).min(MAX_TAT);
             if new_tat > horizon {
                 return Err(Refused {
@@ -205,26 +235,21 @@ impl Gcra {
                     retry_after: Some(Duration::from_nanos(new_tat - horizon)),
                 });
             }
-            match self
-                .tat
-                .compare_exchange_weak(tat, new_tat, Ordering::SeqCst, Ordering::SeqCst)
-            {
-                Ok(_) => {
-                    return Ok(Taken {
-                        hold: Hold {
-                            units,
-                            ahead: tat.saturating_sub(now),
-                            seen,
-                            interval: rule.interval,
-                            epoch,
-                            stale: interval != rule.interval,
-                        },
-                        remaining: remaining(rule, new_tat, horizon),
-                        reset: reset(new_tat, now),
-                    })
-                }
-                Err(_) => tat = self.settled_tat(),
+            if self.replace(&state, new_tat) {
+                return Ok(Taken {
+                    hold: Hold {
+                        units,
+                        ahead: tat.saturating_sub(now),
+                        seen,
+                        interval: rule.interval,
+                        epoch: state.epoch,
+                        stale: state.interval != rule.interval,
+                    },
+                    remaining: remaining(rule, new_tat, horizon),
+                    reset: reset(new_tat, now),
+                });
             }
+            state = self.settled();
         }
     }
 
@@ -237,35 +262,29 @@ impl Gcra {
         // Refunds this call counted as begun but did not land (a lost race): they
         // are not refunds that could lie ahead of its own hold.
         let mut own_misses = 0u64;
-        let mut tat = self.settled_tat();
         loop {
-            if tat <= now {
+            let state = self.settled();
+            if state.tat <= now {
                 return; // full: nothing left to give back
             }
-            let rule = self.current_rule();
             let refunded = self
                 .refunds_begun
                 .load(Ordering::SeqCst)
                 .wrapping_sub(own_misses);
+            let rule = (state.interval, state.epoch);
             let give = hold.refundable(units, rule, refunded, at, now);
             if give == 0 {
                 return;
             }
             self.refunds_begun.fetch_add(give, Ordering::SeqCst);
-            let landed = self.tat.compare_exchange_weak(
-                tat,
-                tat.saturating_sub(give).max(now),
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            );
+            let landed = self.replace(&state, state.tat.saturating_sub(give).max(now));
             // A miss counts as finished too: it then reads to everyone as a refund
             // that may lie ahead of them, which can only make later refunds smaller.
             self.refunds_finished.fetch_add(give, Ordering::SeqCst);
-            if landed.is_ok() {
+            if landed {
                 return;
             }
             own_misses = own_misses.wrapping_add(give);
-            tat = self.settled_tat();
         }
     }
 
@@ -276,22 +295,17 @@ impl Gcra {
         if units == 0 {
             return;
         }
-        let mut tat = self.settled_tat();
         loop {
-            let (interval, _) = self.current_rule();
-            if interval == 0 {
+            let state = self.settled();
+            if state.interval == 0 {
                 return;
             }
-            let new_tat = tat
-                .max(now)
-                .saturating_add(units.saturating_mul(interval))
-                .min(MAX_TAT);
-            match self
+            let new_tat = state
                 .tat
-                .compare_exchange_weak(tat, new_tat, Ordering::SeqCst, Ordering::SeqCst)
-            {
-                Ok(_) => return,
-                Err(_) => tat = self.settled_tat(),
+                .max(now)
+                .saturating_add(units.saturating_mul(state.interval));
+            if self.replace(&state, new_tat) {
+                return;
             }
         }
     }
@@ -303,62 +317,55 @@ impl Gcra {
     /// convert their units at the new interval when given back.
     pub(crate) fn change_rule(&self, rule: Option<&RateRule>, now: u64) {
         let interval = rule.map_or(0, |r| r.interval);
-        if self.current_rule().0 == interval {
-            return;
-        }
         // Policy changes are serialised by the engine; the loop only waits out takes
         // and refunds racing this one.
-        let mut tat = self.settled_tat();
-        while let Err(actual) =
-            self.tat
-                .compare_exchange_weak(tat, CHANGING, Ordering::SeqCst, Ordering::SeqCst)
-        {
-            tat = if actual == CHANGING {
-                self.settled_tat()
-            } else {
-                actual
-            };
-        }
-        let (old, epoch) = self.current_rule();
+        let state = loop {
+            let state = self.settled();
+            if state.interval == interval {
+                return;
+            }
+            if self
+                .word
+                .compare_exchange_weak(state.word, CHANGING, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                break state;
+            }
+        };
+        let (old, tat) = (state.interval, state.tat);
         let backlog = tat.saturating_sub(now);
-        let (next, epoch) = if old > 0 && interval > 0 && backlog > 0 {
+        let (next, epoch) = if old > 0 && interval > 0 {
             let scaled = u128::from(backlog) * u128::from(interval) / u128::from(old);
             let next = now
                 .saturating_add(u64::try_from(scaled).unwrap_or(u64::MAX))
                 .min(MAX_TAT);
-            (next, epoch.wrapping_add(1))
-        } else if old > 0 && interval > 0 {
-            (tat, epoch.wrapping_add(1))
+            (
+                if backlog > 0 { next } else { tat },
+                state.epoch.wrapping_add(1),
+            )
         } else {
-            (0, epoch.wrapping_add(2))
+            (0, state.epoch.wrapping_add(2))
         };
         self.rule.store(pack(interval, epoch), Ordering::SeqCst);
-        // The TAT must differ from the one before the change, or a take or refund that
-        // read it before could still land, computed in the old interval (an ABA). A
-        // bucket that is full stays full whether its TAT is 0 or 1.
-        let next = match next {
-            same if same == tat && same <= now => u64::from(same == 0),
-            same if same == tat => same + 1,
-            other => other,
-        };
-        self.tat.store(next, Ordering::SeqCst);
+        // Published last, with the new epoch's tag: a word read under the old rule
+        // can never match it again.
+        self.word.store(
+            next << TAG_BITS | u64::from(epoch) & TAG_MASK,
+            Ordering::SeqCst,
+        );
     }
 
     /// Units that would fit right now.
     #[cfg(any(test, loom))]
     pub(crate) fn remaining(&self, rule: &RateRule, now: u64) -> u64 {
-        remaining(
-            rule,
-            self.tat.load(Ordering::Acquire),
-            now.saturating_add(rule.tolerance),
-        )
+        remaining(rule, self.settled().tat, now.saturating_add(rule.tolerance))
     }
 
     /// Nanoseconds of the bucket in use at `now` (0 when full); used by tests and
     /// invariants to see that every hold was given back.
     #[cfg(any(test, loom))]
     pub(crate) fn occupied_nanos(&self, now: u64) -> u64 {
-        self.tat.load(Ordering::Acquire).saturating_sub(now)
+        self.settled().tat.saturating_sub(now)
     }
 }
 
@@ -562,6 +569,22 @@ mod tests {
         assert_eq!(bucket.remaining(&after, now), 4);
         bucket.give_back(&hold, 6, now, now);
         assert_eq!(bucket.remaining(&after, now), 10);
+    }
+
+    #[test]
+    fn a_lowered_limit_on_a_bucket_in_saturated_debt_stays_usable() {
+        // Debt pinned at the latest arrival time, then the limit lowered: the
+        // rescaled time pins there again. It must not read as a rule change in
+        // progress (every later call would wait for it forever).
+        let before = per_minute(20);
+        let after = per_minute(10);
+        let bucket = Gcra::new(Some(&before));
+        let now = 1_000 * SEC;
+        bucket.charge(u64::MAX, now);
+        bucket.change_rule(Some(&after), now);
+        bucket.change_rule(Some(&per_minute(5)), now);
+        assert_eq!(bucket.occupied_nanos(now), MAX_TAT - now);
+        assert!(bucket.try_take(&per_minute(5), 1, now).is_err());
     }
 
     #[test]

@@ -155,56 +155,41 @@ impl<T> SwapCell<T> {
     }
 }
 
-/// Below these, `fetch_add` cannot cross the bound: that would take 2^22 (four
-/// million) adds in flight between one thread's load and its add. $1.09 in
-/// pico-dollars per add; $4.6 million (or 4.6 × 10^18 tokens) per counter.
-const FAST_DELTA: u64 = 1 << 40;
-const FAST_VALUE: u64 = 1 << 62;
-
-/// One saturating add for each counter type (`$magnitude` turns a value into its
-/// distance from zero).
-macro_rules! saturating_add {
-    ($(#[$doc:meta])* $name:ident, $atomic:ty, $int:ty, $magnitude:expr) => {
-        $(#[$doc])*
-        pub(crate) fn $name(cell: &$atomic, delta: $int) {
-            let magnitude = $magnitude;
-            let mut current = cell.load(Ordering::Acquire);
-            if magnitude(delta) < FAST_DELTA && magnitude(current) < FAST_VALUE {
-                cell.fetch_add(delta, Ordering::AcqRel);
-                return;
-            }
-            loop {
-                let next = current.saturating_add(delta);
-                match cell.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => return,
-                    Err(actual) => current = actual,
-                }
-            }
+/// Adds `delta` to `cell`, pinning at the `i64` range instead of wrapping, so an
+/// absurd overage can never turn a large debt into a large credit, not even for a
+/// moment: a compare-and-swap loop, so no wrapped value is ever stored. (A
+/// `fetch_add` pinned afterwards left the wrapped value visible to a concurrent
+/// budget check; one guarded by "far from the bound" could still wrap when another
+/// add had pinned the counter in between. Money counters that every request writes
+/// are spread over threads (`PeriodCell`), so the loop rarely retries.)
+pub(crate) fn saturating_add_i64(cell: &AtomicI64, delta: i64) {
+    let mut current = cell.load(Ordering::Acquire);
+    loop {
+        let next = current.saturating_add(delta);
+        match cell.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return,
+            Err(actual) => current = actual,
         }
-    };
+    }
 }
 
-saturating_add!(
-    /// Adds `delta` to `cell`, pinning at the `i64` range instead of wrapping, so an
-    /// absurd overage can never turn a large debt into a large credit.
-    ///
-    /// One `fetch_add` while value and delta are far from the bound (every ordinary
-    /// update), so counters shared by every request (the org's, the wallet's) pay no
-    /// CAS retries. Near the bound a compare-and-swap loop takes over: a `fetch_add`
-    /// that wrapped would leave the wrapped value visible to a concurrent reader (a
-    /// budget check seeing a huge debt as a huge credit) until it was pinned, and
-    /// could lose an update racing the pin.
-    saturating_add_i64,
-    AtomicI64,
-    i64,
-    i64::unsigned_abs
-);
-
-saturating_add!(
-    /// Adds `delta` to `cell`, pinning at `u64::MAX` instead of wrapping (see
-    /// [`saturating_add_i64`]).
-    saturating_add_u64,
-    AtomicU64,
-    u64,
-    |x: u64| x
-);
+/// Adds `delta` to `cell`, pinning at `u64::MAX` instead of wrapping. One
+/// `fetch_add` while both are far from the bound (always, for request and token
+/// counts: 2^22 adds of at most 2^40 would have to be in flight at once to cross
+/// 2^62 to 2^64), else a compare-and-swap loop.
+pub(crate) fn saturating_add_u64(cell: &AtomicU64, delta: u64) {
+    const FAST_DELTA: u64 = 1 << 40;
+    const FAST_VALUE: u64 = 1 << 62;
+    let mut current = cell.load(Ordering::Acquire);
+    if delta < FAST_DELTA && current < FAST_VALUE {
+        cell.fetch_add(delta, Ordering::AcqRel);
+        return;
+    }
+    loop {
+        let next = current.saturating_add(delta);
+        match cell.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return,
+            Err(actual) => current = actual,
+        }
+    }
+}

@@ -210,3 +210,26 @@ fn a_changed_budget_period_is_kept_when_older_reservations_settle() {
     assert_eq!((ws.current.period_start, ws.current.period_end), february);
     assert_eq!((ws.current.cost, ws.current.requests), (dec("10"), 10));
 }
+
+#[test]
+fn a_lowered_limit_on_a_scope_in_saturated_token_debt_keeps_answering() {
+    // An absurd commit pins the token debt at its bound; lowering the limit afterwards
+    // must leave the bucket usable (it once stayed "changing" for good, and every
+    // later request on the workspace spun forever).
+    let tpm = |n| LimitsSpec {
+        tpm: Some(n),
+        ..LimitsSpec::default()
+    };
+    let (engine, _clock) = engine(tpm(20), None, mid_month());
+    let r = engine.check_and_reserve(&asking(10)).unwrap();
+    engine
+        .commit_usage(r, Usage::new(u32::MAX, u32::MAX))
+        .expect("committed");
+    set_limits(&engine, tpm(10));
+    set_limits(&engine, tpm(5));
+    let denial = engine.check_and_reserve(&asking(1)).unwrap_err();
+    assert_eq!(
+        (denial.reason, denial.scope),
+        (DenialReason::TokensPerMinute, Scope::Workspace)
+    );
+}

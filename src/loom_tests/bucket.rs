@@ -157,3 +157,31 @@ fn a_take_racing_a_lowered_limit_is_counted_and_given_back_whole() {
         assert_eq!(bucket.occupied_nanos(NOW), 0);
     });
 }
+
+#[test]
+fn a_refund_that_read_the_old_rule_never_lands_after_the_change() {
+    super::check(
+        "bucket/refund, rule change, take back to the same arrival time",
+        || {
+            // TPM 10, full (6 tokens held, 4 more taken), raised to TPM 100; after the
+            // change a take of 90 fills the bucket to the very same arrival time as
+            // before it. A refund that read the bucket under the old rule must not land
+            // then (its six old intervals would give back 36 s instead of 3.6 s).
+            let before = per_minute(10);
+            let after = per_minute(100);
+            let bucket = Arc::new(Gcra::new(Some(&before)));
+            let hold = bucket.try_take(&before, 6, NOW).unwrap().hold;
+            bucket.try_take(&before, 4, NOW).unwrap();
+            let refunder = {
+                let bucket = Arc::clone(&bucket);
+                thread::spawn(move || bucket.give_back(&hold, 6, NOW, NOW))
+            };
+            bucket.change_rule(Some(&after), NOW);
+            let took = bucket.try_take(&after, 90, NOW).is_ok();
+            refunder.join().unwrap();
+            // Every sequential order leaves 4 (+ 90) tokens of TPM 100 taken.
+            let want = if took { 94 } else { 4 } * after.interval;
+            assert_eq!(bucket.occupied_nanos(NOW), want, "took={took}");
+        },
+    );
+}
