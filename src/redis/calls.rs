@@ -1,7 +1,7 @@
 //! The arguments each script takes and what its replies mean.
 //!
 //! Numbers cross as decimal strings: money is int64 pico-dollars that Lua must not
-//! round through a double, so the scripts change it only with `HINCRBY`.
+//! round through a double, so the functions add it exactly on decimal strings.
 
 use std::time::Duration;
 

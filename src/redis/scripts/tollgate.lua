@@ -506,8 +506,8 @@ local function reserve(KEYS, ARGV)
   -- A refusal keeps what pass 1 decided about the scopes it read (periods rolled or
   -- moved to a new kind, buckets brought to new rules), never a take.
   local function refuse(s, reply)
-    for _, done in ipairs(plan) do flush(done) end
-    flush(s)
+    for _, done in ipairs(plan) do flush(done, done.idle) end
+    flush(s, s.idle)
     return reply
   end
   -- Pass 1: load every scope once and decide, writing nothing but the above on a
@@ -521,6 +521,7 @@ local function reserve(KEYS, ARGV)
     }
     local max_conc = tonumber(ARGV[a + 8])
     local s = scope(KEYS[4 + i])
+    s.idle = tonumber(ARGV[a + 12])
     -- The rules the buckets were last brought to: when they are the same, buckets of
     -- limits that do not apply need no look.
     local signature = ARGV[a + 1] .. ':' .. ARGV[a + 3] .. ':' .. ARGV[a + 5]
@@ -561,7 +562,6 @@ local function reserve(KEYS, ARGV)
     if headroom ~= '' and cmp(s.used, headroom) > 0 then
       return refuse(s, { 0, i, 5, s.used, fmt(finish) })
     end
-    s.idle = tonumber(ARGV[a + 12])
     plan[i] = s
   end
 
