@@ -49,11 +49,11 @@ pub(crate) struct RateRule {
 impl RateRule {
     pub(crate) fn new(limit: NonZeroU64, window: Duration) -> Self {
         let limit = limit.get();
-        // Capped so the interval and an epoch share one word (2^48 ns is 3.2 days,
-        // longer than any window a policy can set).
+        // Capped so the interval, an epoch and a flag share one word (2^47 ns is 1.6
+        // days, longer than any window a policy can set).
         let interval = duration_nanos(window)
             .div_ceil(limit)
-            .clamp(1, (1 << (64 - EPOCH_BITS)) - 1);
+            .clamp(1, (1 << (64 - TAKEN_UNDER_SHIFT)) - 1);
         RateRule {
             limit,
             window,
@@ -79,15 +79,30 @@ pub(crate) struct Hold {
     ahead: u64,
     /// The bucket's refund total when this take was admitted.
     seen: u64,
-    /// The interval this take was admitted under.
-    interval: u64,
-    /// The bucket's rule epoch when this take was admitted.
-    epoch: u16,
-    /// Admitted under a rule other than the bucket's (it raced a policy change).
-    stale: bool,
+    /// The rule this take was admitted under, packed (a reservation holds fifteen of
+    /// these and is moved on every call, so its size is time): the interval it was
+    /// taken in, whether that was not the bucket's own (it raced a policy change), and
+    /// the bucket's rule epoch then.
+    taken_under: u64,
 }
 
+/// Bits of `Hold::taken_under` below the interval: the epoch (16) and the stale flag.
+const STALE_BIT: u64 = 1 << EPOCH_BITS;
+const TAKEN_UNDER_SHIFT: u32 = EPOCH_BITS + 1;
+
 impl Hold {
+    fn interval(&self) -> u64 {
+        self.taken_under >> TAKEN_UNDER_SHIFT
+    }
+
+    fn epoch(&self) -> u16 {
+        self.taken_under as u16
+    }
+
+    fn stale(&self) -> bool {
+        self.taken_under & STALE_BIT != 0
+    }
+
     /// Nanoseconds (in the bucket's `interval` now) that a refund of `units` of this
     /// hold, taken at `at`, may give back at `now`.
     fn refundable(&self, units: u64, rule: (u64, u16), refunded: u64, at: u64, now: u64) -> u64 {
@@ -96,22 +111,22 @@ impl Hold {
             return 0; // the limit is gone: nothing of it to give back
         }
         let elapsed = now.saturating_sub(at);
-        match epoch.wrapping_sub(self.epoch) {
+        match epoch.wrapping_sub(self.epoch()) {
             // The rule this take was counted in is still the bucket's: exact. (A take
             // admitted under a rule that was being replaced is counted in its own
             // interval: that is what it added.)
             0 => {
-                let added = self.units.saturating_mul(self.interval);
+                let added = self.units.saturating_mul(self.interval());
                 let ahead_refunded = refunded.wrapping_sub(self.seen).min(self.ahead);
                 let drained = elapsed
                     .saturating_sub(self.ahead - ahead_refunded)
                     .min(added);
-                units.saturating_mul(self.interval).min(added - drained)
+                units.saturating_mul(self.interval()).min(added - drained)
             }
             // Rescaled once since: each unit is now one new interval long, and at most
             // as many units drained as the faster of the two rules lets through.
-            1 if !self.stale => {
-                let drained = elapsed.div_ceil(interval.min(self.interval));
+            1 if !self.stale() => {
+                let drained = elapsed.div_ceil(interval.min(self.interval()).max(1));
                 units
                     .min(self.units.saturating_sub(drained))
                     .saturating_mul(interval)
@@ -241,9 +256,13 @@ impl Gcra {
                         units,
                         ahead: tat.saturating_sub(now),
                         seen,
-                        interval: rule.interval,
-                        epoch: state.epoch,
-                        stale: state.interval != rule.interval,
+                        taken_under: rule.interval << TAKEN_UNDER_SHIFT
+                            | if state.interval == rule.interval {
+                                0
+                            } else {
+                                STALE_BIT
+                            }
+                            | u64::from(state.epoch),
                     },
                     remaining: remaining(rule, new_tat, horizon),
                     reset: reset(new_tat, now),

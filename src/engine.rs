@@ -214,7 +214,7 @@ impl Engine {
                     // All or nothing: give back the levels already taken.
                     for (hold, &(_, state, _)) in holds.iter().zip(&levels).take(level) {
                         if let Some(hold) = hold {
-                            hold.release(state, now);
+                            hold.release(state, now.as_unix_nanos(), now);
                         }
                     }
                     let wallet = level == WALLET_LEVEL;
@@ -227,7 +227,7 @@ impl Engine {
         if key_state.revoked() {
             for (hold, &(_, state, _)) in holds.iter().zip(&levels) {
                 if let Some(hold) = hold {
-                    hold.release(state, now);
+                    hold.release(state, now.as_unix_nanos(), now);
                 }
             }
             return Err(denial(DenialReason::KeyRevoked, Scope::Key, budget_status));
@@ -235,6 +235,7 @@ impl Engine {
 
         Ok(Reservation {
             snapshot: published.share(),
+            taken_at: now.as_unix_nanos(),
             route,
             levels: holds,
             settled: false,

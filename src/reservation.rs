@@ -26,6 +26,8 @@ pub struct Reservation {
     /// if a new policy is applied meanwhile. One reference count for the whole
     /// request instead of one per level, taken on this thread's share of it.
     pub(crate) snapshot: Arc<Share>,
+    /// When its levels took what they hold (nanoseconds since the Unix epoch).
+    pub(crate) taken_at: u64,
     pub(crate) route: Route,
     /// What each level holds; `None` for levels that do not apply.
     pub(crate) levels: [Option<LevelHold>; LEVELS],
@@ -210,7 +212,7 @@ impl Reservation {
                 if let Some(rules) = rules {
                     // The wallet reports money only; requests and tokens are the org's.
                     let tally = level != WALLET_LEVEL;
-                    hold.settle(state, rules, settlement, now, tally);
+                    hold.settle(state, rules, settlement, self.taken_at, now, tally);
                 }
             }
         }
@@ -228,7 +230,7 @@ impl Reservation {
         for (level, hold) in self.levels.iter().enumerate() {
             if let Some(hold) = hold {
                 let (_, state, _) = self.snapshot.level(level, self.route);
-                hold.release(state, now);
+                hold.release(state, self.taken_at, now);
             }
         }
     }

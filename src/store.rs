@@ -90,8 +90,6 @@ pub(crate) struct LevelHold {
     rpm: Hold,
     rpd: Hold,
     tokens: Hold,
-    /// When the takes were made.
-    at: u64,
     slot: bool,
     held_cost: i64,
 }
@@ -170,13 +168,10 @@ pub(crate) fn reserve_level(
 ) -> Result<LevelHold, Refusal> {
     let at = now.as_unix_nanos();
     state.periods.roll(now);
-    let mut hold = LevelHold {
-        at,
-        ..LevelHold::default()
-    };
+    let mut hold = LevelHold::default();
     // On refusal the half-built hold gives back what it has taken so far.
     let refuse = |hold: LevelHold, refusal: Refusal| {
-        hold.release(state, now);
+        hold.release(state, at, now);
         Err(refusal)
     };
 
@@ -286,15 +281,15 @@ pub(crate) fn reserve_level(
 }
 
 impl LevelHold {
-    /// Give back everything: the request did not happen.
-    pub(crate) fn release(self, state: &ScopeState, now: Timestamp) {
+    /// Give back everything (taken at `taken_at`): the request did not happen.
+    pub(crate) fn release(self, state: &ScopeState, taken_at: u64, now: Timestamp) {
         let now_nanos = now.as_unix_nanos();
         for (hold, bucket) in [
             (&self.rpm, &state.rpm),
             (&self.rpd, &state.rpd),
             (&self.tokens, &state.tpm),
         ] {
-            bucket.give_back(hold, hold.units, self.at, now_nanos);
+            bucket.give_back(hold, hold.units, taken_at, now_nanos);
         }
         if self.slot {
             state.slots.release();
@@ -312,6 +307,7 @@ impl LevelHold {
         state: &ScopeState,
         rules: &LevelRules,
         used: Settlement,
+        taken_at: u64,
         now: Timestamp,
         tally: bool,
     ) {
@@ -322,7 +318,7 @@ impl LevelHold {
             if spent < reserved {
                 state
                     .tpm
-                    .give_back(&self.tokens, reserved - spent, self.at, at);
+                    .give_back(&self.tokens, reserved - spent, taken_at, at);
             } else {
                 state.tpm.charge(spent - reserved, at);
             }
