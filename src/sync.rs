@@ -156,14 +156,33 @@ impl<T> SwapCell<T> {
 }
 
 /// Adds `delta` to `cell`, pinning at the `i64` range instead of wrapping, so an
-/// absurd overage can never turn a large debt into a large credit, not even for a
-/// moment: a compare-and-swap loop, so no wrapped value is ever stored. (A
-/// `fetch_add` pinned afterwards left the wrapped value visible to a concurrent
-/// budget check; one guarded by "far from the bound" could still wrap when another
-/// add had pinned the counter in between. Money counters that every request writes
-/// are spread over threads (`PeriodCell`), so the loop rarely retries.)
+/// absurd overage can never turn a large debt into a large credit.
+///
+/// An add that is small, onto a counter far from the bound (every ordinary commit), is
+/// one `fetch_add`: the admission words of the org and the wallet take one from every
+/// request, and a compare-and-swap loop there retried so often under two threads that
+/// they served fewer requests than one. Anything else is a compare-and-swap loop, so an
+/// absurd add never stores a wrapped value. The one case left: an ordinary add that
+/// read the counter far from the bound while an absurd one pinned it, landing just
+/// after; it finds the wrap (its previous value was at the bound) and pins the counter
+/// again at once. Only between those two steps can a reader see a wrapped value, and
+/// only while an absurd overage (millions of dollars of debt) is being charged.
 pub(crate) fn saturating_add_i64(cell: &AtomicI64, delta: i64) {
+    const FAST_DELTA: u64 = 1 << 40;
+    const FAST_VALUE: u64 = 1 << 62;
     let mut current = cell.load(Ordering::Acquire);
+    if delta.unsigned_abs() < FAST_DELTA && current.unsigned_abs() < FAST_VALUE {
+        let before = cell.fetch_add(delta, Ordering::AcqRel);
+        if before.checked_add(delta).is_some() {
+            return;
+        }
+        // Wrapped: an absurd add pinned the counter in between. The true value is past
+        // the bound, so the counter is pinned there again, whatever landed on the
+        // wrapped value meanwhile (a counter at its bound stays there).
+        let pinned = if delta > 0 { i64::MAX } else { i64::MIN };
+        cell.store(pinned, Ordering::Release);
+        return;
+    }
     loop {
         let next = current.saturating_add(delta);
         match cell.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {

@@ -108,13 +108,14 @@ fn a_debt_pinned_at_the_bound_never_reads_as_room_to_a_racing_hold() {
 }
 
 #[test]
-fn an_absurd_overage_racing_an_ordinary_commit_never_wraps() {
+fn an_absurd_overage_racing_an_ordinary_commit_ends_pinned() {
     super::check("budget/an ordinary add races a saturating add", || {
         let now = Timestamp::from_unix_nanos(1_000);
         let cell = Arc::new(PeriodCell::new(Span::Forever, now, false));
         // One absurd overage (pinned at i64::MAX) and an ordinary commit racing it:
         // whichever lands first, the counter ends pinned, never wrapped (an ordinary
-        // add that read the counter small once wrapped it after the pin).
+        // add that read the counter small, then landed after the pin, once left it
+        // wrapped for good; it now pins it again).
         let debtor = {
             let cell = Arc::clone(&cell);
             thread::spawn(move || cell.settle(0, spend(i64::MAX), true))
