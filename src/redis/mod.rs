@@ -2,7 +2,7 @@
 //! instances enforce the same limits and budgets.
 //!
 //! A request resolves its key, workspace and model locally, exactly as the in-memory
-//! engine does (`decide`), then reserves in one Lua script per hash tag: the
+//! engine does (`decide`), then reserves in one function call (`scripts/tollgate.lua`) per hash tag: the
 //! workspace's levels (key, workspace, workspace × model) under `{ws:<id>}`, the
 //! org's budget and wallet under `{org:<id>}`. The two calls go out together on one
 //! multiplexed connection, so a reservation costs one round trip of latency; each
