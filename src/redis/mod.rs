@@ -2,9 +2,10 @@
 //! instances enforce the same limits and budgets.
 //!
 //! A request resolves its key, workspace and model locally, exactly as the in-memory
-//! engine does (`decide`), then reserves in one function call (`scripts/tollgate.lua`) per hash tag: the
-//! workspace's levels (key, workspace, workspace × model) under `{ws:<id>}`, the
-//! org's budget and wallet under `{org:<id>}`. The two calls go out together on one
+//! engine does (`decide`), then reserves in one function call per hash tag (the
+//! library in `scripts/tollgate.lua`): the workspace's levels (key, workspace,
+//! workspace × model) under `{ws:<id>}`, the org's budget and wallet under
+//! `{org:<id>}`. The two calls go out together on one
 //! multiplexed connection, so a reservation costs one round trip of latency; each
 //! is atomic on its own shard. If one group refuses, the other's hold is released;
 //! in between it only over-holds, which can refuse a request but never overspend.
