@@ -179,12 +179,6 @@ struct State {
     epoch: u16,
 }
 
-impl Default for Gcra {
-    fn default() -> Self {
-        Gcra::new(None)
-    }
-}
-
 impl Gcra {
     /// A full bucket counting in `rule`'s interval (no rule: nothing to count yet).
     pub(crate) fn new(rule: Option<&RateRule>) -> Self {
