@@ -181,12 +181,10 @@ impl RedisEngine {
                    key: String,
                    was: &LevelRules,
                    now: &LevelRules| {
-            if rule_signature(was) != rule_signature(now) {
-                let (kind, seconds) = calls::period_args(now.span);
-                let [rpm, rpd, tpm, ..] = rule_signature(now);
+            let signature = rule_signature(now);
+            if rule_signature(was) != signature {
                 tag.0.push(key);
-                tag.1
-                    .extend([rpm, rpd, tpm, u64::from(kind), seconds].map(|x| x.to_string()));
+                tag.1.extend(signature.map(|x| x.to_string()));
             }
         };
         for (w, ws) in new.workspaces.iter().enumerate() {
