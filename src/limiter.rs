@@ -17,6 +17,12 @@ pub trait Held: Send {
 
     /// The worst-case cost held, in USD.
     fn reserved_cost(&self) -> Decimal;
+
+    /// The id of the key the request was admitted for (never the secret).
+    fn key_id(&self) -> &str;
+
+    /// The id of the workspace the request was admitted in.
+    fn workspace_id(&self) -> &str;
 }
 
 impl Held for Reservation {
@@ -26,6 +32,14 @@ impl Held for Reservation {
 
     fn reserved_cost(&self) -> Decimal {
         Reservation::reserved_cost(self)
+    }
+
+    fn key_id(&self) -> &str {
+        Reservation::key_id(self)
+    }
+
+    fn workspace_id(&self) -> &str {
+        Reservation::workspace_id(self)
     }
 }
 

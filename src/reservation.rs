@@ -171,6 +171,19 @@ impl From<Window> for LimitWindow {
 }
 
 impl Reservation {
+    /// The id of the key this request was admitted for (the policy's `[[keys]] id`,
+    /// never the secret), for request logs and usage attribution.
+    #[must_use]
+    pub fn key_id(&self) -> &str {
+        self.snapshot.key_id(&self.route)
+    }
+
+    /// The id of the workspace this request was admitted in.
+    #[must_use]
+    pub fn workspace_id(&self) -> &str {
+        self.snapshot.workspace_id(&self.route)
+    }
+
     /// The worst-case cost held, in USD.
     #[must_use]
     pub fn reserved_cost(&self) -> Decimal {

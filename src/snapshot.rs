@@ -176,6 +176,16 @@ pub(crate) struct Route {
 }
 
 impl Snapshot {
+    /// The id of the key a request was admitted for.
+    pub(crate) fn key_id(&self, route: &Route) -> &str {
+        &self.policy.keys[route.key as usize].id
+    }
+
+    /// The id of the workspace a request was admitted in.
+    pub(crate) fn workspace_id(&self, route: &Route) -> &str {
+        &self.policy.workspaces[route.workspace as usize].id
+    }
+
     /// The position of the key with this id.
     #[inline]
     pub(crate) fn key_index(&self, id: &str) -> Option<u32> {

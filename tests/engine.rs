@@ -733,3 +733,23 @@ fn headers_report_the_tightest_limits() {
     );
     assert_eq!(get("retry-after"), "");
 }
+
+#[test]
+fn a_reservation_names_its_key_and_workspace_not_the_secret() {
+    let clock = clock();
+    let doc = base()
+        .workspace(WorkspaceSpec::new("ws2", "batch").grant("m"))
+        .key(KeySpec::new("k2", "ws2", "sk-k2"));
+    let engine = engine(doc, &clock);
+    let first = engine.check_and_reserve(&req(10)).unwrap();
+    let second = engine
+        .check_and_reserve(&Request::with_secret("sk-k2", "m").max_output_tokens(10))
+        .unwrap();
+    assert_eq!((first.key_id(), first.workspace_id()), ("k", "ws"));
+    assert_eq!((second.key_id(), second.workspace_id()), ("k2", "ws2"));
+    // Through the backend-neutral trait too, as generic gateways read it.
+    fn ids(held: &impl Held) -> (&str, &str) {
+        (held.key_id(), held.workspace_id())
+    }
+    assert_eq!(ids(&second), ("k2", "ws2"));
+}

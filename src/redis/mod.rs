@@ -643,6 +643,14 @@ impl crate::limiter::Held for RedisReservation {
     fn reserved_cost(&self) -> rust_decimal::Decimal {
         RedisReservation::reserved_cost(self)
     }
+
+    fn key_id(&self) -> &str {
+        RedisReservation::key_id(self)
+    }
+
+    fn workspace_id(&self) -> &str {
+        RedisReservation::workspace_id(self)
+    }
 }
 
 impl crate::limiter::Limiter for RedisEngine {

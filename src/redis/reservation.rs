@@ -104,6 +104,24 @@ impl RedisReservation {
         }
     }
 
+    /// The id of the key this request was admitted for (never the secret).
+    #[must_use]
+    pub fn key_id(&self) -> &str {
+        match &self.kind {
+            Kind::Remote(r) => r.snapshot.key_id(&r.admission.route),
+            Kind::Local(r) => r.key_id(),
+        }
+    }
+
+    /// The id of the workspace this request was admitted in.
+    #[must_use]
+    pub fn workspace_id(&self) -> &str {
+        match &self.kind {
+            Kind::Remote(r) => r.snapshot.workspace_id(&r.admission.route),
+            Kind::Local(r) => r.workspace_id(),
+        }
+    }
+
     /// The worst-case cost held, in USD.
     #[must_use]
     pub fn reserved_cost(&self) -> Decimal {
