@@ -29,7 +29,6 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, WWW_AUTHENTICATE};
 use hyper::{Method, Request, StatusCode};
@@ -45,7 +44,7 @@ use tollgate::{
 
 use crate::app::App;
 use crate::audit::AdminRecord;
-use crate::http::{bearer, error, json_reply, Reply, MAX_BODY};
+use crate::http::{self, bearer, error, json_reply, BodyError, Reply};
 
 /// What an admin key may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -402,8 +401,8 @@ enum Failure {
     Conflict(Vec<PolicyIssue>),
     /// 422: the change would make the policy invalid.
     Invalid(Vec<PolicyIssue>),
-    /// 413: the body is too big.
-    TooLarge,
+    /// 413, 408 or 400: the body is too big, too slow or cut off.
+    Body(BodyError),
     /// 503: the counter store failed.
     Store(String),
     /// 500: anything else.
@@ -476,12 +475,10 @@ impl Failure {
                 "invalid_policy",
                 &issues,
             ),
-            Failure::TooLarge => fail(
-                record,
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                "body too large".into(),
-            ),
+            Failure::Body(e) => {
+                let (status, code, message) = e.parts();
+                fail(record, status, code, message.into())
+            }
             Failure::Store(message) => fail(
                 record,
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -500,11 +497,10 @@ impl Failure {
 
 type Handled = Result<Reply, Failure>;
 
-async fn read_body(request: Request<Incoming>) -> Result<Bytes, Failure> {
-    match Limited::new(request.into_body(), MAX_BODY).collect().await {
-        Ok(body) => Ok(body.to_bytes()),
-        Err(_) => Err(Failure::TooLarge),
-    }
+async fn read_body(app: &App, request: Request<Incoming>) -> Result<Bytes, Failure> {
+    http::read_body(request, app.limits.body_timeout)
+        .await
+        .map_err(Failure::Body)
 }
 
 /// The body as `T`; an empty body is `T::default()` when `optional`.
@@ -606,7 +602,7 @@ async fn create_workspace(
     actor: &str,
     record: &mut AdminRecord,
 ) -> Handled {
-    let spec: WorkspaceSpec = parse(&read_body(request).await?, false)?;
+    let spec: WorkspaceSpec = parse(&read_body(app, request).await?, false)?;
     record.target = Some(spec.id.clone());
     let id = spec.id.clone();
     app.backend
@@ -638,7 +634,7 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<BudgetSpec>>
 }
 
 async fn update_workspace(app: &App, request: Request<Incoming>, id: &str, actor: &str) -> Handled {
-    let patch: WorkspacePatch = parse(&read_body(request).await?, false)?;
+    let patch: WorkspacePatch = parse(&read_body(app, request).await?, false)?;
     let update = WorkspaceUpdate {
         status: patch.status,
         environment: patch.environment,
@@ -696,7 +692,7 @@ async fn create_key(
     actor: &str,
     record: &mut AdminRecord,
 ) -> Handled {
-    let asked: KeyRequest = parse(&read_body(request).await?, false)?;
+    let asked: KeyRequest = parse(&read_body(app, request).await?, false)?;
     record.target = Some(asked.id.clone());
     let workspace = asked.workspace.clone();
     let issued = app
@@ -738,7 +734,7 @@ struct RotateRequest {
 const MAX_GRACE_SECONDS: i64 = 7 * 86_400;
 
 async fn rotate_key(app: &App, request: Request<Incoming>, id: &str, actor: &str) -> Handled {
-    let asked: RotateRequest = parse(&read_body(request).await?, true)?;
+    let asked: RotateRequest = parse(&read_body(app, request).await?, true)?;
     if !(0..=MAX_GRACE_SECONDS).contains(&asked.grace_seconds) {
         let problem = if asked.grace_seconds < 0 {
             Problem::Negative

@@ -2,6 +2,7 @@
 //! errors, bearer keys, rate-limit headers.
 
 use std::convert::Infallible;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -64,13 +65,13 @@ pub fn add_headers(reply: &mut Reply, headers: &RateLimitHeaders) {
     }
 }
 
+/// The token of an `Authorization: Bearer TOKEN` header. The scheme is matched
+/// without regard to case, as RFC 9110 says (`bearer` and `BEARER` too).
 pub fn bearer(request: &Request<Incoming>) -> Option<&str> {
-    request
-        .headers()
-        .get(AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
+    let value = request.headers().get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim_start_matches(' ');
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 pub fn missing_key() -> Reply {
@@ -81,18 +82,60 @@ pub fn missing_key() -> Reply {
     )
 }
 
-/// The request's body as JSON, or the error reply to send.
-pub async fn read_json(request: Request<Incoming>) -> Result<Value, Reply> {
-    let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(_) => {
-            return Err(error(
+/// Why a request body could not be read.
+#[derive(Debug)]
+pub enum BodyError {
+    /// Over [`MAX_BODY`] bytes.
+    TooLarge,
+    /// Not all there within the body timeout.
+    TimedOut,
+    /// The connection failed mid-body.
+    Broken,
+}
+
+impl BodyError {
+    /// The status, code and message to answer with: 413, 408 or 400.
+    pub fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            BodyError::TooLarge => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
                 "body too large",
-            ))
+            ),
+            BodyError::TimedOut => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request body did not arrive in time",
+            ),
+            BodyError::Broken => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "the request body was cut off",
+            ),
         }
-    };
+    }
+
+    /// The error reply.
+    pub fn reply(&self) -> Reply {
+        let (status, code, message) = self.parts();
+        error(status, code, message)
+    }
+}
+
+/// The whole request body: at most [`MAX_BODY`] bytes, arriving within `timeout`.
+pub async fn read_body(request: Request<Incoming>, timeout: Duration) -> Result<Bytes, BodyError> {
+    let read = Limited::new(request.into_body(), MAX_BODY).collect();
+    match tokio::time::timeout(timeout, read).await {
+        Err(_) => Err(BodyError::TimedOut),
+        Ok(Ok(body)) => Ok(body.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge),
+        Ok(Err(_)) => Err(BodyError::Broken),
+    }
+}
+
+/// The request's body as JSON, or the error reply to send.
+pub async fn read_json(request: Request<Incoming>, timeout: Duration) -> Result<Value, Reply> {
+    let body = read_body(request, timeout).await.map_err(|e| e.reply())?;
     serde_json::from_slice::<Value>(&body).map_err(|_| {
         error(
             StatusCode::BAD_REQUEST,

@@ -23,11 +23,22 @@
 //!   current directory (appended to); `-` for standard output
 //! - `--webhook URL` (repeatable) [`GATEWAY_WEBHOOKS`, comma-separated]: POST budget
 //!   threshold and budget exhausted events to this `http://` URL
+//! - `--max-connections N` [`GATEWAY_MAX_CONNECTIONS`], default 4096 (lowered to fit
+//!   the open-files limit, which is first raised to its hard limit): beyond it an idle
+//!   connection is closed to make room, or the new one answered 503
+//! - `--header-timeout-secs N` [`GATEWAY_HEADER_TIMEOUT_SECS`], default 10: the
+//!   longest wait for a request head, which also closes idle keep-alive connections
+//! - `--body-timeout-secs N` [`GATEWAY_BODY_TIMEOUT_SECS`], default 30: the longest a
+//!   request body may take to arrive (408 beyond)
+//!
+//! SIGTERM and SIGINT (Ctrl-C) both shut down gracefully: stop accepting, finish
+//! requests in flight (up to 30 s), flush the logs, save the counters.
 
 mod admin;
 mod app;
 mod audit;
 mod backend;
+mod connections;
 mod http;
 mod openai;
 mod provider;
@@ -41,6 +52,7 @@ use tollgate::{Engine, EventSink, Policy};
 
 use crate::app::App;
 use crate::backend::Backend;
+use crate::connections::Limits;
 use crate::provider::{MockProvider, Provider, UpstreamProvider};
 
 /// Command-line flags, falling back to environment variables.
@@ -55,17 +67,31 @@ struct Options {
     audit_log: String,
     webhooks: Vec<String>,
     upstream: Option<String>,
+    limits: Limits,
 }
 
 impl Options {
     fn parse() -> Result<Self, String> {
         let mut args = std::env::args().skip(1);
         let env = |name: &str| std::env::var(name).ok();
+        let defaults = Limits::default();
+        let limits = Limits {
+            max_connections: env("GATEWAY_MAX_CONNECTIONS")
+                .map(|v| positive("GATEWAY_MAX_CONNECTIONS", &v))
+                .transpose()?
+                .map_or(defaults.max_connections, |n| n as usize),
+            header_timeout: env("GATEWAY_HEADER_TIMEOUT_SECS")
+                .map(|v| positive("GATEWAY_HEADER_TIMEOUT_SECS", &v))
+                .transpose()?
+                .map_or(defaults.header_timeout, Duration::from_secs),
+            body_timeout: env("GATEWAY_BODY_TIMEOUT_SECS")
+                .map(|v| positive("GATEWAY_BODY_TIMEOUT_SECS", &v))
+                .transpose()?
+                .map_or(defaults.body_timeout, Duration::from_secs),
+        };
         let mut options = Options {
             addr: env("GATEWAY_ADDR").unwrap_or_else(|| "127.0.0.1:8080".into()),
-            policy: env("GATEWAY_POLICY").unwrap_or_else(|| {
-                concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gateway/policy.toml").into()
-            }),
+            policy: env("GATEWAY_POLICY").unwrap_or_else(|| DEMO_POLICY.into()),
             redis: env("GATEWAY_REDIS"),
             reservation_ttl_secs: env("GATEWAY_RESERVATION_TTL_SECS")
                 .map(|v| ttl_secs(&v))
@@ -78,6 +104,7 @@ impl Options {
             audit_log: env("GATEWAY_AUDIT_LOG").unwrap_or_else(|| "gateway-audit.jsonl".into()),
             webhooks: list(env("GATEWAY_WEBHOOKS")),
             upstream: env("GATEWAY_UPSTREAM"),
+            limits,
         };
         // A repeatable flag replaces its environment variable's list.
         let (mut admin_keys, mut webhooks) = (Vec::new(), Vec::new());
@@ -100,6 +127,15 @@ impl Options {
                 "--audit-log" => options.audit_log = value()?,
                 "--webhook" => webhooks.push(value()?),
                 "--upstream" => options.upstream = Some(value()?),
+                "--max-connections" => {
+                    options.limits.max_connections = positive(&flag, &value()?)? as usize;
+                }
+                "--header-timeout-secs" => {
+                    options.limits.header_timeout = Duration::from_secs(positive(&flag, &value()?)?);
+                }
+                "--body-timeout-secs" => {
+                    options.limits.body_timeout = Duration::from_secs(positive(&flag, &value()?)?);
+                }
                 "--help" | "-h" => return Err(usage()),
                 other => return Err(format!("unknown flag {other}\n{}", usage())),
             }
@@ -116,11 +152,35 @@ impl Options {
 
 /// A reservation TTL in whole seconds, at least 1.
 fn ttl_secs(value: &str) -> Result<u64, String> {
+    positive("--reservation-ttl-secs", value)
+}
+
+/// A whole number above 0 (and below a million million, so no duration overflows).
+fn positive(flag: &str, value: &str) -> Result<u64, String> {
     match value.parse::<u64>() {
-        Ok(secs) if secs > 0 => Ok(secs),
-        _ => Err(format!(
-            "--reservation-ttl-secs: {value:?} is not a whole number of seconds above 0"
-        )),
+        Ok(n) if n > 0 && n < 1_000_000_000_000 => Ok(n),
+        _ => Err(format!("{flag}: {value:?} is not a whole number above 0")),
+    }
+}
+
+/// Raise the soft open-files limit to the hard one, and lower the connection cap to
+/// fit what is allowed, keeping room for files, Redis and upstream connections.
+fn fit_connections(limits: &mut Limits) {
+    const KEEP_FREE: u64 = 256;
+    let allowed = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(allowed) => allowed,
+        Err(e) => {
+            eprintln!("could not read the open-files limit: {e}");
+            return;
+        }
+    };
+    let fits = allowed.saturating_sub(KEEP_FREE).max(16);
+    if (limits.max_connections as u64) > fits {
+        eprintln!(
+            "--max-connections {} lowered to {fits}: the open-files limit is {allowed}",
+            limits.max_connections
+        );
+        limits.max_connections = fits as usize;
     }
 }
 
@@ -145,7 +205,8 @@ fn usage() -> String {
     "usage: gateway [--addr HOST:PORT] [--policy FILE] [--redis URL] \
      [--reservation-ttl-secs N] [--mock-delay-ms N] \
      [--counters FILE] [--upstream URL] \
-     [--admin-key NAME:ROLE:SECRET]... [--audit-log PATH|-] [--webhook URL]..."
+     [--admin-key NAME:ROLE:SECRET]... [--audit-log PATH|-] [--webhook URL]... \
+     [--max-connections N] [--header-timeout-secs N] [--body-timeout-secs N]"
         .into()
 }
 
@@ -187,13 +248,14 @@ async fn backend(
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let options = match Options::parse() {
+    let mut options = match Options::parse() {
         Ok(options) => options,
         Err(message) => {
             eprintln!("{message}");
             std::process::exit(2);
         }
     };
+    fit_connections(&mut options.limits);
     let policy = Policy::from_path(&options.policy)?;
     let provider = match &options.upstream {
         Some(url) => Provider::Upstream(UpstreamProvider::new(
@@ -225,6 +287,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         admin: admin_keys,
         audit,
         counters: options.counters.clone(),
+        limits: options.limits,
+        connections: Arc::default(),
     });
     let listener = tokio::net::TcpListener::bind(&options.addr).await?;
     let url = format!("http://{}", listener.local_addr()?);
@@ -235,14 +299,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         &app.provider.describe(),
     );
     print_admin(&url, &app, !options.admin_keys.is_empty(), &events.webhooks);
-    println!("Ctrl-C to stop.");
+    let limits = &options.limits;
+    println!(
+        "connections: at most {}, request head within {:?}, body within {:?}",
+        limits.max_connections, limits.header_timeout, limits.body_timeout
+    );
+    println!("Ctrl-C or SIGTERM to stop.");
 
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-        println!("\nshutting down: finishing requests in flight");
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = async move {
+        let signal = tokio::select! {
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        };
+        println!("\n{signal}: shutting down, finishing requests in flight");
     };
-    app::serve(listener, Arc::clone(&app), shutdown).await;
+    connections::serve(listener, Arc::clone(&app), shutdown).await;
     let (audit, hooks) = (&app.audit, &events.webhooks);
+    println!(
+        "connections: {} refused at the cap, {} idle ones closed to make room",
+        app.connections.refused(),
+        app.connections.evicted()
+    );
     println!(
         "audit log: {} line(s) written, {} dropped, {} failed; webhooks: {} delivered, \
          {} retried, {} failed, {} dropped",
@@ -257,10 +335,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// The demo policy that ships with the example, whose keys the banner shows.
+const DEMO_POLICY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gateway/policy.toml");
+
 fn print_welcome(url: &str, policy_path: &str, backend: &str, provider: &str) {
     println!("tollgate example gateway on {url} ({backend}, {provider})");
     println!("policy: {policy_path}");
     println!();
+    let is_demo = std::fs::canonicalize(policy_path).ok() == std::fs::canonicalize(DEMO_POLICY).ok();
+    if !is_demo {
+        // Another policy's keys are its owner's; the demo's would not work anyway.
+        println!("call it with one of your policy's keys:");
+        println!(
+            "  curl -i {url}/v1/chat/completions -H 'Authorization: Bearer YOUR_KEY' \\\n    -H 'Content-Type: application/json' \\\n    -d '{{\"model\":\"MODEL\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}]}}'"
+        );
+        println!();
+        return;
+    }
     println!("demo keys:");
     println!("  sk-demo-prod     chatbot-production: gpt-4o-mini, gpt-4o, text-embedding-3-small");
     println!("  sk-demo-staging  chatbot-staging: gpt-4o-mini, 3 requests per minute");

@@ -62,11 +62,14 @@ pub async fn models(app: &App, request: &HttpRequest<Incoming>) -> Reply {
 }
 
 /// The caller's bearer key and the request's JSON body, or the error to answer with.
-async fn authenticated_body(request: HttpRequest<Incoming>) -> Result<(String, Value), Reply> {
+async fn authenticated_body(
+    app: &App,
+    request: HttpRequest<Incoming>,
+) -> Result<(String, Value), Reply> {
     let secret = bearer(&request)
         .map(str::to_owned)
         .ok_or_else(missing_key)?;
-    Ok((secret, read_json(request).await?))
+    Ok((secret, read_json(request, app.limits.body_timeout).await?))
 }
 
 /// The body's `model`, required by every OpenAI route that takes a body.
@@ -83,7 +86,7 @@ fn required_model(body: &Value) -> Result<&str, Reply> {
 }
 
 pub async fn chat(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply {
-    let (secret, body) = match authenticated_body(request).await {
+    let (secret, body) = match authenticated_body(app, request).await {
         Ok(read) => read,
         Err(reply) => return reply,
     };
@@ -329,7 +332,7 @@ impl Pump {
 }
 
 pub async fn embeddings(app: &App, request: HttpRequest<Incoming>) -> Reply {
-    let (secret, body) = match authenticated_body(request).await {
+    let (secret, body) = match authenticated_body(app, request).await {
         Ok(read) => read,
         Err(reply) => return reply,
     };

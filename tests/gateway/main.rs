@@ -15,6 +15,8 @@ mod app;
 mod audit;
 #[path = "../../examples/gateway/backend.rs"]
 mod backend;
+#[path = "../../examples/gateway/connections.rs"]
+mod connections;
 #[path = "../../examples/gateway/http.rs"]
 mod http;
 #[path = "../../examples/gateway/openai.rs"]

@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tollgate::{Decimal, Engine, Policy, ScopeUsage, UsageSnapshot};
 
-use crate::app::{self, App};
+use crate::app::App;
 use crate::backend::Backend;
 use crate::provider::{mock_vector, Provider, SseParser, UpstreamProvider, MOCK_FAILURE};
 use crate::support::{start, start_with, Options, POLICY};
@@ -710,11 +710,13 @@ impl Gateway {
             admin: crate::admin::AdminKeys::default(),
             audit: crate::audit::Audit::default(),
             counters: None,
+            limits: crate::connections::Limits::default(),
+            connections: Arc::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(app::serve(listener, Arc::clone(&app), async {
+        let server = tokio::spawn(crate::connections::serve(listener, Arc::clone(&app), async {
             let _ = stopped.await;
         }));
         Gateway {

@@ -15,7 +15,8 @@ use tokio::sync::oneshot;
 use tollgate::{Engine, Event, EventSink, Policy, UsageSnapshot};
 
 use crate::admin::AdminKeys;
-use crate::app::{self, App};
+use crate::app::App;
+use crate::connections::{self, Limits};
 use crate::audit::Audit;
 use crate::backend::Backend;
 use crate::provider::{MockProvider, Provider};
@@ -38,6 +39,8 @@ pub struct Options {
     pub webhook_config: Option<webhooks::Config>,
     /// Also hand every engine event to this sink.
     pub events: Option<Arc<dyn EventSink>>,
+    /// Connection limits and timeouts; the gateway's defaults unless set.
+    pub limits: Limits,
 }
 
 /// The gateway's sink, and the test's own if it gave one.
@@ -138,11 +141,13 @@ pub async fn start_with(options: Options) -> Running {
         admin,
         audit,
         counters: options.counters,
+        limits: options.limits,
+        connections: Arc::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(app::serve(listener, Arc::clone(&app), async {
+    let server = tokio::spawn(connections::serve(listener, Arc::clone(&app), async {
         let _ = stopped.await;
     }));
     Running {
