@@ -9,6 +9,7 @@
 //! | `GET /admin/workspaces`            | `workspace.list`   | admin, editor, viewer |
 //! | `GET /admin/workspaces/{id}`       | `workspace.read`   | admin, editor, viewer |
 //! | `GET /admin/usage`                 | `usage.read`       | admin, editor, viewer |
+//! | `GET /admin/workspaces/{id}/requests` | `requests.read` | admin, editor, viewer |
 //! | `PATCH /admin/workspaces/{id}`     | `workspace.update` | admin, editor         |
 //! | `POST /admin/workspaces`           | `workspace.create` | admin                 |
 //! | `DELETE /admin/workspaces/{id}`    | `workspace.delete` | admin                 |
@@ -44,6 +45,7 @@ use tollgate::{
 
 use crate::app::App;
 use crate::audit::AdminRecord;
+use crate::connections::Peer;
 use crate::http::{self, bearer, error, json_reply, BodyError, Reply};
 
 /// What an admin key may do.
@@ -222,6 +224,7 @@ pub enum Action {
     ListWorkspaces,
     ReadWorkspace,
     ReadUsage,
+    ReadRequests,
     CreateWorkspace,
     UpdateWorkspace,
     DeleteWorkspace,
@@ -236,6 +239,7 @@ impl Action {
             Action::ListWorkspaces => "workspace.list",
             Action::ReadWorkspace => "workspace.read",
             Action::ReadUsage => "usage.read",
+            Action::ReadRequests => "requests.read",
             Action::CreateWorkspace => "workspace.create",
             Action::UpdateWorkspace => "workspace.update",
             Action::DeleteWorkspace => "workspace.delete",
@@ -248,7 +252,10 @@ impl Action {
     fn is_read(self) -> bool {
         matches!(
             self,
-            Action::ListWorkspaces | Action::ReadWorkspace | Action::ReadUsage
+            Action::ListWorkspaces
+                | Action::ReadWorkspace
+                | Action::ReadUsage
+                | Action::ReadRequests
         )
     }
 }
@@ -278,6 +285,8 @@ fn route(method: &Method, path: &str) -> Route {
         (["workspaces", id], &Method::PATCH) => found(Action::UpdateWorkspace, Some(id)),
         (["workspaces", id], &Method::DELETE) => found(Action::DeleteWorkspace, Some(id)),
         (["workspaces", _], _) => Route::WrongMethod("GET, PATCH, DELETE"),
+        (["workspaces", id, "requests"], &Method::GET) => found(Action::ReadRequests, Some(id)),
+        (["workspaces", _, "requests"], _) => Route::WrongMethod("GET"),
         (["keys"], &Method::POST) => found(Action::CreateKey, None),
         (["keys", id, "rotate"], &Method::POST) => found(Action::RotateKey, Some(id)),
         (["keys", id, "revoke"], &Method::POST) => found(Action::RevokeKey, Some(id)),
@@ -290,7 +299,10 @@ fn route(method: &Method, path: &str) -> Route {
 
 /// Serve one `/admin/` request and audit it, whatever the outcome.
 pub async fn handle(app: &App, request: Request<Incoming>) -> Reply {
-    let mut record = AdminRecord::default();
+    let mut record = AdminRecord {
+        peer: request.extensions().get::<Peer>().map(|p| p.0.ip()),
+        ..AdminRecord::default()
+    };
     let reply = serve(app, request, &mut record).await;
     app.audit.admin(record, reply.status());
     reply
@@ -381,6 +393,7 @@ async fn serve(app: &App, request: Request<Incoming>, record: &mut AdminRecord) 
         Action::ListWorkspaces => Ok(list_workspaces(app)),
         Action::ReadWorkspace => read_workspace(app, &id),
         Action::ReadUsage => read_usage(app).await,
+        Action::ReadRequests => read_requests(app, &id, request.uri().query()),
         Action::CreateWorkspace => create_workspace(app, request, actor, record).await,
         Action::UpdateWorkspace => update_workspace(app, request, &id, actor).await,
         Action::DeleteWorkspace => delete_workspace(app, &id, actor).await,
@@ -594,6 +607,68 @@ async fn read_usage(app: &App) -> Handled {
         .map_err(|e| Failure::from_backend(e, None))?;
     let body = serde_json::to_value(&usage).map_err(|e| Failure::Internal(e.to_string()))?;
     Ok(json_reply(StatusCode::OK, &body))
+}
+
+/// Page size of `GET /admin/workspaces/{id}/requests` unless `limit` says otherwise.
+const REQUESTS_PAGE: usize = 50;
+/// The largest `limit` taken.
+const REQUESTS_PAGE_MAX: usize = 500;
+
+/// A workspace's recent requests, newest first: `?limit=N` (1 to 500, default 50) and
+/// `?before=SEQ` (the `next_before` of the previous page) to page back.
+fn read_requests(app: &App, id: &str, query: Option<&str>) -> Handled {
+    let policy = app.backend.policy();
+    if !policy.document().workspaces.iter().any(|w| w.id == id) {
+        return Err(Failure::NotFound(format!("no workspace has id {id}")));
+    }
+    let mut limit = REQUESTS_PAGE;
+    let mut before = None;
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=REQUESTS_PAGE_MAX).contains(n))
+                    .ok_or_else(|| {
+                        Failure::BadBody(format!(
+                            "limit {value:?}: expected a whole number from 1 to {REQUESTS_PAGE_MAX}"
+                        ))
+                    })?;
+            }
+            "before" => {
+                before = Some(value.parse::<u64>().map_err(|_| {
+                    Failure::BadBody(format!("before {value:?}: expected a request `seq`"))
+                })?);
+            }
+            other => {
+                return Err(Failure::BadBody(format!(
+                    "unknown query parameter {:?}; expected limit, before",
+                    other.chars().take(64).collect::<String>()
+                )))
+            }
+        }
+    }
+    let (lines, has_more) = app.requests.recent(id, limit, before);
+    let next_before = if has_more {
+        lines.last().map(|line| line.seq)
+    } else {
+        None
+    };
+    Ok(json_reply(
+        StatusCode::OK,
+        &json!({
+            "object": "list",
+            "data": lines.iter().map(|line| &**line).collect::<Vec<_>>(),
+            "has_more": has_more,
+            "next_before": next_before,
+        }),
+    ))
 }
 
 async fn create_workspace(

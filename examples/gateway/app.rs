@@ -6,15 +6,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
+use hyper::header::HeaderValue;
 use hyper::{Method, Request, StatusCode};
 
 use crate::admin::AdminKeys;
-use crate::connections::{Connections, Limits};
 use crate::audit::Audit;
 use crate::backend::Backend;
-use crate::http::{error, Reply};
+use crate::connections::{Connections, Limits};
+use crate::http::{error, ErrorCode, Reply};
 use crate::openai;
 use crate::provider::Provider;
+use crate::requests::RequestLog;
 
 /// What every connection shares.
 pub struct App {
@@ -28,23 +30,42 @@ pub struct App {
     pub limits: Limits,
     /// The open connections.
     pub connections: Arc<Connections>,
+    /// The request log.
+    pub requests: Arc<RequestLog>,
 }
 
 impl App {
-    pub async fn route(self: Arc<Self>, request: Request<Incoming>) -> Reply {
+    pub async fn route(self: Arc<Self>, mut request: Request<Incoming>) -> Reply {
         let path = request.uri().path().to_owned();
-        match (request.method(), path.as_str()) {
-            (&Method::POST, "/v1/chat/completions") => openai::chat(&self, request).await,
-            (&Method::POST, "/v1/embeddings") => openai::embeddings(&self, request).await,
-            (&Method::GET, "/v1/models") => openai::models(&self, &request).await,
-            (_, p) if p.starts_with("/admin/") => crate::admin::handle(&self, request).await,
-            _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        let api = match (request.method(), path.as_str()) {
+            (&Method::POST, "/v1/chat/completions") => "chat.completions",
+            (&Method::POST, "/v1/embeddings") => "embeddings",
+            (&Method::GET, "/v1/models") => "models",
+            (_, p) if p.starts_with("/admin/") => {
+                return crate::admin::handle(&self, request).await
+            }
+            _ => return error(StatusCode::NOT_FOUND, "not_found", "no such route"),
+        };
+        // Every API request is logged, with an id the client sees.
+        let trace = self.requests.start(api);
+        request.extensions_mut().insert(trace.clone());
+        let mut reply = match api {
+            "chat.completions" => openai::chat(&self, request).await,
+            "embeddings" => openai::embeddings(&self, request).await,
+            _ => openai::models(&self, &request).await,
+        };
+        let code = reply.extensions().get::<ErrorCode>().map(|c| c.0.as_str());
+        trace.answered(reply.status().as_u16(), code);
+        if let Ok(id) = HeaderValue::from_str(&trace.request_id()) {
+            reply.headers_mut().insert("x-request-id", id);
         }
+        reply
     }
 
     /// What a shutdown does once requests have drained.
     pub fn finish(&self) {
         self.audit.flush();
+        self.requests.flush();
         if let Some(path) = &self.counters {
             if let Err(e) = self.backend.save_counters(path) {
                 eprintln!("could not save counters: {e}");

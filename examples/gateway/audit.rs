@@ -2,12 +2,19 @@
 //! refused) and every key, workspace or policy change the engine reports (including
 //! keys presented after their expiry).
 //!
-//! Lines are written off the request path: [`Audit::admin`] and [`Audit::event`] hand
-//! a line to a bounded channel with `try_send` and return at once; a writer thread
-//! turns lines into JSON and writes them out. When the channel is full a line is
+//! Lines are written off the request path through a bounded queue and a writer thread
+//! that rotates the file by size (`jsonl.rs`). When the queue is full a line is
 //! dropped and counted, and the next flush writes an `audit.dropped` line saying how
 //! many were lost. [`Audit::flush`] (called by the graceful shutdown once requests
 //! have drained) waits until everything queued before it is written and flushed.
+//!
+//! Anyone can send admin requests without a key, so those refusals are kept from
+//! flooding the log or crowding out real actions: a path is cut to
+//! [`MAX_TARGET`] characters; each source address gets [`PER_SOURCE`] lines a minute,
+//! and the rest are counted and reported in one `audit.suppressed` line per source
+//! and minute (written when that source comes back after its minute, or at the next
+//! flush); and such lines may take only half of the queue, so actions by admin keys,
+//! and engine events, always find room.
 //!
 //! Every line has `time` (RFC 3339, UTC), `source` (`admin`, `engine` or `audit`),
 //! `actor` and `role` (null when unknown), `action`, `target` (null when none) and
@@ -15,49 +22,42 @@
 //! Admin lines add the HTTP `status` and, when not `ok`, a `reason`; engine lines add
 //! the engine's `event` as tollgate serialises it.
 
-use std::fs::OpenOptions;
-use std::io::{self, BufWriter, Write};
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use hyper::StatusCode;
+use parking_lot::Mutex;
 use serde::Serialize;
 use tollgate::{Event, EventKind};
+
+use crate::jsonl::{JsonLines, Rotation};
 
 /// Lines that may wait for the writer; beyond this they are dropped and counted.
 pub const QUEUE_LINES: usize = 4096;
 
-/// The longest [`Audit::flush`] waits for the writer.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Parts in 1,000 of the queue that unauthenticated refusals may take.
+const REFUSED_SHARE: usize = 500;
+
+/// The most of a refused request's path kept in its line.
+pub const MAX_TARGET: usize = 128;
+
+/// Lines a minute written for one source's unauthenticated refusals.
+pub const PER_SOURCE: u32 = 20;
+
+/// Sources tracked at once; beyond this, new sources share one count.
+const MAX_SOURCES: usize = 1024;
 
 /// Where audit lines go. Cloning gives another handle on the same writer.
 /// `Audit::default()` discards everything (no writer).
 #[derive(Clone, Default)]
 pub struct Audit {
-    inner: Option<Arc<Inner>>,
-}
-
-struct Inner {
-    queue: SyncSender<Message>,
-    counts: Arc<Counts>,
-    destination: String,
-}
-
-#[derive(Default)]
-struct Counts {
-    written: AtomicU64,
-    dropped: AtomicU64,
-    failed: AtomicU64,
-}
-
-enum Message {
-    Line(Box<Line>),
-    /// Write and flush everything before this, then answer.
-    Flush(SyncSender<()>),
+    lines: JsonLines<Line>,
+    throttle: Arc<Throttle>,
 }
 
 /// One line of the log.
@@ -76,6 +76,9 @@ struct Line {
     reason: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     event: Option<Event>,
+    /// The client's address, for refusals of requests without a valid key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer: Option<IpAddr>,
 }
 
 /// What the admin API knows about one request, filled in as it is handled.
@@ -91,6 +94,8 @@ pub struct AdminRecord {
     pub target: Option<String>,
     /// Why it was refused or failed.
     pub reason: Option<String>,
+    /// The client's address.
+    pub peer: Option<IpAddr>,
 }
 
 fn rfc3339(at: DateTime<Utc>) -> String {
@@ -112,92 +117,95 @@ fn outcome(status: StatusCode) -> &'static str {
 }
 
 impl Audit {
-    /// Append to the file at `path` (created if missing).
-    pub fn to_file(path: &Path) -> io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
-        Self::to_writer(Box::new(file), path.display().to_string(), QUEUE_LINES)
+    /// Append to the file at `path` (created if missing), rotated by `rotation`.
+    pub fn to_file(path: &Path, rotation: Rotation) -> io::Result<Self> {
+        Ok(Audit {
+            lines: JsonLines::to_file(path, rotation, QUEUE_LINES, dropped_line)?,
+            throttle: Arc::default(),
+        })
     }
 
     /// Write to standard output.
     pub fn to_stdout() -> io::Result<Self> {
-        Self::to_writer(Box::new(io::stdout()), "stdout".into(), QUEUE_LINES)
-    }
-
-    /// Write to `out` from a writer thread; at most `capacity` lines wait for it.
-    pub fn to_writer(
-        out: Box<dyn Write + Send>,
-        destination: String,
-        capacity: usize,
-    ) -> io::Result<Self> {
-        let (queue, lines) = sync_channel(capacity);
-        let counts = Arc::new(Counts::default());
-        let writer_counts = Arc::clone(&counts);
-        std::thread::Builder::new()
-            .name("audit-log".into())
-            .spawn(move || write_lines(lines, BufWriter::new(out), &writer_counts))?;
         Ok(Audit {
-            inner: Some(Arc::new(Inner {
-                queue,
-                counts,
-                destination,
-            })),
+            lines: JsonLines::to_writer(
+                Box::new(io::stdout()),
+                "stdout".into(),
+                QUEUE_LINES,
+                dropped_line,
+            )?,
+            throttle: Arc::default(),
         })
     }
 
     /// Where lines go: a path, `stdout`, or `off`.
     pub fn destination(&self) -> &str {
-        self.inner
-            .as_ref()
-            .map_or("off", |i| i.destination.as_str())
+        self.lines.destination()
     }
 
     /// Lines written so far.
     pub fn written(&self) -> u64 {
-        self.count(|c| &c.written)
+        self.lines.written()
     }
 
     /// Lines dropped because the queue was full (or the writer gone).
     pub fn dropped(&self) -> u64 {
-        self.count(|c| &c.dropped)
+        self.lines.dropped()
     }
 
     /// Lines the writer failed to write (an I/O error).
     pub fn failed(&self) -> u64 {
-        self.count(|c| &c.failed)
+        self.lines.failed()
     }
 
-    fn count(&self, which: impl Fn(&Counts) -> &AtomicU64) -> u64 {
-        self.inner
-            .as_ref()
-            .map_or(0, |i| which(&i.counts).load(Ordering::Relaxed))
-    }
-
-    /// Queue a line; never waits.
-    fn push(&self, line: Line) {
-        let Some(inner) = &self.inner else { return };
-        match inner.queue.try_send(Message::Line(Box::new(line))) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                inner.counts.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+    /// Unauthenticated refusals counted instead of written, so far.
+    pub fn suppressed(&self) -> u64 {
+        self.throttle
+            .suppressed_total
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Record one admin request and the status it was answered with.
     pub fn admin(&self, record: AdminRecord, status: StatusCode) {
+        if !self.lines.is_on() {
+            return;
+        }
         let outcome = outcome(status);
-        self.push(Line {
+        // Without a valid key, the request is anyone's: throttled per source, and
+        // kept to its share of the queue.
+        let anonymous = record.actor.is_none();
+        if anonymous {
+            let source = record.peer.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+            let (write, summaries) = self.throttle.admit(source, Instant::now());
+            for (source, count) in summaries {
+                self.lines.push(suppressed_line(source, count));
+            }
+            if !write {
+                return;
+            }
+        }
+        let line = Line {
             time: now(),
             source: "admin",
             actor: record.actor,
             role: record.role,
             action: record.action,
-            target: record.target,
+            target: record.target.map(|t| cut(t, MAX_TARGET)),
             outcome,
             status: Some(status.as_u16()),
-            reason: if outcome == "ok" { None } else { record.reason },
+            reason: if outcome == "ok" {
+                None
+            } else {
+                record.reason.map(|r| cut(r, 4 * MAX_TARGET))
+            },
             event: None,
-        });
+            peer: record.peer,
+        };
+        if anonymous {
+            self.lines.push_within(line, REFUSED_SHARE);
+        } else {
+            self.lines.push(line);
+        }
     }
 
     /// Record an engine event if it is a key, workspace or policy change; other
@@ -214,10 +222,10 @@ impl Audit {
             EventKind::PolicyApplied { .. } => ("policy_applied", None),
             _ => return,
         };
-        if self.inner.is_none() {
+        if !self.lines.is_on() {
             return;
         }
-        self.push(Line {
+        self.lines.push(Line {
             time: rfc3339(event.at.to_datetime()),
             source: "engine",
             actor: event.actor.clone(),
@@ -228,103 +236,145 @@ impl Audit {
             status: None,
             reason: None,
             event: Some(event.clone()),
+            peer: None,
         });
     }
 
-    /// Wait (up to 10 s) until every line queued before this call is written and
-    /// flushed. Blocks the calling thread: for shutdown, not for requests.
+    /// Report what was suppressed, then wait (up to 10 s) until every line queued
+    /// before this call is written and flushed. Blocks the calling thread: for
+    /// shutdown, not for requests.
     pub fn flush(&self) {
-        let Some(inner) = &self.inner else { return };
-        let deadline = Instant::now() + FLUSH_TIMEOUT;
-        let (done, finished) = sync_channel(1);
-        let mut message = Message::Flush(done);
-        // The queue may be full: wait for room rather than drop the flush.
-        loop {
-            match inner.queue.try_send(message) {
-                Ok(()) => break,
-                Err(TrySendError::Full(m)) if Instant::now() < deadline => {
-                    message = m;
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(_) => {
-                    eprintln!("audit log: could not flush (writer busy or gone)");
-                    return;
-                }
-            }
+        for (source, count) in self.throttle.take_all() {
+            self.lines.push(suppressed_line(source, count));
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if finished.recv_timeout(left).is_err() {
-            eprintln!("audit log: flush did not finish within {FLUSH_TIMEOUT:?}");
-        }
+        self.lines.flush();
     }
 }
 
-/// The writer thread: lines until every handle is gone. Flushes whenever the queue
-/// runs empty, and on request.
-fn write_lines(
-    lines: Receiver<Message>,
-    mut out: BufWriter<Box<dyn Write + Send>>,
-    counts: &Counts,
-) {
-    let mut reported_drops = 0;
-    loop {
-        let message = match lines.try_recv() {
-            Ok(message) => message,
-            Err(TryRecvError::Empty) => {
-                let _ = out.flush();
-                match lines.recv() {
-                    Ok(message) => message,
-                    Err(_) => break,
+/// `text`, cut to at most `max` bytes on a character boundary, with `…` when cut.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
+fn dropped_line(count: u64) -> Line {
+    Line {
+        time: now(),
+        source: "audit",
+        actor: None,
+        role: None,
+        action: "audit.dropped".into(),
+        target: None,
+        outcome: "error",
+        status: None,
+        reason: Some(format!(
+            "{count} line(s) dropped since the last report: the queue was full"
+        )),
+        event: None,
+        peer: None,
+    }
+}
+
+fn suppressed_line(source: IpAddr, count: u64) -> Line {
+    Line {
+        time: now(),
+        source: "audit",
+        actor: None,
+        role: None,
+        action: "audit.suppressed".into(),
+        target: None,
+        outcome: "refused",
+        status: None,
+        reason: Some(format!(
+            "{count} more refused request(s) without a valid admin key from this source \
+             within a minute; counted, not written one by one"
+        )),
+        event: None,
+        peer: Some(source),
+    }
+}
+
+/// Per-source counts of unauthenticated refusals, by minute.
+#[derive(Default)]
+struct Throttle {
+    sources: Mutex<HashMap<IpAddr, Window>>,
+    suppressed_total: std::sync::atomic::AtomicU64,
+}
+
+struct Window {
+    started: Instant,
+    written: u32,
+    suppressed: u64,
+}
+
+/// The length of a source's window.
+const WINDOW: Duration = Duration::from_secs(60);
+
+impl Throttle {
+    /// Whether to write this source's refusal now, and the suppressed counts of
+    /// windows that have ended (this source's, or others' evicted to make room).
+    fn admit(&self, source: IpAddr, now: Instant) -> (bool, Vec<(IpAddr, u64)>) {
+        let mut sources = self.sources.lock();
+        let mut ended = Vec::new();
+        if !sources.contains_key(&source) && sources.len() >= MAX_SOURCES {
+            // Make room from windows that are over; if none is, the newcomer shares
+            // the catch-all entry.
+            sources.retain(|&ip, w| {
+                let over = now.duration_since(w.started) >= WINDOW;
+                if over && w.suppressed > 0 {
+                    ended.push((ip, w.suppressed));
                 }
-            }
-            Err(TryRecvError::Disconnected) => break,
+                !over
+            });
+        }
+        let key = if sources.contains_key(&source) || sources.len() < MAX_SOURCES {
+            source
+        } else {
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED)
         };
-        match message {
-            Message::Line(line) => write_line(&mut out, &line, counts),
-            Message::Flush(done) => {
-                let dropped = counts.dropped.load(Ordering::Relaxed);
-                if dropped > reported_drops {
-                    let line = Line {
-                        time: now(),
-                        source: "audit",
-                        actor: None,
-                        role: None,
-                        action: "audit.dropped".into(),
-                        target: None,
-                        outcome: "error",
-                        status: None,
-                        reason: Some(format!(
-                            "{} line(s) dropped since the last report: the queue was full",
-                            dropped - reported_drops
-                        )),
-                        event: None,
-                    };
-                    write_line(&mut out, &line, counts);
-                    reported_drops = dropped;
-                }
-                if let Err(e) = out.flush() {
-                    eprintln!("audit log: flush failed: {e}");
-                }
-                let _ = done.send(());
+        let window = sources.entry(key).or_insert(Window {
+            started: now,
+            written: 0,
+            suppressed: 0,
+        });
+        if now.duration_since(window.started) >= WINDOW {
+            if window.suppressed > 0 {
+                ended.push((key, window.suppressed));
             }
+            *window = Window {
+                started: now,
+                written: 0,
+                suppressed: 0,
+            };
         }
+        let write = window.written < PER_SOURCE;
+        if write {
+            window.written += 1;
+        } else {
+            window.suppressed += 1;
+            self.suppressed_total
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        (write, ended)
     }
-    let _ = out.flush();
-}
 
-fn write_line(out: &mut impl Write, line: &Line, counts: &Counts) {
-    let written = serde_json::to_writer(&mut *out, line)
-        .map_err(io::Error::from)
-        .and_then(|()| out.write_all(b"\n"));
-    match written {
-        Ok(()) => {
-            counts.written.fetch_add(1, Ordering::Relaxed);
-        }
-        Err(e) => {
-            // Said once; the count tells the rest.
-            if counts.failed.fetch_add(1, Ordering::Relaxed) == 0 {
-                eprintln!("audit log: write failed: {e}");
+    /// Every suppressed count not yet reported, which are then reset.
+    fn take_all(&self) -> Vec<(IpAddr, u64)> {
+        let mut sources = self.sources.lock();
+        let mut counts = Vec::new();
+        for (&ip, window) in sources.iter_mut() {
+            if window.suppressed > 0 {
+                counts.push((ip, window.suppressed));
+                window.suppressed = 0;
             }
         }
+        counts
     }
 }

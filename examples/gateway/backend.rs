@@ -28,6 +28,15 @@ pub enum Held {
 }
 
 impl Held {
+    /// The key and workspace the request was admitted for.
+    pub fn owner(&self) -> (&str, &str) {
+        match self {
+            Held::Memory(r) => (r.key_id(), r.workspace_id()),
+            #[cfg(feature = "redis")]
+            Held::Redis(r) => (r.key_id(), r.workspace_id()),
+        }
+    }
+
     /// The rate-limit headers for the response.
     pub fn headers(&self) -> RateLimitHeaders {
         match self {

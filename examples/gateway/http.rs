@@ -32,6 +32,10 @@ pub fn json_reply(status: StatusCode, body: &Value) -> Reply {
     reply
 }
 
+/// An error reply's `code`, also in the reply's extensions for the request log.
+#[derive(Clone, Debug)]
+pub struct ErrorCode(pub String);
+
 /// OpenAI's error shape: `{"error": {"message", "type", "code"}}`.
 pub fn error(status: StatusCode, code: &str, message: &str) -> Reply {
     let kind = match status.as_u16() {
@@ -42,10 +46,12 @@ pub fn error(status: StatusCode, code: &str, message: &str) -> Reply {
         500..=599 => "server_error",
         _ => "invalid_request_error",
     };
-    json_reply(
+    let mut reply = json_reply(
         status,
         &json!({"error": {"message": message, "type": kind, "code": code}}),
-    )
+    );
+    reply.extensions_mut().insert(ErrorCode(code.to_owned()));
+    reply
 }
 
 /// A denial as the client sees it: its status, code, message and rate-limit headers.

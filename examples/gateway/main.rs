@@ -23,6 +23,11 @@
 //!   current directory (appended to); `-` for standard output
 //! - `--webhook URL` (repeatable) [`GATEWAY_WEBHOOKS`, comma-separated]: POST budget
 //!   threshold and budget exhausted events to this `http://` URL
+//! - `--request-log PATH` [`GATEWAY_REQUEST_LOG`], default `gateway-requests.jsonl`
+//!   (appended to); `-` for standard output: one JSON line per API request; the
+//!   recent ones of each workspace are served at `GET /admin/workspaces/{id}/requests`
+//! - `--log-max-bytes N` [`GATEWAY_LOG_MAX_BYTES`], default 64 MiB: the audit and
+//!   request logs rotate at this size, keeping three old files (`PATH.1` … `PATH.3`)
 //! - `--max-connections N` [`GATEWAY_MAX_CONNECTIONS`], default 4096 (lowered to fit
 //!   the open-files limit, which is first raised to its hard limit): beyond it an idle
 //!   connection is closed to make room, or the new one answered 503
@@ -40,8 +45,10 @@ mod audit;
 mod backend;
 mod connections;
 mod http;
+mod jsonl;
 mod openai;
 mod provider;
+mod requests;
 mod webhooks;
 
 use std::path::PathBuf;
@@ -53,6 +60,7 @@ use tollgate::{Engine, EventSink, Policy};
 use crate::app::App;
 use crate::backend::Backend;
 use crate::connections::Limits;
+use crate::jsonl::Rotation;
 use crate::provider::{MockProvider, Provider, UpstreamProvider};
 
 /// Command-line flags, falling back to environment variables.
@@ -68,6 +76,8 @@ struct Options {
     webhooks: Vec<String>,
     upstream: Option<String>,
     limits: Limits,
+    request_log: String,
+    rotation: Rotation,
 }
 
 impl Options {
@@ -105,6 +115,15 @@ impl Options {
             webhooks: list(env("GATEWAY_WEBHOOKS")),
             upstream: env("GATEWAY_UPSTREAM"),
             limits,
+            request_log: env("GATEWAY_REQUEST_LOG")
+                .unwrap_or_else(|| "gateway-requests.jsonl".into()),
+            rotation: Rotation {
+                max_bytes: env("GATEWAY_LOG_MAX_BYTES")
+                    .map(|v| positive("GATEWAY_LOG_MAX_BYTES", &v))
+                    .transpose()?
+                    .unwrap_or(Rotation::default().max_bytes),
+                ..Rotation::default()
+            },
         };
         // A repeatable flag replaces its environment variable's list.
         let (mut admin_keys, mut webhooks) = (Vec::new(), Vec::new());
@@ -127,11 +146,14 @@ impl Options {
                 "--audit-log" => options.audit_log = value()?,
                 "--webhook" => webhooks.push(value()?),
                 "--upstream" => options.upstream = Some(value()?),
+                "--request-log" => options.request_log = value()?,
+                "--log-max-bytes" => options.rotation.max_bytes = positive(&flag, &value()?)?,
                 "--max-connections" => {
                     options.limits.max_connections = positive(&flag, &value()?)? as usize;
                 }
                 "--header-timeout-secs" => {
-                    options.limits.header_timeout = Duration::from_secs(positive(&flag, &value()?)?);
+                    options.limits.header_timeout =
+                        Duration::from_secs(positive(&flag, &value()?)?);
                 }
                 "--body-timeout-secs" => {
                     options.limits.body_timeout = Duration::from_secs(positive(&flag, &value()?)?);
@@ -206,6 +228,7 @@ fn usage() -> String {
      [--reservation-ttl-secs N] [--mock-delay-ms N] \
      [--counters FILE] [--upstream URL] \
      [--admin-key NAME:ROLE:SECRET]... [--audit-log PATH|-] [--webhook URL]... \
+     [--request-log PATH|-] [--log-max-bytes N] \
      [--max-connections N] [--header-timeout-secs N] [--body-timeout-secs N]"
         .into()
 }
@@ -273,7 +296,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let audit = match options.audit_log.as_str() {
         "-" => audit::Audit::to_stdout(),
-        path => audit::Audit::to_file(std::path::Path::new(path)),
+        path => audit::Audit::to_file(std::path::Path::new(path), options.rotation),
     }
     .map_err(|e| format!("--audit-log {}: {e}", options.audit_log))?;
     let events = Arc::new(webhooks::GatewayEvents {
@@ -289,6 +312,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         counters: options.counters.clone(),
         limits: options.limits,
         connections: Arc::default(),
+        requests: Arc::new(
+            requests::RequestLog::to_path(&options.request_log, options.rotation)
+                .map_err(|e| format!("--request-log {}: {e}", options.request_log))?,
+        ),
     });
     let listener = tokio::net::TcpListener::bind(&options.addr).await?;
     let url = format!("http://{}", listener.local_addr()?);
@@ -321,12 +348,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         app.connections.refused(),
         app.connections.evicted()
     );
+    let (logged, unlogged) = app.requests.counts();
+    println!("request log: {logged} line(s) written, {unlogged} dropped");
     println!(
-        "audit log: {} line(s) written, {} dropped, {} failed; webhooks: {} delivered, \
-         {} retried, {} failed, {} dropped",
+        "audit log: {} line(s) written, {} dropped, {} failed, {} refusals counted \
+         not written; webhooks: {} delivered, {} retried, {} failed, {} dropped",
         audit.written(),
         audit.dropped(),
         audit.failed(),
+        audit.suppressed(),
         hooks.delivered(),
         hooks.retried(),
         hooks.failed(),
@@ -342,7 +372,8 @@ fn print_welcome(url: &str, policy_path: &str, backend: &str, provider: &str) {
     println!("tollgate example gateway on {url} ({backend}, {provider})");
     println!("policy: {policy_path}");
     println!();
-    let is_demo = std::fs::canonicalize(policy_path).ok() == std::fs::canonicalize(DEMO_POLICY).ok();
+    let is_demo =
+        std::fs::canonicalize(policy_path).ok() == std::fs::canonicalize(DEMO_POLICY).ok();
     if !is_demo {
         // Another policy's keys are its owner's; the demo's would not work anyway.
         println!("call it with one of your policy's keys:");
@@ -396,7 +427,11 @@ fn print_admin(url: &str, app: &App, configured: bool, hooks: &webhooks::Webhook
             "  curl -X PATCH {url}/admin/workspaces/ws-staging -H 'Authorization: Bearer sk-editor-demo' \\\n    -d '{{\"limits\":{{\"rpm\":10,\"tpm\":20000}}}}'"
         );
     }
-    println!("audit log: {}", app.audit.destination());
+    println!(
+        "audit log: {}; request log: {} (recent ones: GET {url}/admin/workspaces/ID/requests)",
+        app.audit.destination(),
+        app.requests.destination()
+    );
     match hooks.urls() {
         [] => println!("webhooks: none (--webhook URL for budget alerts)"),
         urls => {

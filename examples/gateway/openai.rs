@@ -40,8 +40,10 @@ use crate::app::App;
 use crate::backend::Held;
 use crate::http::{add_headers, bearer, denied, error, json_reply, missing_key, read_json, Reply};
 use crate::provider::{Chat, Event, ProviderError, TokenStream};
+use crate::requests::Trace;
 
 pub async fn models(app: &App, request: &HttpRequest<Incoming>) -> Reply {
+    let trace = Trace::of(request);
     let Some(secret) = bearer(request) else {
         return missing_key();
     };
@@ -51,7 +53,16 @@ pub async fn models(app: &App, request: &HttpRequest<Incoming>) -> Reply {
         // A model is listed if this key may call it right now.
         let probe = Request::with_secret(secret, &model.name).max_output_tokens(0);
         let listed = match app.backend.check_and_reserve(&probe).await {
-            Ok(_held) => true, // dropped: gives its hold back
+            Ok(held) => {
+                let (key, workspace) = held.owner();
+                trace.admitted(key, workspace);
+                true // `held` is dropped: gives its hold back
+            }
+            // An unknown, revoked or expired key is refused whatever the model.
+            Err(denial) if denial.http_status() == 401 => {
+                trace.denied(&denial, secret, &policy);
+                return denied(&denial);
+            }
             Err(denial) => denial.is_rate_limit(),
         };
         if listed {
@@ -86,6 +97,7 @@ fn required_model(body: &Value) -> Result<&str, Reply> {
 }
 
 pub async fn chat(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply {
+    let trace = Trace::of(&request);
     let (secret, body) = match authenticated_body(app, request).await {
         Ok(read) => read,
         Err(reply) => return reply,
@@ -94,6 +106,7 @@ pub async fn chat(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply {
         Ok(model) => model,
         Err(reply) => return reply,
     };
+    trace.model(model);
     let max_tokens = body["max_tokens"]
         .as_u64()
         .or_else(|| body["max_completion_tokens"].as_u64())
@@ -104,9 +117,9 @@ pub async fn chat(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply {
     if let Some(max) = max_tokens {
         ask = ask.max_output_tokens(max);
     }
-    let held = match app.backend.check_and_reserve(&ask).await {
+    let held = match reserve(app, &ask, &trace).await {
         Ok(held) => held,
-        Err(denial) => return denied(&denial),
+        Err(reply) => return reply,
     };
     let headers = held.headers();
     let call = Chat {
@@ -117,7 +130,8 @@ pub async fn chat(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply {
     };
     if body["stream"].as_bool() == Some(true) {
         let include_usage = body["stream_options"]["include_usage"].as_bool() == Some(true);
-        let mut reply = match stream_chat(app, held, &call, include_usage).await {
+        trace.streaming();
+        let mut reply = match stream_chat(app, held, &call, include_usage, trace).await {
             Ok(reply) => reply,
             Err(reply) => return reply,
         };
@@ -134,6 +148,7 @@ pub async fn chat(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply {
         Ok(receipt) => receipted(receipt, "chat completion"),
         Err(err) => return store_failed(&err),
     };
+    trace.charged(&receipt);
     let mut body = answer.body;
     body["usage"] = usage_json(&receipt);
     body["x_tollgate"] = tollgate_json(&receipt);
@@ -151,6 +166,7 @@ async fn stream_chat(
     held: Held,
     call: &Chat<'_>,
     include_usage: bool,
+    trace: Trace,
 ) -> Result<Reply, Reply> {
     let mut stream = app
         .provider
@@ -174,6 +190,7 @@ async fn stream_chat(
         delivered: Arc::clone(&delivered),
         prompt_tokens: call.prompt_tokens,
         include_usage,
+        trace,
     };
     tokio::spawn(pump.run(held, stream, first));
     let mut reply = Response::new(SseBody { rx, delivered }.boxed());
@@ -234,6 +251,8 @@ struct Pump {
     delivered: Arc<AtomicU32>,
     prompt_tokens: u32,
     include_usage: bool,
+    /// The request's log line, written once this pump has committed and is dropped.
+    trace: Trace,
 }
 
 /// How a stream ended.
@@ -287,7 +306,10 @@ impl Pump {
             (End::Gone, _) => Usage::new(self.prompt_tokens, self.delivered.load(Ordering::SeqCst)),
         };
         let receipt = match self.app.backend.commit_usage(held, usage).await {
-            Ok(receipt) => Some(receipted(receipt, "streamed completion")),
+            Ok(receipt) => {
+                self.trace.charged(&receipt);
+                Some(receipted(receipt, "streamed completion"))
+            }
             Err(err) => {
                 eprintln!("streamed completion: could not commit {usage:?}: {err}");
                 None
@@ -332,6 +354,7 @@ impl Pump {
 }
 
 pub async fn embeddings(app: &App, request: HttpRequest<Incoming>) -> Reply {
+    let trace = Trace::of(&request);
     let (secret, body) = match authenticated_body(app, request).await {
         Ok(read) => read,
         Err(reply) => return reply,
@@ -340,6 +363,7 @@ pub async fn embeddings(app: &App, request: HttpRequest<Incoming>) -> Reply {
         Ok(model) => model,
         Err(reply) => return reply,
     };
+    trace.model(model);
     let Some(input_tokens) = estimate_input_tokens(&body["input"]) else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -350,9 +374,9 @@ pub async fn embeddings(app: &App, request: HttpRequest<Incoming>) -> Reply {
     let ask = Request::with_secret(&secret, model)
         .input_tokens(input_tokens)
         .max_output_tokens(0);
-    let held = match app.backend.check_and_reserve(&ask).await {
+    let held = match reserve(app, &ask, &trace).await {
         Ok(held) => held,
-        Err(denial) => return denied(&denial),
+        Err(reply) => return reply,
     };
     let headers = held.headers();
     let answer = match app.provider.embed(&body, model, input_tokens).await {
@@ -367,6 +391,7 @@ pub async fn embeddings(app: &App, request: HttpRequest<Incoming>) -> Reply {
         Ok(receipt) => receipted(receipt, "embeddings"),
         Err(err) => return store_failed(&err),
     };
+    trace.charged(&receipt);
     let mut body = answer.body;
     body["usage"] = json!({
         "prompt_tokens": receipt.input_tokens(),
@@ -376,6 +401,26 @@ pub async fn embeddings(app: &App, request: HttpRequest<Incoming>) -> Reply {
     let mut reply = json_reply(StatusCode::OK, &body);
     add_headers(&mut reply, &headers);
     reply
+}
+
+/// `check_and_reserve`, with the outcome noted in the request's log line; a denial
+/// is the reply to send.
+async fn reserve(app: &App, ask: &Request<'_>, trace: &Trace) -> Result<Held, Reply> {
+    match app.backend.check_and_reserve(ask).await {
+        Ok(held) => {
+            let (key, workspace) = held.owner();
+            trace.admitted(key, workspace);
+            Ok(held)
+        }
+        Err(denial) => {
+            let secret = match ask.credential {
+                tollgate::Credential::Secret(secret) => secret,
+                _ => "",
+            };
+            trace.denied(&denial, secret, &app.backend.policy());
+            Err(denied(&denial))
+        }
+    }
 }
 
 /// A commit's receipt, logged when it is pending (Redis has not acknowledged it: it

@@ -19,10 +19,14 @@ mod backend;
 mod connections;
 #[path = "../../examples/gateway/http.rs"]
 mod http;
+#[path = "../../examples/gateway/jsonl.rs"]
+mod jsonl;
 #[path = "../../examples/gateway/openai.rs"]
 mod openai;
 #[path = "../../examples/gateway/provider.rs"]
 mod provider;
+#[path = "../../examples/gateway/requests.rs"]
+mod requests;
 #[path = "../../examples/gateway/webhooks.rs"]
 mod webhooks;
 

@@ -712,13 +712,18 @@ impl Gateway {
             counters: None,
             limits: crate::connections::Limits::default(),
             connections: Arc::default(),
+            requests: Arc::new(crate::requests::RequestLog::in_memory()),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(crate::connections::serve(listener, Arc::clone(&app), async {
-            let _ = stopped.await;
-        }));
+        let server = tokio::spawn(crate::connections::serve(
+            listener,
+            Arc::clone(&app),
+            async {
+                let _ = stopped.await;
+            },
+        ));
         Gateway {
             url,
             app,

@@ -16,10 +16,12 @@ use tollgate::{Engine, Event, EventSink, Policy, UsageSnapshot};
 
 use crate::admin::AdminKeys;
 use crate::app::App;
-use crate::connections::{self, Limits};
 use crate::audit::Audit;
 use crate::backend::Backend;
+use crate::connections::{self, Limits};
+use crate::jsonl::Rotation;
 use crate::provider::{MockProvider, Provider};
+use crate::requests::RequestLog;
 use crate::webhooks::{self, GatewayEvents, Webhooks};
 
 pub const POLICY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gateway/policy.toml");
@@ -41,6 +43,10 @@ pub struct Options {
     pub events: Option<Arc<dyn EventSink>>,
     /// Connection limits and timeouts; the gateway's defaults unless set.
     pub limits: Limits,
+    /// How the logs rotate.
+    pub rotation: Rotation,
+    /// Write the request log here; none: kept in memory only.
+    pub request_log: Option<PathBuf>,
 }
 
 /// The gateway's sink, and the test's own if it gave one.
@@ -92,7 +98,7 @@ pub async fn start_with(options: Options) -> Running {
         AdminKeys::parse(&options.admin_keys).expect("valid admin keys")
     };
     let audit = match &options.audit_log {
-        Some(path) => Audit::to_file(path).expect("the audit log opens"),
+        Some(path) => Audit::to_file(path, options.rotation).expect("the audit log opens"),
         None => Audit::default(),
     };
     let events = Arc::new(GatewayEvents {
@@ -143,6 +149,11 @@ pub async fn start_with(options: Options) -> Running {
         counters: options.counters,
         limits: options.limits,
         connections: Arc::default(),
+        requests: Arc::new(match &options.request_log {
+            Some(path) => RequestLog::to_path(path.to_str().unwrap(), options.rotation)
+                .expect("the request log opens"),
+            None => RequestLog::in_memory(),
+        }),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
