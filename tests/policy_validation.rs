@@ -608,9 +608,10 @@ fn too_long_names_ids_and_model_names() {
     assert_eq!(
         doc_issues(doc),
         vec![
+            // Quoted back cut after 80 characters, with the length.
             issue(
                 "models[1].name",
-                &format!("{:?}", "m".repeat(129)),
+                &format!("{:?}… (129 characters)", "m".repeat(80)),
                 Problem::TooLong { max: 128 }
             ),
             issue(
@@ -2030,4 +2031,33 @@ fn a_rotated_out_secret_needs_its_expiry_a_valid_digest_and_no_twin() {
     let twin = doc_issues(with(Some(&current), true));
     assert_eq!(twin[0].path, "keys[0].previous_secret_sha256");
     assert!(matches!(twin[0].problem, Problem::Duplicate { .. }));
+}
+
+#[test]
+fn a_region_is_short_plain_text_and_a_huge_one_is_not_echoed_back() {
+    let mut doc = base_doc();
+    doc.workspaces[1].region = String::new();
+    assert!(Policy::new(doc.clone()).is_ok(), "no region is fine");
+    doc.workspaces[1].region = "eu-west 1/a.b_c".into();
+    assert!(Policy::new(doc.clone()).is_ok(), "plain text is fine");
+    doc.workspaces[1].region = "r".repeat(64);
+    assert!(Policy::new(doc.clone()).is_ok(), "64 characters fit");
+
+    doc.workspaces[1].region = "r".repeat(100_000);
+    let issues = doc_issues(doc.clone());
+    assert_eq!(
+        issues,
+        vec![issue(
+            "workspaces[1].region",
+            &format!("{:?}… (100000 characters)", "r".repeat(80)),
+            Problem::TooLong { max: 64 }
+        )]
+    );
+    assert!(issues[0].value.len() < 200, "the value is not echoed whole");
+
+    doc.workspaces[1].region = "<script>".into();
+    assert!(matches!(
+        doc_issues(doc)[0].problem,
+        Problem::BadCharacters { .. }
+    ));
 }

@@ -23,6 +23,10 @@ pub(crate) const MAX_NAME_LEN: usize = 30;
 pub(crate) const MAX_ID_LEN: usize = 64;
 /// Model names: at most this many characters.
 pub(crate) const MAX_MODEL_LEN: usize = 128;
+/// Regions (free text such as `eu-west`): at most this many characters.
+pub(crate) const MAX_REGION_LEN: usize = 64;
+/// The most of a refused text quoted back in its issue: a 100 KB value is not echoed.
+const QUOTED_LEN: usize = 80;
 /// Rate limits are kept to one unit per 100 ns of their window, so rounding the
 /// refill interval up to whole nanoseconds costs at most 1 % of the sustained rate.
 const NANOS_PER_UNIT_MIN: u64 = 100;
@@ -31,6 +35,7 @@ const MAX_TOKENS: i64 = u32::MAX as i64;
 
 const NAME_CHARS: &str = "letters, digits, '-' and '_'";
 const ID_CHARS: &str = "letters, digits, '-', '_', '.' and ':'";
+const REGION_CHARS: &str = "letters, digits, spaces, '-', '_', '.' and '/'";
 const MODEL_CHARS: &str = "printable characters without spaces";
 
 /// The compiled parts of a valid policy.
@@ -158,6 +163,17 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
             "name",
             "workspaces",
         );
+        // Optional, so empty is fine; otherwise short, and printable without markup.
+        if !ws.region.is_empty() {
+            check_text(
+                &mut issues,
+                &format!("{path}.region"),
+                &ws.region,
+                MAX_REGION_LEN,
+                REGION_CHARS,
+                |c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.' | ' ' | '/'),
+            );
+        }
 
         let is_default = doc.org.default_workspace.as_deref() == Some(ws.id.as_str());
         let mut granted = vec![is_default; models.len()].into_boxed_slice();
@@ -553,13 +569,17 @@ fn check_text(
     if text.is_empty() {
         issues.push(path, format!("{text:?}"), Problem::Empty);
     } else if text.chars().count() > max {
-        issues.push(path, format!("{text:?}"), Problem::TooLong { max });
+        issues.push(path, quoted(text), Problem::TooLong { max });
     } else if !text.chars().all(ok) {
-        issues.push(
-            path,
-            format!("{text:?}"),
-            Problem::BadCharacters { allowed },
-        );
+        issues.push(path, quoted(text), Problem::BadCharacters { allowed });
+    }
+}
+
+/// `text` quoted for an issue, cut after [`QUOTED_LEN`] characters.
+fn quoted(text: &str) -> String {
+    match text.char_indices().nth(QUOTED_LEN) {
+        Some((end, _)) => format!("{:?}… ({} characters)", &text[..end], text.chars().count()),
+        None => format!("{text:?}"),
     }
 }
 
