@@ -156,7 +156,7 @@ impl Connections {
         }
         // Evicted connections close at once unless they are mid-response; bound
         // those lingering so descriptors stay bounded too.
-        if open.len() >= cap + cap / 8 + 1 {
+        if open.len() > cap + cap / 8 {
             return None;
         }
         let slot = Slot {
@@ -281,7 +281,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
             Err(e) => {
                 // Out of descriptors, most often: wait for some to close. Said at
                 // most once a second.
-                if last_error_said.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                if !last_error_said.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
                     eprintln!("accept failed: {e}; backing off");
                     last_error_said = Some(Instant::now());
                 }

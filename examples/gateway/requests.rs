@@ -153,7 +153,7 @@ impl RequestLog {
         let mut older = lines
             .iter()
             .rev()
-            .filter(|line| before.is_none_or(|before| line.seq < before));
+            .filter(|line| before.map_or(true, |before| line.seq < before));
         let page: Vec<_> = older.by_ref().take(limit).cloned().collect();
         let more = older.next().is_some();
         (page, more)

@@ -36,5 +36,8 @@ mod redis_server;
 
 mod admin_api;
 mod chat;
+mod hygiene;
+mod process;
+mod request_log;
 mod stream;
 mod support;
