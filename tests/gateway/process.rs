@@ -106,6 +106,22 @@ impl Process {
     fn printed(&self) -> String {
         self.output.lock().unwrap().clone()
     }
+
+    /// Everything printed up to the end of the start banner.
+    fn banner(&self) -> String {
+        let started = Instant::now();
+        loop {
+            let printed = self.printed();
+            if printed.contains("to stop.") {
+                return printed;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no banner: {printed}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 impl Drop for Process {
@@ -234,4 +250,35 @@ async fn sigterm_drains_requests_in_flight_and_saves_the_counters_for_the_next_s
     let second = Process::start(&args);
     assert!(charged > Decimal::ZERO);
     assert_eq!(key_spend(&client, &second.url, "key-prod").await, charged);
+}
+
+#[tokio::test]
+async fn the_banner_shows_the_demo_keys_only_for_the_demo_policy() {
+    let dir = tempdir();
+    let own = dir.join("policy.toml");
+    std::fs::copy(crate::support::POLICY, &own).unwrap();
+    let (audit, requests) = (dir.join("audit.jsonl"), dir.join("requests.jsonl"));
+    let logs = [
+        "--audit-log",
+        audit.to_str().unwrap(),
+        "--request-log",
+        requests.to_str().unwrap(),
+    ];
+
+    let demo = Process::start(&logs);
+    assert!(
+        demo.banner().contains("sk-demo-staging"),
+        "{}",
+        demo.printed()
+    );
+
+    let mut args = logs.to_vec();
+    args.extend(["--policy", own.to_str().unwrap()]);
+    let other = Process::start(&args);
+    let printed = other.banner();
+    assert!(
+        !printed.contains("sk-demo-"),
+        "no demo keys for another policy: {printed}"
+    );
+    assert!(printed.contains("YOUR_KEY"), "{printed}");
 }
