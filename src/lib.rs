@@ -54,6 +54,7 @@ mod clock;
 mod control;
 mod decide;
 mod denial;
+mod durable;
 mod engine;
 mod events;
 mod headers;
