@@ -66,6 +66,7 @@ mod money;
 mod period;
 mod persist;
 mod policy;
+mod policy_store;
 #[cfg(feature = "redis")]
 mod redis;
 mod request;
@@ -84,6 +85,7 @@ pub use headers::{HeaderValue, RateLimitHeaders, TOKEN_QUOTA_UNIT};
 pub use limiter::{Held, Limiter};
 pub use period::BudgetPeriod;
 pub use persist::PersistError;
+pub use policy_store::{FilePolicyStore, PolicyStore, PolicyStoreError};
 pub use policy::{
     BudgetSpec, DefaultsSpec, Environment, KeySpec, KeyStatus, LimitsSpec, ModelLimitSpec,
     ModelSpec, OrgSpec, Policy, PolicyDocument, PolicyError, PolicyIssue, Problem,

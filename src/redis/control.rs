@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::control::{next_snapshot, Change, IssuedKey, NewKey, WorkspaceUpdate};
+use crate::control::{next_policy, successor, Change, IssuedKey, NewKey, WorkspaceUpdate};
 use crate::denial::{Error, StoreError};
 use crate::policy::rules::LevelRules;
 use crate::policy::{KeyStatus, Policy, WorkspaceSpec};
@@ -152,7 +152,8 @@ impl RedisEngine {
         let inner = &self.inner;
         let _writer = inner.apply_lock.lock().await;
         let previous = inner.snapshot.load_full();
-        let (next, applied) = next_snapshot(&previous, change)?;
+        let (policy, applied) = next_policy(&previous, change)?;
+        let next = successor(&previous, policy);
         self.publish_flags(&previous, &next).await?;
         self.follow_rules(&previous, &next).await?;
         inner.fallback.store(Arc::new(fallback::local_share(
