@@ -85,12 +85,12 @@ pub use headers::{HeaderValue, RateLimitHeaders, TOKEN_QUOTA_UNIT};
 pub use limiter::{Held, Limiter};
 pub use period::BudgetPeriod;
 pub use persist::PersistError;
-pub use policy_store::{FilePolicyStore, PolicyStore, PolicyStoreError};
 pub use policy::{
     BudgetSpec, DefaultsSpec, Environment, KeySpec, KeyStatus, LimitsSpec, ModelLimitSpec,
     ModelSpec, OrgSpec, Policy, PolicyDocument, PolicyError, PolicyIssue, Problem,
     StoreFailureMode, TokenCount, WorkspaceSpec, WorkspaceStatus,
 };
+pub use policy_store::{FilePolicyStore, PolicyStore, PolicyStoreError};
 #[cfg(feature = "redis")]
 pub use redis::{RedisConfig, RedisEngine, RedisReservation};
 pub use request::{Credential, Request, Usage};

@@ -1,0 +1,1 @@
+//! The policy document in Redis (filled in below).
