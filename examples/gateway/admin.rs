@@ -404,7 +404,7 @@ enum Failure {
     Invalid(Vec<PolicyIssue>),
     /// 413: the body is too big.
     TooLarge,
-    /// 503: the counter store failed.
+    /// 503: the counter or policy store failed (nothing was changed).
     Store(String),
     /// 500: anything else.
     Internal(String),
@@ -439,6 +439,8 @@ impl Failure {
                     Failure::Invalid(issues)
                 }
             }
+            // The change could not be stored (state file, Redis): it was not applied.
+            Error::Policy(PolicyError::Persist(e)) => Failure::Store(e.to_string()),
             Error::Store(e) => Failure::Store(e.to_string()),
             other => Failure::Internal(other.to_string()),
         }

@@ -30,5 +30,7 @@ mod redis_server;
 
 mod admin_api;
 mod chat;
+mod process;
+mod restart;
 mod stream;
 mod support;
