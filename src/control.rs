@@ -92,6 +92,7 @@ pub struct WorkspaceUpdate {
 }
 
 /// One change to a policy document.
+#[derive(Clone)]
 pub(crate) enum Change {
     CreateWorkspace(WorkspaceSpec),
     UpdateWorkspace(String, WorkspaceUpdate),

@@ -56,4 +56,13 @@ pub enum PolicyStoreError {
         /// version, or the validation problems.
         detail: String,
     },
+    /// The policy document stored in Redis is not one tollgate wrote, or no longer
+    /// validates. Nothing is applied from it.
+    #[error("policy document in Redis at {key} is corrupt: {detail}")]
+    CorruptInRedis {
+        /// The Redis key.
+        key: String,
+        /// What is wrong: parse error with position, or the validation problems.
+        detail: String,
+    },
 }

@@ -15,13 +15,14 @@
 
 mod background;
 mod calls;
-mod conn;
+pub(crate) mod conn;
 mod control;
-mod error;
-mod fallback;
-mod keys;
+pub(crate) mod error;
+pub(crate) mod fallback;
+pub(crate) mod keys;
+mod policy_sync;
 mod reservation;
-mod scripts;
+pub(crate) mod scripts;
 mod usage;
 
 use std::num::NonZeroU32;
@@ -35,7 +36,7 @@ use redis::aio::ConnectionManagerConfig;
 use redis::cluster::ClusterClientBuilder;
 use redis::Value;
 
-use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::clock::{Clock, Timestamp};
 use crate::decide::{admit, denial, refused, Admission};
 use crate::denial::{Denial, DenialReason, Error, Scope, StoreError, StoreErrorKind};
 use crate::engine::{BudgetStatus, Engine};
@@ -83,8 +84,14 @@ pub struct RedisConfig {
     /// The status budget and wallet denials answer with.
     pub budget_status: BudgetStatus,
     /// Where events go (budget alerts, key and workspace changes, sampled denials).
-    /// Budget alerts fire once per threshold per period across all instances.
+    /// Budget alerts fire once per threshold per period across all instances; a
+    /// policy change is reported once, by the instance that made it.
     pub events: Option<Arc<dyn EventSink>>,
+    /// How often an instance checks Redis for a new policy version when no
+    /// announcement arrives (announcements come by pub/sub at once; this is the
+    /// fallback when the subscription is down, and the only way on a cluster).
+    /// Default 500 ms, so a change reaches every instance within a second.
+    pub policy_poll_interval: Duration,
 }
 
 impl Default for RedisConfig {
@@ -99,6 +106,7 @@ impl Default for RedisConfig {
             connection_timeout: Duration::from_millis(250),
             budget_status: BudgetStatus::default(),
             events: None,
+            policy_poll_interval: Duration::from_millis(500),
         }
     }
 }
@@ -143,8 +151,13 @@ pub(crate) struct Inner {
     snapshot: ArcSwap<Snapshot>,
     /// This instance's share of the policy, for workspaces that fail open.
     fallback: ArcSwap<Option<Engine>>,
-    /// Serialises policy changes (held across their Redis writes).
+    /// Serialises policy changes and the applying of versions read from Redis (held
+    /// across their Redis calls).
     apply_lock: tokio::sync::Mutex<()>,
+    /// The version of the shared policy document this instance runs (`snapshot`).
+    policy_version: AtomicU64,
+    /// Announces each version this instance applies.
+    versions: tokio::sync::watch::Sender<u64>,
     /// Commits that failed with a transient error, retried by `flush_pending`.
     pending: Mutex<Vec<PendingCommit>>,
     last_error: Mutex<Option<StoreError>>,
@@ -185,10 +198,11 @@ impl RedisEngine {
             .set_connection_timeout(Some(config.connection_timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let manager = redis::aio::ConnectionManager::new_with_config(client, manager_config)
-            .await
-            .map_err(|e| classify("connect", &e))?;
-        Self::start(Connection::Single(manager), policy, config).await
+        let manager =
+            redis::aio::ConnectionManager::new_with_config(client.clone(), manager_config)
+                .await
+                .map_err(|e| classify("connect", &e))?;
+        Self::start(Connection::Single(manager), Some(client), policy, config).await
     }
 
     /// Connect to a Redis Cluster through any of its nodes.
@@ -210,13 +224,17 @@ impl RedisEngine {
             .get_async_connection()
             .await
             .map_err(|e| classify("connect", &e))?;
-        Self::start(Connection::Cluster(connection), policy, config).await
+        // No subscription on a cluster: instances poll for new policy versions.
+        Self::start(Connection::Cluster(connection), None, policy, config).await
     }
 
     /// Load the function library (so the first request does not pay for it, and a
-    /// server older than Redis 7 is refused now, by name), then start.
+    /// server older than Redis 7 is refused now, by name), align the clock to Redis
+    /// `TIME`, load the shared policy (or seed it with `policy`), then start and
+    /// follow the policy's new versions.
     async fn start(
         mut connection: Connection,
+        subscriber: Option<redis::Client>,
         policy: Policy,
         config: RedisConfig,
     ) -> Result<Self, Error> {
@@ -233,12 +251,22 @@ impl RedisEngine {
                 Error::Store(error)
             }
         })?;
-        Ok(Self::started(connection, policy, config))
+        let clock = policy_sync::redis_clock(&mut connection).await?;
+        let layout = Layout::new(&config.prefix);
+        let (version, policy) = policy_sync::load_or_seed(&mut connection, &layout, policy).await?;
+        let engine = Self::started(connection, policy, version, clock, config);
+        policy_sync::follow(&engine.inner, subscriber);
+        Ok(engine)
     }
 
-    fn started(connection: Connection, policy: Policy, config: RedisConfig) -> Self {
+    fn started(
+        connection: Connection,
+        policy: Policy,
+        version: u64,
+        clock: Arc<dyn Clock>,
+        config: RedisConfig,
+    ) -> Self {
         let config_ttl = config.reservation_ttl;
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
         let fallback = fallback::local_share(&policy, config.expected_instances);
         let mut snapshot = Snapshot::build(policy, None, Arc::clone(&clock));
         snapshot.events = config
@@ -260,6 +288,8 @@ impl RedisEngine {
                 snapshot: ArcSwap::from_pointee(snapshot),
                 fallback: ArcSwap::from_pointee(fallback),
                 apply_lock: tokio::sync::Mutex::new(()),
+                policy_version: AtomicU64::new(version),
+                versions: tokio::sync::watch::Sender::new(version),
                 pending: Mutex::new(Vec::new()),
                 last_error: Mutex::new(None),
                 failed_commits: AtomicU64::new(0),
@@ -416,10 +446,41 @@ impl RedisEngine {
         self.inner.last_error.lock().clone()
     }
 
-    /// The policy the engine runs now.
+    /// The policy the engine runs now: the shared document's version
+    /// [`RedisEngine::policy_version`].
     #[must_use]
     pub fn policy(&self) -> Policy {
         self.inner.snapshot.load().policy.clone()
+    }
+
+    /// The version of the shared policy document this instance runs. Versions count
+    /// the changes made to the document in Redis, by any instance (1: the seed).
+    #[must_use]
+    pub fn policy_version(&self) -> u64 {
+        self.inner.policy_version.load(Ordering::Acquire)
+    }
+
+    /// Follow the policy versions this instance applies, e.g. to log "applied policy
+    /// version N": the receiver sees the current version, then each one applied, its
+    /// own changes and those read from Redis alike.
+    #[must_use]
+    pub fn watch_policy_version(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.versions.subscribe()
+    }
+
+    /// Apply the shared policy's newest version now, without waiting for its
+    /// announcement or the next poll; returns the version this instance runs.
+    ///
+    /// # Errors
+    /// [`Error::Store`] if Redis failed; [`PolicyStoreError::CorruptInRedis`] (as
+    /// [`Error::Policy`]) if the stored document is not one tollgate can run. The
+    /// running policy is kept either way.
+    ///
+    /// [`PolicyStoreError::CorruptInRedis`]: crate::PolicyStoreError::CorruptInRedis
+    pub async fn refresh_policy(&self) -> Result<u64, Error> {
+        let _writer = self.inner.apply_lock.lock().await;
+        self.inner.sync_policy().await?;
+        Ok(self.policy_version())
     }
 
     /// The Redis key of a workspace's counters (see the README's key layout).
@@ -676,6 +737,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("connection_timeout", &self.connection_timeout)
             .field("budget_status", &self.budget_status)
             .field("events", &self.events.is_some())
+            .field("policy_poll_interval", &self.policy_poll_interval)
             .finish()
     }
 }

@@ -19,7 +19,7 @@
 -- splitting it into two doubles (`madd`), never rounded through one double.
 --
 -- Functions (their KEYS, ARGV and replies are documented above each one): reserve,
--- commit, release, renew.
+-- commit, release, renew, follow, policy_cas.
 
 local now = 0
 
@@ -775,6 +775,26 @@ local function follow(KEYS, ARGV)
   return 1
 end
 
+-- policy_cas: replace the shared policy document if it is still at the version the
+-- caller edited (optimistic concurrency: a loser re-reads, re-applies, re-validates).
+-- KEYS[1]: the policy hash (`version`, `document`). ARGV: expected version (0: none
+-- yet), the new document (JSON), the channel to announce the new version on.
+-- Returns {1, new version} when written, {0, current version} when the caller lost.
+local function policy_cas(KEYS, ARGV)
+  local raw = redis.call('HGET', KEYS[1], 'version')
+  local current = 0
+  if raw then
+    current = tonumber(raw)
+    if not current then return bad(KEYS[1], 'version', raw) end
+  end
+  if current ~= tonumber(ARGV[1]) then return {0, current} end
+  local next = current + 1
+  redis.call('HSET', KEYS[1], 'version', next, 'document', ARGV[2])
+  redis.call('PUBLISH', ARGV[3], next)
+  return {1, next}
+end
+
+redis.register_function('policy_cas', policy_cas)
 redis.register_function('follow', follow)
 redis.register_function('reserve', reserve)
 redis.register_function('commit', commit)
