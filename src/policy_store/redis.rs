@@ -84,13 +84,13 @@ pub(crate) async fn read(
     Ok(Some((version, policy)))
 }
 
-/// Store `document` as the next version if the stored one is still `expected`, and
-/// announce it on `channel`.
+/// Store `document` as version `next` (above `expected`) if the stored version is
+/// still `expected` (0: none stored), and announce it on `channel`.
 pub(crate) async fn compare_and_set(
     connection: &mut impl ConnectionLike,
     key: &str,
     channel: &str,
-    expected: u64,
+    (expected, next): (u64, u64),
     document: &PolicyDocument,
 ) -> Result<Cas, StoreError> {
     let json = serde_json::to_string(document).expect("a policy document serialises");
@@ -98,7 +98,12 @@ pub(crate) async fn compare_and_set(
         connection,
         Function::PolicyCas,
         &[key.to_owned()],
-        &[expected.to_string(), json, channel.to_owned()],
+        &[
+            expected.to_string(),
+            next.to_string(),
+            json,
+            channel.to_owned(),
+        ],
     )
     .await?;
     let unexpected = || StoreError {

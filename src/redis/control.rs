@@ -167,9 +167,15 @@ impl RedisEngine {
             let previous = inner.sync_policy().await?;
             let version = inner.policy_version.load(Ordering::Acquire);
             let (policy, applied) = next_policy(&previous, change.clone())?;
-            let stored =
-                store::compare_and_set(&mut connection, &key, &channel, version, policy.document())
-                    .await?;
+            let versions = (version, version + 1);
+            let stored = store::compare_and_set(
+                &mut connection,
+                &key,
+                &channel,
+                versions,
+                policy.document(),
+            )
+            .await?;
             let Cas::Written(version) = stored else {
                 attempt += 1;
                 if attempt >= MAX_ATTEMPTS {

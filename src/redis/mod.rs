@@ -255,7 +255,7 @@ impl RedisEngine {
         let layout = Layout::new(&config.prefix);
         let (version, policy) = policy_sync::load_or_seed(&mut connection, &layout, policy).await?;
         let engine = Self::started(connection, policy, version, clock, config);
-        policy_sync::follow(&engine.inner, subscriber);
+        policy_sync::follow(&engine.inner, subscriber).await;
         Ok(engine)
     }
 

@@ -58,7 +58,7 @@ pub(crate) async fn load_or_seed(
             return Ok(stored);
         }
         let channel = layout.policy_channel();
-        match store::compare_and_set(connection, &key, &channel, 0, seed.document()).await? {
+        match store::compare_and_set(connection, &key, &channel, (0, 1), seed.document()).await? {
             Cas::Written(version) => return Ok((version, seed)),
             Cas::Lost => continue,
         }
@@ -66,14 +66,18 @@ pub(crate) async fn load_or_seed(
 }
 
 /// Start the task that applies new versions as they are announced or polled. It
-/// stops when the engine's last handle is dropped.
-pub(crate) fn follow(inner: &Arc<Inner>, subscriber: Option<redis::Client>) {
+/// stops when the engine's last handle is dropped. Subscribed before it returns, so
+/// every change made after the engine is started is announced to it.
+pub(crate) async fn follow(inner: &Arc<Inner>, subscriber: Option<redis::Client>) {
     let weak = Arc::downgrade(inner);
     let channel = inner.layout.policy_channel();
     let poll = inner.config.policy_poll_interval;
     let connect_timeout = inner.config.connection_timeout;
+    let mut subscription = match &subscriber {
+        Some(client) => subscribe(client, &channel, connect_timeout).await,
+        None => None,
+    };
     tokio::spawn(async move {
-        let mut subscription: Option<PubSubStream> = None;
         loop {
             if let (None, Some(client)) = (&subscription, &subscriber) {
                 subscription = subscribe(client, &channel, connect_timeout).await;
@@ -121,7 +125,8 @@ async fn follow_once(weak: &Weak<Inner>) -> bool {
     }
     let mut connection = inner.connection.clone();
     match store::version(&mut connection, &inner.layout.policy()).await {
-        Ok(stored) if stored > inner.policy_version.load(Ordering::Acquire) => {
+        // Newer, or gone (Redis lost it: `sync_policy` writes it back).
+        Ok(stored) if stored > inner.policy_version.load(Ordering::Acquire) || stored == 0 => {
             let _writer = inner.apply_lock.lock().await;
             if let Err(error) = inner.sync_policy().await {
                 inner.record_error(as_store_error(error));
@@ -147,11 +152,32 @@ fn as_store_error(error: Error) -> StoreError {
 impl Inner {
     /// Apply the stored policy if it is newer than this instance's, and return the
     /// snapshot this instance runs now. The caller holds `apply_lock`.
+    ///
+    /// If Redis holds no policy at all although this instance runs a stored version,
+    /// Redis lost it (restarted without persistence, or flushed): the instance writes
+    /// back the document it runs, under its version, so the fleet carries on from
+    /// what it last saw rather than from a seed, and new versions keep counting up.
     pub(crate) async fn sync_policy(&self) -> Result<Arc<Snapshot>, Error> {
         let mut connection = self.connection.clone();
         let key = self.layout.policy();
         let running = self.policy_version.load(Ordering::Acquire);
-        if store::version(&mut connection, &key).await? > running {
+        let stored = store::version(&mut connection, &key).await?;
+        if stored == 0 && running > 0 {
+            let current = self.snapshot.load_full();
+            let channel = self.layout.policy_channel();
+            let restore = (0, running);
+            store::compare_and_set(
+                &mut connection,
+                &key,
+                &channel,
+                restore,
+                current.policy.document(),
+            )
+            .await?;
+            // Written, or another instance restored (or changed) it first: either
+            // way the stored version is read below.
+        }
+        if stored > running || stored == 0 {
             if let Some((version, policy)) = store::read(&mut connection, &key).await? {
                 if version > running {
                     let previous = self.snapshot.load_full();

@@ -778,8 +778,9 @@ end
 -- policy_cas: replace the shared policy document if it is still at the version the
 -- caller edited (optimistic concurrency: a loser re-reads, re-applies, re-validates).
 -- KEYS[1]: the policy hash (`version`, `document`). ARGV: expected version (0: none
--- yet), the new document (JSON), the channel to announce the new version on.
--- Returns {1, new version} when written, {0, current version} when the caller lost.
+-- stored), the new version (above the expected one), the new document (JSON), the
+-- channel to announce the new version on. Returns {1, new version} when written,
+-- {0, current version} when the caller lost.
 local function policy_cas(KEYS, ARGV)
   local raw = redis.call('HGET', KEYS[1], 'version')
   local current = 0
@@ -787,10 +788,12 @@ local function policy_cas(KEYS, ARGV)
     current = tonumber(raw)
     if not current then return bad(KEYS[1], 'version', raw) end
   end
-  if current ~= tonumber(ARGV[1]) then return {0, current} end
-  local next = current + 1
-  redis.call('HSET', KEYS[1], 'version', next, 'document', ARGV[2])
-  redis.call('PUBLISH', ARGV[3], next)
+  local next = tonumber(ARGV[2])
+  if current ~= tonumber(ARGV[1]) or not next or next <= current then
+    return {0, current}
+  end
+  redis.call('HSET', KEYS[1], 'version', ARGV[2], 'document', ARGV[3])
+  redis.call('PUBLISH', ARGV[4], ARGV[2])
   return {1, next}
 end
 
