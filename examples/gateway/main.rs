@@ -204,6 +204,7 @@ async fn backend(
                 ..defaults
             };
             let engine = tollgate::RedisEngine::connect(url, policy, config).await?;
+            log_policy_versions(&engine);
             return Ok(Backend::Redis(engine));
         }
         #[cfg(not(feature = "redis"))]
@@ -224,6 +225,23 @@ async fn backend(
         _ => builder.build(),
     };
     Ok(Backend::Memory(engine))
+}
+
+/// Say which version of the shared policy this instance runs, at start and each time
+/// it applies a new one (its own admin changes and other instances' alike).
+#[cfg(feature = "redis")]
+fn log_policy_versions(engine: &tollgate::RedisEngine) {
+    let mut versions = engine.watch_policy_version();
+    println!(
+        "policy: version {} from Redis (shared by every instance; --policy only seeds an empty Redis)",
+        *versions.borrow_and_update()
+    );
+    tokio::spawn(async move {
+        while versions.changed().await.is_ok() {
+            let version = *versions.borrow_and_update();
+            println!("applied policy version {version}");
+        }
+    });
 }
 
 #[tokio::main]

@@ -34,3 +34,5 @@ mod process;
 mod restart;
 mod stream;
 mod support;
+#[cfg(feature = "redis")]
+mod two_gateways;
