@@ -43,11 +43,11 @@ fn rule_signature(rules: &LevelRules) -> [u64; 5] {
 }
 
 impl RedisEngine {
-    /// Apply a new policy (see [`crate::Engine::apply_policy`]).
+    /// Replace the shared policy, for every instance (see
+    /// [`crate::Engine::apply_policy`]).
     ///
     /// # Errors
-    /// [`Error::Store`] if Redis could not record revocations or deletions; then
-    /// nothing changed locally.
+    /// [`Error::Store`] if Redis could not store it; then nothing changed anywhere.
     pub async fn apply_policy(&self, policy: Policy) -> Result<(), Error> {
         self.change(Change::Replace(policy.document().clone()), None)
             .await

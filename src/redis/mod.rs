@@ -189,6 +189,12 @@ impl RedisEngine {
     /// Connect to one Redis server (`redis://host:port/db`). The connection
     /// reconnects by itself after failures.
     ///
+    /// The engine runs the policy stored in Redis, shared by every instance on the
+    /// same server and prefix; `policy` only seeds a Redis that holds none yet (it
+    /// becomes version 1). Changes made through any instance reach this one by
+    /// pub/sub, or by polling every `policy_poll_interval` (see the README's "Where
+    /// the truth of the policy lives").
+    ///
     /// # Errors
     /// [`Error::Store`] if the URL is invalid or the server cannot be reached now.
     pub async fn connect(url: &str, policy: Policy, config: RedisConfig) -> Result<Self, Error> {
@@ -205,7 +211,9 @@ impl RedisEngine {
         Self::start(Connection::Single(manager), Some(client), policy, config).await
     }
 
-    /// Connect to a Redis Cluster through any of its nodes.
+    /// Connect to a Redis Cluster through any of its nodes. The policy is shared as
+    /// with [`RedisEngine::connect`]; on a cluster, new versions are found by polling
+    /// only.
     ///
     /// # Errors
     /// [`Error::Store`] if the URLs are invalid or no node can be reached now.
