@@ -441,9 +441,9 @@ async fn while_redis_is_down_changes_are_refused_and_redis_gets_the_policy_back(
     );
     assert_eq!(a.engine.policy_version(), version, "nothing changed");
     assert_eq!(
-        decide(&a.engine, "test2").await.is_err(),
-        true,
-        "Redis is down"
+        decide(&a.engine, "test2").await,
+        Err(DenialReason::StoreUnavailable(StoreErrorKind::Transient)),
+        "Redis is down: fail closed"
     );
 
     // Redis comes back empty (no persistence): the instance writes back the policy
