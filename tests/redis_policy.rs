@@ -499,3 +499,44 @@ async fn polling_catches_an_announcement_the_subscription_missed() {
     let on_b = until(&b.engine, &second.secret, Ok(()), at).await;
     eprintln!("after resubscribing, a change reached B after {on_b:?}");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_corrupt_document_in_redis_is_refused_never_run() {
+    if skip() {
+        return;
+    }
+    let server = RedisServer::start();
+    let a = instance(&server).await;
+    // Someone writes a newer version that is not a policy tollgate can run.
+    let doc = "tollgate:v2:{policy}:doc";
+    server.cli(&["hset", doc, "version", "7", "document", "{\"org\": 12"]);
+
+    // A keeps the version it runs, and says why.
+    a.engine.refresh_policy().await.unwrap_err();
+    assert_eq!(a.engine.policy_version(), 1);
+    assert_eq!(decide(&a.engine, "test").await, Ok(()));
+    let at = Instant::now();
+    while a.engine.last_store_error().is_none() {
+        assert!(at.elapsed() < PROPAGATION, "the follower never reported it");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // A new instance refuses to start on it, by name.
+    let error = RedisEngine::connect(
+        &server.url(),
+        Policy::from_toml_str(POLICY).unwrap(),
+        RedisConfig::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            Error::Policy(PolicyError::Persist(tollgate::PolicyStoreError::CorruptInRedis { key, .. }))
+                if key == doc
+        ),
+        "{error:?}"
+    );
+    // And a change on top of it is refused too: nothing is written over it.
+    a.engine.revoke_key("k1", None).await.unwrap_err();
+    assert_eq!(server.cli(&["hget", doc, "version"]), "7");
+}
