@@ -540,3 +540,48 @@ async fn a_corrupt_document_in_redis_is_refused_never_run() {
     a.engine.revoke_key("k1", None).await.unwrap_err();
     assert_eq!(server.cli(&["hget", doc, "version"]), "7");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn redis_going_back_a_version_gets_the_newest_back_from_the_instances() {
+    if skip() {
+        return;
+    }
+    let server = RedisServer::start();
+    let [a, b, _] = three(&server).await;
+    let doc = "tollgate:v2:{policy}:doc";
+    let field = |name: &str| server.cli(&["hget", doc, name]);
+    a.engine.revoke_key("k1", None).await.unwrap(); // version 2
+    let old = (field("version"), field("document"), field("sha256"));
+    let issued = a
+        .engine
+        .create_key(NewKey::new("k9", "ws1"), None)
+        .await
+        .unwrap(); // version 3
+    let newest = (field("version"), field("document"), field("sha256"));
+    until(&b.engine, &issued.secret, Ok(()), Instant::now()).await;
+
+    // A failover to a replica that had not seen version 3: Redis holds version 2.
+    server.cli(&[
+        "hset", doc, "version", &old.0, "document", &old.1, "sha256", &old.2,
+    ]);
+    let at = Instant::now();
+    while (field("version"), field("document"), field("sha256")) != newest {
+        assert!(
+            at.elapsed() <= PROPAGATION,
+            "version 3 was not written back"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!("version 3 written back after {:?}", at.elapsed());
+    assert_eq!(decide(&b.engine, &issued.secret).await, Ok(()));
+
+    // The same number issued again with another document (writes lost, then a new
+    // change): Redis is the truth, every instance runs its document.
+    server.cli(&[
+        "hset", doc, "version", "3", "document", &old.1, "sha256", &old.2,
+    ]);
+    let at = Instant::now();
+    until(&a.engine, &issued.secret, Err(DenialReason::UnknownKey), at).await;
+    until(&b.engine, &issued.secret, Err(DenialReason::UnknownKey), at).await;
+    assert_eq!(a.engine.policy_version(), 3);
+}

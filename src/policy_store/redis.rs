@@ -10,41 +10,63 @@
 use redis::aio::ConnectionLike;
 use redis::Value;
 
-use crate::denial::{Error, StoreError};
+use sha2::{Digest, Sha256};
+
+use crate::denial::{Error, StoreError, StoreErrorKind};
 use crate::policy::{Policy, PolicyDocument, PolicyError};
 use crate::policy_store::PolicyStoreError;
 use crate::redis::error::classify;
 use crate::redis::scripts::{self, Function};
 
+/// A stored version: its number and the SHA-256 of its document's text. Two
+/// documents with one number can exist only if Redis lost writes and the number was
+/// issued again; the digest tells them apart.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    /// 0: nothing stored.
+    pub(crate) version: u64,
+    pub(crate) digest: String,
+}
+
+fn digest(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
 /// What a compare-and-set did.
 pub(crate) enum Cas {
     /// Written: the new version.
-    Written(u64),
+    Written(Stamp),
     /// Someone else's change landed first.
     Lost,
 }
 
-/// The version of the stored document (0: none yet).
-pub(crate) async fn version(
+/// The stamp of the stored document (version 0: none yet). One `HMGET`, without the
+/// document: what an instance polls.
+pub(crate) async fn head(
     connection: &mut impl ConnectionLike,
     key: &str,
-) -> Result<u64, StoreError> {
-    let raw: Option<String> = redis::cmd("HGET")
+) -> Result<Stamp, StoreError> {
+    let (version, digest): (Option<String>, Option<String>) = redis::cmd("HMGET")
         .arg(key)
         .arg("version")
+        .arg("sha256")
         .query_async(connection)
         .await
         .map_err(|e| classify("policy version", &e))?;
-    match raw {
-        None => Ok(0),
+    let version = match version {
+        None => 0,
         Some(raw) => raw.parse().map_err(|_| StoreError {
-            kind: crate::denial::StoreErrorKind::Corrupt,
+            kind: StoreErrorKind::Corrupt,
             message: format!("policy version: {key} version={raw:?}"),
-        }),
-    }
+        })?,
+    };
+    Ok(Stamp {
+        version,
+        digest: digest.unwrap_or_default(),
+    })
 }
 
-/// The stored document and its version, validated; `None` if there is none yet.
+/// The stored document and its stamp, validated; `None` if there is none yet.
 ///
 /// # Errors
 /// [`Error::Store`] if Redis failed; [`PolicyStoreError::CorruptInRedis`] (in
@@ -52,7 +74,7 @@ pub(crate) async fn version(
 pub(crate) async fn read(
     connection: &mut impl ConnectionLike,
     key: &str,
-) -> Result<Option<(u64, Policy)>, Error> {
+) -> Result<Option<(Stamp, Policy)>, Error> {
     let (version, document): (Option<String>, Option<String>) = redis::cmd("HMGET")
         .arg(key)
         .arg("version")
@@ -66,7 +88,7 @@ pub(crate) async fn read(
             detail,
         }))
     };
-    let (version, document) = match (version, document) {
+    let (version, text) = match (version, document) {
         (None, None) => return Ok(None),
         (Some(v), Some(d)) => (v, d),
         _ => {
@@ -79,9 +101,13 @@ pub(crate) async fn read(
         .parse::<u64>()
         .map_err(|_| corrupt(format!("version {version:?}")))?;
     let document: PolicyDocument =
-        serde_json::from_str(&document).map_err(|e| corrupt(format!("document: {e}")))?;
+        serde_json::from_str(&text).map_err(|e| corrupt(format!("document: {e}")))?;
     let policy = Policy::new(document).map_err(|e| corrupt(e.to_string()))?;
-    Ok(Some((version, policy)))
+    let stamp = Stamp {
+        version,
+        digest: digest(&text),
+    };
+    Ok(Some((stamp, policy)))
 }
 
 /// Store `document` as version `next` (above `expected`) if the stored version is
@@ -94,6 +120,10 @@ pub(crate) async fn compare_and_set(
     document: &PolicyDocument,
 ) -> Result<Cas, StoreError> {
     let json = serde_json::to_string(document).expect("a policy document serialises");
+    let written = Stamp {
+        version: next,
+        digest: digest(&json),
+    };
     let reply = scripts::call(
         connection,
         Function::PolicyCas,
@@ -102,22 +132,17 @@ pub(crate) async fn compare_and_set(
             expected.to_string(),
             next.to_string(),
             json,
+            written.digest.clone(),
             channel.to_owned(),
         ],
     )
     .await?;
-    let unexpected = || StoreError {
-        kind: crate::denial::StoreErrorKind::Permanent,
-        message: format!("policy_cas: unexpected reply {reply:?}"),
-    };
-    let Value::Array(items) = &reply else {
-        return Err(unexpected());
-    };
-    match items.as_slice() {
-        [Value::Int(1), Value::Int(v)] => {
-            Ok(Cas::Written(u64::try_from(*v).map_err(|_| unexpected())?))
-        }
-        [Value::Int(0), Value::Int(_)] => Ok(Cas::Lost),
-        _ => Err(unexpected()),
+    match reply {
+        Value::Int(1) => Ok(Cas::Written(written)),
+        Value::Int(0) => Ok(Cas::Lost),
+        other => Err(StoreError {
+            kind: StoreErrorKind::Permanent,
+            message: format!("policy_cas: unexpected reply {other:?}"),
+        }),
     }
 }

@@ -176,7 +176,7 @@ impl RedisEngine {
                 policy.document(),
             )
             .await?;
-            let Cas::Written(version) = stored else {
+            let Cas::Written(stamp) = stored else {
                 attempt += 1;
                 if attempt >= MAX_ATTEMPTS {
                     return Err(Error::Store(StoreError {
@@ -207,7 +207,7 @@ impl RedisEngine {
             }
             let now = next.clock.now();
             let events = next.events.clone();
-            inner.install(version, next);
+            inner.install(stamp, next);
             if let Some(events) = events {
                 events.emit(now, actor, applied.event);
             }

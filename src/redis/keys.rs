@@ -12,7 +12,7 @@
 //! <tag>:flags                                    hash, never expires: `revoked:<key id>`,
 //!                                                `deleted`, `gen` (workspace generation)
 //! <prefix>:v2:{policy}:doc                       hash, never expires: the shared policy,
-//!                                                `version` and `document` (JSON)
+//!                                                `version`, `document` (JSON), `sha256`
 //! <prefix>:v2:policy-versions                    pub/sub channel: each new version number
 //! ```
 //!

@@ -42,6 +42,7 @@ use crate::denial::{Denial, DenialReason, Error, Scope, StoreError, StoreErrorKi
 use crate::engine::{BudgetStatus, Engine};
 use crate::events::{EventSink, Events};
 use crate::policy::{Policy, StoreFailureMode};
+use crate::policy_store::redis as policy_store;
 use crate::request::{Request, Usage};
 use crate::reservation::Receipt;
 use crate::snapshot::{Route, Snapshot, WALLET_LEVEL};
@@ -154,8 +155,10 @@ pub(crate) struct Inner {
     /// Serialises policy changes and the applying of versions read from Redis (held
     /// across their Redis calls).
     apply_lock: tokio::sync::Mutex<()>,
-    /// The version of the shared policy document this instance runs (`snapshot`).
+    /// The version of the shared policy document this instance runs (`snapshot`),
+    /// for lock-free reads; `running` has it with its digest.
     policy_version: AtomicU64,
+    running: Mutex<policy_store::Stamp>,
     /// Announces each version this instance applies.
     versions: tokio::sync::watch::Sender<u64>,
     /// Commits that failed with a transient error, retried by `flush_pending`.
@@ -261,8 +264,8 @@ impl RedisEngine {
         })?;
         let clock = policy_sync::redis_clock(&mut connection).await?;
         let layout = Layout::new(&config.prefix);
-        let (version, policy) = policy_sync::load_or_seed(&mut connection, &layout, policy).await?;
-        let engine = Self::started(connection, policy, version, clock, config);
+        let (stamp, policy) = policy_sync::load_or_seed(&mut connection, &layout, policy).await?;
+        let engine = Self::started(connection, policy, stamp, clock, config);
         policy_sync::follow(&engine.inner, subscriber).await;
         Ok(engine)
     }
@@ -270,10 +273,11 @@ impl RedisEngine {
     fn started(
         connection: Connection,
         policy: Policy,
-        version: u64,
+        stamp: policy_store::Stamp,
         clock: Arc<dyn Clock>,
         config: RedisConfig,
     ) -> Self {
+        let version = stamp.version;
         let config_ttl = config.reservation_ttl;
         let fallback = fallback::local_share(&policy, config.expected_instances);
         let mut snapshot = Snapshot::build(policy, None, Arc::clone(&clock));
@@ -297,6 +301,7 @@ impl RedisEngine {
                 fallback: ArcSwap::from_pointee(fallback),
                 apply_lock: tokio::sync::Mutex::new(()),
                 policy_version: AtomicU64::new(version),
+                running: Mutex::new(stamp),
                 versions: tokio::sync::watch::Sender::new(version),
                 pending: Mutex::new(Vec::new()),
                 last_error: Mutex::new(None),

@@ -24,7 +24,7 @@ use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::control::successor;
 use crate::denial::{Error, StoreError, StoreErrorKind};
 use crate::policy::Policy;
-use crate::policy_store::redis::{self as store, Cas};
+use crate::policy_store::redis::{self as store, Cas, Stamp};
 use crate::redis::conn::Connection;
 use crate::redis::error::classify;
 use crate::redis::keys::Layout;
@@ -45,13 +45,13 @@ pub(crate) async fn redis_clock(connection: &mut Connection) -> Result<Arc<dyn C
     Ok(Arc::new(SystemClock::anchored(wall)))
 }
 
-/// The shared policy and its version; when Redis holds none yet, `seed` becomes
+/// The shared policy and its stamp; when Redis holds none yet, `seed` becomes
 /// version 1 (if two instances seed at once, one wins and both run its document).
 pub(crate) async fn load_or_seed(
     connection: &mut Connection,
     layout: &Layout,
     seed: Policy,
-) -> Result<(u64, Policy), Error> {
+) -> Result<(Stamp, Policy), Error> {
     let key = layout.policy();
     loop {
         if let Some(stored) = store::read(connection, &key).await? {
@@ -59,7 +59,7 @@ pub(crate) async fn load_or_seed(
         }
         let channel = layout.policy_channel();
         match store::compare_and_set(connection, &key, &channel, (0, 1), seed.document()).await? {
-            Cas::Written(version) => return Ok((version, seed)),
+            Cas::Written(stamp) => return Ok((stamp, seed)),
             Cas::Lost => continue,
         }
     }
@@ -124,9 +124,9 @@ async fn follow_once(weak: &Weak<Inner>) -> bool {
         return false;
     }
     let mut connection = inner.connection.clone();
-    match store::version(&mut connection, &inner.layout.policy()).await {
-        // Newer, or gone (Redis lost it: `sync_policy` writes it back).
-        Ok(stored) if stored > inner.policy_version.load(Ordering::Acquire) || stored == 0 => {
+    match store::head(&mut connection, &inner.layout.policy()).await {
+        // Another version (newer, or Redis lost ours: `sync_policy` sorts it out).
+        Ok(stored) if stored != *inner.running.lock() => {
             let _writer = inner.apply_lock.lock().await;
             if let Err(error) = inner.sync_policy().await {
                 inner.record_error(as_store_error(error));
@@ -150,52 +150,55 @@ fn as_store_error(error: Error) -> StoreError {
 }
 
 impl Inner {
-    /// Apply the stored policy if it is newer than this instance's, and return the
-    /// snapshot this instance runs now. The caller holds `apply_lock`.
+    /// Bring this instance and Redis to one version, and return the snapshot this
+    /// instance runs now. The caller holds `apply_lock`.
     ///
-    /// If Redis holds no policy at all although this instance runs a stored version,
-    /// Redis lost it (restarted without persistence, or flushed): the instance writes
-    /// back the document it runs, under its version, so the fleet carries on from
-    /// what it last saw rather than from a seed, and new versions keep counting up.
+    /// - Redis holds a newer version, or the same number with another document (the
+    ///   number was issued again after Redis lost writes): Redis is the truth, apply it.
+    /// - Redis holds an older version, or none, although this instance runs a stored
+    ///   one: Redis lost writes (restarted without persistence, restored, failed over
+    ///   to a replica that lagged). The instance writes back the document it runs,
+    ///   under its version, so the fleet carries on from the newest version an
+    ///   instance saw rather than from a seed or a stale copy.
     pub(crate) async fn sync_policy(&self) -> Result<Arc<Snapshot>, Error> {
         let mut connection = self.connection.clone();
         let key = self.layout.policy();
-        let running = self.policy_version.load(Ordering::Acquire);
-        let stored = store::version(&mut connection, &key).await?;
-        if stored == 0 && running > 0 {
+        let running = self.running.lock().clone();
+        let stored = store::head(&mut connection, &key).await?;
+        if stored.version < running.version {
             let current = self.snapshot.load_full();
             let channel = self.layout.policy_channel();
-            let restore = (0, running);
+            let back = (stored.version, running.version);
+            // Written, or another instance wrote first: the next poll sees which.
             store::compare_and_set(
                 &mut connection,
                 &key,
                 &channel,
-                restore,
+                back,
                 current.policy.document(),
             )
             .await?;
-            // Written, or another instance restored (or changed) it first: either
-            // way the stored version is read below.
-        }
-        if stored > running || stored == 0 {
-            if let Some((version, policy)) = store::read(&mut connection, &key).await? {
-                if version > running {
+        } else if stored != running {
+            if let Some((stamp, policy)) = store::read(&mut connection, &key).await? {
+                if stamp.version >= running.version && stamp != running {
                     let previous = self.snapshot.load_full();
-                    self.install(version, successor(&previous, policy));
+                    self.install(stamp, successor(&previous, policy));
                 }
             }
         }
         Ok(self.snapshot.load_full())
     }
 
-    /// Run `next` as version `version` of the shared policy, from the next request
-    /// on. The caller holds `apply_lock`.
-    pub(crate) fn install(&self, version: u64, next: Snapshot) {
+    /// Run `next` as the shared policy's version `stamp`, from the next request on.
+    /// The caller holds `apply_lock`.
+    pub(crate) fn install(&self, stamp: Stamp, next: Snapshot) {
         self.fallback.store(Arc::new(fallback::local_share(
             &next.policy,
             self.config.expected_instances,
         )));
         self.snapshot.store(Arc::new(next));
+        let version = stamp.version;
+        *self.running.lock() = stamp;
         self.policy_version.store(version, Ordering::Release);
         self.versions.send_replace(version);
     }

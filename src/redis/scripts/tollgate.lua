@@ -777,10 +777,10 @@ end
 
 -- policy_cas: replace the shared policy document if it is still at the version the
 -- caller edited (optimistic concurrency: a loser re-reads, re-applies, re-validates).
--- KEYS[1]: the policy hash (`version`, `document`). ARGV: expected version (0: none
--- stored), the new version (above the expected one), the new document (JSON), the
--- channel to announce the new version on. Returns {1, new version} when written,
--- {0, current version} when the caller lost.
+-- KEYS[1]: the policy hash (`version`, `document`, `sha256`). ARGV: expected version
+-- (0: none stored), the new version (above the expected one), the new document
+-- (JSON), its SHA-256, the channel to announce the new version on. Returns 1 when
+-- written, 0 when the caller lost.
 local function policy_cas(KEYS, ARGV)
   local raw = redis.call('HGET', KEYS[1], 'version')
   local current = 0
@@ -789,12 +789,10 @@ local function policy_cas(KEYS, ARGV)
     if not current then return bad(KEYS[1], 'version', raw) end
   end
   local next = tonumber(ARGV[2])
-  if current ~= tonumber(ARGV[1]) or not next or next <= current then
-    return {0, current}
-  end
-  redis.call('HSET', KEYS[1], 'version', ARGV[2], 'document', ARGV[3])
-  redis.call('PUBLISH', ARGV[4], ARGV[2])
-  return {1, next}
+  if current ~= tonumber(ARGV[1]) or not next or next <= current then return 0 end
+  redis.call('HSET', KEYS[1], 'version', ARGV[2], 'document', ARGV[3], 'sha256', ARGV[4])
+  redis.call('PUBLISH', ARGV[5], ARGV[2])
+  return 1
 end
 
 redis.register_function('policy_cas', policy_cas)
