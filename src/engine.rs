@@ -404,7 +404,7 @@ impl Engine {
     }
 
     /// Save every scope's spend, requests and tokens (current and previous period) to
-    /// `path`, atomically (temp file, sync, rename). Load them on start with
+    /// `path`, atomically (temp file, sync, rename, sync the directory). Load them on start with
     /// [`EngineBuilder::restore_counters`].
     ///
     /// # Errors
