@@ -114,6 +114,21 @@ impl SystemClock {
     }
 }
 
+impl SystemClock {
+    /// A clock that reads `wall` now (e.g. another machine's time, read a moment
+    /// ago) and advances monotonically from there.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn anchored(wall: Timestamp) -> Self {
+        let counter = quanta::Clock::new();
+        let anchor_raw = counter.raw();
+        SystemClock {
+            anchor_wall: wall.0,
+            counter,
+            anchor_raw,
+        }
+    }
+}
+
 impl Default for SystemClock {
     fn default() -> Self {
         Self::new()

@@ -92,6 +92,7 @@ pub struct WorkspaceUpdate {
 }
 
 /// One change to a policy document.
+#[derive(Clone)]
 pub(crate) enum Change {
     CreateWorkspace(WorkspaceSpec),
     UpdateWorkspace(String, WorkspaceUpdate),
@@ -285,16 +286,22 @@ pub(crate) fn edit(
     }
 }
 
-/// The snapshot after `change`, validated, reusing the counters of `previous`; and
-/// what the change did. Nothing is published here: on error nothing changed.
-pub(crate) fn next_snapshot(
+/// The policy after `change`, validated, and what the change did. Nothing is
+/// published or touched here (not even counters): on error nothing changed, and a
+/// caller may still refuse it (a store that could not save it).
+pub(crate) fn next_policy(
     previous: &Snapshot,
     change: Change,
-) -> Result<(Snapshot, Applied), PolicyError> {
+) -> Result<(Policy, Applied), PolicyError> {
     let now = previous.clock.now();
     let mut doc = previous.policy.document().clone();
     let applied = edit(&mut doc, change, now)?;
-    let policy = Policy::new(doc)?;
-    let next = Snapshot::build(policy, Some(previous), Arc::clone(&previous.clock));
-    Ok((next, applied))
+    Ok((Policy::new(doc)?, applied))
+}
+
+/// The snapshot of `policy`, reusing the counters of `previous`. Building it adapts
+/// shared counters to the new rules and sets revoked flags: call it only for a
+/// policy that will be published.
+pub(crate) fn successor(previous: &Snapshot, policy: Policy) -> Snapshot {
+    Snapshot::build(policy, Some(previous), Arc::clone(&previous.clock))
 }

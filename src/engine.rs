@@ -10,12 +10,13 @@ use parking_lot::Mutex;
 use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock, Timestamp};
-use crate::control::{next_snapshot, Change, IssuedKey, NewKey, WorkspaceUpdate};
+use crate::control::{next_policy, successor, Change, IssuedKey, NewKey, WorkspaceUpdate};
 use crate::decide::{admit, denial, refused, Admission};
 use crate::denial::{Denial, DenialReason, Error, Scope};
 use crate::events::{EventSink, Events};
 use crate::persist::{self, PersistError};
 use crate::policy::{Policy, PolicyError, WorkspaceSpec};
+use crate::policy_store::PolicyStore;
 use crate::request::{Request, Usage};
 use crate::reservation::{Receipt, Reservation};
 use crate::snapshot::{Published, Snapshot, LEVELS, WALLET_LEVEL};
@@ -78,6 +79,8 @@ struct Inner {
     /// Serialises policy changes so none is lost; requests never take it.
     apply_lock: Mutex<()>,
     budget_status: u16,
+    /// Where every accepted change is saved before it is published.
+    store: Option<StdArc<dyn PolicyStore>>,
 }
 
 /// Sets up an [`Engine`].
@@ -87,9 +90,20 @@ pub struct EngineBuilder {
     clock: StdArc<dyn Clock>,
     budget_status: BudgetStatus,
     events: Option<StdArc<dyn EventSink>>,
+    store: Option<StdArc<dyn PolicyStore>>,
 }
 
 impl EngineBuilder {
+    /// Save every accepted policy change to `store` before applying and
+    /// acknowledging it (e.g. a [`FilePolicyStore`](crate::FilePolicyStore), so a
+    /// restart keeps every key created, rotated or revoked). A change the store cannot
+    /// save is refused with [`PolicyError::Persist`] and changes nothing. The engine
+    /// does not save the policy it starts with: start it with the store's own.
+    pub fn policy_store(mut self, store: StdArc<dyn PolicyStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
     /// Report events (budget thresholds, key and workspace changes, sampled denials)
     /// to `sink`. Without one, the engine tracks nothing for events and pays nothing.
     pub fn events(mut self, sink: StdArc<dyn EventSink>) -> Self {
@@ -134,6 +148,7 @@ impl EngineBuilder {
                 snapshot: SwapCell::new(Arc::new(Published::new(snapshot))),
                 apply_lock: Mutex::new(()),
                 budget_status: self.budget_status.code(),
+                store: self.store,
             }),
         }
     }
@@ -153,6 +168,7 @@ impl Engine {
             clock: StdArc::new(SystemClock::new()),
             budget_status: BudgetStatus::default(),
             events: None,
+            store: None,
         }
     }
 
@@ -260,9 +276,13 @@ impl Engine {
     /// models whose ids persist are kept; changed limits apply from the next request;
     /// in-flight reservations settle against the counters they were taken from; keys
     /// revoked or gone are refused at once, also by requests already past lookup.
-    pub fn apply_policy(&self, policy: Policy) {
-        let replaced = self.change(Change::Replace(policy.document().clone()), None);
-        debug_assert!(replaced.is_ok(), "a validated policy validates again");
+    ///
+    /// # Errors
+    /// [`PolicyError::Persist`] if the engine's policy store could not save it; the
+    /// running policy is unchanged. Without a store, never.
+    pub fn apply_policy(&self, policy: Policy) -> Result<(), PolicyError> {
+        self.change(Change::Replace(policy.document().clone()), None)
+            .map(drop)
     }
 
     /// Load a policy file and apply it (see [`Engine::apply_policy`]).
@@ -358,7 +378,8 @@ impl Engine {
             .map(drop)
     }
 
-    /// Apply one change atomically: validate the edited policy, publish it, report it.
+    /// Apply one change atomically: validate the edited policy, save it, publish it,
+    /// report it.
     fn change(
         &self,
         change: Change,
@@ -366,7 +387,13 @@ impl Engine {
     ) -> Result<Option<IssuedKey>, PolicyError> {
         let _writer = self.inner.apply_lock.lock();
         let previous = self.inner.snapshot.load_full();
-        let (next, applied) = next_snapshot(&previous, change)?;
+        let (policy, applied) = next_policy(&previous, change)?;
+        // Saved before anything changes here: a change the store refuses leaves the
+        // counters and revoked flags as they were.
+        if let Some(store) = &self.inner.store {
+            store.save(policy.document())?;
+        }
+        let next = successor(&previous, policy);
         let now = next.clock.now();
         let events = next.events.clone();
         self.inner.snapshot.store(Arc::new(Published::new(next)));
@@ -377,7 +404,7 @@ impl Engine {
     }
 
     /// Save every scope's spend, requests and tokens (current and previous period) to
-    /// `path`, atomically (temp file, sync, rename). Load them on start with
+    /// `path`, atomically (temp file, sync, rename, sync the directory). Load them on start with
     /// [`EngineBuilder::restore_counters`].
     ///
     /// # Errors

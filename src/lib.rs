@@ -54,6 +54,7 @@ mod clock;
 mod control;
 mod decide;
 mod denial;
+mod durable;
 mod engine;
 mod events;
 mod headers;
@@ -65,6 +66,7 @@ mod money;
 mod period;
 mod persist;
 mod policy;
+mod policy_store;
 #[cfg(feature = "redis")]
 mod redis;
 mod request;
@@ -88,6 +90,7 @@ pub use policy::{
     ModelSpec, OrgSpec, Policy, PolicyDocument, PolicyError, PolicyIssue, Problem,
     StoreFailureMode, TokenCount, WorkspaceSpec, WorkspaceStatus,
 };
+pub use policy_store::{FilePolicyStore, PolicyStore, PolicyStoreError};
 #[cfg(feature = "redis")]
 pub use redis::{RedisConfig, RedisEngine, RedisReservation};
 pub use request::{Credential, Request, Usage};

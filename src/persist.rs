@@ -1,24 +1,21 @@
 //! Saving the in-memory engine's counters to a file and loading them on start, so a
 //! restarted single-instance gateway does not forget this period's spend.
 //!
-//! The file is JSON: a format version, the SHA-256 of the body, and the body (itself
-//! JSON, as text, so the checksum covers exactly the bytes read back). It is written
-//! to a temporary file in the same directory, synced, and renamed over the old one,
-//! so a crash mid-write leaves the previous file whole. A torn, edited or truncated
+//! The file is a checksummed JSON envelope written atomically (`durable`), so a
+//! crash mid-write leaves the previous file whole, and a torn, edited or truncated
 //! file fails its checksum or its parse: a clear error, never a silent reset.
 //! Spend, requests and tokens of the current and previous periods are saved; rate
 //! limit buckets and holds of requests in flight are not.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::budget::PeriodTotals;
 use crate::clock::Timestamp;
+use crate::durable;
 use crate::money::{picos_from_decimal, picos_to_decimal};
 use crate::snapshot::Snapshot;
 use crate::store::ScopeState;
@@ -55,14 +52,6 @@ pub enum PersistError {
         /// The org in the file.
         found: String,
     },
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Envelope {
-    format: u32,
-    sha256: String,
-    body: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -166,30 +155,7 @@ pub(crate) fn save(snap: &Snapshot, now: Timestamp, path: &Path) -> Result<(), P
             .collect(),
     };
     let body = serde_json::to_string(&body).expect("counters serialise");
-    let envelope = Envelope {
-        format: FORMAT,
-        sha256: hex::encode(Sha256::digest(body.as_bytes())),
-        body,
-    };
-    let text = serde_json::to_vec_pretty(&envelope).expect("envelope serialises");
-
-    let file_name = path
-        .file_name()
-        .map_or_else(|| "counters".into(), |n| n.to_string_lossy().into_owned());
-    let temp = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut file = fs::File::create(&temp)?;
-        file.write_all(&text)?;
-        file.sync_all()?;
-        fs::rename(&temp, path)
-    };
-    write().map_err(|source| {
-        let _ = fs::remove_file(&temp);
-        PersistError::Io {
-            path: path.to_owned(),
-            source,
-        }
-    })
+    durable::write_atomically(path, &durable::seal(FORMAT, body)).map_err(io(path))
 }
 
 /// Load counters saved by [`save`] into a fresh snapshot's scopes, by id. Scopes in
@@ -201,22 +167,8 @@ pub(crate) fn restore(snap: &Snapshot, now: Timestamp, path: &Path) -> Result<()
         detail,
     };
     let text = fs::read(path).map_err(io(path))?;
-    let envelope: Envelope =
-        serde_json::from_slice(&text).map_err(|e| corrupt(format!("not a counter file: {e}")))?;
-    if envelope.format != FORMAT {
-        return Err(corrupt(format!(
-            "format {} (this version reads {FORMAT})",
-            envelope.format
-        )));
-    }
-    let digest = hex::encode(Sha256::digest(envelope.body.as_bytes()));
-    if !digest.eq_ignore_ascii_case(&envelope.sha256) {
-        return Err(corrupt(
-            "checksum mismatch: the body was changed or torn".into(),
-        ));
-    }
-    let body: Body =
-        serde_json::from_str(&envelope.body).map_err(|e| corrupt(format!("body: {e}")))?;
+    let body = durable::unseal(&text, FORMAT, "counter file").map_err(corrupt)?;
+    let body: Body = serde_json::from_str(&body).map_err(|e| corrupt(format!("body: {e}")))?;
     if body.org != *snap.policy.org.id {
         return Err(PersistError::WrongOrg {
             path: path.to_owned(),

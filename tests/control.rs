@@ -647,7 +647,7 @@ fn apply_policy_replaces_the_policy_keeps_counters_and_reports_it() {
         .key(KeySpec::new("k2", "ws2", "sk-k2"));
     next.workspaces[0].limits = limits(|l| l.rpm = Some(1));
     let policy = Policy::new(next.clone()).unwrap();
-    rig.engine.apply_policy(policy);
+    rig.engine.apply_policy(policy).unwrap();
 
     assert_eq!(rig.doc(), next);
     assert_eq!(

@@ -449,7 +449,7 @@ fn a_refusal_at_a_later_level_gives_back_the_earlier_ones() {
     // The key's single request per minute and its tokens are still all there.
     let mut doc = e.policy().document().clone();
     doc.org.wallet = None;
-    e.apply_policy(Policy::new(doc).unwrap());
+    e.apply_policy(Policy::new(doc).unwrap()).unwrap();
     let r = e.check_and_reserve(&req(500)).unwrap();
     assert_eq!(r.rate_limits().tokens.unwrap().remaining, 400);
 }
@@ -503,7 +503,7 @@ fn overage_is_charged_as_debt_and_blocks_the_next_request() {
     // The token overage is debt too: 5,100 of 10,000 tokens are taken.
     let mut doc = e.policy().document().clone();
     doc.workspaces[0].budget = None;
-    e.apply_policy(Policy::new(doc).unwrap());
+    e.apply_policy(Policy::new(doc).unwrap()).unwrap();
     let r = e.check_and_reserve(&req(0)).unwrap();
     assert_eq!(
         r.rate_limits().tokens.unwrap().remaining,
@@ -666,7 +666,7 @@ fn applying_a_policy_keeps_counters_of_ids_that_persist() {
     doc.keys[1].status = KeyStatus::Revoked;
     doc.keys.push(KeySpec::new("k3", "ws", "sk-k3"));
     doc.workspaces[0].budget = Some(BudgetSpec::new(dec("0.0018"), BudgetPeriod::Month));
-    e.apply_policy(Policy::new(doc).unwrap());
+    e.apply_policy(Policy::new(doc).unwrap()).unwrap();
 
     assert_eq!(
         e.check_and_reserve(&Request::with_secret("sk-k2", "m"))

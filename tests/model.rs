@@ -2264,7 +2264,9 @@ fn make_edit(
     };
     let got = match call {
         Call::Replace => {
-            engine.apply_policy(policy(params.as_ref().unwrap()));
+            engine
+                .apply_policy(policy(params.as_ref().unwrap()))
+                .unwrap();
             Ok(())
         }
         Call::Update(w, update) => engine.update_workspace(WORKSPACES[w], *update, None),
@@ -2373,7 +2375,7 @@ fn run(initial: &Params, ops: &[Op]) -> Result<Outcomes, TestCaseError> {
                 advance(&clock, &mut model, to, &mut seen);
             }
             Op::Apply(ref params) => {
-                engine.apply_policy(policy(params));
+                engine.apply_policy(policy(params)).unwrap();
                 model.apply((**params).clone());
                 seen.changes_in_flight += usize::from(!outstanding.is_empty());
             }

@@ -624,7 +624,7 @@ impl<'s> Lockstep<'s> {
 
     async fn apply(&mut self, policy: Edited) {
         self.policy = policy;
-        self.memory.apply_policy(policy.policy());
+        self.memory.apply_policy(policy.policy()).unwrap();
         self.redis.apply_policy(policy.policy()).await.unwrap();
     }
 

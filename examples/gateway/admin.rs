@@ -26,7 +26,7 @@
 //! (`path`, `value`, `problem`) when the change would make the policy invalid, 503
 //! when the counter store fails. Every request is audited, whatever its outcome.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -416,7 +416,7 @@ enum Failure {
     Invalid(Vec<PolicyIssue>),
     /// 413, 408 or 400: the body is too big, too slow or cut off.
     Body(BodyError),
-    /// 503: the counter store failed.
+    /// 503: the counter or policy store failed (nothing was changed).
     Store(String),
     /// 500: anything else.
     Internal(String),
@@ -451,6 +451,8 @@ impl Failure {
                     Failure::Invalid(issues)
                 }
             }
+            // The change could not be stored (state file, Redis): it was not applied.
+            Error::Policy(PolicyError::Persist(e)) => Failure::Store(e.to_string()),
             Error::Store(e) => Failure::Store(e.to_string()),
             other => Failure::Internal(other.to_string()),
         }
@@ -830,8 +832,16 @@ async fn rotate_key(app: &App, request: Request<Incoming>, id: &str, actor: &str
         .rotate_key(id, grace, actor)
         .await
         .map_err(|e| Failure::from_backend(e, Some("keys")))?;
-    let old_until =
-        (!grace.is_zero()).then(|| rfc3339(DateTime::<Utc>::from(SystemTime::now() + grace)));
+    // As the policy records it (on the Redis backend, measured on Redis TIME).
+    let old_until = app
+        .backend
+        .policy()
+        .document()
+        .keys
+        .iter()
+        .find(|k| k.id == issued.id)
+        .and_then(|k| k.previous_secret_expires_at)
+        .map(rfc3339);
     Ok(json_reply(
         StatusCode::OK,
         &json!({

@@ -15,6 +15,12 @@
 //!   `http://127.0.0.1:11434/v1`) instead of the mock, with the key in `UPSTREAM_API_KEY`
 //! - `--counters FILE` [`GATEWAY_COUNTERS`]: restore the in-memory counters from this
 //!   file on start and save them there on shutdown
+//! - `--state-dir DIR` [`GATEWAY_STATE_DIR`] (in-memory engine): keep the policy in
+//!   `DIR/policy.json`, every admin change saved there before it is acknowledged, and
+//!   the counters in `DIR/counters.json` (unless `--counters` says elsewhere). The
+//!   first start seeds it from `--policy`; later starts load it and ignore `--policy`.
+//!   With `--redis`, the policy lives in Redis instead (seeded from `--policy` if
+//!   Redis has none)
 //! - `--admin-key NAME:ROLE:SECRET` (repeatable) [`GATEWAY_ADMIN_KEYS`, comma-separated]:
 //!   a key for the admin API under `/admin/`; ROLE is `admin`, `editor` or `viewer`;
 //!   `NAME:ROLE:sha256=HEX` gives only the secret's digest. Only digests are kept.
@@ -55,7 +61,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tollgate::{Engine, EventSink, Policy};
+use tollgate::{Engine, EventSink, FilePolicyStore, Policy, PolicyError};
 
 use crate::app::App;
 use crate::backend::Backend;
@@ -71,6 +77,7 @@ struct Options {
     reservation_ttl_secs: Option<u64>,
     mock_delay_ms: u64,
     counters: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
     admin_keys: Vec<String>,
     audit_log: String,
     webhooks: Vec<String>,
@@ -110,6 +117,7 @@ impl Options {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(50),
             counters: env("GATEWAY_COUNTERS").map(PathBuf::from),
+            state_dir: env("GATEWAY_STATE_DIR").map(PathBuf::from),
             admin_keys: list(env("GATEWAY_ADMIN_KEYS")),
             audit_log: env("GATEWAY_AUDIT_LOG").unwrap_or_else(|| "gateway-audit.jsonl".into()),
             webhooks: list(env("GATEWAY_WEBHOOKS")),
@@ -142,6 +150,7 @@ impl Options {
                         .map_err(|e| format!("--mock-delay-ms: {e}"))?;
                 }
                 "--counters" => options.counters = Some(value()?.into()),
+                "--state-dir" => options.state_dir = Some(value()?.into()),
                 "--admin-key" => admin_keys.push(value()?),
                 "--audit-log" => options.audit_log = value()?,
                 "--webhook" => webhooks.push(value()?),
@@ -167,6 +176,9 @@ impl Options {
         }
         if !webhooks.is_empty() {
             options.webhooks = webhooks;
+        }
+        if let (Some(dir), None, None) = (&options.state_dir, &options.counters, &options.redis) {
+            options.counters = Some(dir.join("counters.json"));
         }
         Ok(options)
     }
@@ -226,16 +238,42 @@ fn list(value: Option<String>) -> Vec<String> {
 fn usage() -> String {
     "usage: gateway [--addr HOST:PORT] [--policy FILE] [--redis URL] \
      [--reservation-ttl-secs N] [--mock-delay-ms N] \
-     [--counters FILE] [--upstream URL] \
+     [--counters FILE] [--state-dir DIR] [--upstream URL] \
      [--admin-key NAME:ROLE:SECRET]... [--audit-log PATH|-] [--webhook URL]... \
      [--request-log PATH|-] [--log-max-bytes N] \
      [--max-connections N] [--header-timeout-secs N] [--body-timeout-secs N]"
         .into()
 }
 
+/// The policy to start with, and the file every admin change is saved to: with
+/// `--state-dir` (in memory), the saved one, seeded from `--policy` on first start.
+fn load_policy(options: &Options) -> Result<(Policy, Option<FilePolicyStore>), PolicyError> {
+    let seed = || Policy::from_path(&options.policy);
+    match &options.state_dir {
+        Some(dir) if options.redis.is_none() => {
+            std::fs::create_dir_all(dir).map_err(|source| PolicyError::Io {
+                path: dir.display().to_string(),
+                source,
+            })?;
+            let (store, policy) = FilePolicyStore::open_or_seed(dir.join("policy.json"), seed)?;
+            println!(
+                "policy state: {} (version {}; every admin change is saved there)",
+                store.path().display(),
+                store.version()
+            );
+            Ok((policy, Some(store)))
+        }
+        Some(_) => {
+            eprintln!("--state-dir: with --redis the policy lives in Redis; ignored");
+            Ok((seed()?, None))
+        }
+        None => Ok((seed()?, None)),
+    }
+}
+
 async fn backend(
     options: &Options,
-    policy: Policy,
+    (policy, store): (Policy, Option<FilePolicyStore>),
     events: Arc<dyn EventSink>,
 ) -> Result<Backend, Box<dyn std::error::Error>> {
     if let Some(url) = &options.redis {
@@ -250,6 +288,7 @@ async fn backend(
                 ..defaults
             };
             let engine = tollgate::RedisEngine::connect(url, policy, config).await?;
+            log_policy_versions(&engine);
             return Ok(Backend::Redis(engine));
         }
         #[cfg(not(feature = "redis"))]
@@ -261,12 +300,32 @@ async fn backend(
     if options.reservation_ttl_secs.is_some() {
         eprintln!("--reservation-ttl-secs: only the Redis backend has reservation TTLs; ignored");
     }
-    let builder = Engine::builder(policy).events(events);
+    let mut builder = Engine::builder(policy).events(events);
+    if let Some(store) = store {
+        builder = builder.policy_store(Arc::new(store));
+    }
     let engine = match &options.counters {
         Some(path) if path.exists() => builder.restore_counters(path)?,
         _ => builder.build(),
     };
     Ok(Backend::Memory(engine))
+}
+
+/// Say which version of the shared policy this instance runs, at start and each time
+/// it applies a new one (its own admin changes and other instances' alike).
+#[cfg(feature = "redis")]
+fn log_policy_versions(engine: &tollgate::RedisEngine) {
+    let mut versions = engine.watch_policy_version();
+    println!(
+        "policy: version {} from Redis (shared by every instance; --policy only seeds an empty Redis)",
+        *versions.borrow_and_update()
+    );
+    tokio::spawn(async move {
+        while versions.changed().await.is_ok() {
+            let version = *versions.borrow_and_update();
+            println!("applied policy version {version}");
+        }
+    });
 }
 
 #[tokio::main]
@@ -279,7 +338,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     fit_connections(&mut options.limits);
-    let policy = Policy::from_path(&options.policy)?;
+    let policy = load_policy(&options)?;
     let provider = match &options.upstream {
         Some(url) => Provider::Upstream(UpstreamProvider::new(
             url,

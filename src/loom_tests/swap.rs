@@ -49,7 +49,7 @@ fn a_swap_racing_reserve_and_commit_keeps_persisting_counters() {
             let engine = engine.clone();
             let after = after.clone();
             thread::spawn(move || {
-                engine.apply_policy(after);
+                engine.apply_policy(after).unwrap();
                 let denial = engine.check_and_reserve(&request("revoked")).unwrap_err();
                 assert_eq!(denial.reason, DenialReason::KeyRevoked);
             })

@@ -80,6 +80,10 @@ pub enum PolicyError {
         /// Each problem, with its field path and value.
         issues: Vec<PolicyIssue>,
     },
+    /// The policy store could not save a change (it was not applied) or load the
+    /// stored policy.
+    #[error(transparent)]
+    Persist(#[from] crate::policy_store::PolicyStoreError),
 }
 
 fn list(issues: &[PolicyIssue]) -> String {

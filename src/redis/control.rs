@@ -1,28 +1,32 @@
 //! The control plane on the Redis backend: the same operations as the in-memory
-//! engine, applied to this instance's policy, with what other instances must see at
-//! once written to Redis first.
+//! engine, on the policy document every instance shares (`policy_store::redis`).
 //!
-//! Policy documents are per instance (distribute changes to every instance, e.g. by
-//! applying the same file everywhere). Revocations and deletions are also flags in
-//! Redis that the reserve script checks, so every instance refuses a revoked key or a
-//! deleted workspace's keys from the moment the operation returns, whatever policy
-//! it runs. The flags live in the workspace's `flags` hash, which never expires. A
-//! deleted workspace's counters are dropped from Redis, and its generation moves on:
-//! its reservations still in flight settle at the org level only, so a re-created
-//! workspace starts from zero.
+//! A change edits the newest stored version, is stored by compare-and-set, and every
+//! instance applies the new version (`policy_sync`). Revocations and deletions are
+//! also flags in Redis that the reserve function checks, so every instance refuses a
+//! revoked key or a deleted workspace's keys from the moment the operation returns,
+//! even before it has applied the new version. The flags live in the workspace's
+//! `flags` hash, which never expires. A deleted workspace's counters are dropped from
+//! Redis, and its generation moves on: its reservations still in flight settle at
+//! the org level only, so a re-created workspace starts from zero.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crate::control::{next_snapshot, Change, IssuedKey, NewKey, WorkspaceUpdate};
-use crate::denial::{Error, StoreError};
+use crate::control::{next_policy, successor, Change, IssuedKey, NewKey, WorkspaceUpdate};
+use crate::denial::{Error, StoreError, StoreErrorKind};
 use crate::policy::rules::LevelRules;
 use crate::policy::{KeyStatus, Policy, WorkspaceSpec};
+use crate::policy_store::redis::{self as store, Cas};
 use crate::redis::error::classify;
 use crate::redis::scripts::{self, Function};
-use crate::redis::{calls, fallback, RedisEngine};
+use crate::redis::{calls, RedisEngine};
 use crate::snapshot::Snapshot;
+
+/// How many times a change is re-applied on top of other instances' changes before
+/// it gives up (each attempt is two or three round trips).
+const MAX_ATTEMPTS: u64 = 64;
 
 /// What a scope's counters follow of its rules: the three rate intervals (0: no
 /// limit) and the budget period.
@@ -39,11 +43,11 @@ fn rule_signature(rules: &LevelRules) -> [u64; 5] {
 }
 
 impl RedisEngine {
-    /// Apply a new policy (see [`crate::Engine::apply_policy`]).
+    /// Replace the shared policy, for every instance (see
+    /// [`crate::Engine::apply_policy`]).
     ///
     /// # Errors
-    /// [`Error::Store`] if Redis could not record revocations or deletions; then
-    /// nothing changed locally.
+    /// [`Error::Store`] if Redis could not store it; then nothing changed anywhere.
     pub async fn apply_policy(&self, policy: Policy) -> Result<(), Error> {
         self.change(Change::Replace(policy.document().clone()), None)
             .await
@@ -114,7 +118,8 @@ impl RedisEngine {
         Ok(issued.expect("creating a key issues a secret"))
     }
 
-    /// Give a key a new secret; the old one works for `grace` on this instance.
+    /// Give a key a new secret; the old one works for `grace` on every instance
+    /// (measured on Redis `TIME`).
     ///
     /// # Errors
     /// [`Error::Policy`] or [`Error::Store`].
@@ -142,8 +147,12 @@ impl RedisEngine {
             .map(drop)
     }
 
-    /// Validate the change, record in Redis what every instance must see, then
-    /// publish the new policy here. A failure at any step changes nothing locally.
+    /// Apply one change to the shared policy: on top of the newest stored version,
+    /// validated, stored by compare-and-set on that version (if another instance's
+    /// change landed first: re-read, re-apply, re-validate, try again), then what it
+    /// implies written to Redis, then run here and reported (once: other instances
+    /// apply the new version without reporting it). A change that fails validation,
+    /// or that Redis does not take, changes nothing anywhere.
     async fn change(
         &self,
         change: Change,
@@ -151,21 +160,59 @@ impl RedisEngine {
     ) -> Result<Option<IssuedKey>, Error> {
         let inner = &self.inner;
         let _writer = inner.apply_lock.lock().await;
-        let previous = inner.snapshot.load_full();
-        let (next, applied) = next_snapshot(&previous, change)?;
-        self.publish_flags(&previous, &next).await?;
-        self.follow_rules(&previous, &next).await?;
-        inner.fallback.store(Arc::new(fallback::local_share(
-            &next.policy,
-            inner.config.expected_instances,
-        )));
-        let now = next.clock.now();
-        let events = next.events.clone();
-        inner.snapshot.store(Arc::new(next));
-        if let Some(events) = events {
-            events.emit(now, actor, applied.event);
+        let (key, channel) = (inner.layout.policy(), inner.layout.policy_channel());
+        let mut connection = inner.connection.clone();
+        let mut attempt = 0;
+        loop {
+            let previous = inner.sync_policy().await?;
+            let version = inner.policy_version.load(Ordering::Acquire);
+            let (policy, applied) = next_policy(&previous, change.clone())?;
+            let versions = (version, version + 1);
+            let stored = store::compare_and_set(
+                &mut connection,
+                &key,
+                &channel,
+                versions,
+                policy.document(),
+            )
+            .await?;
+            let Cas::Written(stamp) = stored else {
+                attempt += 1;
+                if attempt >= MAX_ATTEMPTS {
+                    return Err(Error::Store(StoreError {
+                        kind: StoreErrorKind::Transient,
+                        message: format!(
+                            "policy change: the shared policy changed under it {MAX_ATTEMPTS} \
+                             times in a row; try again"
+                        ),
+                    }));
+                }
+                // Spread the retries of instances that lost to the same winner.
+                let jitter = u64::from(getrandom::u32().unwrap_or(0)) % (attempt * 2 + 1);
+                tokio::time::sleep(Duration::from_millis(jitter)).await;
+                continue;
+            };
+            let next = successor(&previous, policy);
+            // The document in Redis already holds the change, so it is acknowledged
+            // (a created key's secret must reach the caller) even if these follow-up
+            // writes fail: the failure is kept for `last_store_error`, and every
+            // instance still applies the new document (its statuses) within the
+            // propagation time.
+            let follow_up = async {
+                self.publish_flags(&previous, &next).await?;
+                self.follow_rules(&previous, &next).await
+            };
+            if let Err(error) = follow_up.await {
+                inner.record_error(error);
+            }
+            let now = next.clock.now();
+            let events = next.events.clone();
+            inner.install(stamp, next);
+            if let Some(events) = events {
+                events.emit(now, actor, applied.event);
+            }
+            return Ok(applied.issued);
         }
-        Ok(applied.issued)
     }
 
     /// Bring the counters of every scope whose rate limits or budget period changed

@@ -11,6 +11,9 @@
 //! <tag>:done:<id>                                commit marker (idempotency)
 //! <tag>:flags                                    hash, never expires: `revoked:<key id>`,
 //!                                                `deleted`, `gen` (workspace generation)
+//! <prefix>:v2:{policy}:doc                       hash, never expires: the shared policy,
+//!                                                `version`, `document` (JSON), `sha256`
+//! <prefix>:v2:policy-versions                    pub/sub channel: each new version number
 //! ```
 //!
 //! Flags that must outlive counters live in `<tag>:flags`, which no script ever gives a
@@ -86,6 +89,16 @@ impl Layout {
         Layout {
             prefix: prefix.to_owned(),
         }
+    }
+
+    /// The shared policy document and its version.
+    pub(crate) fn policy(&self) -> String {
+        format!("{}:{VERSION}:{{policy}}:doc", self.prefix)
+    }
+
+    /// Where new policy versions are announced.
+    pub(crate) fn policy_channel(&self) -> String {
+        format!("{}:{VERSION}:policy-versions", self.prefix)
     }
 
     pub(crate) fn workspace_tag(&self, workspace: &str) -> String {

@@ -15,13 +15,14 @@
 
 mod background;
 mod calls;
-mod conn;
+pub(crate) mod conn;
 mod control;
-mod error;
-mod fallback;
-mod keys;
+pub(crate) mod error;
+pub(crate) mod fallback;
+pub(crate) mod keys;
+mod policy_sync;
 mod reservation;
-mod scripts;
+pub(crate) mod scripts;
 mod usage;
 
 use std::num::NonZeroU32;
@@ -35,12 +36,13 @@ use redis::aio::ConnectionManagerConfig;
 use redis::cluster::ClusterClientBuilder;
 use redis::Value;
 
-use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::clock::{Clock, Timestamp};
 use crate::decide::{admit, denial, refused, Admission};
 use crate::denial::{Denial, DenialReason, Error, Scope, StoreError, StoreErrorKind};
 use crate::engine::{BudgetStatus, Engine};
 use crate::events::{EventSink, Events};
 use crate::policy::{Policy, StoreFailureMode};
+use crate::policy_store::redis as policy_store;
 use crate::request::{Request, Usage};
 use crate::reservation::Receipt;
 use crate::snapshot::{Route, Snapshot, WALLET_LEVEL};
@@ -83,8 +85,14 @@ pub struct RedisConfig {
     /// The status budget and wallet denials answer with.
     pub budget_status: BudgetStatus,
     /// Where events go (budget alerts, key and workspace changes, sampled denials).
-    /// Budget alerts fire once per threshold per period across all instances.
+    /// Budget alerts fire once per threshold per period across all instances; a
+    /// policy change is reported once, by the instance that made it.
     pub events: Option<Arc<dyn EventSink>>,
+    /// How often an instance checks Redis for a new policy version when no
+    /// announcement arrives (announcements come by pub/sub at once; this is the
+    /// fallback when the subscription is down, and the only way on a cluster).
+    /// Default 500 ms, so a change reaches every instance within a second.
+    pub policy_poll_interval: Duration,
 }
 
 impl Default for RedisConfig {
@@ -99,6 +107,7 @@ impl Default for RedisConfig {
             connection_timeout: Duration::from_millis(250),
             budget_status: BudgetStatus::default(),
             events: None,
+            policy_poll_interval: Duration::from_millis(500),
         }
     }
 }
@@ -143,8 +152,15 @@ pub(crate) struct Inner {
     snapshot: ArcSwap<Snapshot>,
     /// This instance's share of the policy, for workspaces that fail open.
     fallback: ArcSwap<Option<Engine>>,
-    /// Serialises policy changes (held across their Redis writes).
+    /// Serialises policy changes and the applying of versions read from Redis (held
+    /// across their Redis calls).
     apply_lock: tokio::sync::Mutex<()>,
+    /// The version of the shared policy document this instance runs (`snapshot`),
+    /// for lock-free reads; `running` has it with its digest.
+    policy_version: AtomicU64,
+    running: Mutex<policy_store::Stamp>,
+    /// Announces each version this instance applies.
+    versions: tokio::sync::watch::Sender<u64>,
     /// Commits that failed with a transient error, retried by `flush_pending`.
     pending: Mutex<Vec<PendingCommit>>,
     last_error: Mutex<Option<StoreError>>,
@@ -176,6 +192,12 @@ impl RedisEngine {
     /// Connect to one Redis server (`redis://host:port/db`). The connection
     /// reconnects by itself after failures.
     ///
+    /// The engine runs the policy stored in Redis, shared by every instance on the
+    /// same server and prefix; `policy` only seeds a Redis that holds none yet (it
+    /// becomes version 1). Changes made through any instance reach this one by
+    /// pub/sub, or by polling every `policy_poll_interval` (see the README's "Where
+    /// the truth of the policy lives").
+    ///
     /// # Errors
     /// [`Error::Store`] if the URL is invalid or the server cannot be reached now.
     pub async fn connect(url: &str, policy: Policy, config: RedisConfig) -> Result<Self, Error> {
@@ -185,13 +207,16 @@ impl RedisEngine {
             .set_connection_timeout(Some(config.connection_timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let manager = redis::aio::ConnectionManager::new_with_config(client, manager_config)
-            .await
-            .map_err(|e| classify("connect", &e))?;
-        Self::start(Connection::Single(manager), policy, config).await
+        let manager =
+            redis::aio::ConnectionManager::new_with_config(client.clone(), manager_config)
+                .await
+                .map_err(|e| classify("connect", &e))?;
+        Self::start(Connection::Single(manager), Some(client), policy, config).await
     }
 
-    /// Connect to a Redis Cluster through any of its nodes.
+    /// Connect to a Redis Cluster through any of its nodes. The policy is shared as
+    /// with [`RedisEngine::connect`]; on a cluster, new versions are found by polling
+    /// only.
     ///
     /// # Errors
     /// [`Error::Store`] if the URLs are invalid or no node can be reached now.
@@ -210,13 +235,17 @@ impl RedisEngine {
             .get_async_connection()
             .await
             .map_err(|e| classify("connect", &e))?;
-        Self::start(Connection::Cluster(connection), policy, config).await
+        // No subscription on a cluster: instances poll for new policy versions.
+        Self::start(Connection::Cluster(connection), None, policy, config).await
     }
 
     /// Load the function library (so the first request does not pay for it, and a
-    /// server older than Redis 7 is refused now, by name), then start.
+    /// server older than Redis 7 is refused now, by name), align the clock to Redis
+    /// `TIME`, load the shared policy (or seed it with `policy`), then start and
+    /// follow the policy's new versions.
     async fn start(
         mut connection: Connection,
+        subscriber: Option<redis::Client>,
         policy: Policy,
         config: RedisConfig,
     ) -> Result<Self, Error> {
@@ -233,12 +262,23 @@ impl RedisEngine {
                 Error::Store(error)
             }
         })?;
-        Ok(Self::started(connection, policy, config))
+        let clock = policy_sync::redis_clock(&mut connection).await?;
+        let layout = Layout::new(&config.prefix);
+        let (stamp, policy) = policy_sync::load_or_seed(&mut connection, &layout, policy).await?;
+        let engine = Self::started(connection, policy, stamp, clock, config);
+        policy_sync::follow(&engine.inner, subscriber).await;
+        Ok(engine)
     }
 
-    fn started(connection: Connection, policy: Policy, config: RedisConfig) -> Self {
+    fn started(
+        connection: Connection,
+        policy: Policy,
+        stamp: policy_store::Stamp,
+        clock: Arc<dyn Clock>,
+        config: RedisConfig,
+    ) -> Self {
+        let version = stamp.version;
         let config_ttl = config.reservation_ttl;
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
         let fallback = fallback::local_share(&policy, config.expected_instances);
         let mut snapshot = Snapshot::build(policy, None, Arc::clone(&clock));
         snapshot.events = config
@@ -260,6 +300,9 @@ impl RedisEngine {
                 snapshot: ArcSwap::from_pointee(snapshot),
                 fallback: ArcSwap::from_pointee(fallback),
                 apply_lock: tokio::sync::Mutex::new(()),
+                policy_version: AtomicU64::new(version),
+                running: Mutex::new(stamp),
+                versions: tokio::sync::watch::Sender::new(version),
                 pending: Mutex::new(Vec::new()),
                 last_error: Mutex::new(None),
                 failed_commits: AtomicU64::new(0),
@@ -416,10 +459,41 @@ impl RedisEngine {
         self.inner.last_error.lock().clone()
     }
 
-    /// The policy the engine runs now.
+    /// The policy the engine runs now: the shared document's version
+    /// [`RedisEngine::policy_version`].
     #[must_use]
     pub fn policy(&self) -> Policy {
         self.inner.snapshot.load().policy.clone()
+    }
+
+    /// The version of the shared policy document this instance runs. Versions count
+    /// the changes made to the document in Redis, by any instance (1: the seed).
+    #[must_use]
+    pub fn policy_version(&self) -> u64 {
+        self.inner.policy_version.load(Ordering::Acquire)
+    }
+
+    /// Follow the policy versions this instance applies, e.g. to log "applied policy
+    /// version N": the receiver sees the current version, then each one applied, its
+    /// own changes and those read from Redis alike.
+    #[must_use]
+    pub fn watch_policy_version(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.versions.subscribe()
+    }
+
+    /// Apply the shared policy's newest version now, without waiting for its
+    /// announcement or the next poll; returns the version this instance runs.
+    ///
+    /// # Errors
+    /// [`Error::Store`] if Redis failed; [`PolicyStoreError::CorruptInRedis`] (as
+    /// [`Error::Policy`]) if the stored document is not one tollgate can run. The
+    /// running policy is kept either way.
+    ///
+    /// [`PolicyStoreError::CorruptInRedis`]: crate::PolicyStoreError::CorruptInRedis
+    pub async fn refresh_policy(&self) -> Result<u64, Error> {
+        let _writer = self.inner.apply_lock.lock().await;
+        self.inner.sync_policy().await?;
+        Ok(self.policy_version())
     }
 
     /// The Redis key of a workspace's counters (see the README's key layout).
@@ -684,6 +758,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("connection_timeout", &self.connection_timeout)
             .field("budget_status", &self.budget_status)
             .field("events", &self.events.is_some())
+            .field("policy_poll_interval", &self.policy_poll_interval)
             .finish()
     }
 }

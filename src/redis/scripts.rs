@@ -21,6 +21,7 @@ pub(crate) enum Function {
     Release,
     Follow,
     Renew,
+    PolicyCas,
 }
 
 impl Function {
@@ -31,6 +32,7 @@ impl Function {
             Function::Release => "release",
             Function::Follow => "follow",
             Function::Renew => "renew",
+            Function::PolicyCas => "policy_cas",
         }
     }
 }

@@ -39,5 +39,9 @@ mod chat;
 mod hygiene;
 mod process;
 mod request_log;
+mod restart;
+mod signals;
 mod stream;
 mod support;
+#[cfg(feature = "redis")]
+mod two_gateways;

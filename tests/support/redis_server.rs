@@ -603,9 +603,18 @@ impl RedisServer {
     /// Starts a server and waits (up to ~10 s) until it answers `PING`.
     /// Panics with the server log if it does not come up.
     pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// Like [`RedisServer::start`], with extra `redis-server` arguments (after the
+    /// defaults, so they override them), kept across restarts: e.g.
+    /// `["--appendonly", "yes", "--appendfsync", "always"]` for a server whose data
+    /// survives [`RedisServer::restart`] (in its directory).
+    pub fn start_with(args: &[&str]) -> RedisServer {
         let dir = TempDir::new("tollgate-redis");
+        let extra = args.iter().map(|a| (*a).to_owned()).collect();
         let mut server = RedisServer {
-            node: Node::new(free_port(false), dir.path().to_path_buf(), Vec::new()),
+            node: Node::new(free_port(false), dir.path().to_path_buf(), extra),
             dir,
         };
         server.node.start_any_port(false);
@@ -645,8 +654,8 @@ impl RedisServer {
 
     /// Starts the server again on the same port and directory (killing it
     /// first if it is still running) and waits until it answers `PING`.
-    /// Retries a few times if the port is briefly busy. Data is not kept
-    /// (no persistence is configured).
+    /// Retries a few times if the port is briefly busy. Data is not kept,
+    /// unless the server was started with persistence (`start_with`).
     pub fn restart(&mut self) {
         self.node.kill();
         self.node.start_same_port();

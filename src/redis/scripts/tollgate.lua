@@ -19,7 +19,7 @@
 -- splitting it into two doubles (`madd`), never rounded through one double.
 --
 -- Functions (their KEYS, ARGV and replies are documented above each one): reserve,
--- commit, release, renew.
+-- commit, release, renew, follow, policy_cas.
 
 local now = 0
 
@@ -775,6 +775,27 @@ local function follow(KEYS, ARGV)
   return 1
 end
 
+-- policy_cas: replace the shared policy document if it is still at the version the
+-- caller edited (optimistic concurrency: a loser re-reads, re-applies, re-validates).
+-- KEYS[1]: the policy hash (`version`, `document`, `sha256`). ARGV: expected version
+-- (0: none stored), the new version (above the expected one), the new document
+-- (JSON), its SHA-256, the channel to announce the new version on. Returns 1 when
+-- written, 0 when the caller lost.
+local function policy_cas(KEYS, ARGV)
+  local raw = redis.call('HGET', KEYS[1], 'version')
+  local current = 0
+  if raw then
+    current = tonumber(raw)
+    if not current then return bad(KEYS[1], 'version', raw) end
+  end
+  local next = tonumber(ARGV[2])
+  if current ~= tonumber(ARGV[1]) or not next or next <= current then return 0 end
+  redis.call('HSET', KEYS[1], 'version', ARGV[2], 'document', ARGV[3], 'sha256', ARGV[4])
+  redis.call('PUBLISH', ARGV[5], ARGV[2])
+  return 1
+end
+
+redis.register_function('policy_cas', policy_cas)
 redis.register_function('follow', follow)
 redis.register_function('reserve', reserve)
 redis.register_function('commit', commit)
