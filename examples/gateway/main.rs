@@ -195,6 +195,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let policy = Policy::from_path(&options.policy)?;
+    // Each encoding the price table needs is built now, not on the first request.
+    for model in &policy.document().models {
+        tollgate::openai::EstimateOptions::from_spec(model)
+            .tokenizer
+            .prepare();
+    }
     let provider = match &options.upstream {
         Some(url) => Provider::Upstream(UpstreamProvider::new(
             url,

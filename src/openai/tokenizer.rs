@@ -75,6 +75,12 @@ impl Tokenizer {
         self.encoding().encode_ordinary(text).len()
     }
 
+    /// Build the encoding now (tens of milliseconds in a release build, much more in
+    /// a debug one) rather than on the first request that needs it.
+    pub fn prepare(self) {
+        let _ = self.encoding();
+    }
+
     /// The shared encoding, built on first use.
     fn encoding(self) -> &'static CoreBPE {
         match self {

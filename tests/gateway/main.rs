@@ -30,5 +30,6 @@ mod redis_server;
 
 mod admin_api;
 mod chat;
+mod estimate;
 mod stream;
 mod support;

@@ -36,10 +36,10 @@ fn dec(s: &str) -> Decimal {
     Decimal::from_str(s).unwrap()
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+pub(crate) type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// POST `body` to the gateway at `url` with bearer `key`; the response unread.
-async fn post(
+pub(crate) async fn post(
     client: &HttpClient,
     url: &str,
     path: &str,
@@ -56,12 +56,12 @@ async fn post(
     client.request(request).await.expect("gateway answers")
 }
 
-async fn json_of(response: Response<Incoming>) -> Value {
+pub(crate) async fn json_of(response: Response<Incoming>) -> Value {
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
     serde_json::from_slice(&bytes).expect("a JSON body")
 }
 
-fn header<'a>(response: &'a Response<Incoming>, name: &str) -> Option<&'a str> {
+pub(crate) fn header<'a>(response: &'a Response<Incoming>, name: &str) -> Option<&'a str> {
     response.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -141,7 +141,7 @@ fn content(chunks: &[Value]) -> Vec<String> {
         .collect()
 }
 
-fn workspace(usage: &UsageSnapshot, id: &str) -> ScopeUsage {
+pub(crate) fn workspace(usage: &UsageSnapshot, id: &str) -> ScopeUsage {
     usage
         .workspaces
         .iter()
@@ -152,7 +152,7 @@ fn workspace(usage: &UsageSnapshot, id: &str) -> ScopeUsage {
 }
 
 /// Poll `usage` until `done` holds, or fail after a deadline.
-async fn wait_for<F, Fut>(
+pub(crate) async fn wait_for<F, Fut>(
     what: &str,
     usage: F,
     done: impl Fn(&UsageSnapshot) -> bool,
@@ -660,10 +660,10 @@ impl Upstream {
 }
 
 /// The gateway with `Provider::Upstream`, on the backend the suite runs on.
-struct Gateway {
-    url: String,
+pub(crate) struct Gateway {
+    pub(crate) url: String,
     app: Arc<App>,
-    client: HttpClient,
+    pub(crate) client: HttpClient,
     server: tokio::task::JoinHandle<()>,
     _stop: oneshot::Sender<()>,
     #[cfg(feature = "redis")]
@@ -678,7 +678,11 @@ impl Drop for Gateway {
 
 impl Gateway {
     async fn start(upstream: &str) -> Gateway {
-        let policy = Policy::from_path(POLICY).unwrap();
+        Gateway::start_with(upstream, Policy::from_path(POLICY).unwrap()).await
+    }
+
+    /// The gateway forwarding to `upstream` under `policy`.
+    pub(crate) async fn start_with(upstream: &str, policy: Policy) -> Gateway {
         let redis = std::env::var("TOLLGATE_GATEWAY_BACKEND").is_ok_and(|b| b == "redis");
         #[cfg(feature = "redis")]
         let (backend, redis) = if redis {
@@ -728,11 +732,11 @@ impl Gateway {
         }
     }
 
-    async fn post(&self, path: &str, key: &str, body: &Value) -> Response<Incoming> {
+    pub(crate) async fn post(&self, path: &str, key: &str, body: &Value) -> Response<Incoming> {
         post(&self.client, &self.url, path, key, body).await
     }
 
-    async fn usage(&self) -> UsageSnapshot {
+    pub(crate) async fn usage(&self) -> UsageSnapshot {
         self.app.backend.usage().await.expect("usage")
     }
 }
