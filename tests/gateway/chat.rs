@@ -199,7 +199,7 @@ async fn an_answer_whose_commit_redis_did_not_acknowledge_is_delivered() {
         engine.pending_commits() == 0
     })
     .await;
-    assert_eq!(ws(&gw.usage().await), (dec("0.0000747"), 3));
+    assert_eq!(ws(&gw.usage().await), (dec("0.0000756"), 3));
 }
 
 /// A client that hangs up while its reservation is on its way to Redis (Redis's writes
