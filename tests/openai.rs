@@ -250,10 +250,13 @@ fn code(r: &mut Lcg) -> Value {
     ]})
 }
 
+/// Makes one request of a kind.
+type Make = fn(&mut Lcg) -> Value;
+
 /// 250 requests, 50 of each kind, each with its model.
 fn corpus() -> Vec<(&'static str, &'static str, Value)> {
     let mut r = Lcg(0x7011_6a7e);
-    let kinds: [(&str, fn(&mut Lcg) -> Value); 5] = [
+    let kinds: [(&str, Make); 5] = [
         ("plain", plain),
         ("content parts", content_parts),
         ("tools", tools),
