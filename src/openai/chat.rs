@@ -3,9 +3,7 @@
 
 use serde_json::Value;
 
-use super::count::{
-    Counter, REPLY_PRIMING, TOKENS_PER_MESSAGE, TOKENS_PER_NAME, TOKENS_PER_TOOL_CALL,
-};
+use super::count::{Counter, REPLY_PRIMING, TOKENS_PER_MESSAGE, TOKENS_PER_NAME};
 use super::error::{At, ShapeError, ShapeProblem};
 use super::fields::{count, object, optional_str, output_limit, required_str};
 use super::{Estimate, EstimateOptions};
@@ -88,24 +86,12 @@ fn chat_message(counter: &mut Counter<'_>, message: &Value, at: &At<'_>) -> Resu
     }
     counter.add(TOKENS_PER_MESSAGE);
     counter.text(required_str(message.get("role"), &at.key("role"))?);
-    let content_at = at.key("content");
-    match message.get("content") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(text)) => counter.text(text),
-        Some(Value::Array(parts)) => {
-            for (p, part) in parts.iter().enumerate() {
-                content_part(counter, part, &content_at.index(p))?;
-            }
-        }
-        Some(other) => {
-            return Err(content_at.error(
-                Some(other),
-                ShapeProblem::WrongType {
-                    expected: "a string or an array of content parts",
-                },
-            ))
-        }
-    }
+    counter.content(
+        message.get("content"),
+        &at.key("content"),
+        true,
+        content_part,
+    )?;
     if let Some(name) = optional_str(message.get("name"), &at.key("name"))? {
         counter.add(TOKENS_PER_NAME);
         counter.text(name);
@@ -124,7 +110,7 @@ fn chat_message(counter: &mut Counter<'_>, message: &Value, at: &At<'_>) -> Resu
                 // A function call has `function`; a custom tool's call has `custom`.
                 let inner = call.get("function").or_else(|| call.get("custom"));
                 match inner {
-                    Some(inner) if inner.is_object() => tool_call(counter, inner, &call_at)?,
+                    Some(inner) if inner.is_object() => counter.tool_call(inner, &call_at)?,
                     other => {
                         return Err(call_at.key("function").error(
                             other,
@@ -147,23 +133,11 @@ fn chat_message(counter: &mut Counter<'_>, message: &Value, at: &At<'_>) -> Resu
     }
     // The legacy single `function_call` of an assistant message.
     if let Some(call) = message.get("function_call").filter(|c| !c.is_null()) {
-        tool_call(counter, call, &at.key("function_call"))?;
+        counter.tool_call(call, &at.key("function_call"))?;
     }
     if let Some(audio) = message.get("audio").filter(|a| !a.is_null()) {
         // A reference to an earlier audio answer: sized only by the policy.
         counter.audio(audio, &at.key("audio"))?;
-    }
-    Ok(())
-}
-
-/// A call's name and arguments (or a custom tool's input), plus its framing.
-fn tool_call(counter: &mut Counter<'_>, call: &Value, at: &At<'_>) -> Result<(), ShapeError> {
-    counter.add(TOKENS_PER_TOOL_CALL);
-    counter.text(required_str(call.get("name"), &at.key("name"))?);
-    for key in ["arguments", "input"] {
-        if let Some(text) = optional_str(call.get(key), &at.key(key))? {
-            counter.text(text);
-        }
     }
     Ok(())
 }

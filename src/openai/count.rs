@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use super::error::{At, ShapeError, ShapeProblem};
-use super::fields::optional_str;
+use super::fields::{optional_str, required_str};
 use super::image::{data_url_size, image_tokens, ImageDetail};
 use super::EstimateOptions;
 
@@ -117,6 +117,48 @@ impl<'o> Counter<'o> {
             )
         })?;
         self.add(u64::from(tokens));
+        Ok(())
+    }
+
+    /// Content that is a string or an array of parts (at `at`), each part counted by
+    /// `part`; absent or `null` only where `optional`.
+    pub(crate) fn content(
+        &mut self,
+        value: Option<&Value>,
+        at: &At<'_>,
+        optional: bool,
+        part: fn(&mut Counter<'_>, &Value, &At<'_>) -> Result<(), ShapeError>,
+    ) -> Result<(), ShapeError> {
+        match value {
+            None | Some(Value::Null) if optional => Ok(()),
+            Some(Value::String(text)) => {
+                self.text(text);
+                Ok(())
+            }
+            Some(Value::Array(parts)) => {
+                for (p, item) in parts.iter().enumerate() {
+                    part(self, item, &at.index(p))?;
+                }
+                Ok(())
+            }
+            other => Err(at.error(
+                other,
+                ShapeProblem::WrongType {
+                    expected: "a string or an array of content parts",
+                },
+            )),
+        }
+    }
+
+    /// A tool call's name and arguments (or a custom tool's input), plus its framing.
+    pub(crate) fn tool_call(&mut self, call: &Value, at: &At<'_>) -> Result<(), ShapeError> {
+        self.add(TOKENS_PER_TOOL_CALL);
+        self.text(required_str(call.get("name"), &at.key("name"))?);
+        for key in ["arguments", "input"] {
+            if let Some(text) = optional_str(call.get(key), &at.key(key))? {
+                self.text(text);
+            }
+        }
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use super::count::{Counter, REPLY_PRIMING, TOKENS_PER_MESSAGE, TOKENS_PER_TOOL_CALL};
+use super::count::{Counter, REPLY_PRIMING, TOKENS_PER_MESSAGE};
 use super::error::{At, ShapeError, ShapeProblem};
 use super::fields::{object, optional_str, output_limit, required_str};
 use super::{Estimate, EstimateOptions};
@@ -87,36 +87,10 @@ fn input_item(counter: &mut Counter<'_>, item: &Value, at: &At<'_>) -> Result<()
     match kind {
         // A message: `type` is optional when `role` is given.
         None | Some("message") => message(counter, item, at),
-        Some("function_call" | "custom_tool_call") => {
-            counter.add(TOKENS_PER_TOOL_CALL);
-            counter.text(required_str(item.get("name"), &at.key("name"))?);
-            for key in ["arguments", "input"] {
-                if let Some(text) = optional_str(item.get(key), &at.key(key))? {
-                    counter.text(text);
-                }
-            }
-            Ok(())
-        }
+        Some("function_call" | "custom_tool_call") => counter.tool_call(item, at),
         Some("function_call_output" | "custom_tool_call_output") => {
             counter.add(TOKENS_PER_MESSAGE);
-            let output_at = at.key("output");
-            match item.get("output") {
-                Some(Value::String(text)) => counter.text(text),
-                Some(Value::Array(parts)) => {
-                    for (p, part) in parts.iter().enumerate() {
-                        content_part(counter, part, &output_at.index(p))?;
-                    }
-                }
-                other => {
-                    return Err(output_at.error(
-                        other,
-                        ShapeProblem::WrongType {
-                            expected: "a string or an array of content parts",
-                        },
-                    ))
-                }
-            }
-            Ok(())
+            counter.content(item.get("output"), &at.key("output"), false, content_part)
         }
         Some("item_reference") => Err(at.error(
             Some(item),
@@ -138,24 +112,7 @@ fn input_item(counter: &mut Counter<'_>, item: &Value, at: &At<'_>) -> Result<()
 fn message(counter: &mut Counter<'_>, item: &Value, at: &At<'_>) -> Result<(), ShapeError> {
     counter.add(TOKENS_PER_MESSAGE);
     counter.text(required_str(item.get("role"), &at.key("role"))?);
-    let content_at = at.key("content");
-    match item.get("content") {
-        Some(Value::String(text)) => counter.text(text),
-        Some(Value::Array(parts)) => {
-            for (p, part) in parts.iter().enumerate() {
-                content_part(counter, part, &content_at.index(p))?;
-            }
-        }
-        other => {
-            return Err(content_at.error(
-                other,
-                ShapeProblem::WrongType {
-                    expected: "a string or an array of content parts",
-                },
-            ))
-        }
-    }
-    Ok(())
+    counter.content(item.get("content"), &at.key("content"), false, content_part)
 }
 
 /// One content part of a message or a tool output.
