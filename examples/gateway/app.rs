@@ -41,6 +41,8 @@ impl App {
         let path = request.uri().path().to_owned();
         match (request.method(), path.as_str()) {
             (&Method::POST, "/v1/chat/completions") => openai::chat(&self, request).await,
+            (&Method::POST, "/v1/responses") => openai::responses(&self, request).await,
+            (&Method::POST, "/v1/completions") => openai::completions(&self, request).await,
             (&Method::POST, "/v1/embeddings") => openai::embeddings(&self, request).await,
             (&Method::GET, "/v1/models") => openai::models(&self, &request).await,
             (_, p) if p.starts_with("/admin/") => crate::admin::handle(&self, request).await,

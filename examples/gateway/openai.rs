@@ -1,4 +1,5 @@
-//! The OpenAI-compatible routes: chat completions, embeddings, models.
+//! The OpenAI-compatible routes: chat completions, the Responses API and legacy
+//! completions (whole answers), embeddings, models.
 //!
 //! Per request: authenticate by bearer key, estimate the body with
 //! `tollgate::openai` (real token counts with the model's encoding, images by the tile
@@ -92,6 +93,21 @@ fn required_model(body: &Value) -> Result<&str, Reply> {
 }
 
 pub async fn chat(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply {
+    generate(app, request, Endpoint::ChatCompletions).await
+}
+
+/// `POST /v1/responses`: whole responses (streaming is served for chat only).
+pub async fn responses(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply {
+    generate(app, request, Endpoint::Responses).await
+}
+
+/// `POST /v1/completions` (legacy): whole completions.
+pub async fn completions(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply {
+    generate(app, request, Endpoint::Completions).await
+}
+
+/// A generation at `endpoint`: estimate, reserve, cap the output, call, commit.
+async fn generate(app: &Arc<App>, request: HttpRequest<Incoming>, endpoint: Endpoint) -> Reply {
     let (secret, mut body) = match authenticated_body(request).await {
         Ok(read) => read,
         Err(reply) => return reply,
@@ -101,10 +117,18 @@ pub async fn chat(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply {
         Err(reply) => return reply,
     };
     let options = EstimateOptions::from_policy(&app.backend.policy(), &model);
-    let estimate = match openai::estimate_chat(&body, &options) {
+    let estimate = match openai::estimate(endpoint, &body, &options) {
         Ok(estimate) => estimate,
         Err(shape) => return bad_shape(&shape),
     };
+    let stream = body["stream"].as_bool() == Some(true);
+    if stream && endpoint != Endpoint::ChatCompletions {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            "this gateway streams chat completions only; send `stream: false`",
+        );
+    }
     let ask = estimate.request(Credential::Secret(&secret), &model);
     let held = match app.backend.check_and_reserve(&ask).await {
         Ok(held) => held,
@@ -115,14 +139,15 @@ pub async fn chat(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply {
     // client's, each output is capped at its share of the hold.
     let max_tokens = openai::cap_output(
         &mut body,
-        Endpoint::ChatCompletions,
+        endpoint,
         &estimate,
         held.reserved_output_tokens(),
     );
     let prompt_tokens = estimate.input_tokens;
-    if body["stream"].as_bool() == Some(true) {
+    if stream {
         let include_usage = body["stream_options"]["include_usage"].as_bool() == Some(true);
         let call = Chat {
+            endpoint,
             body: &body,
             model: &model,
             prompt_tokens,
@@ -142,6 +167,7 @@ pub async fn chat(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply {
     let app = Arc::clone(app);
     let call = tokio::spawn(async move {
         let call = Chat {
+            endpoint,
             body: &body,
             model: &model,
             prompt_tokens,
@@ -173,11 +199,19 @@ async fn complete_and_commit(app: &App, held: Held, call: &Chat<'_>) -> Reply {
     };
     let usage = Usage::new(answer.prompt_tokens, answer.completion_tokens);
     let receipt = match app.backend.commit_usage(held, usage).await {
-        Ok(receipt) => receipted(receipt, "chat completion"),
+        Ok(receipt) => receipted(receipt, "completion"),
         Err(err) => return store_failed(&err),
     };
     let mut body = answer.body;
-    body["usage"] = usage_json(&receipt);
+    body["usage"] = match call.endpoint {
+        // The Responses API names its counts differently.
+        Endpoint::Responses => json!({
+            "input_tokens": receipt.input_tokens(),
+            "output_tokens": receipt.output_tokens(),
+            "total_tokens": receipt.input_tokens() + receipt.output_tokens(),
+        }),
+        _ => usage_json(&receipt),
+    };
     body["x_tollgate"] = tollgate_json(&receipt);
     json_reply(StatusCode::OK, &body)
 }

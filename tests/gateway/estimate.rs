@@ -114,11 +114,46 @@ impl Billing {
         seen: &Mutex<Vec<Value>>,
         finished: &AtomicUsize,
     ) -> Response<BoxBody<Bytes, Infallible>> {
+        let path = request.uri().path().to_owned();
         let bytes = request.into_body().collect().await.unwrap().to_bytes();
         let body: Value = serde_json::from_slice(&bytes).unwrap();
         seen.lock().unwrap().push(body.clone());
         if body.to_string().contains(SLOW) {
             tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        let reply = |answer: Value| {
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(answer.to_string())).boxed())
+                .unwrap()
+        };
+        let bpe = tiktoken_rs::bpe_for_model(body["model"].as_str().unwrap()).unwrap();
+        let count = |text: &str| bpe.encode_ordinary(text).len() as u64;
+        match path.as_str() {
+            "/v1/responses" => {
+                // A string input is one user message: 3 + role + text, 3 priming.
+                let input = 3 + count("user") + count(body["input"].as_str().unwrap()) + 3;
+                let output = body["max_output_tokens"]
+                    .as_u64()
+                    .unwrap_or(UNCAPPED_OUTPUT);
+                finished.fetch_add(1, Ordering::SeqCst);
+                return reply(json!({"id": "resp_billing", "object": "response",
+                    "output": [{"type": "message", "role": "assistant",
+                                "content": [{"type": "output_text", "text": "word"}]}],
+                    "usage": {"input_tokens": input, "output_tokens": output,
+                              "total_tokens": input + output}}));
+            }
+            "/v1/completions" => {
+                let prompt = count(body["prompt"].as_str().unwrap());
+                let output =
+                    body["max_tokens"].as_u64().unwrap_or(16) * body["n"].as_u64().unwrap_or(1);
+                finished.fetch_add(1, Ordering::SeqCst);
+                return reply(json!({"id": "cmpl-billing", "object": "text_completion",
+                    "choices": [{"index": 0, "text": "word", "finish_reason": "length"}],
+                    "usage": {"prompt_tokens": prompt, "completion_tokens": output,
+                              "total_tokens": prompt + output}}));
+            }
+            _ => {}
         }
         let prompt = billed_prompt(&body);
         let per_choice = body["max_completion_tokens"]
@@ -139,10 +174,7 @@ impl Billing {
                       "total_tokens": prompt + per_choice * n},
         });
         finished.fetch_add(1, Ordering::SeqCst);
-        Response::builder()
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(answer.to_string())).boxed())
-            .unwrap()
+        reply(answer)
     }
 
     fn seen(&self) -> Vec<Value> {
@@ -438,4 +470,78 @@ async fn every_bad_shape_is_a_400_naming_its_field() {
     assert_eq!(ws.usage.current.held, Decimal::ZERO);
     let answer = gw.chat("sk-demo-prod", "gpt-4o-mini", None).await;
     assert_eq!(answer.header("x-ratelimit-remaining-requests"), Some("599"));
+}
+
+#[tokio::test]
+async fn responses_and_legacy_completions_are_estimated_capped_and_charged_the_upstreams_bill() {
+    let upstream = Billing::start().await;
+    let gw = Gateway::start_with(&upstream.url, policy()).await;
+    let model = EstimateOptions::for_model("gpt-4o");
+
+    // Responses: no `max_output_tokens`, so the default of 50 is held and sent as the cap.
+    let body = json!({"model": "gpt-4o", "input": "Tell me about token buckets."});
+    let input = tollgate::openai::estimate_responses(&body, &model)
+        .unwrap()
+        .input_tokens;
+    let response = gw.post("/v1/responses", N_KEY, &body).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let remaining: u64 = header(&response, "x-ratelimit-remaining-tokens")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(remaining, 100_000 - (u64::from(input) + 50));
+    let answer = json_of(response).await;
+    assert_eq!(answer["object"], "response");
+    assert_eq!(
+        answer["usage"],
+        json!({"input_tokens": input, "output_tokens": 50, "total_tokens": input + 50})
+    );
+    assert_eq!(upstream.seen()[0]["max_output_tokens"], 50);
+
+    // Legacy completions: OpenAI's default of 16 per completion, times best_of.
+    let body = json!({"model": "gpt-4o", "prompt": "Once upon a time", "best_of": 3, "n": 1});
+    let response = gw.post("/v1/completions", N_KEY, &body).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let answer = json_of(response).await;
+    assert_eq!(answer["object"], "text_completion");
+    // The upstream here bills max_tokens × n (16): within the 48 held.
+    assert_eq!(answer["usage"]["completion_tokens"], 16);
+
+    let ws = workspace(&gw.usage().await, "ws-n");
+    assert_eq!(ws.requests, 2);
+    assert_eq!(ws.output_tokens, 50 + 16);
+    assert_eq!(ws.held, Decimal::ZERO);
+
+    // Bad shapes, and a stream this gateway does not serve here, are 400s.
+    for (path, body, param) in [
+        (
+            "/v1/responses",
+            json!({"model": "gpt-4o", "input": "x", "max_output_tokens": -1}),
+            Some("max_output_tokens"),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "gpt-4o", "input": 5}),
+            Some("input"),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "gpt-4o", "prompt": "x", "n": 200}),
+            Some("n"),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "gpt-4o", "input": "x", "stream": true}),
+            None,
+        ),
+    ] {
+        let response = gw.post(path, N_KEY, &body).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{body}");
+        let error = json_of(response).await;
+        assert_eq!(error["error"]["type"], "invalid_request_error", "{error}");
+        if let Some(param) = param {
+            assert_eq!(error["error"]["param"], param, "{error}");
+        }
+    }
+    assert_eq!(upstream.seen().len(), 2);
 }
