@@ -143,17 +143,16 @@ async fn generate(app: &Arc<App>, request: HttpRequest<Incoming>, endpoint: Endp
         &estimate,
         held.reserved_output_tokens(),
     );
-    let prompt_tokens = estimate.input_tokens;
+    let include_usage = body["stream_options"]["include_usage"].as_bool() == Some(true);
+    let work = Work {
+        endpoint,
+        body,
+        model,
+        prompt_tokens: estimate.input_tokens,
+        max_tokens,
+    };
     if stream {
-        let include_usage = body["stream_options"]["include_usage"].as_bool() == Some(true);
-        let call = Chat {
-            endpoint,
-            body: &body,
-            model: &model,
-            prompt_tokens,
-            max_tokens,
-        };
-        let mut reply = match stream_chat(app, held, &call, include_usage).await {
+        let mut reply = match stream_chat(app, held, &work.call(), include_usage).await {
             Ok(reply) => reply,
             Err(reply) => return reply,
         };
@@ -165,16 +164,7 @@ async fn generate(app: &Arc<App>, request: HttpRequest<Incoming>, endpoint: Endp
     // (hyper drops this handler then, not the task). The request's RPM unit stays
     // taken with the commit.
     let app = Arc::clone(app);
-    let call = tokio::spawn(async move {
-        let call = Chat {
-            endpoint,
-            body: &body,
-            model: &model,
-            prompt_tokens,
-            max_tokens,
-        };
-        complete_and_commit(&app, held, &call).await
-    });
+    let call = tokio::spawn(async move { complete_and_commit(&app, held, &work.call()).await });
     let mut reply = match call.await {
         Ok(reply) => reply,
         Err(failed) => error(
@@ -187,6 +177,27 @@ async fn generate(app: &Arc<App>, request: HttpRequest<Incoming>, endpoint: Endp
         add_headers(&mut reply, &headers);
     }
     reply
+}
+
+/// What goes to the provider, owned, so a spawned task can carry it.
+struct Work {
+    endpoint: Endpoint,
+    body: Value,
+    model: String,
+    prompt_tokens: u32,
+    max_tokens: Option<u32>,
+}
+
+impl Work {
+    fn call(&self) -> Chat<'_> {
+        Chat {
+            endpoint: self.endpoint,
+            body: &self.body,
+            model: &self.model,
+            prompt_tokens: self.prompt_tokens,
+            max_tokens: self.max_tokens,
+        }
+    }
 }
 
 /// Call the provider for a whole completion and commit what it reports. A provider
