@@ -83,7 +83,8 @@ pub(crate) fn admit(
         .or(ws.default_max_output)
         .unwrap_or(policy.org.default_max_output);
     let input = u64::from(request.input_tokens);
-    let output = u64::from(output_tokens);
+    // `n` outputs of up to `output_tokens` each: a u32 times a u32 fits in a u64.
+    let output = u64::from(output_tokens) * u64::from(request.outputs.max(1));
     Ok(Admission {
         route: Route {
             key: key_index,

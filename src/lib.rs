@@ -63,6 +63,8 @@ mod limiter;
 #[cfg(all(test, loom))]
 mod loom_tests;
 mod money;
+#[cfg(feature = "openai")]
+pub mod openai;
 mod period;
 mod persist;
 mod policy;
@@ -88,7 +90,7 @@ pub use persist::PersistError;
 pub use policy::{
     BudgetSpec, DefaultsSpec, Environment, KeySpec, KeyStatus, LimitsSpec, ModelLimitSpec,
     ModelSpec, OrgSpec, Policy, PolicyDocument, PolicyError, PolicyIssue, Problem,
-    StoreFailureMode, TokenCount, WorkspaceSpec, WorkspaceStatus,
+    StoreFailureMode, TokenCount, WorkspaceSpec, WorkspaceStatus, TOKENIZERS,
 };
 pub use policy_store::{FilePolicyStore, PolicyStore, PolicyStoreError};
 #[cfg(feature = "redis")]

@@ -30,6 +30,10 @@ pub struct Request<'a> {
     /// The request's `max_tokens`; when absent the key's, model's, workspace's or
     /// policy default is reserved.
     pub max_output_tokens: Option<u32>,
+    /// How many outputs the request asks for (OpenAI's `n`): the output worst case
+    /// (the request's or the default) is held this many times. 1 unless set; 0 is
+    /// taken as 1.
+    pub outputs: u32,
 }
 
 impl<'a> Request<'a> {
@@ -53,6 +57,7 @@ impl<'a> Request<'a> {
             model,
             input_tokens: 0,
             max_output_tokens: None,
+            outputs: 1,
         }
     }
 
@@ -67,6 +72,22 @@ impl<'a> Request<'a> {
     #[must_use]
     pub fn max_output_tokens(mut self, tokens: u32) -> Self {
         self.max_output_tokens = Some(tokens);
+        self
+    }
+
+    /// Set how many outputs are asked for (OpenAI's `n`): the output worst case is
+    /// held `outputs` times.
+    ///
+    /// ```
+    /// use tollgate::Request;
+    /// let request = Request::with_secret("sk-live-abc", "gpt-4o-mini")
+    ///     .max_output_tokens(100)
+    ///     .outputs(8); // 800 output tokens held
+    /// assert_eq!(request.outputs, 8);
+    /// ```
+    #[must_use]
+    pub fn outputs(mut self, outputs: u32) -> Self {
+        self.outputs = outputs;
         self
     }
 }

@@ -2061,3 +2061,52 @@ fn a_region_is_short_plain_text_and_a_huge_one_is_not_echoed_back() {
         Problem::BadCharacters { .. }
     ));
 }
+
+#[test]
+fn a_models_tokenizer_and_input_estimate_values_are_checked() {
+    let known = "o200k_base, cl100k_base, p50k_base, r50k_base, o200k_harmony";
+    assert_toml_reports(
+        "unknown tokenizer",
+        &base_with(
+            r#"output_per_million = "4""#,
+            "output_per_million = \"4\"\ntokenizer = \"o200k\"",
+        ),
+        &[issue(
+            "models[1].tokenizer",
+            "\"o200k\"",
+            Problem::UnknownTokenizer { known },
+        )],
+    );
+    for name in TOKENIZERS {
+        assert!(known.contains(name), "{name} missing from the message");
+    }
+    assert_toml_reports(
+        "zero and negative token values",
+        &base_with(
+            r#"output_per_million = "4""#,
+            "output_per_million = \"4\"\nimage_tokens = 0\naudio_tokens = -5\nfile_tokens = 5000000000",
+        ),
+        &[
+            issue("models[1].image_tokens", "0", Problem::NotPositive),
+            issue("models[1].audio_tokens", "-5", Problem::NotPositive),
+            issue(
+                "models[1].file_tokens",
+                "5000000000",
+                Problem::TooLarge {
+                    max: U32_MAX.to_owned(),
+                },
+            ),
+        ],
+    );
+    for name in TOKENIZERS {
+        assert_toml_valid(
+            name,
+            &base_with(
+                r#"output_per_million = "4""#,
+                &format!(
+                    "output_per_million = \"4\"\ntokenizer = \"{name}\"\nimage_tokens = 765\naudio_tokens = 1\nfile_tokens = 4000"
+                ),
+            ),
+        );
+    }
+}

@@ -39,6 +39,8 @@ impl App {
         let path = request.uri().path().to_owned();
         let api = match (request.method(), path.as_str()) {
             (&Method::POST, "/v1/chat/completions") => "chat.completions",
+            (&Method::POST, "/v1/responses") => "responses",
+            (&Method::POST, "/v1/completions") => "completions",
             (&Method::POST, "/v1/embeddings") => "embeddings",
             (&Method::GET, "/v1/models") => "models",
             (_, p) if p.starts_with("/admin/") => {
@@ -51,6 +53,8 @@ impl App {
         request.extensions_mut().insert(trace.clone());
         let mut reply = match api {
             "chat.completions" => openai::chat(&self, request).await,
+            "responses" => openai::responses(&self, request).await,
+            "completions" => openai::completions(&self, request).await,
             "embeddings" => openai::embeddings(&self, request).await,
             _ => openai::models(&self, &request).await,
         };

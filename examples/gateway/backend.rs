@@ -45,6 +45,15 @@ impl Held {
             Held::Redis(r) => RateLimitHeaders::from_status(r.rate_limits()),
         }
     }
+
+    /// The output tokens held, for all of the request's outputs together.
+    pub fn reserved_output_tokens(&self) -> u64 {
+        match self {
+            Held::Memory(r) => r.reserved_tokens().1,
+            #[cfg(feature = "redis")]
+            Held::Redis(r) => r.reserved_tokens().1,
+        }
+    }
 }
 
 impl Backend {

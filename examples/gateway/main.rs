@@ -339,6 +339,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     fit_connections(&mut options.limits);
     let policy = load_policy(&options)?;
+    // Each encoding the price table needs is built now, not on the first request
+    // (a model added later builds its encoding on first use).
+    for model in &policy.0.document().models {
+        tollgate::openai::EstimateOptions::from_spec(model)
+            .tokenizer
+            .prepare();
+    }
     let provider = match &options.upstream {
         Some(url) => Provider::Upstream(UpstreamProvider::new(
             url,

@@ -1,7 +1,11 @@
-//! The OpenAI-compatible routes: chat completions, embeddings, models.
+//! The OpenAI-compatible routes: chat completions, the Responses API and legacy
+//! completions (whole answers), embeddings, models.
 //!
-//! Per request: authenticate by bearer key, estimate input tokens, `check_and_reserve`,
-//! call the provider, `commit_usage` with what it reports. A provider error drops the
+//! Per request: authenticate by bearer key, estimate the body with
+//! `tollgate::openai` (real token counts with the model's encoding, images by the tile
+//! rule, `n` outputs; a bad shape is a 400 naming the field), `check_and_reserve`,
+//! cap the provider's output at what was held when the client set no limit, call the
+//! provider, `commit_usage` with what it reports. A provider error drops the
 //! reservation, which gives everything back. Every response carries the rate-limit
 //! headers; a denial is an OpenAI-style JSON error with its status and `Retry-After`.
 //!
@@ -11,18 +15,23 @@
 //! `"x_tollgate": {"commit": "pending"}`. Only a commit Redis refused for good (corrupt
 //! data at its keys) is an error: nothing is charged, and the client gets a 503.
 //!
+//! Work the provider did is charged: a whole (non-streamed) completion runs to its end
+//! in its own task and commits what the provider reports even if the client hangs up
+//! meanwhile (its RPM unit stays taken).
+//!
 //! A streamed chat completion (`"stream": true`) answers server-sent events in
 //! OpenAI's format, the rate-limit headers on the response head. Its reservation is
-//! held while it streams and committed at the end with the provider's usage. A client
-//! that hangs up mid-stream is charged its prompt and the chunks it was sent, and the
-//! rest is given back; a provider that fails before the first chunk costs nothing.
+//! held while it streams and committed at the end with the provider's usage. When the
+//! client hangs up mid-stream the gateway stops reading (dropping the upstream request)
+//! and charges the usage the provider reported, else the prompt and the output chunks
+//! received so far; the rest is given back. A provider that fails before the first
+//! chunk costs nothing.
 //!
 //! Embeddings reserve their input tokens and no output, and are charged the input
 //! tokens the provider counts.
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -34,11 +43,14 @@ use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Request as HttpRequest, Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
-use tollgate::{Receipt, Request, Usage};
+use tollgate::openai::{self, Endpoint, EstimateOptions, ShapeError};
+use tollgate::{Credential, Receipt, Request, Usage};
 
 use crate::app::App;
 use crate::backend::Held;
-use crate::http::{add_headers, bearer, denied, error, json_reply, missing_key, read_json, Reply};
+use crate::http::{
+    add_headers, bearer, denied, error, json_reply, missing_key, read_json, ErrorCode, Reply,
+};
 use crate::provider::{Chat, Event, ProviderError, TokenStream};
 use crate::requests::Trace;
 
@@ -97,63 +109,170 @@ fn required_model(body: &Value) -> Result<&str, Reply> {
 }
 
 pub async fn chat(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply {
+    generate(app, request, Endpoint::ChatCompletions).await
+}
+
+/// `POST /v1/responses`: whole responses (streaming is served for chat only).
+pub async fn responses(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply {
+    generate(app, request, Endpoint::Responses).await
+}
+
+/// `POST /v1/completions` (legacy): whole completions.
+pub async fn completions(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply {
+    generate(app, request, Endpoint::Completions).await
+}
+
+/// A generation at `endpoint`: estimate, reserve, cap the output, call, commit.
+async fn generate(app: &Arc<App>, request: HttpRequest<Incoming>, endpoint: Endpoint) -> Reply {
     let trace = Trace::of(&request);
-    let (secret, body) = match authenticated_body(app, request).await {
+    let (secret, mut body) = match authenticated_body(app, request).await {
         Ok(read) => read,
         Err(reply) => return reply,
     };
     let model = match required_model(&body) {
-        Ok(model) => model,
+        Ok(model) => model.to_owned(),
         Err(reply) => return reply,
     };
-    trace.model(model);
-    let max_tokens = body["max_tokens"]
-        .as_u64()
-        .or_else(|| body["max_completion_tokens"].as_u64())
-        .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
-    let prompt_tokens = estimate_prompt_tokens(&body["messages"]);
-
-    let mut ask = Request::with_secret(&secret, model).input_tokens(prompt_tokens);
-    if let Some(max) = max_tokens {
-        ask = ask.max_output_tokens(max);
+    trace.model(&model);
+    let options = EstimateOptions::from_policy(&app.backend.policy(), &model);
+    let estimate = match openai::estimate(endpoint, &body, &options) {
+        Ok(estimate) => estimate,
+        Err(shape) => return bad_shape(&shape),
+    };
+    let stream = body["stream"].as_bool() == Some(true);
+    if stream && endpoint != Endpoint::ChatCompletions {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+            "this gateway streams chat completions only; send `stream: false`",
+        );
     }
+    let ask = estimate.request(Credential::Secret(&secret), &model);
     let held = match reserve(app, &ask, &trace).await {
         Ok(held) => held,
         Err(reply) => return reply,
     };
     let headers = held.headers();
-    let call = Chat {
-        body: &body,
+    // The provider may produce no more than was held: without a limit of the
+    // client's, each output is capped at its share of the hold.
+    let max_tokens = openai::cap_output(
+        &mut body,
+        endpoint,
+        &estimate,
+        held.reserved_output_tokens(),
+    );
+    let include_usage = body["stream_options"]["include_usage"].as_bool() == Some(true);
+    let work = Work {
+        endpoint,
+        body,
         model,
-        prompt_tokens,
+        prompt_tokens: estimate.input_tokens,
         max_tokens,
     };
-    if body["stream"].as_bool() == Some(true) {
-        let include_usage = body["stream_options"]["include_usage"].as_bool() == Some(true);
+    if stream {
         trace.streaming();
-        let mut reply = match stream_chat(app, held, &call, include_usage, trace).await {
+        let mut reply = match stream_chat(app, held, &work.call(), include_usage, trace).await {
             Ok(reply) => reply,
             Err(reply) => return reply,
         };
         add_headers(&mut reply, &headers);
         return reply;
     }
-    let answer = match app.provider.complete(&call).await {
+    // Once forwarded, the call is the provider's work and is charged: it runs to its
+    // end and commits in its own task, which a client that hangs up does not cancel
+    // (hyper drops this handler then, not the task). The request's RPM unit stays
+    // taken with the commit.
+    let app = Arc::clone(app);
+    let call = tokio::spawn(async move {
+        let reply = complete_and_commit(&app, held, &work.call()).await;
+        // The log line is the task's to finish: it is written with the charge even
+        // when the client has gone.
+        if let Some(receipt) = reply.extensions().get::<Receipt>() {
+            trace.charged(receipt);
+        }
+        reply
+    });
+    let mut reply = match call.await {
+        Ok(reply) => reply,
+        Err(failed) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            &format!("the completion task failed: {failed}"),
+        ),
+    };
+    if reply.status() == StatusCode::OK {
+        add_headers(&mut reply, &headers);
+    }
+    reply
+}
+
+/// What goes to the provider, owned, so a spawned task can carry it.
+struct Work {
+    endpoint: Endpoint,
+    body: Value,
+    model: String,
+    prompt_tokens: u32,
+    max_tokens: Option<u32>,
+}
+
+impl Work {
+    fn call(&self) -> Chat<'_> {
+        Chat {
+            endpoint: self.endpoint,
+            body: &self.body,
+            model: &self.model,
+            prompt_tokens: self.prompt_tokens,
+            max_tokens: self.max_tokens,
+        }
+    }
+}
+
+/// Call the provider for a whole completion and commit what it reports. A provider
+/// that fails drops `held`, which gives everything back.
+async fn complete_and_commit(app: &App, held: Held, call: &Chat<'_>) -> Reply {
+    let answer = match app.provider.complete(call).await {
         Ok(answer) => answer,
         // `held` is dropped on the way out: the request is not charged.
         Err(failure) => return provider_failed(&failure),
     };
     let usage = Usage::new(answer.prompt_tokens, answer.completion_tokens);
     let receipt = match app.backend.commit_usage(held, usage).await {
-        Ok(receipt) => receipted(receipt, "chat completion"),
+        Ok(receipt) => receipted(receipt, "completion"),
         Err(err) => return store_failed(&err),
     };
-    trace.charged(&receipt);
     let mut body = answer.body;
-    body["usage"] = usage_json(&receipt);
+    body["usage"] = match call.endpoint {
+        // The Responses API names its counts differently.
+        Endpoint::Responses => json!({
+            "input_tokens": receipt.input_tokens(),
+            "output_tokens": receipt.output_tokens(),
+            "total_tokens": receipt.input_tokens() + receipt.output_tokens(),
+        }),
+        _ => usage_json(&receipt),
+    };
     body["x_tollgate"] = tollgate_json(&receipt);
     let mut reply = json_reply(StatusCode::OK, &body);
-    add_headers(&mut reply, &headers);
+    reply.extensions_mut().insert(receipt);
+    reply
+}
+
+/// A body the estimate refused: 400 in OpenAI's shape, naming the field in `param`.
+fn bad_shape(shape: &ShapeError) -> Reply {
+    let code = if shape.is_cannot_estimate() {
+        "cannot_estimate"
+    } else {
+        "invalid_value"
+    };
+    let mut reply = json_reply(
+        StatusCode::BAD_REQUEST,
+        &json!({"error": {
+            "message": shape.to_string(),
+            "type": "invalid_request_error",
+            "param": shape.field,
+            "code": code,
+        }}),
+    );
+    reply.extensions_mut().insert(ErrorCode(code.into()));
     reply
 }
 
@@ -183,44 +302,38 @@ async fn stream_chat(
         }
     };
     let (tx, rx) = mpsc::channel(8);
-    let delivered = Arc::new(AtomicU32::new(0));
     let pump = Pump {
         app: Arc::clone(app),
         tx,
-        delivered: Arc::clone(&delivered),
         prompt_tokens: call.prompt_tokens,
         include_usage,
         trace,
     };
     tokio::spawn(pump.run(held, stream, first));
-    let mut reply = Response::new(SseBody { rx, delivered }.boxed());
+    let mut reply = Response::new(SseBody { rx }.boxed());
     let headers = reply.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     Ok(reply)
 }
 
-/// One server-sent event for the client; `token` when it carries generated output.
+/// One server-sent event for the client.
 struct Sse {
     data: Bytes,
-    token: bool,
 }
 
 impl Sse {
-    fn json(value: &Value, token: bool) -> Self {
+    fn json(value: &Value) -> Self {
         Sse {
             data: Bytes::from(format!("data: {value}\n\n")),
-            token,
         }
     }
 }
 
-/// The response body of a stream: the events the pump sends, in order. Counts the
-/// output chunks it hands to the connection, so a client that hangs up is charged for
-/// exactly those. Dropped when the client goes, which the pump sees.
+/// The response body of a stream: the events the pump sends, in order. Dropped when
+/// the client goes, which the pump sees.
 struct SseBody {
     rx: mpsc::Receiver<Sse>,
-    delivered: Arc<AtomicU32>,
 }
 
 impl Body for SseBody {
@@ -232,12 +345,7 @@ impl Body for SseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(event)) => {
-                if event.token {
-                    self.delivered.fetch_add(1, Ordering::SeqCst);
-                }
-                Poll::Ready(Some(Ok(Frame::data(event.data))))
-            }
+            Poll::Ready(Some(event)) => Poll::Ready(Some(Ok(Frame::data(event.data)))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
@@ -248,7 +356,6 @@ impl Body for SseBody {
 struct Pump {
     app: Arc<App>,
     tx: mpsc::Sender<Sse>,
-    delivered: Arc<AtomicU32>,
     prompt_tokens: u32,
     include_usage: bool,
     /// The request's log line, written once this pump has committed and is dropped.
@@ -286,24 +393,27 @@ impl Pump {
                 Some(Err(failure)) => break End::Failed(failure),
                 Some(Ok(Event::Usage(usage))) => reported = Some(usage),
                 Some(Ok(Event::Chunk { mut chunk, token })) => {
+                    // Received is produced: the provider did the work, whether or
+                    // not the client stays to read it.
+                    produced += u32::from(token);
                     for field in ["id", "created", "model"] {
                         last[field] = chunk[field].clone();
                     }
                     if self.include_usage {
                         chunk["usage"] = Value::Null;
                     }
-                    if self.tx.send(Sse::json(&chunk, token)).await.is_err() {
+                    if self.tx.send(Sse::json(&chunk)).await.is_err() {
                         break End::Gone;
                     }
-                    produced += u32::from(token);
                 }
             }
         };
+        // What the provider reported, else what it was seen to produce: a client
+        // that left stops the reading (the upstream request is dropped with
+        // `stream`), not the charge for what was already generated.
         let usage = match (&end, reported) {
-            (End::Complete, Some(usage)) => usage,
-            (End::Complete | End::Failed(_), _) => Usage::new(self.prompt_tokens, produced),
-            // What reached the client: the body counted it before it was dropped.
-            (End::Gone, _) => Usage::new(self.prompt_tokens, self.delivered.load(Ordering::SeqCst)),
+            (End::Complete | End::Gone, Some(usage)) => usage,
+            (_, _) => Usage::new(self.prompt_tokens, produced),
         };
         let receipt = match self.app.backend.commit_usage(held, usage).await {
             Ok(receipt) => {
@@ -323,7 +433,7 @@ impl Pump {
                     "type": "server_error",
                     "code": "provider_error",
                 }});
-                let _ = self.tx.send(Sse::json(&kind, false)).await;
+                let _ = self.tx.send(Sse::json(&kind)).await;
             }
             End::Complete => {
                 if self.include_usage {
@@ -341,11 +451,10 @@ impl Pump {
                     if let Some(receipt) = &receipt {
                         chunk["x_tollgate"] = tollgate_json(receipt);
                     }
-                    let _ = self.tx.send(Sse::json(&chunk, false)).await;
+                    let _ = self.tx.send(Sse::json(&chunk)).await;
                 }
                 let done = Sse {
                     data: Bytes::from_static(b"data: [DONE]\n\n"),
-                    token: false,
                 };
                 let _ = self.tx.send(done).await;
             }
@@ -364,16 +473,13 @@ pub async fn embeddings(app: &App, request: HttpRequest<Incoming>) -> Reply {
         Err(reply) => return reply,
     };
     trace.model(model);
-    let Some(input_tokens) = estimate_input_tokens(&body["input"]) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "`input` must be a non-empty string, array of strings, or array of token arrays",
-        );
+    let options = EstimateOptions::from_policy(&app.backend.policy(), model);
+    let estimate = match openai::estimate_embeddings(&body, &options) {
+        Ok(estimate) => estimate,
+        Err(shape) => return bad_shape(&shape),
     };
-    let ask = Request::with_secret(&secret, model)
-        .input_tokens(input_tokens)
-        .max_output_tokens(0);
+    let input_tokens = estimate.input_tokens;
+    let ask = estimate.request(Credential::Secret(&secret), model);
     let held = match reserve(app, &ask, &trace).await {
         Ok(held) => held,
         Err(reply) => return reply,
@@ -414,7 +520,7 @@ async fn reserve(app: &App, ask: &Request<'_>, trace: &Trace) -> Result<Held, Re
         }
         Err(denial) => {
             let secret = match ask.credential {
-                tollgate::Credential::Secret(secret) => secret,
+                Credential::Secret(secret) => secret,
                 _ => "",
             };
             trace.denied(&denial, secret, &app.backend.policy());
@@ -466,44 +572,4 @@ fn store_failed(err: &tollgate::Error) -> Reply {
         "server_error",
         &err.to_string(),
     )
-}
-
-/// Input tokens of an embeddings `input`: about four characters a token for text, the
-/// count for token arrays. `None` when it is missing, empty, or not one of OpenAI's
-/// shapes.
-pub fn estimate_input_tokens(input: &Value) -> Option<u32> {
-    fn text(s: &str) -> Option<usize> {
-        (!s.is_empty()).then(|| s.len().div_ceil(4))
-    }
-    fn token_ids(items: &[Value]) -> Option<usize> {
-        (!items.is_empty() && items.iter().all(Value::is_u64)).then_some(items.len())
-    }
-    let tokens = match input {
-        Value::String(s) => text(s)?,
-        Value::Array(items) if items.is_empty() => return None,
-        Value::Array(items) if items[0].is_u64() => token_ids(items)?,
-        Value::Array(items) => items
-            .iter()
-            .map(|item| match item {
-                Value::String(s) => text(s),
-                Value::Array(ids) => token_ids(ids),
-                _ => None,
-            })
-            .sum::<Option<usize>>()?,
-        _ => return None,
-    };
-    Some(u32::try_from(tokens).unwrap_or(u32::MAX))
-}
-
-/// About four characters per token, plus a few per message for the chat framing: an
-/// over-estimate is refunded at commit, an under-estimate is charged as debt.
-pub fn estimate_prompt_tokens(messages: &Value) -> u32 {
-    let Some(messages) = messages.as_array() else {
-        return 0;
-    };
-    let tokens: usize = messages
-        .iter()
-        .map(|message| 4 + message["content"].as_str().map_or(0, str::len).div_ceil(4))
-        .sum();
-    u32::try_from(tokens).unwrap_or(u32::MAX)
 }

@@ -20,11 +20,14 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
+use tollgate::openai::Endpoint;
 use tollgate::Usage;
 
-/// One chat completion to answer.
+/// One generation to answer: a chat completion, a Responses API response or a legacy
+/// completion (`endpoint`).
 pub struct Chat<'a> {
-    /// The client's request body, as sent.
+    pub endpoint: Endpoint,
+    /// The client's request body, as sent (with the output cap the gateway set).
     pub body: &'a Value,
     pub model: &'a str,
     /// The gateway's estimate of the prompt's tokens.
@@ -205,8 +208,37 @@ impl MockProvider {
         let (completion_tokens, finish_reason) = Self::reply_tokens(call.max_tokens);
         let words: Vec<&str> = (0..completion_tokens).map(|_| "mock").collect();
         let (id, created) = completion_id();
-        Ok(Completion {
-            body: json!({
+        let body = match call.endpoint {
+            Endpoint::Responses => json!({
+                "id": id.replace("chatcmpl-", "resp_"),
+                "object": "response",
+                "created_at": created,
+                "model": call.model,
+                "status": "completed",
+                "output": [{
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": words.join(" ")}],
+                }],
+                "usage": {
+                    "input_tokens": call.prompt_tokens,
+                    "output_tokens": completion_tokens,
+                    "total_tokens": call.prompt_tokens + completion_tokens,
+                },
+            }),
+            Endpoint::Completions => json!({
+                "id": id.replace("chatcmpl-", "cmpl-"),
+                "object": "text_completion",
+                "created": created,
+                "model": call.model,
+                "choices": [{"index": 0, "text": words.join(" "), "finish_reason": finish_reason}],
+                "usage": {
+                    "prompt_tokens": call.prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": call.prompt_tokens + completion_tokens,
+                },
+            }),
+            Endpoint::ChatCompletions | Endpoint::Embeddings => json!({
                 "id": id,
                 "object": "chat.completion",
                 "created": created,
@@ -222,6 +254,9 @@ impl MockProvider {
                     "total_tokens": call.prompt_tokens + completion_tokens,
                 },
             }),
+        };
+        Ok(Completion {
+            body,
             prompt_tokens: call.prompt_tokens,
             completion_tokens,
         })
@@ -464,15 +499,25 @@ impl UpstreamProvider {
     }
 
     async fn complete(&self, call: &Chat<'_>) -> Result<Completion, ProviderError> {
-        let response = self.post("/chat/completions", call.body).await?;
+        let (path, input, output) = match call.endpoint {
+            Endpoint::Responses => ("/responses", "input_tokens", "output_tokens"),
+            Endpoint::Completions => ("/completions", "prompt_tokens", "completion_tokens"),
+            Endpoint::ChatCompletions | Endpoint::Embeddings => {
+                ("/chat/completions", "prompt_tokens", "completion_tokens")
+            }
+        };
+        let response = self.post(path, call.body).await?;
         let body = tokio::time::timeout(UPSTREAM_TIMEOUT, read_whole(response))
             .await
             .map_err(|_| ProviderError::failed("the upstream did not answer in time"))??;
         let usage = &body["usage"];
-        let prompt_tokens = count(&usage["prompt_tokens"]).unwrap_or(call.prompt_tokens);
-        let completion_tokens = count(&usage["completion_tokens"]).unwrap_or_else(|| {
-            // No usage reported: about four characters a token.
-            let text = body["choices"][0]["message"]["content"].as_str();
+        let prompt_tokens = count(&usage[input]).unwrap_or(call.prompt_tokens);
+        let completion_tokens = count(&usage[output]).unwrap_or_else(|| {
+            // No usage reported: about four characters a token of the first answer.
+            let text = body["choices"][0]["message"]["content"]
+                .as_str()
+                .or(body["choices"][0]["text"].as_str())
+                .or(body["output"][0]["content"][0]["text"].as_str());
             u32::try_from(text.map_or(0, str::len).div_ceil(4)).unwrap_or(u32::MAX)
         });
         Ok(Completion {

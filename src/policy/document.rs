@@ -116,7 +116,35 @@ pub struct ModelSpec {
     /// Output tokens assumed for this model when a request names none.
     #[serde(default)]
     pub default_max_output_tokens: Option<i64>,
+    /// The encoding input is counted with (feature `openai`): one of
+    /// [`TOKENIZERS`](crate::TOKENIZERS), e.g. `o200k_base`. Unset: chosen by the
+    /// model's name (`o200k_base` for GPT-4o, 4.1, 5 and the o-series, `cl100k_base`
+    /// for GPT-4, 3.5 and the embeddings models, `o200k_base` for names it does not
+    /// know).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<String>,
+    /// Input tokens counted for each image (feature `openai`), instead of OpenAI's
+    /// tile formula: for models that price images otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_tokens: Option<i64>,
+    /// Input tokens counted for each audio input (feature `openai`). Unset: a request
+    /// with audio cannot be estimated and is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audio_tokens: Option<i64>,
+    /// Input tokens counted for each attached file (feature `openai`). Unset: a request
+    /// with a file cannot be estimated and is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_tokens: Option<i64>,
 }
+
+/// The encodings a model's `tokenizer` may name: OpenAI's, as tiktoken calls them.
+pub const TOKENIZERS: &[&str] = &[
+    "o200k_base",
+    "cl100k_base",
+    "p50k_base",
+    "r50k_base",
+    "o200k_harmony",
+];
 
 impl ModelSpec {
     /// A priced model.
@@ -131,6 +159,10 @@ impl ModelSpec {
             input_per_million,
             output_per_million,
             default_max_output_tokens: None,
+            tokenizer: None,
+            image_tokens: None,
+            audio_tokens: None,
+            file_tokens: None,
         }
     }
 }

@@ -91,6 +91,12 @@ pub enum Problem {
     /// An operation named a key that does not exist.
     #[error("no key has this id")]
     UnknownKey,
+    /// A model's `tokenizer` names no known encoding.
+    #[error("not a known tokenizer (one of {known})")]
+    UnknownTokenizer {
+        /// The names accepted.
+        known: &'static str,
+    },
 }
 
 /// Collects every issue instead of stopping at the first.

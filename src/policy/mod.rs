@@ -12,7 +12,7 @@ use std::path::Path;
 pub use document::{
     BudgetSpec, DefaultsSpec, Environment, KeySpec, KeyStatus, LimitsSpec, ModelLimitSpec,
     ModelSpec, OrgSpec, PolicyDocument, StoreFailureMode, TokenCount, WorkspaceSpec,
-    WorkspaceStatus,
+    WorkspaceStatus, TOKENIZERS,
 };
 pub use issue::{PolicyIssue, Problem};
 

@@ -11,7 +11,7 @@ use crate::bucket::RateRule;
 use crate::clock::Timestamp;
 use crate::money::{picos_from_decimal, price_per_token_picos, MoneyProblem};
 use crate::period::{BudgetPeriod, Span};
-use crate::policy::document::{BudgetSpec, LimitsSpec, PolicyDocument};
+use crate::policy::document::{BudgetSpec, LimitsSpec, ModelSpec, PolicyDocument, TOKENIZERS};
 use crate::policy::issue::{Issues, Problem};
 use crate::policy::rules::{
     BudgetRule, KeyPolicy, LevelRules, ModelPolicy, OrgPolicy, TokenRule, WorkspacePolicy,
@@ -103,6 +103,7 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
                 model.default_max_output_tokens,
             ),
         });
+        check_estimates(&mut issues, &path, model);
     }
 
     let org_span = span_of(doc.org.budget.as_ref(), Span::Period(BudgetPeriod::Month));
@@ -550,6 +551,29 @@ fn positive_tokens(issues: &mut Issues, path: &str, value: i64) -> Option<u32> {
 
 fn optional_tokens(issues: &mut Issues, path: &str, value: Option<i64>) -> Option<u32> {
     value.and_then(|v| positive_tokens(issues, path, v))
+}
+
+/// A model's input-estimate settings (used by the `openai` feature, checked always so
+/// a policy is valid or not whatever the build).
+fn check_estimates(issues: &mut Issues, path: &str, model: &ModelSpec) {
+    if let Some(name) = &model.tokenizer {
+        if !TOKENIZERS.contains(&name.as_str()) {
+            issues.push(
+                format!("{path}.tokenizer"),
+                format!("{name:?}"),
+                Problem::UnknownTokenizer {
+                    known: "o200k_base, cl100k_base, p50k_base, r50k_base, o200k_harmony",
+                },
+            );
+        }
+    }
+    for (field, value) in [
+        ("image_tokens", model.image_tokens),
+        ("audio_tokens", model.audio_tokens),
+        ("file_tokens", model.file_tokens),
+    ] {
+        optional_tokens(issues, &format!("{path}.{field}"), value);
+    }
 }
 
 fn check_id(issues: &mut Issues, path: &str, id: &str) {

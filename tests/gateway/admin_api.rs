@@ -378,7 +378,7 @@ async fn a_viewer_reads_usage_and_workspaces_but_every_write_is_403() {
         .find(|w| w["id"] == "ws-prod")
         .unwrap();
     assert_eq!(prod["usage"]["current"]["requests"], 2);
-    assert_eq!(prod["usage"]["current"]["cost"], "0.0000498");
+    assert_eq!(prod["usage"]["current"]["cost"], "0.0000504");
     assert_eq!(prod["usage"]["previous"]["requests"], 0);
     let mini = prod["models"]
         .as_array()
@@ -862,7 +862,7 @@ async fn a_budget_threshold_is_posted_to_the_webhook_and_a_failed_attempt_retrie
         ..Options::default()
     })
     .await;
-    // Two requests of 0.0000249 each spend the budget: 50 % after the first, 100 %
+    // Two requests of 0.0000252 each spend the budget: 50 % after the first, 100 %
     // after the second.
     gw.admin(
         Method::POST,
@@ -872,7 +872,7 @@ async fn a_budget_threshold_is_posted_to_the_webhook_and_a_failed_attempt_retrie
             "id": "ws-alerts",
             "name": "alerts",
             "models": ["gpt-4o-mini"],
-            "budget": {"limit": "0.0000498", "period": "day", "alert_thresholds": [50, 100]},
+            "budget": {"limit": "0.0000504", "period": "day", "alert_thresholds": [50, 100]},
         })),
     )
     .await;
@@ -924,7 +924,7 @@ async fn a_budget_threshold_is_posted_to_the_webhook_and_a_failed_attempt_retrie
             r.body["scope"],
             json!({"org": "acme", "workspace": "ws-alerts"})
         );
-        assert_eq!(r.body["limit"], "0.0000498");
+        assert_eq!(r.body["limit"], "0.0000504");
         let time = r.body["time"].as_str().unwrap();
         chrono::DateTime::parse_from_rfc3339(time).unwrap();
     }
@@ -941,9 +941,9 @@ async fn a_budget_threshold_is_posted_to_the_webhook_and_a_failed_attempt_retrie
     assert_eq!(
         delivered,
         [
-            ("budget_threshold".into(), json!(50), json!("0.0000249")),
-            ("budget_threshold".into(), json!(100), json!("0.0000498")),
-            ("budget_exhausted".into(), Value::Null, json!("0.0000498")),
+            ("budget_threshold".into(), json!(50), json!("0.0000252")),
+            ("budget_threshold".into(), json!(100), json!("0.0000504")),
+            ("budget_exhausted".into(), Value::Null, json!("0.0000504")),
         ]
     );
     // The receiver reports before its answer reaches the gateway: wait for the count.

@@ -23,21 +23,22 @@ async fn an_admitted_request_is_answered_with_headers_and_charged_exactly() {
     assert_eq!(answer.header("x-ratelimit-remaining-requests"), Some("599"));
     assert_eq!(answer.header("x-ratelimit-limit-tokens"), Some("200000"));
     assert!(answer.header("ratelimit-policy").is_some());
-    // "Hello": 4 framing + 2 content tokens in; the mock answers 40 tokens.
-    assert_eq!(answer.body["usage"]["prompt_tokens"], 6);
+    // "Hello": 3 framing + "user" (1) + "Hello" (1) + 3 reply priming in (o200k_base);
+    // the mock answers 40 tokens.
+    assert_eq!(answer.body["usage"]["prompt_tokens"], 8);
     assert_eq!(answer.body["usage"]["completion_tokens"], 40);
-    // 6 × 0.15/M + 40 × 0.60/M
-    assert_eq!(answer.body["x_tollgate"]["cost_usd"], "0.0000249");
+    // 8 × 0.15/M + 40 × 0.60/M
+    assert_eq!(answer.body["x_tollgate"]["cost_usd"], "0.0000252");
     let usage = gw.usage().await;
     let ws = usage.workspaces.iter().find(|w| w.id == "ws-prod").unwrap();
-    assert_eq!(ws.usage.current.cost, dec("0.0000249"));
+    assert_eq!(ws.usage.current.cost, dec("0.0000252"));
     assert_eq!(ws.usage.current.held, Decimal::ZERO);
     assert_eq!(
         (
             ws.usage.current.input_tokens,
             ws.usage.current.output_tokens
         ),
-        (6, 40)
+        (8, 40)
     );
 }
 
@@ -114,7 +115,7 @@ async fn two_hundred_concurrent_requests_never_pass_the_budget() {
             other => panic!("unexpected status {other}"),
         }
     }
-    // Each call holds 0.000515 and costs 0.000415: at most 4 fit in 0.002.
+    // Each call holds 0.00052 and costs 0.00042: at most 4 fit in 0.002.
     assert!(admitted <= dec("0.002"), "spent {admitted}");
     assert!(refused >= 196, "refused {refused}");
     let usage = gw.usage().await;
@@ -176,7 +177,7 @@ async fn an_answer_whose_commit_redis_did_not_acknowledge_is_delivered() {
     let (answer, ()) = tokio::join!(asked, pause);
     assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
     assert_eq!(answer.body["usage"]["completion_tokens"], 40);
-    assert_eq!(answer.body["x_tollgate"]["cost_usd"], "0.0000249");
+    assert_eq!(answer.body["x_tollgate"]["cost_usd"], "0.0000252");
     assert_eq!(answer.body["x_tollgate"]["commit"], "pending");
     assert_eq!(engine.pending_commits(), 1);
 
@@ -190,7 +191,7 @@ async fn an_answer_whose_commit_redis_did_not_acknowledge_is_delivered() {
         redis.cli(&["zcard", holds[0]]) == "0"
     })
     .await;
-    assert_eq!(ws(&gw.usage().await), (dec("0.0000498"), 2));
+    assert_eq!(ws(&gw.usage().await), (dec("0.0000504"), 2));
     let third = gw.chat("sk-demo-prod", "gpt-4o-mini", None).await;
     assert_eq!(third.status, StatusCode::OK);
     assert!(third.body["x_tollgate"].get("commit").is_none());
@@ -198,7 +199,7 @@ async fn an_answer_whose_commit_redis_did_not_acknowledge_is_delivered() {
         engine.pending_commits() == 0
     })
     .await;
-    assert_eq!(ws(&gw.usage().await), (dec("0.0000747"), 3));
+    assert_eq!(ws(&gw.usage().await), (dec("0.0000756"), 3));
 }
 
 /// A client that hangs up while its reservation is on its way to Redis (Redis's writes
@@ -264,6 +265,6 @@ async fn a_client_that_hangs_up_during_reserve_leaves_nothing_held() {
     let (after, held) = spent(&gw.usage().await);
     assert_eq!(held, Decimal::ZERO);
     // Each abandoned request is charged once if the gateway answered it, else not at
-    // all: never more than one request's cost each (0.0000249 USD here).
-    assert!(after >= before && after - before <= dec("0.0000249") * Decimal::from(5));
+    // all: never more than one request's cost each (0.0000252 USD here).
+    assert!(after >= before && after - before <= dec("0.0000252") * Decimal::from(5));
 }

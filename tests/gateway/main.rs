@@ -36,6 +36,7 @@ mod redis_server;
 
 mod admin_api;
 mod chat;
+mod estimate;
 mod hygiene;
 mod process;
 mod request_log;

@@ -174,6 +174,14 @@ impl Gateway {
         }
     }
 
+    /// Its resident memory, in bytes (Linux).
+    pub fn resident_bytes(&self) -> u64 {
+        let statm = std::fs::read_to_string(format!("/proc/{}/statm", self.child.id()))
+            .expect("the gateway is running");
+        let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+        pages * 4096
+    }
+
     /// SIGKILL: a crash, nothing flushed or saved on the way out.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -1,5 +1,5 @@
-//! What systemd, Docker and Kubernetes do to a gateway process: SIGTERM, and starting
-//! it with an operator's own policy.
+//! What systemd, Docker and Kubernetes do to a gateway process: SIGTERM, starting it
+//! with an operator's own policy, and a long run whose memory must stay flat.
 
 use std::time::Duration;
 
@@ -130,4 +130,53 @@ async fn the_banner_shows_the_demo_keys_only_for_the_demo_policy() {
         "no demo keys for another policy: {printed}"
     );
     assert!(printed.contains("YOUR_KEY"), "{printed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soak_of_20000_requests_keeps_the_process_memory_flat() {
+    // A process of its own, so other tests' allocations do not count.
+    let gateway = Gateway::spawn(&["--mock-delay-ms", "0"]);
+    let round = |n: usize| {
+        let gateway = &gateway;
+        async move {
+            for i in 0..n {
+                // Admitted, refused and malformed requests, and refused admin reads.
+                let answer = match i % 4 {
+                    0 => gateway.chat("sk-demo-prod").await,
+                    1 => gateway.chat("sk-unknown").await,
+                    2 => {
+                        let empty = Some(serde_json::json!({}));
+                        gateway
+                            .send(
+                                hyper::Method::POST,
+                                "/v1/chat/completions",
+                                "sk-demo-prod",
+                                empty,
+                            )
+                            .await
+                    }
+                    _ => {
+                        gateway
+                            .send(hyper::Method::GET, "/admin/usage", "nope", None)
+                            .await
+                    }
+                };
+                assert!(answer.status != StatusCode::INTERNAL_SERVER_ERROR);
+            }
+        }
+    };
+    // Warm up: allocator pools, encodings, the per-workspace request ring (1,000
+    // lines) filled.
+    round(5_000).await;
+    let before = gateway.resident_bytes();
+    round(15_000).await;
+    let after = gateway.resident_bytes();
+    let grown = after.saturating_sub(before);
+    eprintln!("soak: resident {before} → {after} bytes");
+    // 15,000 more requests may not grow resident memory by more than 2 MiB, so a leak
+    // of 140 bytes a request (one small log line) shows.
+    assert!(
+        grown < 2 << 20,
+        "resident memory grew {grown} bytes over 15,000 requests ({before} → {after})"
+    );
 }

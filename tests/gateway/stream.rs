@@ -36,10 +36,10 @@ fn dec(s: &str) -> Decimal {
     Decimal::from_str(s).unwrap()
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+pub(crate) type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
 /// POST `body` to the gateway at `url` with bearer `key`; the response unread.
-async fn post(
+pub(crate) async fn post(
     client: &HttpClient,
     url: &str,
     path: &str,
@@ -56,12 +56,12 @@ async fn post(
     client.request(request).await.expect("gateway answers")
 }
 
-async fn json_of(response: Response<Incoming>) -> Value {
+pub(crate) async fn json_of(response: Response<Incoming>) -> Value {
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
     serde_json::from_slice(&bytes).expect("a JSON body")
 }
 
-fn header<'a>(response: &'a Response<Incoming>, name: &str) -> Option<&'a str> {
+pub(crate) fn header<'a>(response: &'a Response<Incoming>, name: &str) -> Option<&'a str> {
     response.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -141,7 +141,7 @@ fn content(chunks: &[Value]) -> Vec<String> {
         .collect()
 }
 
-fn workspace(usage: &UsageSnapshot, id: &str) -> ScopeUsage {
+pub(crate) fn workspace(usage: &UsageSnapshot, id: &str) -> ScopeUsage {
     usage
         .workspaces
         .iter()
@@ -152,7 +152,7 @@ fn workspace(usage: &UsageSnapshot, id: &str) -> ScopeUsage {
 }
 
 /// Poll `usage` until `done` holds, or fail after a deadline.
-async fn wait_for<F, Fut>(
+pub(crate) async fn wait_for<F, Fut>(
     what: &str,
     usage: F,
     done: impl Fn(&UsageSnapshot) -> bool,
@@ -246,18 +246,18 @@ async fn a_streamed_completion_is_server_sent_events_charged_exactly() {
 
     let last = &chunks[41];
     assert_eq!(last["choices"], json!([]));
-    // "Hello": 4 framing + 2 content tokens in; 40 out.
+    // "Hello": 3 framing + "user" + "Hello" + 3 priming = 8 in; 40 out.
     assert_eq!(
         last["usage"],
-        json!({"prompt_tokens": 6, "completion_tokens": 40, "total_tokens": 46})
+        json!({"prompt_tokens": 8, "completion_tokens": 40, "total_tokens": 48})
     );
-    // 6 × 0.15/M + 40 × 0.60/M
-    assert_eq!(last["x_tollgate"]["cost_usd"], "0.0000249");
+    // 8 × 0.15/M + 40 × 0.60/M
+    assert_eq!(last["x_tollgate"]["cost_usd"], "0.0000252");
 
     // Committed before the usage chunk was sent: no waiting.
     let ws = workspace(&gw.usage().await, "ws-prod");
-    assert_eq!((ws.requests, ws.input_tokens, ws.output_tokens), (1, 6, 40));
-    assert_eq!(ws.cost, dec("0.0000249"));
+    assert_eq!((ws.requests, ws.input_tokens, ws.output_tokens), (1, 8, 40));
+    assert_eq!(ws.cost, dec("0.0000252"));
     assert_eq!(ws.held, Decimal::ZERO);
 }
 
@@ -288,9 +288,9 @@ async fn without_include_usage_the_stream_has_no_usage_chunk_and_is_still_charge
         assert_eq!(chunk["choices"].as_array().unwrap().len(), 1);
     }
     let ws = workspace(&gw.usage().await, "ws-prod");
-    assert_eq!((ws.requests, ws.input_tokens, ws.output_tokens), (1, 6, 5));
-    // 6 × 0.15/M + 5 × 0.60/M
-    assert_eq!(ws.cost, dec("0.0000039"));
+    assert_eq!((ws.requests, ws.input_tokens, ws.output_tokens), (1, 8, 5));
+    // 8 × 0.15/M + 5 × 0.60/M
+    assert_eq!(ws.cost, dec("0.0000042"));
     assert_eq!(ws.held, Decimal::ZERO);
 }
 
@@ -332,10 +332,10 @@ async fn a_client_that_hangs_up_mid_stream_pays_for_what_it_was_sent() {
     )
     .await;
     let ws = workspace(&usage, "ws-prod");
-    // The prompt and the three chunks sent, nothing more.
-    assert_eq!((ws.input_tokens, ws.output_tokens), (6, 3));
-    // 6 × 0.15/M + 3 × 0.60/M
-    assert_eq!(ws.cost, dec("0.0000027"));
+    // The prompt and the three chunks produced, nothing more.
+    assert_eq!((ws.input_tokens, ws.output_tokens), (8, 3));
+    // 8 × 0.15/M + 3 × 0.60/M
+    assert_eq!(ws.cost, dec("0.000003"));
     assert_eq!(ws.held, Decimal::ZERO);
     assert_eq!(usage.org.current.held, Decimal::ZERO);
     let key = usage.keys.iter().find(|k| k.id == "key-prod").unwrap();
@@ -660,10 +660,10 @@ impl Upstream {
 }
 
 /// The gateway with `Provider::Upstream`, on the backend the suite runs on.
-struct Gateway {
-    url: String,
+pub(crate) struct Gateway {
+    pub(crate) url: String,
     app: Arc<App>,
-    client: HttpClient,
+    pub(crate) client: HttpClient,
     server: tokio::task::JoinHandle<()>,
     _stop: oneshot::Sender<()>,
     #[cfg(feature = "redis")]
@@ -678,7 +678,11 @@ impl Drop for Gateway {
 
 impl Gateway {
     async fn start(upstream: &str) -> Gateway {
-        let policy = Policy::from_path(POLICY).unwrap();
+        Gateway::start_with(upstream, Policy::from_path(POLICY).unwrap()).await
+    }
+
+    /// The gateway forwarding to `upstream` under `policy`.
+    pub(crate) async fn start_with(upstream: &str, policy: Policy) -> Gateway {
         let redis = std::env::var("TOLLGATE_GATEWAY_BACKEND").is_ok_and(|b| b == "redis");
         #[cfg(feature = "redis")]
         let (backend, redis) = if redis {
@@ -735,11 +739,11 @@ impl Gateway {
         }
     }
 
-    async fn post(&self, path: &str, key: &str, body: &Value) -> Response<Incoming> {
+    pub(crate) async fn post(&self, path: &str, key: &str, body: &Value) -> Response<Incoming> {
         post(&self.client, &self.url, path, key, body).await
     }
 
-    async fn usage(&self) -> UsageSnapshot {
+    pub(crate) async fn usage(&self) -> UsageSnapshot {
         self.app.backend.usage().await.expect("usage")
     }
 }
@@ -769,7 +773,11 @@ async fn a_completion_is_forwarded_upstream_with_its_key_and_charged_what_it_rep
         seen[0].authorization.as_deref(),
         Some("Bearer sk-upstream-test")
     );
-    assert_eq!(seen[0].body, body);
+    // As sent, with the output capped at what was held (the policy's default of
+    // 1024), since the client set no limit.
+    let mut expected = body.clone();
+    expected["max_completion_tokens"] = json!(1024);
+    assert_eq!(seen[0].body, expected);
 
     assert_eq!(answer["id"], "chatcmpl-up");
     assert_eq!(
@@ -815,6 +823,7 @@ async fn a_stream_is_forwarded_upstream_and_charged_its_usage_chunk() {
     );
     let mut expected = body.clone();
     expected["stream_options"] = json!({"include_usage": true});
+    expected["max_completion_tokens"] = json!(1024);
     assert_eq!(seen[0].body, expected);
 
     assert_eq!(content(&chunks), ["Hel", "lo", "!"]);
@@ -923,12 +932,12 @@ async fn an_upstream_stream_cut_short_is_charged_what_was_sent() {
     assert_eq!(content(&chunks), ["Hel", "lo"]);
     let last = chunks.last().unwrap();
     assert_eq!(last["error"]["code"], "provider_error");
-    // No usage from upstream: the gateway's prompt estimate ("cut": 4 + 1) and the two
+    // No usage from upstream: the gateway's prompt estimate ("cut": 3 + 1 + 1 + 3) and the two
     // chunks sent.
     let ws = workspace(&gw.usage().await, "ws-prod");
-    assert_eq!((ws.requests, ws.input_tokens, ws.output_tokens), (1, 5, 2));
-    // 5 × 0.15/M + 2 × 0.60/M
-    assert_eq!(ws.cost, dec("0.00000195"));
+    assert_eq!((ws.requests, ws.input_tokens, ws.output_tokens), (1, 8, 2));
+    // 8 × 0.15/M + 2 × 0.60/M
+    assert_eq!(ws.cost, dec("0.0000024"));
     assert_eq!(ws.held, Decimal::ZERO);
 }
 
@@ -990,10 +999,11 @@ async fn a_client_that_leaves_an_upstream_stream_pays_for_what_it_was_sent() {
     )
     .await;
     let ws = workspace(&usage, "ws-prod");
-    // The gateway's prompt estimate ("stall": 4 + 2) and the three chunks sent.
-    assert_eq!((ws.input_tokens, ws.output_tokens), (6, 3));
-    // 6 × 0.15/M + 3 × 0.60/M
-    assert_eq!(ws.cost, dec("0.0000027"));
+    // The gateway's prompt estimate ("stall": 3 + 1 + 1 + 3) and the three chunks
+    // received.
+    assert_eq!((ws.input_tokens, ws.output_tokens), (8, 3));
+    // 8 × 0.15/M + 3 × 0.60/M
+    assert_eq!(ws.cost, dec("0.000003"));
     assert_eq!(ws.held, Decimal::ZERO);
     assert_eq!(usage.org.current.held, Decimal::ZERO);
     // And the upstream request is cancelled, not left generating.
