@@ -12,7 +12,7 @@ use hyper::{Method, Request, StatusCode};
 use crate::admin::AdminKeys;
 use crate::audit::Audit;
 use crate::backend::Backend;
-use crate::connections::{Connections, Limits};
+use crate::connections::{Background, Connections, Limits};
 use crate::http::{error, ErrorCode, Reply};
 use crate::openai;
 use crate::provider::Provider;
@@ -32,6 +32,8 @@ pub struct App {
     pub connections: Arc<Connections>,
     /// The request log.
     pub requests: Arc<RequestLog>,
+    /// Forwarded work still running after its client left; the drain waits for it.
+    pub background: Arc<Background>,
 }
 
 impl App {

@@ -243,6 +243,41 @@ impl Drop for Active {
     }
 }
 
+/// Work that outlives its connection: a forwarded completion whose client hung up
+/// still runs to its end and commits. The drain waits for it too.
+#[derive(Default)]
+pub struct Background {
+    running: AtomicUsize,
+    count: watch::Sender<usize>,
+}
+
+/// One piece of background work; dropping it (however the task ends) counts it done.
+pub struct Running(Arc<Background>);
+
+impl Background {
+    /// Count a task as running until the returned guard is dropped.
+    pub fn start(self: &Arc<Self>) -> Running {
+        let now = self.running.fetch_add(1, Ordering::AcqRel) + 1;
+        self.count.send_replace(now);
+        Running(Arc::clone(self))
+    }
+
+    async fn finished(&self) {
+        let _ = self
+            .count
+            .subscribe()
+            .wait_for(|running| *running == 0)
+            .await;
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let now = self.0.running.fetch_sub(1, Ordering::AcqRel) - 1;
+        self.0.count.send_replace(now);
+    }
+}
+
 /// Pauses between failed `accept`s: 5 ms, doubling to 1 s.
 struct Backoff(Duration);
 
@@ -257,8 +292,8 @@ impl Backoff {
     }
 }
 
-/// Serve until `shutdown` completes, then stop accepting, let requests in flight
-/// finish (up to [`DRAIN`]), and call `App::finish`.
+/// Serve until `shutdown` completes, then stop accepting, let requests in flight and
+/// background work finish (up to [`DRAIN`]), and call `App::finish`.
 pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()>) {
     let connections = Arc::clone(&app.connections);
     let limits = app.limits;
@@ -324,8 +359,13 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
     }
     drop(listener);
     connections.close_all();
+    let drained = async {
+        connections.drained().await;
+        // Then what clients left behind: their charges are still to be committed.
+        app.background.finished().await;
+    };
     tokio::select! {
-        () = connections.drained() => {}
+        () = drained => {}
         () = tokio::time::sleep(DRAIN) => eprintln!("shutdown: requests still in flight after {DRAIN:?}"),
     }
     app.finish();

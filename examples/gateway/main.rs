@@ -378,6 +378,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         counters: options.counters.clone(),
         limits: options.limits,
         connections: Arc::default(),
+        background: Arc::default(),
         requests: Arc::new(
             requests::RequestLog::to_path(&options.request_log, options.rotation)
                 .map_err(|e| format!("--request-log {}: {e}", options.request_log))?,

@@ -183,7 +183,9 @@ async fn generate(app: &Arc<App>, request: HttpRequest<Incoming>, endpoint: Endp
     // (hyper drops this handler then, not the task). The request's RPM unit stays
     // taken with the commit.
     let app = Arc::clone(app);
+    let running = app.background.start();
     let call = tokio::spawn(async move {
+        let _running = running;
         let reply = complete_and_commit(&app, held, &work.call()).await;
         // The log line is the task's to finish: it is written with the charge even
         // when the client has gone.
@@ -309,7 +311,11 @@ async fn stream_chat(
         include_usage,
         trace,
     };
-    tokio::spawn(pump.run(held, stream, first));
+    let running = app.background.start();
+    tokio::spawn(async move {
+        let _running = running;
+        pump.run(held, stream, first).await;
+    });
     let mut reply = Response::new(SseBody { rx }.boxed());
     let headers = reply.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));

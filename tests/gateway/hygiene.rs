@@ -357,3 +357,29 @@ pub fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[tokio::test]
+async fn a_shutdown_waits_for_a_completion_whose_client_hung_up_and_it_is_charged() {
+    let mut gw = start_with(Options {
+        mock_delay: Duration::from_millis(400),
+        ..Options::default()
+    })
+    .await;
+    // The client gives up while the provider is still working.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(100),
+        gw.chat("sk-demo-prod", "gpt-4o-mini", Some(20)),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the client left before the answer");
+    // Shut down at once: no connection is open any more, but the completion is
+    // still running in its own task, and the drain waits for it.
+    gw.shut_down().await;
+    let org = gw.usage().await.org.current;
+    assert_eq!(org.requests, 1);
+    assert!(
+        org.cost > tollgate::Decimal::ZERO,
+        "the provider's work is charged"
+    );
+    assert_eq!(org.held, tollgate::Decimal::ZERO, "nothing is left held");
+}

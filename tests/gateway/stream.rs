@@ -716,6 +716,7 @@ impl Gateway {
             counters: None,
             limits: crate::connections::Limits::default(),
             connections: Arc::default(),
+            background: Arc::default(),
             requests: Arc::new(crate::requests::RequestLog::in_memory()),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

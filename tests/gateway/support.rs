@@ -149,6 +149,7 @@ pub async fn start_with(options: Options) -> Running {
         counters: options.counters,
         limits: options.limits,
         connections: Arc::default(),
+        background: Arc::default(),
         requests: Arc::new(match &options.request_log {
             Some(path) => RequestLog::to_path(path.to_str().unwrap(), options.rotation)
                 .expect("the request log opens"),
