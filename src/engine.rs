@@ -21,6 +21,7 @@ use crate::reservation::{Receipt, Reservation};
 use crate::snapshot::{Published, Snapshot, LEVELS, WALLET_LEVEL};
 use crate::store::{reserve_level, Tightest};
 use crate::sync::{Arc, SwapCell};
+use crate::telemetry::{self, MeterSource};
 
 /// The HTTP status a budget or wallet denial answers with.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -87,9 +88,31 @@ pub struct EngineBuilder {
     clock: StdArc<dyn Clock>,
     budget_status: BudgetStatus,
     events: Option<StdArc<dyn EventSink>>,
+    meter_source: MeterSource,
 }
 
 impl EngineBuilder {
+    /// Record metrics (feature `metrics`) with this recorder rather than the global
+    /// one: e.g. one `metrics-exporter-prometheus` recorder per engine, rendered by
+    /// its own handle. Without it, handles come from the global recorder installed
+    /// when the engine is built or a policy applied (the no-op recorder if none is),
+    /// so install a global recorder before building the engine. The metric names are
+    /// in [`metric_names`](crate::metric_names).
+    #[cfg(feature = "metrics")]
+    pub fn metrics_recorder(
+        mut self,
+        recorder: StdArc<dyn metrics::Recorder + Send + Sync>,
+    ) -> Self {
+        self.meter_source = MeterSource(Some(recorder));
+        self
+    }
+
+    #[cfg(feature = "redis")]
+    pub(crate) fn meter_source(mut self, source: MeterSource) -> Self {
+        self.meter_source = source;
+        self
+    }
+
     /// Report events (budget thresholds, key and workspace changes, sampled denials)
     /// to `sink`. Without one, the engine tracks nothing for events and pays nothing.
     pub fn events(mut self, sink: StdArc<dyn EventSink>) -> Self {
@@ -129,6 +152,7 @@ impl EngineBuilder {
     pub fn build(self) -> Engine {
         let mut snapshot = Snapshot::build(self.policy, None, self.clock);
         snapshot.events = self.events.map(|sink| StdArc::new(Events::new(sink)));
+        snapshot.set_meter_source(self.meter_source);
         Engine {
             inner: StdArc::new(Inner {
                 snapshot: SwapCell::new(Arc::new(Published::new(snapshot))),
@@ -153,6 +177,7 @@ impl Engine {
             clock: StdArc::new(SystemClock::new()),
             budget_status: BudgetStatus::default(),
             events: None,
+            meter_source: MeterSource::default(),
         }
     }
 
@@ -174,8 +199,14 @@ impl Engine {
         let snap: &Snapshot = &published;
         let now = snap.clock.now();
         let result = self.reserve(&published, request, now);
-        if let (Err(denial), Some(events)) = (&result, &snap.events) {
-            events.denied(denial, now);
+        match &result {
+            Ok(reservation) => snap.meters.admitted(reservation.route),
+            Err(denial) => {
+                telemetry::denied(&snap.meters, denial);
+                if let Some(events) = &snap.events {
+                    events.denied(denial, now);
+                }
+            }
         }
         result
     }
@@ -370,6 +401,7 @@ impl Engine {
         let now = next.clock.now();
         let events = next.events.clone();
         self.inner.snapshot.store(Arc::new(Published::new(next)));
+        telemetry::policy_changed(&applied.event, actor);
         if let Some(events) = events {
             events.emit(now, actor, applied.event);
         }

@@ -72,6 +72,9 @@ mod reservation;
 mod snapshot;
 mod store;
 mod sync;
+mod telemetry;
+#[cfg(feature = "tower")]
+pub mod tower;
 mod usage;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
@@ -95,3 +98,5 @@ pub use reservation::{LimitWindow, RateLimitStatus, Receipt, Reservation};
 pub use usage::{KeyUsage, ModelUsage, ScopeReport, ScopeUsage, UsageSnapshot, WorkspaceUsage};
 
 pub use rust_decimal::Decimal;
+#[cfg(feature = "metrics")]
+pub use telemetry::names as metric_names;

@@ -158,10 +158,12 @@ impl RedisEngine {
         inner.fallback.store(Arc::new(fallback::local_share(
             &next.policy,
             inner.config.expected_instances,
+            inner.config.meter_source(),
         )));
         let now = next.clock.now();
         let events = next.events.clone();
         inner.snapshot.store(Arc::new(next));
+        crate::telemetry::policy_changed(&applied.event, actor);
         if let Some(events) = events {
             events.emit(now, actor, applied.event);
         }

@@ -45,6 +45,7 @@ use crate::request::{Request, Usage};
 use crate::reservation::Receipt;
 use crate::snapshot::{Route, Snapshot, WALLET_LEVEL};
 use crate::store::Tightest;
+use crate::telemetry::{MeterSource, StoreMeters};
 
 use background::{Detach, Hold, Renewals};
 use calls::{Call, Reserved, Ttls};
@@ -85,6 +86,19 @@ pub struct RedisConfig {
     /// Where events go (budget alerts, key and workspace changes, sampled denials).
     /// Budget alerts fire once per threshold per period across all instances.
     pub events: Option<Arc<dyn EventSink>>,
+    /// Record metrics (feature `metrics`) with this recorder rather than the global
+    /// one (see `EngineBuilder::metrics_recorder`).
+    #[cfg(feature = "metrics")]
+    pub metrics_recorder: Option<Arc<dyn metrics::Recorder + Send + Sync>>,
+}
+
+impl RedisConfig {
+    fn meter_source(&self) -> MeterSource {
+        #[cfg(feature = "metrics")]
+        return MeterSource(self.metrics_recorder.clone());
+        #[cfg(not(feature = "metrics"))]
+        MeterSource
+    }
 }
 
 impl Default for RedisConfig {
@@ -99,6 +113,8 @@ impl Default for RedisConfig {
             connection_timeout: Duration::from_millis(250),
             budget_status: BudgetStatus::default(),
             events: None,
+            #[cfg(feature = "metrics")]
+            metrics_recorder: None,
         }
     }
 }
@@ -158,6 +174,8 @@ pub(crate) struct Inner {
     renewals: Renewals,
     /// Releases being retried in the background.
     releases_in_flight: AtomicUsize,
+    /// Store errors and call latency (feature `metrics`).
+    store_meters: StoreMeters,
 }
 
 /// A commit that Redis has not acknowledged: both groups' calls, replayable because
@@ -239,8 +257,11 @@ impl RedisEngine {
     fn started(connection: Connection, policy: Policy, config: RedisConfig) -> Self {
         let config_ttl = config.reservation_ttl;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock::new());
-        let fallback = fallback::local_share(&policy, config.expected_instances);
+        let fallback =
+            fallback::local_share(&policy, config.expected_instances, config.meter_source());
         let mut snapshot = Snapshot::build(policy, None, Arc::clone(&clock));
+        snapshot.set_meter_source(config.meter_source());
+        let store_meters = StoreMeters::register(&config.meter_source(), &Function::NAMES);
         snapshot.events = config
             .events
             .clone()
@@ -269,6 +290,7 @@ impl RedisEngine {
                 handles: Arc::downgrade(&handle),
                 renewals: Renewals::new(config_ttl),
                 releases_in_flight: AtomicUsize::new(0),
+                store_meters,
             }),
             _handle: handle,
         }
@@ -294,8 +316,11 @@ impl RedisEngine {
         let snap = self.inner.snapshot.load_full();
         let now = self.inner.clock.now();
         let result = self.reserve(&snap, request, now).await;
-        if let (Err(denial), Some(events)) = (&result, &snap.events) {
-            events.denied(denial, now);
+        if let Err(denial) = &result {
+            crate::telemetry::denied(&snap.meters, denial);
+            if let Some(events) = &snap.events {
+                events.denied(denial, now);
+            }
         }
         result
     }
@@ -311,7 +336,10 @@ impl RedisEngine {
         let admission = admit(snap, request, now, status)?;
         let remote = Inner::reserve(Arc::clone(inner), Arc::clone(snap), admission, now);
         match Detach::new(remote).await {
-            Reserve::Admitted(reservation) => Ok(reservation),
+            Reserve::Admitted(reservation) => {
+                snap.meters.admitted(admission.route);
+                Ok(reservation)
+            }
             Reserve::Denied(denial) => Err(denial),
             Reserve::Failed(kind) => {
                 let workspace = &snap.policy.workspaces[admission.route.workspace as usize];
@@ -319,9 +347,12 @@ impl RedisEngine {
                     && workspace.on_store_error == StoreFailureMode::Open
                 {
                     if let Some(local) = inner.fallback.load().as_ref() {
-                        return local
-                            .check_and_reserve(request)
-                            .map(RedisReservation::local);
+                        let local = local.check_and_reserve(request);
+                        if local.is_ok() {
+                            snap.meters.fail_open(admission.route);
+                            crate::telemetry::fail_open(&workspace.id);
+                        }
+                        return local.map(RedisReservation::local);
                     }
                 }
                 Err(denial(
@@ -451,12 +482,19 @@ impl Inner {
     }
 
     fn record_error(&self, error: StoreError) {
+        crate::telemetry::store_error(&error);
+        self.store_meters.error(error.kind);
         *self.last_error.lock() = Some(error);
     }
 
     async fn run(&self, function: Function, call: &Call) -> Result<Value, StoreError> {
         let mut connection = self.connection.clone();
-        scripts::call(&mut connection, function, &call.keys, &call.args).await
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
+        let reply = scripts::call(&mut connection, function, &call.keys, &call.args).await;
+        #[cfg(feature = "metrics")]
+        self.store_meters.call(function as usize, started.elapsed());
+        reply
     }
 
     /// Both groups' reserves and what they mean, owning everything it needs: it runs
@@ -676,6 +714,6 @@ impl std::fmt::Debug for RedisConfig {
             .field("connection_timeout", &self.connection_timeout)
             .field("budget_status", &self.budget_status)
             .field("events", &self.events.is_some())
-            .finish()
+            .finish_non_exhaustive()
     }
 }

@@ -24,14 +24,11 @@ pub(crate) enum Function {
 }
 
 impl Function {
+    /// Every function's name, in the order of the enum (`function as usize`).
+    pub(crate) const NAMES: [&'static str; 5] = ["reserve", "commit", "release", "follow", "renew"];
+
     pub(crate) fn name(self) -> &'static str {
-        match self {
-            Function::Reserve => "reserve",
-            Function::Commit => "commit",
-            Function::Release => "release",
-            Function::Follow => "follow",
-            Function::Renew => "renew",
-        }
+        Self::NAMES[self as usize]
     }
 }
 
