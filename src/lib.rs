@@ -79,7 +79,9 @@ mod usage;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use control::{IssuedKey, NewKey, WorkspaceUpdate};
-pub use denial::{Denial, DenialReason, Error, Quota, Scope, StoreError, StoreErrorKind};
+pub use denial::{
+    openai_error_type, Denial, DenialReason, Error, Quota, Scope, StoreError, StoreErrorKind,
+};
 pub use engine::{BudgetStatus, Engine, EngineBuilder};
 pub use events::{ChannelSink, Event, EventKind, EventSink, ScopeRef};
 pub use headers::{HeaderValue, RateLimitHeaders, TOKEN_QUOTA_UNIT};

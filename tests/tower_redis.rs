@@ -1,0 +1,53 @@
+//! The tower layer's scenarios (`tests/support/tower_app.rs`) over the Redis engine,
+//! each against its own real `redis-server`: `cargo test --features redis,tower --test
+//! tower_redis` (CI does).
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+#[path = "support/tower_app.rs"]
+mod tower_app;
+
+use redis_server::{require_redis, RedisServer};
+use tollgate::{RedisConfig, RedisEngine, UsageSnapshot};
+use tower_app::Backend;
+
+impl Backend for RedisEngine {
+    async fn usage(&self) -> UsageSnapshot {
+        RedisEngine::usage(self)
+            .await
+            .expect("usage read from Redis")
+    }
+}
+
+/// A server and an engine on it, or `None` when Redis tests are skipped.
+async fn engine() -> Option<(RedisServer, RedisEngine)> {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return None;
+    }
+    let server = RedisServer::start();
+    let engine = RedisEngine::connect(&server.url(), tower_app::policy(), RedisConfig::default())
+        .await
+        .expect("connected");
+    Some((server, engine))
+}
+
+macro_rules! on_redis {
+    ($($name:ident),* $(,)?) => {$(
+        #[tokio::test]
+        async fn $name() {
+            let Some((_server, engine)) = engine().await else { return };
+            tower_app::$name(engine).await;
+        }
+    )*};
+}
+
+on_redis!(
+    admitted_commits_the_response_extension,
+    denials_answer_with_status_code_and_headers,
+    a_handler_error_releases,
+    a_client_hanging_up_releases,
+    a_streamed_body_commits_at_its_end,
+    a_hang_up_mid_stream_charges_what_was_sent,
+    denials_can_be_answered_otherwise,
+);
