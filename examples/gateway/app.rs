@@ -31,6 +31,9 @@ pub struct App {
     pub audit: Audit,
     /// Where the in-memory engine's counters are saved on shutdown, if anywhere.
     pub counters: Option<PathBuf>,
+    /// Renders the engine's metrics for `GET /metrics`.
+    #[cfg(feature = "metrics")]
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 /// How long a shutdown waits for requests in flight.
@@ -43,6 +46,8 @@ impl App {
             (&Method::POST, "/v1/chat/completions") => openai::chat(&self, request).await,
             (&Method::POST, "/v1/embeddings") => openai::embeddings(&self, request).await,
             (&Method::GET, "/v1/models") => openai::models(&self, &request).await,
+            #[cfg(feature = "metrics")]
+            (&Method::GET, "/metrics") => crate::metrics::handle(&self, &request),
             (_, p) if p.starts_with("/admin/") => crate::admin::handle(&self, request).await,
             _ => error(StatusCode::NOT_FOUND, "not_found", "no such route"),
         }

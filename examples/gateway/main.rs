@@ -23,12 +23,17 @@
 //!   current directory (appended to); `-` for standard output
 //! - `--webhook URL` (repeatable) [`GATEWAY_WEBHOOKS`, comma-separated]: POST budget
 //!   threshold and budget exhausted events to this `http://` URL
+//! - `--metrics-addr HOST:PORT` [`GATEWAY_METRICS_ADDR`] (build with `--features
+//!   metrics`): also serve `GET /metrics` there, without a key; on the main address
+//!   `GET /metrics` takes an admin key
 
 mod admin;
 mod app;
 mod audit;
 mod backend;
 mod http;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod openai;
 mod provider;
 mod webhooks;
@@ -55,6 +60,7 @@ struct Options {
     audit_log: String,
     webhooks: Vec<String>,
     upstream: Option<String>,
+    metrics_addr: Option<String>,
 }
 
 impl Options {
@@ -78,6 +84,7 @@ impl Options {
             audit_log: env("GATEWAY_AUDIT_LOG").unwrap_or_else(|| "gateway-audit.jsonl".into()),
             webhooks: list(env("GATEWAY_WEBHOOKS")),
             upstream: env("GATEWAY_UPSTREAM"),
+            metrics_addr: env("GATEWAY_METRICS_ADDR"),
         };
         // A repeatable flag replaces its environment variable's list.
         let (mut admin_keys, mut webhooks) = (Vec::new(), Vec::new());
@@ -100,6 +107,7 @@ impl Options {
                 "--audit-log" => options.audit_log = value()?,
                 "--webhook" => webhooks.push(value()?),
                 "--upstream" => options.upstream = Some(value()?),
+                "--metrics-addr" => options.metrics_addr = Some(value()?),
                 "--help" | "-h" => return Err(usage()),
                 other => return Err(format!("unknown flag {other}\n{}", usage())),
             }
@@ -145,14 +153,22 @@ fn usage() -> String {
     "usage: gateway [--addr HOST:PORT] [--policy FILE] [--redis URL] \
      [--reservation-ttl-secs N] [--mock-delay-ms N] \
      [--counters FILE] [--upstream URL] \
-     [--admin-key NAME:ROLE:SECRET]... [--audit-log PATH|-] [--webhook URL]..."
+     [--admin-key NAME:ROLE:SECRET]... [--audit-log PATH|-] [--webhook URL]... \
+     [--metrics-addr HOST:PORT]"
         .into()
 }
+
+/// The engine's metrics recorder, when the build has metrics.
+#[cfg(feature = "metrics")]
+type Recorder = Option<Arc<metrics_exporter_prometheus::PrometheusRecorder>>;
+#[cfg(not(feature = "metrics"))]
+type Recorder = ();
 
 async fn backend(
     options: &Options,
     policy: Policy,
     events: Arc<dyn EventSink>,
+    recorder: Recorder,
 ) -> Result<Backend, Box<dyn std::error::Error>> {
     if let Some(url) = &options.redis {
         #[cfg(feature = "redis")]
@@ -163,6 +179,8 @@ async fn backend(
                 reservation_ttl: options
                     .reservation_ttl_secs
                     .map_or(defaults.reservation_ttl, Duration::from_secs),
+                #[cfg(feature = "metrics")]
+                metrics_recorder: recorder.map(|r| r as _),
                 ..defaults
             };
             let engine = tollgate::RedisEngine::connect(url, policy, config).await?;
@@ -178,6 +196,13 @@ async fn backend(
         eprintln!("--reservation-ttl-secs: only the Redis backend has reservation TTLs; ignored");
     }
     let builder = Engine::builder(policy).events(events);
+    #[cfg(feature = "metrics")]
+    let builder = match recorder {
+        Some(recorder) => builder.metrics_recorder(recorder),
+        None => builder,
+    };
+    #[cfg(not(feature = "metrics"))]
+    let () = recorder;
     let engine = match &options.counters {
         Some(path) if path.exists() => builder.restore_counters(path)?,
         _ => builder.build(),
@@ -219,13 +244,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         webhooks: webhooks::Webhooks::start(&options.webhooks, webhooks::Config::default())
             .unwrap_or_else(|message| exit(&message)),
     });
+    #[cfg(feature = "metrics")]
+    let (recorder, metrics) = {
+        let (recorder, handle) = metrics::recorder();
+        (Some(recorder), handle)
+    };
+    #[cfg(not(feature = "metrics"))]
+    let recorder = ();
+    let sink = Arc::clone(&events) as Arc<dyn EventSink>;
     let app = Arc::new(App {
-        backend: backend(&options, policy, Arc::clone(&events) as Arc<dyn EventSink>).await?,
+        backend: backend(&options, policy, sink, recorder).await?,
         provider,
         admin: admin_keys,
         audit,
         counters: options.counters.clone(),
+        #[cfg(feature = "metrics")]
+        metrics,
     });
+    serve_metrics(&options, &app).await?;
     let listener = tokio::net::TcpListener::bind(&options.addr).await?;
     let url = format!("http://{}", listener.local_addr()?);
     print_welcome(
@@ -255,6 +291,28 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         hooks.dropped()
     );
     Ok(())
+}
+
+/// `--metrics-addr`: `GET /metrics` on its own listener.
+#[cfg(feature = "metrics")]
+async fn serve_metrics(options: &Options, app: &App) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(addr) = &options.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        println!("metrics: http://{}/metrics", listener.local_addr()?);
+        tokio::spawn(metrics::serve(listener, app.metrics.clone()));
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "metrics"))]
+async fn serve_metrics(options: &Options, _: &App) -> Result<(), Box<dyn std::error::Error>> {
+    match &options.metrics_addr {
+        Some(addr) => Err(format!(
+            "--metrics-addr {addr}: this build has no metrics; run with --features metrics"
+        )
+        .into()),
+        None => Ok(()),
+    }
 }
 
 fn print_welcome(url: &str, policy_path: &str, backend: &str, provider: &str) {

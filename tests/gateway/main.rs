@@ -5,7 +5,8 @@
 //!
 //! The in-memory engine by default; `TOLLGATE_GATEWAY_BACKEND=redis` (with
 //! `--features redis`) runs the same suite on the Redis backend against a real
-//! `redis-server` the tests start.
+//! `redis-server` the tests start. With `--features metrics`, `GET /metrics` is
+//! tested too.
 
 #[path = "../../examples/gateway/admin.rs"]
 mod admin;
@@ -17,6 +18,9 @@ mod audit;
 mod backend;
 #[path = "../../examples/gateway/http.rs"]
 mod http;
+#[cfg(feature = "metrics")]
+#[path = "../../examples/gateway/metrics.rs"]
+mod metrics;
 #[path = "../../examples/gateway/openai.rs"]
 mod openai;
 #[path = "../../examples/gateway/provider.rs"]
@@ -30,5 +34,7 @@ mod redis_server;
 
 mod admin_api;
 mod chat;
+#[cfg(feature = "metrics")]
+mod metrics_endpoint;
 mod stream;
 mod support;

@@ -710,6 +710,8 @@ impl Gateway {
             admin: crate::admin::AdminKeys::default(),
             audit: crate::audit::Audit::default(),
             counters: None,
+            #[cfg(feature = "metrics")]
+            metrics: crate::metrics::recorder().1,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
