@@ -97,7 +97,7 @@ impl RedisConfig {
         #[cfg(feature = "metrics")]
         return MeterSource(self.metrics_recorder.clone());
         #[cfg(not(feature = "metrics"))]
-        MeterSource
+        MeterSource::default()
     }
 }
 

@@ -45,8 +45,9 @@ mod off {
     use crate::request::Usage;
     use crate::snapshot::Route;
 
+    /// Not a unit struct, so it is built with `default()` with the feature or without.
     #[derive(Clone, Default)]
-    pub(crate) struct MeterSource;
+    pub(crate) struct MeterSource(());
 
     #[derive(Default)]
     pub(crate) struct Meters;
