@@ -1,0 +1,111 @@
+//! Features `tracing` and `metrics` on the Redis engine, against a real
+//! `redis-server`: admissions and spend metered like the in-memory engine, each
+//! function call's latency recorded, and while Redis is down, store errors and
+//! fail-open admissions counted and traced.
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+#[path = "support/telemetry.rs"]
+mod telemetry;
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusBuilder;
+use redis_server::{require_redis, RedisServer};
+use telemetry::{series, Recording};
+use tollgate::metric_names::{ADMITTED, FAIL_OPEN, IN_FLIGHT, REDIS_CALL, SPEND, STORE_ERRORS};
+use tollgate::*;
+use tracing::Level;
+
+fn dec(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn redis_calls_store_errors_and_fail_open_are_metered_and_traced() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let mut server = RedisServer::start();
+    let policy = Policy::new(
+        PolicyDocument::new(OrgSpec::new("acme"))
+            .model(ModelSpec::new("m", dec("1"), dec("2")))
+            .workspace(
+                WorkspaceSpec::new("ws", "one")
+                    .grant("m")
+                    .on_store_error(StoreFailureMode::Open),
+            )
+            .key(KeySpec::new("k", "ws", "sk-k")),
+    )
+    .unwrap();
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let config = RedisConfig {
+        metrics_recorder: Some(Arc::new(recorder)),
+        ..RedisConfig::default()
+    };
+    let engine = RedisEngine::connect(&server.url(), policy, config)
+        .await
+        .unwrap();
+    let request = Request::with_key_id("k", "m")
+        .input_tokens(1_000)
+        .max_output_tokens(500);
+    let r = engine.check_and_reserve(&request).await.unwrap();
+    engine
+        .commit_usage(r, Usage::new(1_000, 200))
+        .await
+        .unwrap();
+
+    let text = handle.render();
+    let ws_m = [("workspace", "ws"), ("model", "m")];
+    assert_eq!(series(&text, ADMITTED, &ws_m), Some(1.0), "{text}");
+    assert_eq!(series(&text, SPEND, &ws_m), Some(1_400_000_000.0));
+    assert_eq!(series(&text, IN_FLIGHT, &[("workspace", "ws")]), Some(0.0));
+    // Reserve and commit: one call each on the workspace's and the org's hash tag.
+    let calls = |function| {
+        series(
+            &text,
+            &format!("{REDIS_CALL}_count"),
+            &[("function", function)],
+        )
+    };
+    assert_eq!(calls("reserve"), Some(2.0), "{text}");
+    assert_eq!(calls("commit"), Some(2.0), "{text}");
+
+    server.kill();
+    let recording = Recording::default();
+    let local = {
+        let _guard = tracing::subscriber::set_default(recording.clone());
+        engine.check_and_reserve(&request).await.unwrap()
+    };
+    assert!(local.is_local());
+    let text = handle.render();
+    assert_eq!(
+        series(&text, FAIL_OPEN, &[("workspace", "ws")]),
+        Some(1.0),
+        "{text}"
+    );
+    let transient = series(&text, STORE_ERRORS, &[("kind", "transient")]).unwrap();
+    assert!(transient >= 1.0, "{text}");
+    // The local admission is counted as an admission too, where the engine's are.
+    assert_eq!(series(&text, ADMITTED, &ws_m), Some(2.0), "{text}");
+    let events = recording.events();
+    let warnings: Vec<_> = events.iter().filter(|e| e.level == Level::WARN).collect();
+    assert!(
+        warnings.iter().all(|e| e.target == "tollgate"),
+        "{events:?}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|e| e.field("kind") == Some("transient")),
+        "a store error: {events:?}"
+    );
+    assert!(
+        warnings.iter().any(|e| e.field("workspace") == Some("ws")),
+        "a fail-open admission: {events:?}"
+    );
+    drop(local);
+}
