@@ -2,6 +2,7 @@
 //! port, called by a real HTTP client, over the in-memory engine. The same
 //! scenarios run over Redis in `tests/tower_redis.rs`.
 
+#[macro_use]
 #[path = "support/tower_app.rs"]
 mod tower_app;
 
@@ -14,41 +15,8 @@ impl Backend for Engine {
     }
 }
 
-fn engine() -> Engine {
-    Engine::new(tower_app::policy())
+async fn engine() -> Option<((), Engine)> {
+    Some(((), Engine::new(tower_app::policy())))
 }
 
-#[tokio::test]
-async fn admitted_commits_the_response_extension() {
-    tower_app::admitted_commits_the_response_extension(engine()).await;
-}
-
-#[tokio::test]
-async fn denials_answer_with_status_code_and_headers() {
-    tower_app::denials_answer_with_status_code_and_headers(engine()).await;
-}
-
-#[tokio::test]
-async fn a_handler_error_releases() {
-    tower_app::a_handler_error_releases(engine()).await;
-}
-
-#[tokio::test]
-async fn a_client_hanging_up_releases() {
-    tower_app::a_client_hanging_up_releases(engine()).await;
-}
-
-#[tokio::test]
-async fn a_streamed_body_commits_at_its_end() {
-    tower_app::a_streamed_body_commits_at_its_end(engine()).await;
-}
-
-#[tokio::test]
-async fn a_hang_up_mid_stream_charges_what_was_sent() {
-    tower_app::a_hang_up_mid_stream_charges_what_was_sent(engine()).await;
-}
-
-#[tokio::test]
-async fn denials_can_be_answered_otherwise() {
-    tower_app::denials_can_be_answered_otherwise(engine()).await;
-}
+scenarios!(engine());

@@ -4,6 +4,7 @@
 
 #[path = "support/redis_server.rs"]
 mod redis_server;
+#[macro_use]
 #[path = "support/tower_app.rs"]
 mod tower_app;
 
@@ -32,22 +33,4 @@ async fn engine() -> Option<(RedisServer, RedisEngine)> {
     Some((server, engine))
 }
 
-macro_rules! on_redis {
-    ($($name:ident),* $(,)?) => {$(
-        #[tokio::test]
-        async fn $name() {
-            let Some((_server, engine)) = engine().await else { return };
-            tower_app::$name(engine).await;
-        }
-    )*};
-}
-
-on_redis!(
-    admitted_commits_the_response_extension,
-    denials_answer_with_status_code_and_headers,
-    a_handler_error_releases,
-    a_client_hanging_up_releases,
-    a_streamed_body_commits_at_its_end,
-    a_hang_up_mid_stream_charges_what_was_sent,
-    denials_can_be_answered_otherwise,
-);
+scenarios!(engine());

@@ -30,6 +30,30 @@ use tollgate::{
     PolicyDocument, ScopeReport, Usage, UsageSnapshot, WorkspaceSpec,
 };
 
+/// One `#[tokio::test]` per scenario below, each on a fresh limiter from `$setup`
+/// (an async call giving `Option<(guard, limiter)>`; `None` skips, the guard lives as
+/// long as the test).
+macro_rules! scenarios {
+    ($setup:expr) => {
+        scenarios!(@each $setup;
+            admitted_commits_the_response_extension,
+            denials_answer_with_status_code_and_headers,
+            a_handler_error_releases,
+            a_client_hanging_up_releases,
+            a_streamed_body_commits_at_its_end,
+            a_hang_up_mid_stream_charges_what_was_sent,
+            denials_can_be_answered_otherwise,
+        );
+    };
+    (@each $setup:expr; $($name:ident),* $(,)?) => {$(
+        #[tokio::test]
+        async fn $name() {
+            let Some((_guard, limiter)) = $setup.await else { return };
+            tower_app::$name(limiter).await;
+        }
+    )*};
+}
+
 /// A backend under test: a limiter whose usage the tests can read.
 pub trait Backend: Limiter + Clone + 'static {
     fn usage(&self) -> impl Future<Output = UsageSnapshot> + Send;
