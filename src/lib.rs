@@ -45,6 +45,16 @@
 //! }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! ## Features
+//!
+//! - `redis`: `RedisEngine`, counters shared by every gateway instance.
+//! - `tower`: `tower::TollgateLayer`, a tower 0.5 layer reserving before an `http`
+//!   service and committing after it, over any [`Limiter`].
+//! - `tracing`: events (target `tollgate`) for denials, counter-store errors, fail-open
+//!   admissions, policy changes and dropped events; none for an admitted request.
+//! - `metrics`: counters, gauges and histograms through the `metrics` 0.24 facade (names
+//!   in `metric_names`), by workspace and model, allocation-free on the request path.
 #![deny(missing_docs)]
 
 mod alerts;
