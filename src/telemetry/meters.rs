@@ -93,18 +93,26 @@ fn reason_index(reason: DenialReason) -> usize {
 #[derive(Default)]
 pub(crate) struct Meters {
     models: usize,
-    /// By workspace × model (`workspace * models + model`).
-    admitted: Box<[Counter]>,
-    spend: Box<[Counter]>,
-    input_tokens: Box<[Counter]>,
-    output_tokens: Box<[Counter]>,
-    /// By workspace.
-    in_flight: Box<[Gauge]>,
-    budget_used: Box<[Gauge]>,
-    #[cfg(feature = "redis")]
-    fail_open: Box<[Counter]>,
+    /// By workspace × model (`workspace * models + model`): one request's handles
+    /// side by side.
+    pairs: Box<[PairMeters]>,
+    workspaces: Box<[WorkspaceMeters]>,
     /// By scope × reason.
     denied: Box<[Counter]>,
+}
+
+struct PairMeters {
+    admitted: Counter,
+    spend: Counter,
+    input_tokens: Counter,
+    output_tokens: Counter,
+}
+
+struct WorkspaceMeters {
+    in_flight: Gauge,
+    budget_used: Gauge,
+    #[cfg(feature = "redis")]
+    fail_open: Counter,
 }
 
 impl Meters {
@@ -115,39 +123,30 @@ impl Meters {
                 models: policy.models.len(),
                 ..Meters::default()
             };
-            let (mut admitted, mut spend, mut input, mut output) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let mut pairs = Vec::with_capacity(policy.workspaces.len() * policy.models.len());
             for ws in &policy.workspaces {
                 let w = ws.id.to_string();
                 for model in &policy.models {
                     let m = model.name.to_string();
-                    admitted.push(metrics::counter!(ADMITTED, "workspace" => w.clone(), "model" => m.clone()));
-                    spend.push(metrics::counter!(SPEND, "workspace" => w.clone(), "model" => m.clone()));
-                    input.push(metrics::counter!(TOKENS, "workspace" => w.clone(), "model" => m.clone(), "direction" => "input"));
-                    output.push(metrics::counter!(TOKENS, "workspace" => w.clone(), "model" => m, "direction" => "output"));
+                    pairs.push(PairMeters {
+                        admitted: metrics::counter!(ADMITTED, "workspace" => w.clone(), "model" => m.clone()),
+                        spend: metrics::counter!(SPEND, "workspace" => w.clone(), "model" => m.clone()),
+                        input_tokens: metrics::counter!(TOKENS, "workspace" => w.clone(), "model" => m.clone(), "direction" => "input"),
+                        output_tokens: metrics::counter!(TOKENS, "workspace" => w.clone(), "model" => m, "direction" => "output"),
+                    });
                 }
             }
-            meters.admitted = admitted.into();
-            meters.spend = spend.into();
-            meters.input_tokens = input.into();
-            meters.output_tokens = output.into();
-            let per_workspace = |name: &'static str| -> Box<[Gauge]> {
-                policy
-                    .workspaces
-                    .iter()
-                    .map(|ws| metrics::gauge!(name, "workspace" => ws.id.to_string()))
-                    .collect()
-            };
-            meters.in_flight = per_workspace(IN_FLIGHT);
-            meters.budget_used = per_workspace(BUDGET_USED);
-            #[cfg(feature = "redis")]
-            {
-                meters.fail_open = policy
+            meters.pairs = pairs.into();
+            meters.workspaces = policy
                 .workspaces
                 .iter()
-                .map(|ws| metrics::counter!(FAIL_OPEN, "workspace" => ws.id.to_string()))
+                .map(|ws| WorkspaceMeters {
+                    in_flight: metrics::gauge!(IN_FLIGHT, "workspace" => ws.id.to_string()),
+                    budget_used: metrics::gauge!(BUDGET_USED, "workspace" => ws.id.to_string()),
+                    #[cfg(feature = "redis")]
+                    fail_open: metrics::counter!(FAIL_OPEN, "workspace" => ws.id.to_string()),
+                })
                 .collect();
-            }
             meters.denied = SCOPES
                 .iter()
                 .flat_map(|&scope| {
@@ -161,31 +160,36 @@ impl Meters {
     }
 
     #[inline]
-    fn pair(&self, route: Route) -> usize {
-        route.workspace as usize * self.models + route.model as usize
+    fn pair(&self, route: Route) -> &PairMeters {
+        &self.pairs[route.workspace as usize * self.models + route.model as usize]
+    }
+
+    #[inline]
+    fn workspace(&self, route: Route) -> &WorkspaceMeters {
+        &self.workspaces[route.workspace as usize]
     }
 
     /// Counted when a reservation is handed to the caller.
     #[inline]
     pub(crate) fn admitted(&self, route: Route) {
-        self.admitted[self.pair(route)].increment(1);
-        self.in_flight[route.workspace as usize].increment(1.0);
+        self.pair(route).admitted.increment(1);
+        self.workspace(route).in_flight.increment(1.0);
     }
 
     /// A reservation dropped without commit.
     #[inline]
     pub(crate) fn released(&self, route: Route) {
-        self.in_flight[route.workspace as usize].decrement(1.0);
+        self.workspace(route).in_flight.decrement(1.0);
     }
 
     /// A reservation committed at `cost` pico-dollars.
     #[inline]
     pub(crate) fn committed(&self, route: Route, cost: i64, usage: Usage) {
         let pair = self.pair(route);
-        self.spend[pair].increment(u64::try_from(cost).unwrap_or(0));
-        self.input_tokens[pair].increment(u64::from(usage.input_tokens));
-        self.output_tokens[pair].increment(u64::from(usage.output_tokens));
-        self.in_flight[route.workspace as usize].decrement(1.0);
+        pair.spend.increment(u64::try_from(cost).unwrap_or(0));
+        pair.input_tokens.increment(u64::from(usage.input_tokens));
+        pair.output_tokens.increment(u64::from(usage.output_tokens));
+        self.workspace(route).in_flight.decrement(1.0);
     }
 
     /// The workspace's committed spend in its period against its budget (pico-dollars).
@@ -198,7 +202,7 @@ impl Meters {
         } else {
             1.0
         };
-        self.budget_used[route.workspace as usize].set(ratio);
+        self.workspace(route).budget_used.set(ratio);
     }
 
     pub(crate) fn denied(&self, denial: &Denial) {
@@ -209,7 +213,7 @@ impl Meters {
     #[cfg(feature = "redis")]
     #[cold]
     pub(crate) fn fail_open(&self, route: Route) {
-        self.fail_open[route.workspace as usize].increment(1);
+        self.workspace(route).fail_open.increment(1);
     }
 }
 
