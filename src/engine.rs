@@ -200,7 +200,10 @@ impl Engine {
         let now = snap.clock.now();
         let result = self.reserve(&published, request, now);
         match &result {
-            Ok(reservation) => snap.meters.admitted(reservation.route),
+            Ok(reservation) => {
+                snap.meters.admitted(reservation.route);
+                snap.meters.held(reservation.route);
+            }
             Err(denial) => {
                 telemetry::denied(&snap.meters, denial);
                 if let Some(events) = &snap.events {

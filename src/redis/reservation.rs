@@ -69,6 +69,7 @@ impl RedisReservation {
         taken: Instant,
     ) -> Self {
         let renewal = engine.renewals.register(&engine, &hold, taken);
+        snapshot.meters.held(admission.route);
         RedisReservation {
             kind: Kind::Remote(Remote {
                 engine,

@@ -173,6 +173,13 @@ impl Meters {
     #[inline]
     pub(crate) fn admitted(&self, route: Route) {
         self.pair(route).admitted.increment(1);
+    }
+
+    /// A reservation now exists, until it is committed or released. (Apart from
+    /// `admitted`: a Redis reservation whose caller went away exists, and is released,
+    /// without ever being handed to anyone.)
+    #[inline]
+    pub(crate) fn held(&self, route: Route) {
         self.workspace(route).in_flight.increment(1.0);
     }
 

@@ -59,6 +59,8 @@ mod off {
         #[inline(always)]
         pub(crate) fn admitted(&self, _: Route) {}
         #[inline(always)]
+        pub(crate) fn held(&self, _: Route) {}
+        #[inline(always)]
         pub(crate) fn released(&self, _: Route) {}
         #[inline(always)]
         pub(crate) fn committed(&self, _: Route, _: i64, _: Usage) {}
