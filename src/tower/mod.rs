@@ -28,15 +28,48 @@
 //! the request's extensions for the extractor to pick up.
 //!
 //! ```
+//! use std::convert::Infallible;
 //! use tollgate::tower::{bearer_token, Extracted, Rejection, TollgateLayer};
-//! # fn run(engine: tollgate::Engine) {
-//! let layer = TollgateLayer::new(engine, |request: &http::Request<String>| {
+//! use tollgate::{Engine, Policy, Usage};
+//! use tower::{service_fn, Layer, ServiceExt};
+//!
+//! # let engine = Engine::new(Policy::from_toml_str(r#"
+//! #     [org]
+//! #     id = "acme"
+//! #     [[models]]
+//! #     name = "gpt-4o-mini"
+//! #     input_per_million = "0.15"
+//! #     output_per_million = "0.60"
+//! #     [[workspaces]]
+//! #     id = "ws"
+//! #     name = "chat"
+//! #     models = ["gpt-4o-mini"]
+//! #     limits = { rpm = 60 }
+//! #     [[keys]]
+//! #     id = "k"
+//! #     workspace = "ws"
+//! #     secret_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+//! # "#)?);
+//! let layer = TollgateLayer::new(engine.clone(), |request: &http::Request<String>| -> Result<_, Rejection> {
 //!     let key = bearer_token(request).ok_or_else(|| Rejection::unauthorized("missing bearer key"))?;
-//!     let model = request.headers().get("x-model").and_then(|v| v.to_str().ok()).unwrap_or("gpt-4o-mini");
-//!     Ok(Extracted::secret(key, model).input_tokens(500).max_output_tokens(200))
+//!     Ok(Extracted::secret(key, "gpt-4o-mini").input_tokens(500).max_output_tokens(200))
 //! });
-//! # let _ = layer;
-//! # }
+//! // The service answers with the usage the provider reported: the layer commits it.
+//! let service = layer.layer(service_fn(|_request: http::Request<String>| async {
+//!     let mut response = http::Response::new(http_body_util::Full::new(bytes::Bytes::from("hi")));
+//!     response.extensions_mut().insert(Usage::new(480, 20));
+//!     Ok::<_, Infallible>(response)
+//! }));
+//!
+//! let request = http::Request::builder()
+//!     .header("authorization", "Bearer test")
+//!     .body(String::new())?;
+//! let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+//! let response = runtime.block_on(service.oneshot(request))?;
+//! assert_eq!(response.status(), 200);
+//! assert_eq!(response.headers()["x-ratelimit-remaining-requests"], "59");
+//! assert_eq!(engine.usage().org.current.input_tokens, 480);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 mod body;
