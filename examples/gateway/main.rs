@@ -364,6 +364,8 @@ fn print_admin(url: &str, app: &App, configured: bool, hooks: &webhooks::Webhook
         );
     }
     println!("audit log: {}", app.audit.destination());
+    #[cfg(feature = "metrics")]
+    println!("metrics (Prometheus text): curl {url}/metrics -H 'Authorization: Bearer ADMIN_KEY'");
     match hooks.urls() {
         [] => println!("webhooks: none (--webhook URL for budget alerts)"),
         urls => {
