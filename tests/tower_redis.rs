@@ -34,3 +34,19 @@ async fn engine() -> Option<(RedisServer, RedisEngine)> {
 }
 
 scenarios!(engine());
+
+/// Redis unreachable, the workspace failing closed: 503 `store_unavailable`, and the
+/// handler is not called.
+#[tokio::test]
+async fn an_unreachable_store_answers_503() {
+    let Some((mut server, engine)) = engine().await else {
+        return;
+    };
+    let served = tower_app::serve(engine).await;
+    server.kill();
+    let reply = served.call("/json", Some("sk-k"), "m").await;
+    assert_eq!(reply.status.as_u16(), 503, "{}", reply.body);
+    assert_eq!(reply.json()["error"]["code"], "store_unavailable");
+    assert_eq!(reply.json()["error"]["type"], "server_error");
+    assert_eq!(reply.header("retry-after"), None);
+}
