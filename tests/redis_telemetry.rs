@@ -14,7 +14,9 @@ use std::sync::Arc;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use redis_server::{require_redis, RedisServer};
 use telemetry::{series, Recording};
-use tollgate::metric_names::{ADMITTED, FAIL_OPEN, IN_FLIGHT, REDIS_CALL, SPEND, STORE_ERRORS};
+use tollgate::metric_names::{
+    ADMITTED, DENIED, FAIL_OPEN, IN_FLIGHT, REDIS_CALL, SPEND, STORE_ERRORS,
+};
 use tollgate::*;
 use tracing::Level;
 
@@ -35,6 +37,10 @@ async fn redis_calls_store_errors_and_fail_open_are_metered_and_traced() {
             .workspace(
                 WorkspaceSpec::new("ws", "one")
                     .grant("m")
+                    .limits(LimitsSpec {
+                        max_concurrent: Some(5),
+                        ..LimitsSpec::default()
+                    })
                     .on_store_error(StoreFailureMode::Open),
             )
             .key(KeySpec::new("k", "ws", "sk-k")),
@@ -108,4 +114,45 @@ async fn redis_calls_store_errors_and_fail_open_are_metered_and_traced() {
         "a fail-open admission: {events:?}"
     );
     drop(local);
+
+    // A request the local limiter refuses is counted once, by the local limiter.
+    let before = series(
+        &handle.render(),
+        DENIED,
+        &[("scope", "workspace_model"), ("reason", "unknown_model")],
+    );
+    assert_eq!(before, Some(0.0));
+    let unknown = engine
+        .check_and_reserve(&Request::with_key_id("k", "no-such-model"))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.reason, DenialReason::UnknownModel);
+    let text = handle.render();
+    assert_eq!(
+        series(
+            &text,
+            DENIED,
+            &[("scope", "workspace_model"), ("reason", "unknown_model")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    // Requests over the local share are refused by it, and counted once each.
+    let small = Request::with_key_id("k", "m")
+        .input_tokens(1)
+        .max_output_tokens(1);
+    let mut held = Vec::new();
+    while let Ok(r) = engine.check_and_reserve(&small).await {
+        held.push(r);
+    }
+    let text = handle.render();
+    assert_eq!(
+        series(
+            &text,
+            DENIED,
+            &[("scope", "workspace"), ("reason", "concurrency")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
 }

@@ -316,11 +316,8 @@ impl RedisEngine {
         let snap = self.inner.snapshot.load_full();
         let now = self.inner.clock.now();
         let result = self.reserve(&snap, request, now).await;
-        if let Err(denial) = &result {
-            crate::telemetry::denied(&snap.meters, denial);
-            if let Some(events) = &snap.events {
-                events.denied(denial, now);
-            }
+        if let (Err(denial), Some(events)) = (&result, &snap.events) {
+            events.denied(denial, now);
         }
         result
     }
@@ -333,14 +330,20 @@ impl RedisEngine {
     ) -> Result<RedisReservation, Denial> {
         let inner = &self.inner;
         let status = inner.config.budget_status.code();
-        let admission = admit(snap, request, now, status)?;
+        // Metered and traced here, not by the caller: a fail-open workspace's local
+        // limiter meters its own admissions and denials.
+        let counted = |denial: Denial| {
+            crate::telemetry::denied(&snap.meters, &denial);
+            denial
+        };
+        let admission = admit(snap, request, now, status).map_err(counted)?;
         let remote = Inner::reserve(Arc::clone(inner), Arc::clone(snap), admission, now);
         match Detach::new(remote).await {
             Reserve::Admitted(reservation) => {
                 snap.meters.admitted(admission.route);
                 Ok(reservation)
             }
-            Reserve::Denied(denial) => Err(denial),
+            Reserve::Denied(denial) => Err(counted(denial)),
             Reserve::Failed(kind) => {
                 let workspace = &snap.policy.workspaces[admission.route.workspace as usize];
                 if kind == StoreErrorKind::Transient
@@ -355,11 +358,11 @@ impl RedisEngine {
                         return local.map(RedisReservation::local);
                     }
                 }
-                Err(denial(
+                Err(counted(denial(
                     DenialReason::StoreUnavailable(kind),
                     Scope::Workspace,
                     status,
-                ))
+                )))
             }
         }
     }
