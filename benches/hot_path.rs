@@ -9,7 +9,12 @@
 //! `cargo run --release --example bench_table` counts allocations per request again
 //! for BENCHMARKS.md.
 //!
-//! Run: `cargo bench --bench hot_path`.
+//! Run: `cargo bench --bench hot_path`. The features `tracing` and `metrics` are
+//! compiled in or not, so their cost is the difference between two runs:
+//! `cargo bench --bench hot_path` and `cargo bench --bench hot_path --features
+//! tracing,metrics` (each engine then meters through handles from the no-op
+//! recorder); the second also runs `reserve_commit_by_id_prometheus`, the same
+//! request recorded by a real Prometheus recorder.
 
 #![allow(missing_docs)]
 
@@ -141,9 +146,40 @@ fn headers(c: &mut Criterion) {
     drop(reservation);
 }
 
+/// With the `metrics` feature: reserve + commit at 1k keys with a Prometheus recorder
+/// given to the engine, beside `reserve_commit_by_id/1000` (no recorder) in the same run.
+#[cfg(feature = "metrics")]
+fn metered(c: &mut Criterion) {
+    const KEYS: usize = 1_000;
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let engine = Engine::builder(common::policy(Shape::keys(KEYS)))
+        .metrics_recorder(std::sync::Arc::new(recorder))
+        .build();
+    let table = KeyTable::for_keys(KEYS);
+    let mut j = 0usize;
+    let mut group = c.benchmark_group("hot_path");
+    group.bench_function(
+        BenchmarkId::new("reserve_commit_by_id_prometheus", KEYS),
+        |b| {
+            b.iter(|| {
+                j = j.wrapping_add(1);
+                reserve_commit(&engine, &by_id(table.id(j)))
+            })
+        },
+    );
+    group.finish();
+}
+
+#[cfg(not(feature = "metrics"))]
 criterion_group! {
     name = benches;
     config = common::criterion();
     targets = reserve_commit_by_size, denials, headers
+}
+#[cfg(feature = "metrics")]
+criterion_group! {
+    name = benches;
+    config = common::criterion();
+    targets = reserve_commit_by_size, metered, denials, headers
 }
 criterion_main!(benches);

@@ -242,6 +242,25 @@ impl fmt::Display for Denial {
 
 impl std::error::Error for Denial {}
 
+/// OpenAI's error `type` for an HTTP status (`{"error": {"message", "type", "code"}}`):
+/// `authentication_error` (401), `rate_limit_error` (402, 429), `permission_error`
+/// (403), `not_found_error` (404), `server_error` (5xx), else `invalid_request_error`.
+///
+/// ```
+/// assert_eq!(tollgate::openai_error_type(429), "rate_limit_error");
+/// ```
+#[must_use]
+pub fn openai_error_type(status: u16) -> &'static str {
+    match status {
+        401 => "authentication_error",
+        402 | 429 => "rate_limit_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        500..=599 => "server_error",
+        _ => "invalid_request_error",
+    }
+}
+
 /// An error that is not a decision about the request.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -22,6 +22,7 @@ use crate::reservation::{Receipt, Reservation};
 use crate::snapshot::{Published, Snapshot, LEVELS, WALLET_LEVEL};
 use crate::store::{reserve_level, Tightest};
 use crate::sync::{Arc, SwapCell};
+use crate::telemetry::{self, MeterSource};
 
 /// The HTTP status a budget or wallet denial answers with.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -91,6 +92,7 @@ pub struct EngineBuilder {
     budget_status: BudgetStatus,
     events: Option<StdArc<dyn EventSink>>,
     store: Option<StdArc<dyn PolicyStore>>,
+    meter_source: MeterSource,
 }
 
 impl EngineBuilder {
@@ -101,6 +103,27 @@ impl EngineBuilder {
     /// does not save the policy it starts with: start it with the store's own.
     pub fn policy_store(mut self, store: StdArc<dyn PolicyStore>) -> Self {
         self.store = Some(store);
+        self
+    }
+
+    /// Record metrics (feature `metrics`) with this recorder rather than the global
+    /// one: e.g. one `metrics-exporter-prometheus` recorder per engine, rendered by
+    /// its own handle. Without it, handles come from the global recorder installed
+    /// when the engine is built or a policy applied (the no-op recorder if none is),
+    /// so install a global recorder before building the engine. The metric names are
+    /// in [`metric_names`](crate::metric_names).
+    #[cfg(feature = "metrics")]
+    pub fn metrics_recorder(
+        mut self,
+        recorder: StdArc<dyn metrics::Recorder + Send + Sync>,
+    ) -> Self {
+        self.meter_source = MeterSource(Some(recorder));
+        self
+    }
+
+    #[cfg(feature = "redis")]
+    pub(crate) fn meter_source(mut self, source: MeterSource) -> Self {
+        self.meter_source = source;
         self
     }
 
@@ -143,6 +166,7 @@ impl EngineBuilder {
     pub fn build(self) -> Engine {
         let mut snapshot = Snapshot::build(self.policy, None, self.clock);
         snapshot.events = self.events.map(|sink| StdArc::new(Events::new(sink)));
+        snapshot.set_meter_source(self.meter_source);
         Engine {
             inner: StdArc::new(Inner {
                 snapshot: SwapCell::new(Arc::new(Published::new(snapshot))),
@@ -169,6 +193,7 @@ impl Engine {
             budget_status: BudgetStatus::default(),
             events: None,
             store: None,
+            meter_source: MeterSource::default(),
         }
     }
 
@@ -190,8 +215,17 @@ impl Engine {
         let snap: &Snapshot = &published;
         let now = snap.clock.now();
         let result = self.reserve(&published, request, now);
-        if let (Err(denial), Some(events)) = (&result, &snap.events) {
-            events.denied(denial, now);
+        match &result {
+            Ok(reservation) => {
+                snap.meters.admitted(reservation.route);
+                snap.meters.held(reservation.route);
+            }
+            Err(denial) => {
+                telemetry::denied(&snap.meters, denial);
+                if let Some(events) = &snap.events {
+                    events.denied(denial, now);
+                }
+            }
         }
         result
     }
@@ -397,6 +431,7 @@ impl Engine {
         let now = next.clock.now();
         let events = next.events.clone();
         self.inner.snapshot.store(Arc::new(Published::new(next)));
+        telemetry::policy_changed(&applied.event, actor);
         if let Some(events) = events {
             events.emit(now, actor, applied.event);
         }

@@ -212,7 +212,8 @@ impl EventSink for ChannelSink {
         match self.sender.try_send(event) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+                let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                crate::telemetry::event_dropped(dropped);
             }
         }
     }

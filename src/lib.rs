@@ -45,6 +45,16 @@
 //! }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
+//!
+//! ## Features
+//!
+//! - `redis`: `RedisEngine`, counters shared by every gateway instance.
+//! - `tower`: `tower::TollgateLayer`, a tower 0.5 layer reserving before an `http`
+//!   service and committing after it, over any [`Limiter`].
+//! - `tracing`: events (target `tollgate`) for denials, counter-store errors, fail-open
+//!   admissions, policy changes and dropped events; none for an admitted request.
+//! - `metrics`: counters, gauges and histograms through the `metrics` 0.24 facade (names
+//!   in `metric_names`), by workspace and model, allocation-free on the request path.
 #![deny(missing_docs)]
 
 mod alerts;
@@ -76,11 +86,16 @@ mod reservation;
 mod snapshot;
 mod store;
 mod sync;
+mod telemetry;
+#[cfg(feature = "tower")]
+pub mod tower;
 mod usage;
 
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use control::{IssuedKey, NewKey, WorkspaceUpdate};
-pub use denial::{Denial, DenialReason, Error, Quota, Scope, StoreError, StoreErrorKind};
+pub use denial::{
+    openai_error_type, Denial, DenialReason, Error, Quota, Scope, StoreError, StoreErrorKind,
+};
 pub use engine::{BudgetStatus, Engine, EngineBuilder};
 pub use events::{ChannelSink, Event, EventKind, EventSink, ScopeRef};
 pub use headers::{HeaderValue, RateLimitHeaders, TOKEN_QUOTA_UNIT};
@@ -100,3 +115,5 @@ pub use reservation::{LimitWindow, RateLimitStatus, Receipt, Reservation};
 pub use usage::{KeyUsage, ModelUsage, ScopeReport, ScopeUsage, UsageSnapshot, WorkspaceUsage};
 
 pub use rust_decimal::Decimal;
+#[cfg(feature = "metrics")]
+pub use telemetry::names as metric_names;

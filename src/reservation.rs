@@ -232,14 +232,32 @@ impl Reservation {
         if let Some(events) = &self.snapshot.events {
             events.check_budgets(&self.snapshot, self.route, now);
         }
+        self.metered(cost, usage);
         Receipt::new(cost, self.ask.cost, usage)
     }
 }
 
 impl Reservation {
+    /// Count a commit of `cost` pico-dollars in the metrics (feature `metrics`):
+    /// spend, tokens, and the workspace's budget used.
+    #[inline]
+    fn metered(&self, cost: i64, usage: Usage) {
+        let meters = &self.snapshot.meters;
+        meters.committed(self.route, cost, usage);
+        #[cfg(feature = "metrics")]
+        {
+            let (_, state, rules) = self.snapshot.level(1, self.route);
+            if let Some(budget) = rules.and_then(|r| r.budget.as_ref()) {
+                let (spent, _) = state.periods.spent_in_period();
+                meters.budget_used(self.route, spent, budget.limit);
+            }
+        }
+    }
+
     /// Give back every level's hold: the request did not happen.
     pub(crate) fn release(&mut self, now: Timestamp) {
         self.settled = true;
+        self.snapshot.meters.released(self.route);
         for (level, hold) in self.levels.iter().enumerate() {
             if let Some(hold) = hold {
                 let (_, state, _) = self.snapshot.level(level, self.route);

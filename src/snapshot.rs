@@ -17,6 +17,7 @@ use crate::policy::rules::LevelRules;
 use crate::policy::{KeyStatus, Policy};
 use crate::store::ScopeState;
 use crate::sync::{thread_share, Arc, Padded, SHARES};
+use crate::telemetry::{MeterSource, Meters};
 
 pub(crate) struct Snapshot {
     pub(crate) policy: Policy,
@@ -43,6 +44,10 @@ pub(crate) struct Snapshot {
     pub(crate) wallet: Arc<Padded<ScopeState>>,
     /// The engine's event sink, if it has one; carried from snapshot to snapshot.
     pub(crate) events: Option<StdArc<Events>>,
+    /// Metric handles for this policy's workspaces and models (feature `metrics`).
+    pub(crate) meters: Meters,
+    /// Where `meters` came from; carried from snapshot to snapshot.
+    pub(crate) meter_source: MeterSource,
 }
 
 impl Snapshot {
@@ -143,6 +148,8 @@ impl Snapshot {
         // The wallet never rolls over, whether or not this policy sets one yet.
         let forever = LevelRules::unlimited(Span::Forever);
         let wallet = reuse_padded(previous.map(|p| &p.wallet), &forever, true);
+        let meter_source = previous.map(|p| p.meter_source.clone()).unwrap_or_default();
+        let meters = Meters::register(&policy, &meter_source);
         Snapshot {
             policy,
             clock,
@@ -158,7 +165,16 @@ impl Snapshot {
             org,
             wallet,
             events: previous.and_then(|p| p.events.clone()),
+            meters,
+            meter_source,
         }
+    }
+
+    /// Take metric handles from `source` from now on (snapshots built from this one
+    /// inherit it).
+    pub(crate) fn set_meter_source(&mut self, source: MeterSource) {
+        self.meters = Meters::register(&self.policy, &source);
+        self.meter_source = source;
     }
 }
 

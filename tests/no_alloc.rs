@@ -372,3 +372,62 @@ fn rate_limit_headers_allocate_nothing() {
     });
     assert_eq!(n, 0, "allocations rendering a denial's headers");
 }
+
+/// With the `metrics` feature and a real recorder (a Prometheus one, given to the
+/// engine), admitting and committing still allocate nothing: the handles were
+/// registered when the policy was applied, and incrementing one is an atomic add.
+/// (Without a recorder, the tests above run with the features compiled in: CI runs
+/// this file with `--features tracing,metrics` too.)
+#[cfg(feature = "metrics")]
+#[test]
+fn admit_commit_and_deny_with_a_metrics_recorder_allocate_nothing() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let clock = Arc::new(ManualClock::at(
+        Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap(),
+    ));
+    let e = Engine::builder(Policy::new(policy(dec("1000"))).expect("valid policy"))
+        .clock(clock)
+        .metrics_recorder(Arc::new(recorder))
+        .build();
+    let n = allocations_in(|| {
+        let r = e
+            .check_and_reserve(&request(Credential::KeyId("k")))
+            .expect("admitted");
+        let receipt = e.commit_usage(r, Usage::new(480, 150)).expect("committed");
+        black_box(receipt.cost());
+        let dropped = e
+            .check_and_reserve(&request(Credential::KeyId("k")))
+            .expect("admitted");
+        drop(dropped);
+        black_box(denial(&e, &request(Credential::KeyId("broke"))));
+    });
+    assert_eq!(n, 0, "allocations with a recorder installed");
+    let text = handle.render();
+    let line = |prefix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+            .to_owned()
+    };
+    assert_eq!(
+        line("tollgate_requests_admitted_total{workspace=\"ws\",model=\"m\"}"),
+        "tollgate_requests_admitted_total{workspace=\"ws\",model=\"m\"} 406"
+    );
+    assert_eq!(
+        line("tollgate_requests_denied_total{scope=\"key\",reason=\"budget\"}"),
+        "tollgate_requests_denied_total{scope=\"key\",reason=\"budget\"} 203"
+    );
+    // 203 commits of 480 × 1.5 + 150 × 6 = 1,620 micro-dollars each.
+    assert_eq!(
+        line("tollgate_spend_picodollars_total{workspace=\"ws\",model=\"m\"}"),
+        format!(
+            "tollgate_spend_picodollars_total{{workspace=\"ws\",model=\"m\"}} {}",
+            203u64 * 1_620_000_000
+        )
+    );
+    assert_eq!(
+        line("tollgate_reservations_in_flight{workspace=\"ws\"}"),
+        "tollgate_reservations_in_flight{workspace=\"ws\"} 0"
+    );
+}

@@ -34,6 +34,9 @@ pub struct App {
     pub requests: Arc<RequestLog>,
     /// Forwarded work still running after its client left; the drain waits for it.
     pub background: Arc<Background>,
+    /// Renders the engine's metrics for `GET /metrics`.
+    #[cfg(feature = "metrics")]
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 impl App {
@@ -45,6 +48,8 @@ impl App {
             (&Method::POST, "/v1/completions") => "completions",
             (&Method::POST, "/v1/embeddings") => "embeddings",
             (&Method::GET, "/v1/models") => "models",
+            #[cfg(feature = "metrics")]
+            (&Method::GET, "/metrics") => return crate::metrics::handle(&self, &request),
             (_, p) if p.starts_with("/admin/") => {
                 return crate::admin::handle(&self, request).await
             }

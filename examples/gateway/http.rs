@@ -38,14 +38,7 @@ pub struct ErrorCode(pub String);
 
 /// OpenAI's error shape: `{"error": {"message", "type", "code"}}`.
 pub fn error(status: StatusCode, code: &str, message: &str) -> Reply {
-    let kind = match status.as_u16() {
-        401 => "authentication_error",
-        402 | 429 => "rate_limit_error",
-        403 => "permission_error",
-        404 => "not_found_error",
-        500..=599 => "server_error",
-        _ => "invalid_request_error",
-    };
+    let kind = tollgate::openai_error_type(status.as_u16());
     let mut reply = json_reply(
         status,
         &json!({"error": {"message": message, "type": kind, "code": code}}),

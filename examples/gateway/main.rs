@@ -44,6 +44,9 @@
 //!
 //! SIGTERM and SIGINT (Ctrl-C) both shut down gracefully: stop accepting, finish
 //! requests in flight (up to 30 s), flush the logs, save the counters.
+//! - `--metrics-addr HOST:PORT` [`GATEWAY_METRICS_ADDR`] (build with `--features
+//!   metrics`): also serve `GET /metrics` there, without a key; on the main address
+//!   `GET /metrics` takes an admin key
 
 mod admin;
 mod app;
@@ -52,6 +55,8 @@ mod backend;
 mod connections;
 mod http;
 mod jsonl;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod openai;
 mod provider;
 mod requests;
@@ -85,6 +90,7 @@ struct Options {
     limits: Limits,
     request_log: String,
     rotation: Rotation,
+    metrics_addr: Option<String>,
 }
 
 impl Options {
@@ -132,6 +138,7 @@ impl Options {
                     .unwrap_or(Rotation::default().max_bytes),
                 ..Rotation::default()
             },
+            metrics_addr: env("GATEWAY_METRICS_ADDR"),
         };
         // A repeatable flag replaces its environment variable's list.
         let (mut admin_keys, mut webhooks) = (Vec::new(), Vec::new());
@@ -167,6 +174,7 @@ impl Options {
                 "--body-timeout-secs" => {
                     options.limits.body_timeout = Duration::from_secs(positive(&flag, &value()?)?);
                 }
+                "--metrics-addr" => options.metrics_addr = Some(value()?),
                 "--help" | "-h" => return Err(usage()),
                 other => return Err(format!("unknown flag {other}\n{}", usage())),
             }
@@ -241,7 +249,8 @@ fn usage() -> String {
      [--counters FILE] [--state-dir DIR] [--upstream URL] \
      [--admin-key NAME:ROLE:SECRET]... [--audit-log PATH|-] [--webhook URL]... \
      [--request-log PATH|-] [--log-max-bytes N] \
-     [--max-connections N] [--header-timeout-secs N] [--body-timeout-secs N]"
+     [--max-connections N] [--header-timeout-secs N] [--body-timeout-secs N] \
+     [--metrics-addr HOST:PORT]"
         .into()
 }
 
@@ -271,10 +280,17 @@ fn load_policy(options: &Options) -> Result<(Policy, Option<FilePolicyStore>), P
     }
 }
 
+/// The engine's metrics recorder, when the build has metrics.
+#[cfg(feature = "metrics")]
+type Recorder = Option<Arc<metrics_exporter_prometheus::PrometheusRecorder>>;
+#[cfg(not(feature = "metrics"))]
+type Recorder = ();
+
 async fn backend(
     options: &Options,
     (policy, store): (Policy, Option<FilePolicyStore>),
     events: Arc<dyn EventSink>,
+    recorder: Recorder,
 ) -> Result<Backend, Box<dyn std::error::Error>> {
     if let Some(url) = &options.redis {
         #[cfg(feature = "redis")]
@@ -285,6 +301,8 @@ async fn backend(
                 reservation_ttl: options
                     .reservation_ttl_secs
                     .map_or(defaults.reservation_ttl, Duration::from_secs),
+                #[cfg(feature = "metrics")]
+                metrics_recorder: recorder.map(|r| r as _),
                 ..defaults
             };
             let engine = tollgate::RedisEngine::connect(url, policy, config).await?;
@@ -304,6 +322,13 @@ async fn backend(
     if let Some(store) = store {
         builder = builder.policy_store(Arc::new(store));
     }
+    #[cfg(feature = "metrics")]
+    let builder = match recorder {
+        Some(recorder) => builder.metrics_recorder(recorder),
+        None => builder,
+    };
+    #[cfg(not(feature = "metrics"))]
+    let () = recorder;
     let engine = match &options.counters {
         Some(path) if path.exists() => builder.restore_counters(path)?,
         _ => builder.build(),
@@ -370,8 +395,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         webhooks: webhooks::Webhooks::start(&options.webhooks, webhooks::Config::default())
             .unwrap_or_else(|message| exit(&message)),
     });
+    #[cfg(feature = "metrics")]
+    let (recorder, metrics) = {
+        let (recorder, handle) = metrics::recorder();
+        (Some(recorder), handle)
+    };
+    #[cfg(not(feature = "metrics"))]
+    let recorder = ();
+    let sink = Arc::clone(&events) as Arc<dyn EventSink>;
     let app = Arc::new(App {
-        backend: backend(&options, policy, Arc::clone(&events) as Arc<dyn EventSink>).await?,
+        backend: backend(&options, policy, sink, recorder).await?,
         provider,
         admin: admin_keys,
         audit,
@@ -383,7 +416,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             requests::RequestLog::to_path(&options.request_log, options.rotation)
                 .map_err(|e| format!("--request-log {}: {e}", options.request_log))?,
         ),
+        #[cfg(feature = "metrics")]
+        metrics,
     });
+    serve_metrics(&options, &app).await?;
     let listener = tokio::net::TcpListener::bind(&options.addr).await?;
     let url = format!("http://{}", listener.local_addr()?);
     print_welcome(
@@ -434,6 +470,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// The demo policy that ships with the example, whose keys the banner shows.
 const DEMO_POLICY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gateway/policy.toml");
+/// `--metrics-addr`: `GET /metrics` on its own listener.
+#[cfg(feature = "metrics")]
+async fn serve_metrics(options: &Options, app: &App) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(addr) = &options.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        println!("metrics: http://{}/metrics", listener.local_addr()?);
+        tokio::spawn(metrics::serve(listener, app.metrics.clone()));
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "metrics"))]
+async fn serve_metrics(options: &Options, _: &App) -> Result<(), Box<dyn std::error::Error>> {
+    match &options.metrics_addr {
+        Some(addr) => Err(format!(
+            "--metrics-addr {addr}: this build has no metrics; run with --features metrics"
+        )
+        .into()),
+        None => Ok(()),
+    }
+}
 
 fn print_welcome(url: &str, policy_path: &str, backend: &str, provider: &str) {
     println!("tollgate example gateway on {url} ({backend}, {provider})");
@@ -499,6 +556,8 @@ fn print_admin(url: &str, app: &App, configured: bool, hooks: &webhooks::Webhook
         app.audit.destination(),
         app.requests.destination()
     );
+    #[cfg(feature = "metrics")]
+    println!("metrics (Prometheus text): curl {url}/metrics -H 'Authorization: Bearer ADMIN_KEY'");
     match hooks.urls() {
         [] => println!("webhooks: none (--webhook URL for budget alerts)"),
         urls => {

@@ -208,6 +208,7 @@ impl RedisEngine {
             let now = next.clock.now();
             let events = next.events.clone();
             inner.install(stamp, next);
+            crate::telemetry::policy_changed(&applied.event, actor);
             if let Some(events) = events {
                 events.emit(now, actor, applied.event);
             }

@@ -8,6 +8,7 @@ use rust_decimal::{Decimal, RoundingStrategy};
 
 use crate::engine::Engine;
 use crate::policy::{BudgetSpec, LimitsSpec, Policy};
+use crate::telemetry::MeterSource;
 
 fn share_count(value: &mut Option<i64>, instances: i64) {
     if let Some(v) = value {
@@ -36,7 +37,12 @@ fn share_budget(budget: &mut Option<BudgetSpec>, instances: Decimal) {
 }
 
 /// This instance's share of `policy`, for workspaces that fail open.
-pub(crate) fn local_share(policy: &Policy, instances: NonZeroU32) -> Option<Engine> {
+/// Its metrics go where the Redis engine's do (`source`).
+pub(crate) fn local_share(
+    policy: &Policy,
+    instances: NonZeroU32,
+    source: MeterSource,
+) -> Option<Engine> {
     let n = i64::from(instances.get());
     let n_money = Decimal::from(instances.get());
     let mut doc = policy.document().clone();
@@ -56,5 +62,6 @@ pub(crate) fn local_share(policy: &Policy, instances: NonZeroU32) -> Option<Engi
     }
     // The shared policy validated; its share can only fail on rounding a budget to
     // an amount validation refuses, and then the workspace fails closed instead.
-    Policy::new(doc).ok().map(Engine::new)
+    let policy = Policy::new(doc).ok()?;
+    Some(Engine::builder(policy).meter_source(source).build())
 }

@@ -47,6 +47,7 @@ use crate::request::{Request, Usage};
 use crate::reservation::Receipt;
 use crate::snapshot::{Route, Snapshot, WALLET_LEVEL};
 use crate::store::Tightest;
+use crate::telemetry::{MeterSource, StoreMeters};
 
 use background::{Detach, Hold, Renewals};
 use calls::{Call, Reserved, Ttls};
@@ -93,6 +94,19 @@ pub struct RedisConfig {
     /// fallback when the subscription is down, and the only way on a cluster).
     /// Default 500 ms, so a change reaches every instance within a second.
     pub policy_poll_interval: Duration,
+    /// Record metrics (feature `metrics`) with this recorder rather than the global
+    /// one (see `EngineBuilder::metrics_recorder`).
+    #[cfg(feature = "metrics")]
+    pub metrics_recorder: Option<Arc<dyn metrics::Recorder + Send + Sync>>,
+}
+
+impl RedisConfig {
+    fn meter_source(&self) -> MeterSource {
+        #[cfg(feature = "metrics")]
+        return MeterSource(self.metrics_recorder.clone());
+        #[cfg(not(feature = "metrics"))]
+        MeterSource::default()
+    }
 }
 
 impl Default for RedisConfig {
@@ -108,6 +122,8 @@ impl Default for RedisConfig {
             budget_status: BudgetStatus::default(),
             events: None,
             policy_poll_interval: Duration::from_millis(500),
+            #[cfg(feature = "metrics")]
+            metrics_recorder: None,
         }
     }
 }
@@ -174,6 +190,8 @@ pub(crate) struct Inner {
     renewals: Renewals,
     /// Releases being retried in the background.
     releases_in_flight: AtomicUsize,
+    /// Store errors and call latency (feature `metrics`).
+    store_meters: StoreMeters,
 }
 
 /// A commit that Redis has not acknowledged: both groups' calls, replayable because
@@ -279,8 +297,11 @@ impl RedisEngine {
     ) -> Self {
         let version = stamp.version;
         let config_ttl = config.reservation_ttl;
-        let fallback = fallback::local_share(&policy, config.expected_instances);
+        let fallback =
+            fallback::local_share(&policy, config.expected_instances, config.meter_source());
         let mut snapshot = Snapshot::build(policy, None, Arc::clone(&clock));
+        snapshot.set_meter_source(config.meter_source());
+        let store_meters = StoreMeters::register(&config.meter_source(), &Function::NAMES);
         snapshot.events = config
             .events
             .clone()
@@ -312,6 +333,7 @@ impl RedisEngine {
                 handles: Arc::downgrade(&handle),
                 renewals: Renewals::new(config_ttl),
                 releases_in_flight: AtomicUsize::new(0),
+                store_meters,
             }),
             _handle: handle,
         }
@@ -351,27 +373,39 @@ impl RedisEngine {
     ) -> Result<RedisReservation, Denial> {
         let inner = &self.inner;
         let status = inner.config.budget_status.code();
-        let admission = admit(snap, request, now, status)?;
+        // Metered and traced here, not by the caller: a fail-open workspace's local
+        // limiter meters its own admissions and denials.
+        let counted = |denial: Denial| {
+            crate::telemetry::denied(&snap.meters, &denial);
+            denial
+        };
+        let admission = admit(snap, request, now, status).map_err(counted)?;
         let remote = Inner::reserve(Arc::clone(inner), Arc::clone(snap), admission, now);
         match Detach::new(remote).await {
-            Reserve::Admitted(reservation) => Ok(reservation),
-            Reserve::Denied(denial) => Err(denial),
+            Reserve::Admitted(reservation) => {
+                snap.meters.admitted(admission.route);
+                Ok(reservation)
+            }
+            Reserve::Denied(denial) => Err(counted(denial)),
             Reserve::Failed(kind) => {
                 let workspace = &snap.policy.workspaces[admission.route.workspace as usize];
                 if kind == StoreErrorKind::Transient
                     && workspace.on_store_error == StoreFailureMode::Open
                 {
                     if let Some(local) = inner.fallback.load().as_ref() {
-                        return local
-                            .check_and_reserve(request)
-                            .map(RedisReservation::local);
+                        let local = local.check_and_reserve(request);
+                        if local.is_ok() {
+                            snap.meters.fail_open(admission.route);
+                            crate::telemetry::fail_open(&workspace.id);
+                        }
+                        return local.map(RedisReservation::local);
                     }
                 }
-                Err(denial(
+                Err(counted(denial(
                     DenialReason::StoreUnavailable(kind),
                     Scope::Workspace,
                     status,
-                ))
+                )))
             }
         }
     }
@@ -525,12 +559,19 @@ impl Inner {
     }
 
     fn record_error(&self, error: StoreError) {
+        crate::telemetry::store_error(&error);
+        self.store_meters.error(error.kind);
         *self.last_error.lock() = Some(error);
     }
 
     async fn run(&self, function: Function, call: &Call) -> Result<Value, StoreError> {
         let mut connection = self.connection.clone();
-        scripts::call(&mut connection, function, &call.keys, &call.args).await
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
+        let reply = scripts::call(&mut connection, function, &call.keys, &call.args).await;
+        #[cfg(feature = "metrics")]
+        self.store_meters.call(function as usize, started.elapsed());
+        reply
     }
 
     /// Both groups' reserves and what they mean, owning everything it needs: it runs
@@ -759,6 +800,6 @@ impl std::fmt::Debug for RedisConfig {
             .field("budget_status", &self.budget_status)
             .field("events", &self.events.is_some())
             .field("policy_poll_interval", &self.policy_poll_interval)
-            .finish()
+            .finish_non_exhaustive()
     }
 }

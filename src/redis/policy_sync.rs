@@ -195,6 +195,7 @@ impl Inner {
         self.fallback.store(Arc::new(fallback::local_share(
             &next.policy,
             self.config.expected_instances,
+            self.config.meter_source(),
         )));
         self.snapshot.store(Arc::new(next));
         let version = stamp.version;

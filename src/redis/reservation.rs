@@ -69,6 +69,7 @@ impl RedisReservation {
         taken: Instant,
     ) -> Self {
         let renewal = engine.renewals.register(&engine, &hold, taken);
+        snapshot.meters.held(admission.route);
         RedisReservation {
             kind: Kind::Remote(Remote {
                 engine,
@@ -191,6 +192,7 @@ impl RedisReservation {
             )
         });
         let receipt = Receipt::new(used.cost, remote.admission.ask.cost, usage);
+        let (snapshot, route) = (Arc::clone(&remote.snapshot), remote.admission.route);
         let commit = QueueOnDrop {
             inner: Arc::clone(&inner),
             commit: Some(PendingCommit {
@@ -208,6 +210,7 @@ impl RedisReservation {
             let sent = commit.commit.take().expect("not yet taken");
             match result {
                 Ok(()) => {
+                    snapshot.meters.committed(route, used.cost, usage);
                     // Redis answers again: replay what an outage left queued.
                     if !inner.pending.lock().is_empty() {
                         let inner = Arc::clone(&inner);
@@ -223,10 +226,12 @@ impl RedisReservation {
                     inner.record_error(error.clone());
                     if transient {
                         // It may have landed; if not, the replay charges it, once.
+                        snapshot.meters.committed(route, used.cost, usage);
                         inner.pending.lock().push(sent);
                         Ok(receipt.into_pending())
                     } else {
                         inner.failed_commits.fetch_add(1, Ordering::Relaxed);
+                        snapshot.meters.released(route);
                         Err(Error::Store(error))
                     }
                 }
@@ -257,6 +262,7 @@ impl Drop for Remote {
             return;
         }
         self.engine.renewals.forget(self.renewal);
+        self.snapshot.meters.released(self.admission.route);
         for group in 0..2 {
             background::release(&self.engine, &self.hold, group);
         }

@@ -25,15 +25,18 @@ pub(crate) enum Function {
 }
 
 impl Function {
+    /// Every function's name, in the order of the enum (`function as usize`).
+    pub(crate) const NAMES: [&'static str; 6] = [
+        "reserve",
+        "commit",
+        "release",
+        "follow",
+        "renew",
+        "policy_cas",
+    ];
+
     pub(crate) fn name(self) -> &'static str {
-        match self {
-            Function::Reserve => "reserve",
-            Function::Commit => "commit",
-            Function::Release => "release",
-            Function::Follow => "follow",
-            Function::Renew => "renew",
-            Function::PolicyCas => "policy_cas",
-        }
+        Self::NAMES[self as usize]
     }
 }
 

@@ -5,7 +5,8 @@
 //!
 //! The in-memory engine by default; `TOLLGATE_GATEWAY_BACKEND=redis` (with
 //! `--features redis`) runs the same suite on the Redis backend against a real
-//! `redis-server` the tests start.
+//! `redis-server` the tests start. With `--features metrics`, `GET /metrics` is
+//! tested too.
 
 #[path = "../../examples/gateway/admin.rs"]
 mod admin;
@@ -21,6 +22,9 @@ mod connections;
 mod http;
 #[path = "../../examples/gateway/jsonl.rs"]
 mod jsonl;
+#[cfg(feature = "metrics")]
+#[path = "../../examples/gateway/metrics.rs"]
+mod metrics;
 #[path = "../../examples/gateway/openai.rs"]
 mod openai;
 #[path = "../../examples/gateway/provider.rs"]
@@ -38,6 +42,8 @@ mod admin_api;
 mod chat;
 mod estimate;
 mod hygiene;
+#[cfg(feature = "metrics")]
+mod metrics_endpoint;
 mod process;
 mod request_log;
 mod restart;

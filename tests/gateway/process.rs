@@ -29,8 +29,18 @@ pub fn binary() -> PathBuf {
                 .args(["build", "--example", "gateway", "--message-format=json"])
                 .current_dir(env!("CARGO_MANIFEST_DIR"))
                 .stderr(Stdio::inherit());
-            if cfg!(feature = "redis") {
-                cargo.args(["--features", "redis"]);
+            // The same features as this test, so cargo reuses the library it built.
+            let features: Vec<&str> = [
+                ("redis", cfg!(feature = "redis")),
+                ("metrics", cfg!(feature = "metrics")),
+                ("tower", cfg!(feature = "tower")),
+                ("tracing", cfg!(feature = "tracing")),
+            ]
+            .into_iter()
+            .filter_map(|(name, on)| on.then_some(name))
+            .collect();
+            if !features.is_empty() {
+                cargo.args(["--features", &features.join(",")]);
             }
             let out = cargo.output().expect("cargo runs");
             assert!(out.status.success(), "cargo build --example gateway failed");

@@ -718,6 +718,8 @@ impl Gateway {
             connections: Arc::default(),
             background: Arc::default(),
             requests: Arc::new(crate::requests::RequestLog::in_memory()),
+            #[cfg(feature = "metrics")]
+            metrics: crate::metrics::recorder().1,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());

@@ -110,6 +110,15 @@ pub async fn start_with(options: Options) -> Running {
         .expect("valid webhook URLs"),
     });
     let sink: Arc<dyn EventSink> = Arc::new(Tee(Arc::clone(&events), options.events));
+    // Each gateway records into its own recorder: tests run many in one process.
+    #[cfg(feature = "metrics")]
+    let (recorder, metrics) = crate::metrics::recorder();
+    let memory = |policy, sink| {
+        let builder = Engine::builder(policy).events(sink);
+        #[cfg(feature = "metrics")]
+        let builder = builder.metrics_recorder(recorder.clone());
+        Backend::Memory(builder.build())
+    };
     #[cfg(feature = "redis")]
     let (backend, redis) = if redis_requested() {
         assert!(
@@ -119,6 +128,8 @@ pub async fn start_with(options: Options) -> Running {
         let server = crate::redis_server::RedisServer::start();
         let config = tollgate::RedisConfig {
             events: Some(sink),
+            #[cfg(feature = "metrics")]
+            metrics_recorder: Some(recorder.clone()),
             ..tollgate::RedisConfig::default()
         };
         let engine = tollgate::RedisEngine::connect(&server.url(), policy, config)
@@ -126,10 +137,7 @@ pub async fn start_with(options: Options) -> Running {
             .expect("Redis is up");
         (Backend::Redis(engine), Some(server))
     } else {
-        (
-            Backend::Memory(Engine::builder(policy).events(sink).build()),
-            None,
-        )
+        (memory(policy, sink), None)
     };
     #[cfg(not(feature = "redis"))]
     let backend = {
@@ -137,7 +145,7 @@ pub async fn start_with(options: Options) -> Running {
             !redis_requested(),
             "TOLLGATE_GATEWAY_BACKEND=redis needs --features redis"
         );
-        Backend::Memory(Engine::builder(policy).events(sink).build())
+        memory(policy, sink)
     };
     let app = Arc::new(App {
         backend,
@@ -155,6 +163,8 @@ pub async fn start_with(options: Options) -> Running {
                 .expect("the request log opens"),
             None => RequestLog::in_memory(),
         }),
+        #[cfg(feature = "metrics")]
+        metrics,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
