@@ -733,6 +733,16 @@ fn n_outputs_are_held_n_times_with_or_without_a_limit() {
         Some(300)
     );
     assert_eq!(both, before);
+
+    // Legacy completions without `max_tokens` are held at OpenAI's default, 16, and
+    // that default is sent, so an upstream defaulting higher cannot produce more.
+    let mut legacy = json!({"model": "gpt-3.5-turbo-instruct", "prompt": "Once", "n": 2});
+    let estimate = openai::estimate(Endpoint::Completions, &legacy, &options).unwrap();
+    assert_eq!(
+        openai::cap_output(&mut legacy, Endpoint::Completions, &estimate, 32),
+        Some(16)
+    );
+    assert_eq!(legacy["max_tokens"], 16);
 }
 
 // ---------------------------------------------------------------------------------

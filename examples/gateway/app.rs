@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
@@ -73,8 +74,17 @@ impl App {
         reply
     }
 
-    /// What a shutdown does once requests have drained.
-    pub fn finish(&self) {
+    /// What a shutdown does once requests have drained: commits Redis has not
+    /// acknowledged are replayed (up to 10 s), logs flushed, counters saved.
+    pub async fn finish(&self) {
+        let replay = tokio::time::timeout(Duration::from_secs(10), self.backend.flush_pending());
+        match replay.await {
+            Ok(0) => {}
+            Ok(left) => {
+                eprintln!("shutdown: {left} commit(s) still pending: Redis is not answering")
+            }
+            Err(_) => eprintln!("shutdown: pending commits not replayed within 10 s"),
+        }
         self.audit.flush();
         self.requests.flush();
         if let Some(path) = &self.counters {

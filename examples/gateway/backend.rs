@@ -157,6 +157,21 @@ impl Backend {
         }
     }
 
+    /// Replay commits Redis has not acknowledged yet (a blip answered them `pending`),
+    /// so a shutdown does not lose their charges; how many are still queued after.
+    pub async fn flush_pending(&self) -> usize {
+        match self {
+            Backend::Memory(_) => 0,
+            #[cfg(feature = "redis")]
+            Backend::Redis(e) => {
+                if let Err(e) = e.flush_pending().await {
+                    eprintln!("shutdown: replaying pending commits: {e}");
+                }
+                e.pending_commits()
+            }
+        }
+    }
+
     /// Save the in-memory engine's counters (Redis keeps its own).
     pub fn save_counters(&self, path: &std::path::Path) -> Result<(), tollgate::PersistError> {
         match self {

@@ -279,13 +279,17 @@ impl Drop for Running {
 }
 
 /// Pauses between failed `accept`s: 5 ms, doubling to 1 s.
-struct Backoff(Duration);
+pub struct Backoff(Duration);
 
 impl Backoff {
     const FIRST: Duration = Duration::from_millis(5);
     const MOST: Duration = Duration::from_secs(1);
 
-    fn next(&mut self) -> Duration {
+    pub fn new() -> Self {
+        Backoff(Self::FIRST)
+    }
+
+    pub fn next(&mut self) -> Duration {
         let pause = self.0;
         self.0 = (self.0 * 2).min(Self::MOST);
         pause
@@ -300,7 +304,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
-    let mut backoff = Backoff(Backoff::FIRST);
+    let mut backoff = Backoff::new();
     let mut last_error_said: Option<Instant> = None;
     tokio::pin!(shutdown);
     loop {
@@ -310,7 +314,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => {
-                backoff = Backoff(Backoff::FIRST);
+                backoff = Backoff::new();
                 accepted
             }
             Err(e) => {
@@ -368,5 +372,5 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         () = drained => {}
         () = tokio::time::sleep(DRAIN) => eprintln!("shutdown: requests still in flight after {DRAIN:?}"),
     }
-    app.finish();
+    app.finish().await;
 }

@@ -52,6 +52,7 @@ mod admin;
 mod app;
 mod audit;
 mod backend;
+mod caller;
 mod connections;
 mod http;
 mod jsonl;
@@ -476,7 +477,11 @@ async fn serve_metrics(options: &Options, app: &App) -> Result<(), Box<dyn std::
     if let Some(addr) = &options.metrics_addr {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         println!("metrics: http://{}/metrics", listener.local_addr()?);
-        tokio::spawn(metrics::serve(listener, app.metrics.clone()));
+        tokio::spawn(metrics::serve(
+            listener,
+            app.metrics.clone(),
+            app.limits.header_timeout,
+        ));
     }
     Ok(())
 }

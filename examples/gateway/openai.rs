@@ -34,8 +34,10 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::SystemTime;
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -48,43 +50,40 @@ use tollgate::{Credential, Receipt, Request, Usage};
 
 use crate::app::App;
 use crate::backend::Held;
+use crate::caller;
 use crate::http::{
     add_headers, bearer, denied, error, json_reply, missing_key, read_json, ErrorCode, Reply,
 };
 use crate::provider::{Chat, Event, ProviderError, TokenStream};
 use crate::requests::Trace;
 
+/// The models the caller's key may call now, from the policy: listing them reserves
+/// nothing (a probe per model would count as admitted requests in the metrics).
 pub async fn models(app: &App, request: &HttpRequest<Incoming>) -> Reply {
     let trace = Trace::of(request);
     let Some(secret) = bearer(request) else {
         return missing_key();
     };
     let policy = app.backend.policy();
-    let mut models = Vec::new();
-    for model in &policy.document().models {
-        // A model is listed if this key may call it right now.
-        let probe = Request::with_secret(secret, &model.name).max_output_tokens(0);
-        let listed = match app.backend.check_and_reserve(&probe).await {
-            Ok(held) => {
-                let (key, workspace) = held.owner();
-                trace.admitted(key, workspace);
-                true // `held` is dropped: gives its hold back
-            }
-            // An unknown, revoked or expired key is refused whatever the model.
-            Err(denial) if denial.http_status() == 401 => {
-                trace.denied(&denial, secret, &policy);
-                return denied(&denial);
-            }
-            Err(denial) => denial.is_rate_limit(),
+    let document = policy.document();
+    let (key, workspace) =
+        match caller::identify(document, secret, DateTime::<Utc>::from(SystemTime::now())) {
+            Ok(found) => found,
+            Err(reply) => return reply,
         };
-        if listed {
-            models.push(json!({"id": model.name, "object": "model", "owned_by": "tollgate-demo"}));
-        }
-    }
+    trace.admitted(&key.id, &key.workspace);
+    let models: Vec<Value> = caller::callable_models(document, workspace)
+        .into_iter()
+        .map(|name| json!({"id": name, "object": "model", "owned_by": "tollgate-demo"}))
+        .collect();
     json_reply(StatusCode::OK, &json!({"object": "list", "data": models}))
 }
 
 /// The caller's bearer key and the request's JSON body, or the error to answer with.
+///
+/// A key the policy does not know (or has revoked, or that expired) is refused before
+/// its body is read: reading and tokenizing a megabyte is work only for callers who
+/// may be served.
 async fn authenticated_body(
     app: &App,
     request: HttpRequest<Incoming>,
@@ -92,6 +91,11 @@ async fn authenticated_body(
     let secret = bearer(&request)
         .map(str::to_owned)
         .ok_or_else(missing_key)?;
+    caller::identify(
+        app.backend.policy().document(),
+        &secret,
+        DateTime::<Utc>::from(SystemTime::now()),
+    )?;
     Ok((secret, read_json(request, app.limits.body_timeout).await?))
 }
 
@@ -125,7 +129,7 @@ pub async fn completions(app: &Arc<App>, request: HttpRequest<Incoming>) -> Repl
 /// A generation at `endpoint`: estimate, reserve, cap the output, call, commit.
 async fn generate(app: &Arc<App>, request: HttpRequest<Incoming>, endpoint: Endpoint) -> Reply {
     let trace = Trace::of(&request);
-    let (secret, mut body) = match authenticated_body(app, request).await {
+    let (secret, body) = match authenticated_body(app, request).await {
         Ok(read) => read,
         Err(reply) => return reply,
     };
@@ -135,9 +139,12 @@ async fn generate(app: &Arc<App>, request: HttpRequest<Incoming>, endpoint: Endp
     };
     trace.model(&model);
     let options = EstimateOptions::from_policy(&app.backend.policy(), &model);
-    let estimate = match openai::estimate(endpoint, &body, &options) {
-        Ok(estimate) => estimate,
-        Err(shape) => return bad_shape(&shape),
+    let (counted, mut body) =
+        off_the_workers(body, move |body| openai::estimate(endpoint, body, &options)).await;
+    let estimate = match counted {
+        Ok(Ok(estimate)) => estimate,
+        Ok(Err(shape)) => return bad_shape(&shape),
+        Err(reply) => return reply,
     };
     let stream = body["stream"].as_bool() == Some(true);
     if stream && endpoint != Endpoint::ChatCompletions {
@@ -248,7 +255,7 @@ async fn complete_and_commit(app: &App, held: Held, call: &Chat<'_>) -> Reply {
         Endpoint::Responses => json!({
             "input_tokens": receipt.input_tokens(),
             "output_tokens": receipt.output_tokens(),
-            "total_tokens": receipt.input_tokens() + receipt.output_tokens(),
+            "total_tokens": u64::from(receipt.input_tokens()) + u64::from(receipt.output_tokens()),
         }),
         _ => usage_json(&receipt),
     };
@@ -256,6 +263,31 @@ async fn complete_and_commit(app: &App, held: Held, call: &Chat<'_>) -> Reply {
     let mut reply = json_reply(StatusCode::OK, &body);
     reply.extensions_mut().insert(receipt);
     reply
+}
+
+/// Run `count` on `body` on tokio's blocking pool: tokenizing a large body takes
+/// milliseconds of CPU, which would stall every request sharing an async worker.
+/// The body comes back for forwarding; a panic in the counting is a 500.
+async fn off_the_workers<T: Send + 'static>(
+    body: Value,
+    count: impl FnOnce(&Value) -> T + Send + 'static,
+) -> (Result<T, Reply>, Value) {
+    let counted = tokio::task::spawn_blocking(move || {
+        let counted = count(&body);
+        (counted, body)
+    })
+    .await;
+    match counted {
+        Ok((counted, body)) => (Ok(counted), body),
+        Err(failed) => (
+            Err(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                &format!("estimating the request failed: {failed}"),
+            )),
+            Value::Null,
+        ),
+    }
 }
 
 /// A body the estimate refused: 400 in OpenAI's shape, naming the field in `param`.
@@ -451,7 +483,7 @@ impl Pump {
                         None => json!({
                             "prompt_tokens": usage.input_tokens,
                             "completion_tokens": usage.output_tokens,
-                            "total_tokens": usage.input_tokens + usage.output_tokens,
+                            "total_tokens": u64::from(usage.input_tokens) + u64::from(usage.output_tokens),
                         }),
                     };
                     if let Some(receipt) = &receipt {
@@ -468,50 +500,72 @@ impl Pump {
     }
 }
 
-pub async fn embeddings(app: &App, request: HttpRequest<Incoming>) -> Reply {
+pub async fn embeddings(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply {
     let trace = Trace::of(&request);
     let (secret, body) = match authenticated_body(app, request).await {
         Ok(read) => read,
         Err(reply) => return reply,
     };
     let model = match required_model(&body) {
-        Ok(model) => model,
+        Ok(model) => model.to_owned(),
         Err(reply) => return reply,
     };
-    trace.model(model);
-    let options = EstimateOptions::from_policy(&app.backend.policy(), model);
-    let estimate = match openai::estimate_embeddings(&body, &options) {
-        Ok(estimate) => estimate,
-        Err(shape) => return bad_shape(&shape),
+    trace.model(&model);
+    let options = EstimateOptions::from_policy(&app.backend.policy(), &model);
+    let (counted, body) = off_the_workers(body, move |body| {
+        openai::estimate_embeddings(body, &options)
+    })
+    .await;
+    let estimate = match counted {
+        Ok(Ok(estimate)) => estimate,
+        Ok(Err(shape)) => return bad_shape(&shape),
+        Err(reply) => return reply,
     };
     let input_tokens = estimate.input_tokens;
-    let ask = estimate.request(Credential::Secret(&secret), model);
+    let ask = estimate.request(Credential::Secret(&secret), &model);
     let held = match reserve(app, &ask, &trace).await {
         Ok(held) => held,
         Err(reply) => return reply,
     };
     let headers = held.headers();
-    let answer = match app.provider.embed(&body, model, input_tokens).await {
-        Ok(answer) => answer,
-        Err(failure) => return provider_failed(&failure),
-    };
-    let receipt = match app
-        .backend
-        .commit_usage(held, Usage::new(answer.prompt_tokens, 0))
-        .await
-    {
-        Ok(receipt) => receipted(receipt, "embeddings"),
-        Err(err) => return store_failed(&err),
-    };
-    trace.charged(&receipt);
-    let mut body = answer.body;
-    body["usage"] = json!({
-        "prompt_tokens": receipt.input_tokens(),
-        "total_tokens": receipt.input_tokens(),
+    // As with completions: once forwarded, the provider's work is charged even if the
+    // client hangs up, so the call and its commit run in a task of their own.
+    let app = Arc::clone(app);
+    let running = app.background.start();
+    let call = tokio::spawn(async move {
+        let _running = running;
+        let answer = match app.provider.embed(&body, &model, input_tokens).await {
+            Ok(answer) => answer,
+            Err(failure) => return provider_failed(&failure),
+        };
+        let receipt = match app
+            .backend
+            .commit_usage(held, Usage::new(answer.prompt_tokens, 0))
+            .await
+        {
+            Ok(receipt) => receipted(receipt, "embeddings"),
+            Err(err) => return store_failed(&err),
+        };
+        trace.charged(&receipt);
+        let mut body = answer.body;
+        body["usage"] = json!({
+            "prompt_tokens": receipt.input_tokens(),
+            "total_tokens": receipt.input_tokens(),
+        });
+        body["x_tollgate"] = tollgate_json(&receipt);
+        json_reply(StatusCode::OK, &body)
     });
-    body["x_tollgate"] = tollgate_json(&receipt);
-    let mut reply = json_reply(StatusCode::OK, &body);
-    add_headers(&mut reply, &headers);
+    let mut reply = match call.await {
+        Ok(reply) => reply,
+        Err(failed) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            &format!("the embeddings task failed: {failed}"),
+        ),
+    };
+    if reply.status() == StatusCode::OK {
+        add_headers(&mut reply, &headers);
+    }
     reply
 }
 
@@ -558,7 +612,7 @@ fn usage_json(receipt: &Receipt) -> Value {
     json!({
         "prompt_tokens": receipt.input_tokens(),
         "completion_tokens": receipt.output_tokens(),
-        "total_tokens": receipt.input_tokens() + receipt.output_tokens(),
+        "total_tokens": u64::from(receipt.input_tokens()) + u64::from(receipt.output_tokens()),
     })
 }
 

@@ -26,7 +26,6 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use hyper::Request;
 use parking_lot::Mutex;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tollgate::{Decimal, Denial, Policy, Receipt};
 
 use crate::jsonl::{JsonLines, Rotation};
@@ -193,6 +192,12 @@ impl Drop for Traced {
     fn drop(&mut self) {
         if let Some(log) = &self.log {
             let mut line = std::mem::take(self.line.get_mut());
+            if line.status == 0 {
+                // Dropped before an answer was sent: the client hung up (nginx's 499).
+                line.status = 499;
+                line.code
+                    .get_or_insert_with(|| "client_closed_request".into());
+            }
             line.latency_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
             log.record(line);
         }
@@ -220,8 +225,10 @@ impl Trace {
         self.0.line.lock().request_id.clone()
     }
 
+    /// The model the client asked for, cut to 128 characters: it is the client's text,
+    /// kept in memory with the workspace's recent lines even when refused.
     pub fn model(&self, model: &str) {
-        self.0.line.lock().model = Some(model.to_owned());
+        self.0.line.lock().model = Some(model.chars().take(128).collect());
     }
 
     /// Admitted for this key, in this workspace.
@@ -265,19 +272,8 @@ impl Trace {
 }
 
 /// The key id and workspace of the key with this secret (current or rotated out), if
-/// any. A scan of the policy's keys: only for requests already refused.
+/// any: only for requests already refused.
 fn key_of(policy: &Policy, secret: &str) -> Option<(String, String)> {
-    let digest = hex::encode(Sha256::digest(secret.as_bytes()));
-    policy
-        .document()
-        .keys
-        .iter()
-        .find(|key| {
-            key.secret_sha256.eq_ignore_ascii_case(&digest)
-                || key
-                    .previous_secret_sha256
-                    .as_deref()
-                    .is_some_and(|previous| previous.eq_ignore_ascii_case(&digest))
-        })
+    crate::caller::find_key(policy.document(), secret)
         .map(|key| (key.id.clone(), key.workspace.clone()))
 }

@@ -238,6 +238,15 @@ pub fn cap_output(
 ) -> Option<u32> {
     let field = endpoint.output_limit_field()?;
     if let Some(max) = estimate.max_output_tokens {
+        // Legacy completions without `max_tokens` were held at OpenAI's default (16);
+        // an OpenAI-compatible upstream may default higher, so the default is sent.
+        if endpoint == Endpoint::Completions {
+            if let Some(object) = body.as_object_mut() {
+                if matches!(object.get(field), None | Some(Value::Null)) {
+                    object.insert(field.to_owned(), Value::from(max));
+                }
+            }
+        }
         return Some(max);
     }
     let per_output = held_output_tokens / u64::from(estimate.outputs.max(1));

@@ -67,12 +67,39 @@ impl Tokenizer {
 
     /// Tokens of `text` as ordinary text: special tokens such as `<|endoftext|>` in
     /// it are counted as the text they are, as OpenAI's API does with user content.
+    ///
+    /// Exact, except that a run of more than [`LONGEST_RUN`] bytes without whitespace
+    /// is counted in pieces of at most that size: BPE merging is quadratic in the
+    /// length of one piece, so a megabyte without a space would take minutes, and
+    /// anyone who can send a body could stall the thread counting it. No token spans
+    /// a cut, so the count can only rise, by about one token per cut.
     #[must_use]
     pub fn count(self, text: &str) -> usize {
-        if text.is_empty() {
-            return 0;
+        let encoding = self.encoding();
+        let tokens = |part: &str| {
+            if part.is_empty() {
+                0
+            } else {
+                encoding.encode_ordinary(part).len()
+            }
+        };
+        let mut total = 0;
+        // `text[..counted]` is counted; `run` is where the current run (or the
+        // current piece of a long one) starts.
+        let (mut counted, mut run) = (0, None);
+        for (at, c) in text.char_indices() {
+            if c.is_whitespace() {
+                run = None;
+                continue;
+            }
+            let start = *run.get_or_insert(at);
+            if at + c.len_utf8() - start > LONGEST_RUN {
+                total += tokens(&text[counted..start]) + tokens(&text[start..at]);
+                counted = at;
+                run = Some(at);
+            }
         }
-        self.encoding().encode_ordinary(text).len()
+        total + tokens(&text[counted..])
     }
 
     /// Build the encoding now (tens of milliseconds in a release build, much more in
@@ -93,9 +120,34 @@ impl Tokenizer {
     }
 }
 
+/// The longest run of non-whitespace counted in one piece; see [`Tokenizer::count`].
+pub const LONGEST_RUN: usize = 256;
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn text_is_counted_exactly_and_a_long_run_in_pieces_that_only_err_high() {
+        let encoding = Tokenizer::O200kBase.encoding();
+        let exact = |text: &str| encoding.encode_ordinary(text).len();
+        let prose = "Rate limits and budgets, enforced: naïve café — 東京 🚀 x=1;";
+        assert_eq!(Tokenizer::O200kBase.count(prose), exact(prose));
+        let word = "a".repeat(LONGEST_RUN);
+        let at_limit = format!("see {word} here");
+        assert_eq!(Tokenizer::O200kBase.count(&at_limit), exact(&at_limit));
+
+        // Ten thousand letters without a space: cut into pieces, never fewer
+        // tokens than counted whole, and at most about one more per piece.
+        let long = format!("say {} and {}", "ab".repeat(5_000), "x".repeat(700));
+        let pieces = 10_000 / LONGEST_RUN + 700 / LONGEST_RUN + 2;
+        let (cut, whole) = (Tokenizer::O200kBase.count(&long), exact(&long));
+        assert!(cut >= whole, "{cut} < {whole}");
+        assert!(cut <= whole + 2 * pieces, "{cut} vs {whole}");
+        // Multi-byte characters are cut on their boundaries.
+        let wide = "é".repeat(1_000);
+        assert!(Tokenizer::O200kBase.count(&wide) >= exact(&wide));
+    }
 
     #[test]
     fn names_match_the_policy_list() {

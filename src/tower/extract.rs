@@ -140,13 +140,22 @@ where
     }
 }
 
-/// The token of an `Authorization: Bearer …` header.
+/// The token of an `Authorization: Bearer …` header, the scheme in any case.
+///
+/// ```
+/// let request = http::Request::builder()
+///     .header("authorization", "bearer sk-123")
+///     .body(())
+///     .unwrap();
+/// assert_eq!(tollgate::tower::bearer_token(&request), Some("sk-123"));
+/// let basic = http::Request::builder().header("authorization", "Basic abc").body(()).unwrap();
+/// assert_eq!(tollgate::tower::bearer_token(&basic), None);
+/// ```
 #[must_use]
 pub fn bearer_token<B>(request: &http::Request<B>) -> Option<&str> {
-    request
-        .headers()
-        .get(AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
+    let value = request.headers().get(AUTHORIZATION)?.to_str().ok()?;
+    // The scheme is case-insensitive (RFC 9110): `bearer` and `BEARER` too.
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim_start_matches(' ');
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }

@@ -202,6 +202,60 @@ async fn an_answer_whose_commit_redis_did_not_acknowledge_is_delivered() {
     assert_eq!(ws(&gw.usage().await), (dec("0.0000756"), 3));
 }
 
+/// A commit still pending when the gateway shuts down is replayed by the shutdown,
+/// not lost with the process. Redis backend only.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_replays_commits_redis_has_not_acknowledged() {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use crate::backend::Backend;
+    use crate::support::{start_with, Options};
+
+    let mut gw = start_with(Options {
+        mock_delay: Duration::from_millis(600),
+        ..Options::default()
+    })
+    .await;
+    let app = Arc::clone(&gw.app);
+    let Backend::Redis(engine) = &app.backend else {
+        eprintln!("skipping: the Redis backend only (TOLLGATE_GATEWAY_BACKEND=redis)");
+        return;
+    };
+    let redis = gw.redis.as_ref().unwrap();
+    let hold = "tollgate:v2:{ws:ws-prod}:holds";
+    assert_eq!(
+        gw.chat("sk-demo-prod", "gpt-4o-mini", None).await.status,
+        StatusCode::OK
+    );
+    let asked = gw.chat("sk-demo-prod", "gpt-4o-mini", None);
+    let pause = async {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while redis.cli(&["zcard", hold]) != "1" {
+            assert!(Instant::now() < deadline, "the reservation never landed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(redis.cli(&["client", "pause", "1500", "write"]), "OK");
+    };
+    let (answer, ()) = tokio::join!(asked, pause);
+    assert_eq!(answer.body["x_tollgate"]["commit"], "pending");
+    assert_eq!(engine.pending_commits(), 1);
+    // No request comes after it to replay the queue: the shutdown does.
+    gw.shut_down().await;
+    assert_eq!(
+        engine.pending_commits(),
+        0,
+        "replayed before the process would exit"
+    );
+    let usage = engine.usage().await.unwrap();
+    let ws = usage.workspaces.iter().find(|w| w.id == "ws-prod").unwrap();
+    assert_eq!(
+        (ws.usage.current.cost, ws.usage.current.requests),
+        (dec("0.0000504"), 2)
+    );
+}
+
 /// A client that hangs up while its reservation is on its way to Redis (Redis's writes
 /// paused, so the reserve cannot land yet) leaves nothing held once Redis answers:
 /// within seconds, not a reservation TTL (30 s), however far the gateway got with the

@@ -16,6 +16,8 @@ mod app;
 mod audit;
 #[path = "../../examples/gateway/backend.rs"]
 mod backend;
+#[path = "../../examples/gateway/caller.rs"]
+mod caller;
 #[path = "../../examples/gateway/connections.rs"]
 mod connections;
 #[path = "../../examples/gateway/http.rs"]

@@ -128,7 +128,7 @@ async fn metrics_report_exactly_the_requests_made() {
     assert_eq!(spend("ws-staging", "gpt-4o-mini"), staging);
     assert_eq!(spend("ws-playground", "gpt-4o"), playground);
     assert_eq!(total(&text, SPEND), prod + staging + playground);
-    // 6 tokens in and 40 out per mock answer.
+    // 8 tokens in ("Hello" with the chat framing) and 40 out per mock answer.
     let tokens = |direction| {
         value(
             &text,
@@ -140,7 +140,7 @@ async fn metrics_report_exactly_the_requests_made() {
             ],
         )
     };
-    assert_eq!((tokens("input"), tokens("output")), (12.0, 80.0));
+    assert_eq!((tokens("input"), tokens("output")), (16.0, 80.0));
     assert_eq!(total(&text, IN_FLIGHT), 0.0, "nothing left in flight");
     // And the engine's own usage agrees with the spend.
     let usage = gw.usage().await;
@@ -172,7 +172,11 @@ async fn metrics_are_served_without_a_key_on_their_own_listener() {
     let gw = start().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/metrics", listener.local_addr().unwrap());
-    let server = tokio::spawn(crate::metrics::serve(listener, gw.app.metrics.clone()));
+    let server = tokio::spawn(crate::metrics::serve(
+        listener,
+        gw.app.metrics.clone(),
+        gw.app.limits.header_timeout,
+    ));
     assert_eq!(
         gw.chat("sk-demo-prod", "gpt-4o-mini", None).await.status,
         200
