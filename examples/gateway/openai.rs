@@ -69,7 +69,7 @@ pub async fn models(app: &App, request: &HttpRequest<Incoming>) -> Reply {
     let (key, workspace) =
         match caller::identify(document, secret, DateTime::<Utc>::from(SystemTime::now())) {
             Ok(found) => found,
-            Err(reply) => return reply,
+            Err(refused) => return confirm_refusal(app, secret, &trace, refused).await,
         };
     trace.admitted(&key.id, &key.workspace);
     let models: Vec<Value> = caller::callable_models(document, workspace)
@@ -91,12 +91,28 @@ async fn authenticated_body(
     let secret = bearer(&request)
         .map(str::to_owned)
         .ok_or_else(missing_key)?;
-    caller::identify(
-        app.backend.policy().document(),
-        &secret,
-        DateTime::<Utc>::from(SystemTime::now()),
-    )?;
+    let now = DateTime::<Utc>::from(SystemTime::now());
+    if let Err(refused) = caller::identify(app.backend.policy().document(), &secret, now) {
+        let trace = Trace::of(&request);
+        return Err(confirm_refusal(app, &secret, &trace, refused).await);
+    }
     Ok((secret, read_json(request, app.limits.body_timeout).await?))
+}
+
+/// A key the policy lookup refused, refused by the engine itself: its answer (the
+/// same 401) is what the client gets, and its denial is what the metrics and the
+/// request log count. Nothing is reserved: the engine turns away an unusable key
+/// before any limit. Should the engine admit it after all (the lookup is only a
+/// filter), the lookup's refusal stands.
+async fn confirm_refusal(app: &App, secret: &str, trace: &Trace, refused: Reply) -> Reply {
+    let probe = Request::with_secret(secret, "").max_output_tokens(0);
+    match app.backend.check_and_reserve(&probe).await {
+        Err(denial) if denial.http_status() == 401 => {
+            trace.denied(&denial, secret, &app.backend.policy());
+            denied(&denial)
+        }
+        _ => refused,
+    }
 }
 
 /// The body's `model`, required by every OpenAI route that takes a body.
