@@ -994,7 +994,7 @@ async fn a_full_webhook_queue_drops_and_counts_events_without_waiting() {
     };
     let started = Instant::now();
     for _ in 0..50 {
-        hooks.send(event.clone());
+        hooks.send(event.clone(), &[]);
     }
     assert!(
         started.elapsed() < Duration::from_millis(200),
@@ -1005,7 +1005,7 @@ async fn a_full_webhook_queue_drops_and_counts_events_without_waiting() {
     assert_eq!(hooks.dropped(), 48);
     // Give the task a turn: it takes one into flight, so one more fits.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    hooks.send(event.clone());
+    hooks.send(event.clone(), &[]);
     assert_eq!(hooks.dropped(), 48);
     assert_eq!(hooks.delivered(), 0);
     held.abort();

@@ -8,6 +8,8 @@
 //! `redis-server` the tests start. With `--features metrics`, `GET /metrics` is
 //! tested too.
 
+#[path = "../../examples/gateway/access.rs"]
+mod access;
 #[path = "../../examples/gateway/admin.rs"]
 mod admin;
 #[path = "../../examples/gateway/app.rs"]
@@ -31,6 +33,8 @@ mod openai;
 mod provider;
 #[path = "../../examples/gateway/requests.rs"]
 mod requests;
+#[path = "../../examples/gateway/summary.rs"]
+mod summary;
 #[path = "../../examples/gateway/webhooks.rs"]
 mod webhooks;
 
