@@ -115,9 +115,10 @@ impl Caller {
         matches!(self, Caller::Key { .. })
     }
 
-    /// May the caller do `action` on `workspace`? `None`: the workspace is not known
-    /// yet (a key to create, an unknown key), so any workspace where the caller's
-    /// role allows it will do; the handler checks again once it is known.
+    /// May the caller do `action` on `workspace`? `None` for a per-workspace action:
+    /// the workspace is not known yet (the key to create names it in the body) or the
+    /// key in the path does not exist (a 404 follows); an admin key's role is checked
+    /// now, a member's once the handler knows the workspace.
     pub fn check(&self, action: Action, workspace: Option<&str>) -> Result<(), Refusal> {
         match self {
             Caller::Key { role, .. } if role.allows(action) => Ok(()),
@@ -127,9 +128,12 @@ impl Caller {
             }),
             Caller::Member { id, roles } => {
                 if action.is_org_wide() {
+                    let on = workspace
+                        .map(|w| format!(" (workspace `{w}`)"))
+                        .unwrap_or_default();
                     return Err(Refusal {
                         message: format!(
-                            "member `{id}` may not `{}`: it acts on the whole org, which \
+                            "member `{id}` may not `{}`{on}: it acts on the whole org, which \
                              only admin keys may do",
                             action.name()
                         ),
@@ -139,18 +143,10 @@ impl Caller {
                 if action.is_listing() {
                     return Ok(());
                 }
+                // Not known yet: the handler checks once it is (a body that names it),
+                // or the id names nothing and is answered 404.
                 let Some(workspace) = workspace else {
-                    return if roles.iter().any(|&(_, role)| member_allows(role, action)) {
-                        Ok(())
-                    } else {
-                        Err(Refusal {
-                            message: format!(
-                                "member `{id}` may not `{}` in any workspace",
-                                action.name()
-                            ),
-                            role: None,
-                        })
-                    };
+                    return Ok(());
                 };
                 match roles.iter().find(|(w, _)| w == workspace) {
                     Some(&(_, role)) if member_allows(role, action) => Ok(()),

@@ -46,6 +46,7 @@ mod admin_api;
 mod chat;
 mod estimate;
 mod hygiene;
+mod members;
 #[cfg(feature = "metrics")]
 mod metrics_endpoint;
 mod process;
