@@ -1,16 +1,20 @@
-//! The admin API under `/admin/`, with its own keys and roles.
+//! The admin API under `/admin/`, with its own keys and roles, and workspace members.
 //!
 //! Admin keys are bearer secrets, separate from the API keys of the policy, each with
-//! a name (the actor in the audit log and in engine events) and a role. Only their
-//! SHA-256 digests are kept.
+//! a name (the actor in the audit log and in engine events) and a role that applies to
+//! the whole gateway. Only their SHA-256 digests are kept. A secret that is no admin
+//! key may be a workspace member's from the policy (`access.rs`): its role applies in
+//! the workspaces that list it, and lists, usage and the summary show it only those.
 //!
-//! | route                              | action             | roles                 |
+//! | route                              | action             | admin key roles       |
 //! |------------------------------------|--------------------|-----------------------|
 //! | `GET /admin/workspaces`            | `workspace.list`   | admin, editor, viewer |
 //! | `GET /admin/workspaces/{id}`       | `workspace.read`   | admin, editor, viewer |
 //! | `GET /admin/usage`                 | `usage.read`       | admin, editor, viewer |
+//! | `GET /admin/summary`               | `summary.read`     | admin, editor, viewer |
 //! | `GET /admin/workspaces/{id}/requests` | `requests.read` | admin, editor, viewer |
 //! | `PATCH /admin/workspaces/{id}`     | `workspace.update` | admin, editor         |
+//! | the same, setting `owner`/`members` | `workspace.members` | admin              |
 //! | `POST /admin/workspaces`           | `workspace.create` | admin                 |
 //! | `DELETE /admin/workspaces/{id}`    | `workspace.delete` | admin                 |
 //! | `POST /admin/keys`                 | `key.create`       | admin                 |
@@ -18,13 +22,16 @@
 //! | `POST /admin/keys/{id}/revoke`     | `key.revoke`       | admin                 |
 //!
 //! Editors change what a workspace may do (status, environment, region, model grants,
-//! limits, budgets); creating and deleting workspaces and anything about keys is for
-//! admins. Errors use the gateway's OpenAI-style shape: 401 for a missing or unknown
-//! admin key, 403 naming the role and the action, 404 for an unknown route or id, 405
-//! for a known route with another method, 400 for a body that is not JSON of the
-//! expected shape, 409 for an id already in use, 422 with tollgate's policy issues
-//! (`path`, `value`, `problem`) when the change would make the policy invalid, 503
-//! when the counter store fails. Every request is audited, whatever its outcome.
+//! limits, budgets, webhooks); creating and deleting workspaces, who administers one
+//! and anything about keys is for admins. A member has the same rights inside its
+//! workspaces, except creating and deleting workspaces (org-wide: admin keys only).
+//! Errors use the gateway's OpenAI-style shape: 401 for a missing or unknown
+//! admin key, 403 naming the role, the action and the workspace, 404 for an unknown
+//! route or id, 405 for a known route with another method, 400 for a body that is not
+//! JSON of the expected shape, 409 for an id already in use, 422 with tollgate's policy
+//! issues (`path`, `value`, `problem`) when the change would make the policy invalid,
+//! 503 when the counter store fails. Every request is audited, whatever its outcome,
+//! with the workspace it was about.
 
 use std::time::Duration;
 
