@@ -409,7 +409,7 @@ async fn serve(app: &App, request: Request<Incoming>, record: &mut AdminRecord) 
     let workspace = workspace_of(policy.document(), action, id.as_deref());
     drop(policy);
     if let Err(refusal) = authorize(&caller, action, workspace.as_deref(), record) {
-        return refusal;
+        return json_reply(StatusCode::FORBIDDEN, &refusal);
     }
 
     let actor = caller.actor();
@@ -452,13 +452,13 @@ fn workspace_of(doc: &PolicyDocument, action: Action, id: Option<&str>) -> Optio
 }
 
 /// Check `caller` may do `action` on `workspace`, recording the workspace and the
-/// caller's role there; a refusal is the 403 reply.
+/// caller's role there; a refusal is the body of the 403.
 fn authorize(
     caller: &Caller,
     action: Action,
     workspace: Option<&str>,
     record: &mut AdminRecord,
-) -> Result<(), Reply> {
+) -> Result<(), Value> {
     if workspace.is_some() {
         record.workspace = workspace.map(str::to_owned);
         record.role = caller.role_in(workspace);
@@ -467,18 +467,15 @@ fn authorize(
         return Ok(());
     };
     record.reason = Some(refusal.message.clone());
-    Err(json_reply(
-        StatusCode::FORBIDDEN,
-        &json!({"error": {
-            "message": refusal.message,
-            "type": "permission_error",
-            "code": "admin_forbidden",
-            "role": refusal.role,
-            "action": action.name(),
-            "workspace": workspace,
-            "actor": caller.actor(),
-        }}),
-    ))
+    Err(json!({"error": {
+        "message": refusal.message,
+        "type": "permission_error",
+        "code": "admin_forbidden",
+        "role": refusal.role,
+        "action": action.name(),
+        "workspace": workspace,
+        "actor": caller.actor(),
+    }}))
 }
 
 /// Why an admin request failed, before it becomes a reply.
@@ -497,8 +494,8 @@ enum Failure {
     Store(String),
     /// 500: anything else.
     Internal(String),
-    /// 403, already answered (a check once the body named the workspace).
-    Forbidden(Reply),
+    /// 403, with its body (a check once the body named the workspace).
+    Forbidden(Value),
 }
 
 fn issues_json(issues: &[PolicyIssue]) -> Value {
@@ -585,7 +582,7 @@ impl Failure {
                 "server_error",
                 message,
             ),
-            Failure::Forbidden(reply) => reply,
+            Failure::Forbidden(body) => json_reply(StatusCode::FORBIDDEN, &body),
         }
     }
 }
