@@ -186,6 +186,10 @@ impl Webhooks {
         }
         let mut started = self.workspace_queues.lock();
         for url in workspace_urls {
+            // A URL that is also global already has this event.
+            if global && self.urls.contains(url) {
+                continue;
+            }
             if !started.contains_key(url) && started.len() < MAX_WORKSPACE_URLS {
                 // The policy validated it; a URL hyper still refuses is counted failed.
                 match parse_url(url).ok().and_then(|uri| self.spawn(uri)) {

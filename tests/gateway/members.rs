@@ -547,3 +547,49 @@ async fn the_summary_matches_the_policy_and_the_usage() {
         spent("ws-prod") + spent("ws-staging")
     );
 }
+
+#[tokio::test]
+async fn a_url_both_global_and_a_workspace_s_gets_each_event_once() {
+    let (url, mut received) = webhook_receiver(0).await;
+    let gw = start_with(Options {
+        webhooks: vec![url.clone()],
+        ..Options::default()
+    })
+    .await;
+    gw.admin(
+        Method::POST,
+        "/admin/workspaces",
+        ADMIN,
+        Some(
+            json!({"id": "ws-a", "name": "ws-a", "models": ["gpt-4o-mini"], "webhooks": [url],
+                    "budget": {"limit": "0.0000504", "period": "day", "alert_thresholds": [50]}}),
+        ),
+    )
+    .await;
+    let issued = gw
+        .admin(
+            Method::POST,
+            "/admin/keys",
+            ADMIN,
+            Some(json!({"id": "key-a", "workspace": "ws-a"})),
+        )
+        .await;
+    let secret = issued["secret"].as_str().unwrap();
+    assert_eq!(gw.chat(secret, "gpt-4o-mini", Some(40)).await.status, 200);
+    let mut got = Vec::new();
+    receive_until(&mut received, &mut got, |got| {
+        types(got).contains(&"budget_threshold")
+    })
+    .await;
+    let hooks = &gw.events.webhooks;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while hooks.delivered() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    while let Ok(r) = received.try_recv() {
+        got.push(r.body);
+    }
+    assert_eq!(types(&got), ["key_created", "budget_threshold"], "{got:?}");
+    assert_eq!(hooks.delivered(), 2);
+}
