@@ -16,7 +16,7 @@ use std::sync::Arc;
 use crate::clock::Timestamp;
 use crate::events::{EventKind, ScopeRef};
 use crate::policy::{
-    BudgetSpec, Environment, KeySpec, KeyStatus, LimitsSpec, ModelLimitSpec, Policy,
+    BudgetSpec, Environment, KeySpec, KeyStatus, LimitsSpec, MemberSpec, ModelLimitSpec, Policy,
     PolicyDocument, PolicyError, PolicyIssue, Problem, StoreFailureMode, WorkspaceSpec,
     WorkspaceStatus,
 };
@@ -89,6 +89,12 @@ pub struct WorkspaceUpdate {
     pub budget: Option<Option<BudgetSpec>>,
     /// What a distributed backend does while its store is down.
     pub on_store_error: Option<StoreFailureMode>,
+    /// The owner (a member id): `Some(None)` removes it.
+    pub owner: Option<Option<String>>,
+    /// Members and their roles (replaces the list).
+    pub members: Option<Vec<MemberSpec>>,
+    /// Webhook URLs for the workspace's events (replaces the list).
+    pub webhooks: Option<Vec<String>>,
 }
 
 /// One change to a policy document.
@@ -184,6 +190,9 @@ pub(crate) fn edit(
                 model_limits,
                 budget,
                 on_store_error,
+                owner,
+                members,
+                webhooks,
             } = update;
             if let Some(v) = status {
                 ws.status = v;
@@ -208,6 +217,15 @@ pub(crate) fn edit(
             }
             if let Some(v) = on_store_error {
                 ws.on_store_error = v;
+            }
+            if let Some(v) = owner {
+                ws.owner = v;
+            }
+            if let Some(v) = members {
+                ws.members = v;
+            }
+            if let Some(v) = webhooks {
+                ws.webhooks = v;
             }
             done(EventKind::WorkspaceUpdated {
                 scope: ScopeRef::workspace(&org, &id),

@@ -103,9 +103,10 @@ pub use limiter::{Held, Limiter};
 pub use period::BudgetPeriod;
 pub use persist::PersistError;
 pub use policy::{
-    BudgetSpec, DefaultsSpec, Environment, KeySpec, KeyStatus, LimitsSpec, ModelLimitSpec,
-    ModelSpec, OrgSpec, Policy, PolicyDocument, PolicyError, PolicyIssue, Problem,
-    StoreFailureMode, TokenCount, WorkspaceSpec, WorkspaceStatus, TOKENIZERS,
+    BudgetSpec, DefaultsSpec, Environment, KeySpec, KeyStatus, LimitsSpec, MemberRole, MemberSpec,
+    ModelLimitSpec, ModelSpec, OrgSpec, Policy, PolicyDocument, PolicyError, PolicyIssue, Problem,
+    StoreFailureMode, TokenCount, WorkspaceSpec, WorkspaceStatus, MAX_MEMBERS, MAX_WEBHOOKS,
+    TOKENIZERS,
 };
 pub use policy_store::{FilePolicyStore, PolicyStore, PolicyStoreError};
 #[cfg(feature = "redis")]

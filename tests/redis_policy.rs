@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use redis_server::{require_redis, RedisServer};
 use tollgate::{
-    ChannelSink, DenialReason, Error, Event, EventKind, NewKey, Policy, PolicyError, Problem,
-    RedisConfig, RedisEngine, Request, StoreErrorKind, WorkspaceStatus, WorkspaceUpdate,
+    ChannelSink, DenialReason, Error, Event, EventKind, MemberRole, MemberSpec, NewKey, Policy,
+    PolicyError, Problem, RedisConfig, RedisEngine, Request, StoreErrorKind, WorkspaceStatus,
+    WorkspaceUpdate,
 };
 
 const POLICY: &str = r#"
@@ -274,6 +275,60 @@ async fn a_workspace_suspended_on_b_is_refused_on_c() {
         .unwrap_err();
     assert_eq!(denial.http_status(), 403);
     assert_eq!(decide(&c.engine, "test2").await, Ok(()), "ws2 untouched");
+}
+
+/// Owners, members and webhooks travel with the document: set on one instance, the
+/// others run them, and an instance started afterwards loads them from Redis.
+#[tokio::test(flavor = "current_thread")]
+async fn members_and_webhooks_set_on_a_reach_b_and_a_late_instance() {
+    if skip() {
+        return;
+    }
+    let server = RedisServer::start();
+    let [a, b, _] = three(&server).await;
+    let members = vec![
+        MemberSpec::new("ada@example.com", MemberRole::Admin, "ada-secret"),
+        MemberSpec::new("vic", MemberRole::Viewer, "vic-secret"),
+    ];
+    let update = WorkspaceUpdate {
+        owner: Some(Some("ada@example.com".into())),
+        members: Some(members.clone()),
+        webhooks: Some(vec!["http://127.0.0.1:9/ws1".into()]),
+        ..WorkspaceUpdate::default()
+    };
+    a.engine
+        .update_workspace("ws1", update, Some("ops"))
+        .await
+        .unwrap();
+    let at = Instant::now();
+    let ws1 = |engine: &RedisEngine| engine.policy().document().workspaces[0].clone();
+    while ws1(&b.engine).members != members {
+        assert!(
+            at.elapsed() <= PROPAGATION,
+            "members not on B within a second"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let on_b = ws1(&b.engine);
+    assert_eq!(on_b.owner.as_deref(), Some("ada@example.com"));
+    assert_eq!(on_b.webhooks, ["http://127.0.0.1:9/ws1"]);
+    assert_eq!(ws1(&instance(&server).await.engine), on_b);
+    // A bad member is refused everywhere, and changes nothing.
+    let bad = WorkspaceUpdate {
+        owner: Some(Some("mallory".into())),
+        ..WorkspaceUpdate::default()
+    };
+    let refused = b
+        .engine
+        .update_workspace("ws1", bad, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, Error::Policy(PolicyError::Invalid { issues })
+            if issues[0].path == "workspaces[0].owner" && issues[0].problem == Problem::UnknownMember),
+        "{refused}"
+    );
+    assert_eq!(ws1(&a.engine), on_b);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,16 +1,20 @@
-//! The admin API under `/admin/`, with its own keys and roles.
+//! The admin API under `/admin/`, with its own keys and roles, and workspace members.
 //!
 //! Admin keys are bearer secrets, separate from the API keys of the policy, each with
-//! a name (the actor in the audit log and in engine events) and a role. Only their
-//! SHA-256 digests are kept.
+//! a name (the actor in the audit log and in engine events) and a role that applies to
+//! the whole gateway. Only their SHA-256 digests are kept. A secret that is no admin
+//! key may be a workspace member's from the policy (`access.rs`): its role applies in
+//! the workspaces that list it, and lists, usage and the summary show it only those.
 //!
-//! | route                              | action             | roles                 |
+//! | route                              | action             | admin key roles       |
 //! |------------------------------------|--------------------|-----------------------|
 //! | `GET /admin/workspaces`            | `workspace.list`   | admin, editor, viewer |
 //! | `GET /admin/workspaces/{id}`       | `workspace.read`   | admin, editor, viewer |
 //! | `GET /admin/usage`                 | `usage.read`       | admin, editor, viewer |
+//! | `GET /admin/summary`               | `summary.read`     | admin, editor, viewer |
 //! | `GET /admin/workspaces/{id}/requests` | `requests.read` | admin, editor, viewer |
 //! | `PATCH /admin/workspaces/{id}`     | `workspace.update` | admin, editor         |
+//! | the same, setting `owner`/`members` | `workspace.members` | admin              |
 //! | `POST /admin/workspaces`           | `workspace.create` | admin                 |
 //! | `DELETE /admin/workspaces/{id}`    | `workspace.delete` | admin                 |
 //! | `POST /admin/keys`                 | `key.create`       | admin                 |
@@ -18,13 +22,16 @@
 //! | `POST /admin/keys/{id}/revoke`     | `key.revoke`       | admin                 |
 //!
 //! Editors change what a workspace may do (status, environment, region, model grants,
-//! limits, budgets); creating and deleting workspaces and anything about keys is for
-//! admins. Errors use the gateway's OpenAI-style shape: 401 for a missing or unknown
-//! admin key, 403 naming the role and the action, 404 for an unknown route or id, 405
-//! for a known route with another method, 400 for a body that is not JSON of the
-//! expected shape, 409 for an id already in use, 422 with tollgate's policy issues
-//! (`path`, `value`, `problem`) when the change would make the policy invalid, 503
-//! when the counter store fails. Every request is audited, whatever its outcome.
+//! limits, budgets, webhooks); creating and deleting workspaces, who administers one
+//! and anything about keys is for admins. A member has the same rights inside its
+//! workspaces, except creating and deleting workspaces (org-wide: admin keys only).
+//! Errors use the gateway's OpenAI-style shape: 401 for a missing or unknown
+//! admin key, 403 naming the role, the action and the workspace, 404 for an unknown
+//! route or id, 405 for a known route with another method, 400 for a body that is not
+//! JSON of the expected shape, 409 for an id already in use, 422 with tollgate's policy
+//! issues (`path`, `value`, `problem`) when the change would make the policy invalid,
+//! 503 when the counter store fails. Every request is audited, whatever its outcome,
+//! with the workspace it was about.
 
 use std::time::Duration;
 
@@ -38,15 +45,17 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tollgate::{
-    BudgetSpec, Environment, Error, KeySpec, LimitsSpec, ModelLimitSpec, NewKey, PolicyDocument,
-    PolicyError, PolicyIssue, Problem, StoreFailureMode, WorkspaceSpec, WorkspaceStatus,
-    WorkspaceUpdate,
+    BudgetSpec, Environment, Error, KeySpec, LimitsSpec, MemberSpec, ModelLimitSpec, NewKey,
+    PolicyDocument, PolicyError, PolicyIssue, Problem, StoreFailureMode, WorkspaceSpec,
+    WorkspaceStatus, WorkspaceUpdate,
 };
 
+use crate::access::{self, Caller};
 use crate::app::App;
 use crate::audit::AdminRecord;
 use crate::connections::Peer;
 use crate::http::{self, bearer, error, json_reply, BodyError, Reply};
+use crate::summary;
 
 /// What an admin key may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,7 +86,7 @@ impl Role {
         }
     }
 
-    fn allows(self, action: Action) -> bool {
+    pub fn allows(self, action: Action) -> bool {
         match self {
             Role::Admin => true,
             Role::Editor => action.is_read() || action == Action::UpdateWorkspace,
@@ -231,6 +240,9 @@ pub enum Action {
     CreateKey,
     RotateKey,
     RevokeKey,
+    ReadSummary,
+    /// A workspace update that changes its owner or members.
+    UpdateMembers,
 }
 
 impl Action {
@@ -246,16 +258,32 @@ impl Action {
             Action::CreateKey => "key.create",
             Action::RotateKey => "key.rotate",
             Action::RevokeKey => "key.revoke",
+            Action::ReadSummary => "summary.read",
+            Action::UpdateMembers => "workspace.members",
         }
     }
 
-    fn is_read(self) -> bool {
+    pub fn is_read(self) -> bool {
         matches!(
             self,
             Action::ListWorkspaces
                 | Action::ReadWorkspace
                 | Action::ReadUsage
                 | Action::ReadRequests
+                | Action::ReadSummary
+        )
+    }
+
+    /// Acts on the org as a whole: for admin keys only.
+    pub fn is_org_wide(self) -> bool {
+        matches!(self, Action::CreateWorkspace | Action::DeleteWorkspace)
+    }
+
+    /// Reads across workspaces, answered with what the caller may see.
+    pub fn is_listing(self) -> bool {
+        matches!(
+            self,
+            Action::ListWorkspaces | Action::ReadUsage | Action::ReadSummary
         )
     }
 }
@@ -293,6 +321,8 @@ fn route(method: &Method, path: &str) -> Route {
         (["keys"] | ["keys", _, "rotate" | "revoke"], _) => Route::WrongMethod("POST"),
         (["usage"], &Method::GET) => found(Action::ReadUsage, None),
         (["usage"], _) => Route::WrongMethod("GET"),
+        (["summary"], &Method::GET) => found(Action::ReadSummary, None),
+        (["summary"], _) => Route::WrongMethod("GET"),
         _ => Route::NotFound,
     }
 }
@@ -328,7 +358,10 @@ async fn serve(app: &App, request: Request<Incoming>, record: &mut AdminRecord) 
         }
     }
 
-    let Some(key) = bearer(&request).and_then(|secret| app.admin.authenticate(secret)) else {
+    let policy = app.backend.policy();
+    let caller = bearer(&request)
+        .and_then(|secret| access::authenticate(&app.admin, policy.document(), secret));
+    let Some(caller) = caller else {
         let message = if bearer(&request).is_some() {
             "unknown admin key"
         } else {
@@ -346,8 +379,9 @@ async fn serve(app: &App, request: Request<Incoming>, record: &mut AdminRecord) 
         );
         return reply;
     };
-    record.actor = Some(key.name.clone());
-    record.role = Some(key.role.name());
+    record.actor = Some(caller.actor().to_owned());
+    record.credential = Some(caller.credential());
+    record.role = caller.role_in(None);
 
     let (action, id) = match found {
         Route::Found(action, id) => (action, id),
@@ -372,36 +406,76 @@ async fn serve(app: &App, request: Request<Incoming>, record: &mut AdminRecord) 
             )
         }
     };
-    if !key.role.allows(action) {
-        let message = format!("role `{}` may not `{}`", key.role.name(), action.name());
-        record.reason = Some(message.clone());
-        return json_reply(
-            StatusCode::FORBIDDEN,
-            &json!({"error": {
-                "message": message,
-                "type": "permission_error",
-                "code": "admin_forbidden",
-                "role": key.role.name(),
-                "action": action.name(),
-            }}),
-        );
+    let workspace = workspace_of(policy.document(), action, id.as_deref());
+    drop(policy);
+    if let Err(refusal) = authorize(&caller, action, workspace.as_deref(), record) {
+        return json_reply(StatusCode::FORBIDDEN, &refusal);
     }
 
-    let actor = key.name.as_str();
+    let actor = caller.actor();
     let id = id.unwrap_or_default();
     let result = match action {
-        Action::ListWorkspaces => Ok(list_workspaces(app)),
+        Action::ListWorkspaces => Ok(list_workspaces(app, &caller)),
         Action::ReadWorkspace => read_workspace(app, &id),
-        Action::ReadUsage => read_usage(app).await,
+        Action::ReadUsage => read_usage(app, &caller).await,
+        Action::ReadSummary => read_summary(app, &caller).await,
         Action::ReadRequests => read_requests(app, &id, request.uri().query()),
         Action::CreateWorkspace => create_workspace(app, request, actor, record).await,
-        Action::UpdateWorkspace => update_workspace(app, request, &id, actor).await,
+        Action::UpdateWorkspace | Action::UpdateMembers => {
+            update_workspace(app, request, &id, &caller, record).await
+        }
         Action::DeleteWorkspace => delete_workspace(app, &id, actor).await,
-        Action::CreateKey => create_key(app, request, actor, record).await,
+        Action::CreateKey => create_key(app, request, &caller, record).await,
         Action::RotateKey => rotate_key(app, request, &id, actor).await,
         Action::RevokeKey => revoke_key(app, &id, actor).await,
     };
     result.unwrap_or_else(|failure| failure.reply(record))
+}
+
+/// The workspace an action is about, when the route tells: the id in the path, or
+/// the workspace of the key in the path.
+fn workspace_of(doc: &PolicyDocument, action: Action, id: Option<&str>) -> Option<String> {
+    let id = id?;
+    match action {
+        Action::ReadWorkspace
+        | Action::UpdateWorkspace
+        | Action::UpdateMembers
+        | Action::DeleteWorkspace
+        | Action::ReadRequests => Some(id.to_owned()),
+        Action::RotateKey | Action::RevokeKey => doc
+            .keys
+            .iter()
+            .find(|k| k.id == id)
+            .map(|k| k.workspace.clone()),
+        _ => None,
+    }
+}
+
+/// Check `caller` may do `action` on `workspace`, recording the workspace and the
+/// caller's role there; a refusal is the body of the 403.
+fn authorize(
+    caller: &Caller,
+    action: Action,
+    workspace: Option<&str>,
+    record: &mut AdminRecord,
+) -> Result<(), Value> {
+    if workspace.is_some() {
+        record.workspace = workspace.map(str::to_owned);
+        record.role = caller.role_in(workspace);
+    }
+    let Err(refusal) = caller.check(action, workspace) else {
+        return Ok(());
+    };
+    record.reason = Some(refusal.message.clone());
+    Err(json!({"error": {
+        "message": refusal.message,
+        "type": "permission_error",
+        "code": "admin_forbidden",
+        "role": refusal.role,
+        "action": action.name(),
+        "workspace": workspace,
+        "actor": caller.actor(),
+    }}))
 }
 
 /// Why an admin request failed, before it becomes a reply.
@@ -420,6 +494,8 @@ enum Failure {
     Store(String),
     /// 500: anything else.
     Internal(String),
+    /// 403, with its body (a check once the body named the workspace).
+    Forbidden(Value),
 }
 
 fn issues_json(issues: &[PolicyIssue]) -> Value {
@@ -506,6 +582,7 @@ impl Failure {
                 "server_error",
                 message,
             ),
+            Failure::Forbidden(body) => json_reply(StatusCode::FORBIDDEN, &body),
         }
     }
 }
@@ -535,8 +612,8 @@ fn rfc3339(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Secs, true)
 }
 
-/// A workspace as listed: its settings, whether it is the default, and its keys
-/// (ids and status, never digests).
+/// A workspace as listed: its settings, whether it is the default, its members (ids
+/// and roles, never digests) and its keys (ids and status, never digests).
 fn workspace_json(doc: &PolicyDocument, ws: &WorkspaceSpec) -> Value {
     let mut value = serde_json::to_value(ws).unwrap_or(Value::Null);
     let keys: Vec<Value> = doc
@@ -545,9 +622,17 @@ fn workspace_json(doc: &PolicyDocument, ws: &WorkspaceSpec) -> Value {
         .filter(|k| k.workspace == ws.id)
         .map(key_json)
         .collect();
+    let members: Vec<Value> = ws
+        .members
+        .iter()
+        .map(|m| json!({"id": m.id, "role": m.role}))
+        .collect();
     if let Value::Object(map) = &mut value {
         let default = doc.org.default_workspace.as_deref() == Some(ws.id.as_str());
         map.insert("default".into(), json!(default));
+        map.insert("owner".into(), json!(ws.owner));
+        map.insert("members".into(), json!(members));
+        map.insert("webhooks".into(), json!(ws.webhooks));
         map.insert("keys".into(), json!(keys));
     }
     value
@@ -564,12 +649,13 @@ fn key_json(key: &KeySpec) -> Value {
     })
 }
 
-fn list_workspaces(app: &App) -> Reply {
+fn list_workspaces(app: &App, caller: &Caller) -> Reply {
     let policy = app.backend.policy();
     let doc = policy.document();
     let data: Vec<Value> = doc
         .workspaces
         .iter()
+        .filter(|ws| caller.sees(&ws.id))
         .map(|ws| workspace_json(doc, ws))
         .collect();
     json_reply(
@@ -601,13 +687,33 @@ fn workspace_reply(app: &App, id: &str, status: StatusCode) -> Reply {
     json_reply(status, &body)
 }
 
-async fn read_usage(app: &App) -> Handled {
+/// Usage of what the caller may see: everything for an admin key; for a member, its
+/// workspaces and their keys, without the org's totals or wallet.
+async fn read_usage(app: &App, caller: &Caller) -> Handled {
+    let mut usage = app
+        .backend
+        .usage()
+        .await
+        .map_err(|e| Failure::from_backend(e, None))?;
+    usage.workspaces.retain(|w| caller.sees(&w.id));
+    usage.keys.retain(|k| caller.sees(&k.workspace));
+    let mut body = serde_json::to_value(&usage).map_err(|e| Failure::Internal(e.to_string()))?;
+    if let (false, Value::Object(map)) = (caller.sees_org(), &mut body) {
+        map.remove("org");
+        map.remove("wallet_spent");
+    }
+    Ok(json_reply(StatusCode::OK, &body))
+}
+
+/// `GET /admin/summary`: the workspaces the caller may see, in figures.
+async fn read_summary(app: &App, caller: &Caller) -> Handled {
     let usage = app
         .backend
         .usage()
         .await
         .map_err(|e| Failure::from_backend(e, None))?;
-    let body = serde_json::to_value(&usage).map_err(|e| Failure::Internal(e.to_string()))?;
+    let policy = app.backend.policy();
+    let body = summary::summarize(policy.document(), &usage, |id| caller.sees(id));
     Ok(json_reply(StatusCode::OK, &body))
 }
 
@@ -703,15 +809,32 @@ struct WorkspacePatch {
     #[serde(default, deserialize_with = "present")]
     budget: Option<Option<BudgetSpec>>,
     on_store_error: Option<StoreFailureMode>,
+    #[serde(default, deserialize_with = "present")]
+    owner: Option<Option<String>>,
+    members: Option<Vec<MemberSpec>>,
+    webhooks: Option<Vec<String>>,
 }
 
 /// A field that is present, even as `null`.
-fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<BudgetSpec>>, D::Error> {
-    Option::<BudgetSpec>::deserialize(d).map(Some)
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
 }
 
-async fn update_workspace(app: &App, request: Request<Incoming>, id: &str, actor: &str) -> Handled {
+async fn update_workspace(
+    app: &App,
+    request: Request<Incoming>,
+    id: &str,
+    caller: &Caller,
+    record: &mut AdminRecord,
+) -> Handled {
     let patch: WorkspacePatch = parse(&read_body(app, request).await?, false)?;
+    // Who may administer the workspace is for its admins (or admin keys) to change.
+    if patch.owner.is_some() || patch.members.is_some() {
+        record.action = Action::UpdateMembers.name().into();
+        authorize(caller, Action::UpdateMembers, Some(id), record).map_err(Failure::Forbidden)?;
+    }
     let update = WorkspaceUpdate {
         status: patch.status,
         environment: patch.environment,
@@ -721,14 +844,18 @@ async fn update_workspace(app: &App, request: Request<Incoming>, id: &str, actor
         model_limits: patch.model_limits,
         budget: patch.budget,
         on_store_error: patch.on_store_error,
+        owner: patch.owner,
+        members: patch.members,
+        webhooks: patch.webhooks,
     };
     if update == WorkspaceUpdate::default() {
         return Err(Failure::BadBody(
             "nothing to change: give status, environment, region, models, limits, \
-             model_limits, budget or on_store_error"
+             model_limits, budget, on_store_error, owner, members or webhooks"
                 .into(),
         ));
     }
+    let actor = caller.actor();
     app.backend
         .update_workspace(id, update, actor)
         .await
@@ -766,11 +893,14 @@ const SHOWN_ONCE: &str = "store the secret now: it is not shown again";
 async fn create_key(
     app: &App,
     request: Request<Incoming>,
-    actor: &str,
+    caller: &Caller,
     record: &mut AdminRecord,
 ) -> Handled {
     let asked: KeyRequest = parse(&read_body(app, request).await?, false)?;
     record.target = Some(asked.id.clone());
+    authorize(caller, Action::CreateKey, Some(&asked.workspace), record)
+        .map_err(Failure::Forbidden)?;
+    let actor = caller.actor();
     let workspace = asked.workspace.clone();
     let issued = app
         .backend

@@ -18,6 +18,7 @@ use crate::http::{error, ErrorCode, Reply};
 use crate::openai;
 use crate::provider::Provider;
 use crate::requests::RequestLog;
+use crate::webhooks::GatewayEvents;
 
 /// What every connection shares.
 pub struct App {
@@ -72,6 +73,24 @@ impl App {
             reply.headers_mut().insert("x-request-id", id);
         }
         reply
+    }
+
+    /// The webhook URLs workspace `id` lists in the current policy.
+    pub fn workspace_webhooks(&self, id: &str) -> Vec<String> {
+        let policy = self.backend.policy();
+        let found = policy.document().workspaces.iter().find(|w| w.id == id);
+        found.map(|w| w.webhooks.clone()).unwrap_or_default()
+    }
+
+    /// Let `events` deliver workspace events to the URLs of the current policy. The
+    /// app holds the engine, which holds `events`: a weak handle breaks the cycle.
+    pub fn follow_webhooks(self: &Arc<Self>, events: &GatewayEvents) {
+        let app = Arc::downgrade(self);
+        let _ = events.workspace_urls.set(Box::new(move |id| {
+            app.upgrade()
+                .map(|app| app.workspace_webhooks(id))
+                .unwrap_or_default()
+        }));
     }
 
     /// What a shutdown does once requests have drained: commits Redis has not

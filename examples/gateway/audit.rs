@@ -17,10 +17,13 @@
 //! and engine events, always find room.
 //!
 //! Every line has `time` (RFC 3339, UTC), `source` (`admin`, `engine` or `audit`),
-//! `actor` and `role` (null when unknown), `action`, `target` (null when none) and
-//! `outcome` (`ok`, `refused` for 401/403, `invalid` for other 4xx, `error` for 5xx).
-//! Admin lines add the HTTP `status` and, when not `ok`, a `reason`; engine lines add
-//! the engine's `event` as tollgate serialises it.
+//! `actor` and `role` (null when unknown), `action`, `target` (null when none),
+//! `workspace` (the workspace the action was about, null when none) and `outcome`
+//! (`ok`, `refused` for 401/403, `invalid` for other 4xx, `error` for 5xx). Admin lines
+//! add the HTTP `status`, `credential` (`admin_key` or `member`, once authenticated)
+//! and, when not `ok`, a `reason`; engine lines add the engine's `event` as tollgate
+//! serialises it. A member's `actor` is its member id and its `role` the one it holds
+//! in that `workspace` (null where it holds none).
 
 use std::collections::HashMap;
 use std::io;
@@ -69,6 +72,11 @@ struct Line {
     role: Option<&'static str>,
     action: String,
     target: Option<String>,
+    /// The workspace the action was about, when it was about one.
+    workspace: Option<String>,
+    /// `admin_key` or `member`, once authenticated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credential: Option<&'static str>,
     outcome: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     status: Option<u16>,
@@ -92,6 +100,10 @@ pub struct AdminRecord {
     pub action: String,
     /// The workspace or key id it was about.
     pub target: Option<String>,
+    /// The workspace it was about (a key's workspace for a key), when known.
+    pub workspace: Option<String>,
+    /// How the caller authenticated: `admin_key` or `member`.
+    pub credential: Option<&'static str>,
     /// Why it was refused or failed.
     pub reason: Option<String>,
     /// The client's address.
@@ -191,6 +203,8 @@ impl Audit {
             role: record.role,
             action: record.action,
             target: record.target.map(|t| cut(t, MAX_TARGET)),
+            workspace: record.workspace.map(|w| cut(w, MAX_TARGET)),
+            credential: record.credential,
             outcome,
             status: Some(status.as_u16()),
             reason: if outcome == "ok" {
@@ -232,6 +246,8 @@ impl Audit {
             role: None,
             action: action.into(),
             target: scope.and_then(|s| s.key.clone().or_else(|| s.workspace.clone())),
+            workspace: scope.and_then(|s| s.workspace.clone()),
+            credential: None,
             outcome: "ok",
             status: None,
             reason: None,
@@ -272,6 +288,8 @@ fn dropped_line(count: u64) -> Line {
         role: None,
         action: "audit.dropped".into(),
         target: None,
+        workspace: None,
+        credential: None,
         outcome: "error",
         status: None,
         reason: Some(format!(
@@ -290,6 +308,8 @@ fn suppressed_line(source: IpAddr, count: u64) -> Line {
         role: None,
         action: "audit.suppressed".into(),
         target: None,
+        workspace: None,
+        credential: None,
         outcome: "refused",
         status: None,
         reason: Some(format!(

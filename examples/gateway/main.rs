@@ -48,6 +48,7 @@
 //!   metrics`): also serve `GET /metrics` there, without a key; on the main address
 //!   `GET /metrics` takes an admin key
 
+mod access;
 mod admin;
 mod app;
 mod audit;
@@ -61,6 +62,7 @@ mod metrics;
 mod openai;
 mod provider;
 mod requests;
+mod summary;
 mod webhooks;
 
 use std::path::PathBuf;
@@ -391,11 +393,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         path => audit::Audit::to_file(std::path::Path::new(path), options.rotation),
     }
     .map_err(|e| format!("--audit-log {}: {e}", options.audit_log))?;
-    let events = Arc::new(webhooks::GatewayEvents {
-        audit: audit.clone(),
-        webhooks: webhooks::Webhooks::start(&options.webhooks, webhooks::Config::default())
+    let events = Arc::new(webhooks::GatewayEvents::new(
+        audit.clone(),
+        webhooks::Webhooks::start(&options.webhooks, webhooks::Config::default())
             .unwrap_or_else(|message| exit(&message)),
-    });
+    ));
     #[cfg(feature = "metrics")]
     let (recorder, metrics) = {
         let (recorder, handle) = metrics::recorder();
@@ -420,6 +422,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         #[cfg(feature = "metrics")]
         metrics,
     });
+    app.follow_webhooks(&events);
     serve_metrics(&options, &app).await?;
     let listener = tokio::net::TcpListener::bind(&options.addr).await?;
     let url = format!("http://{}", listener.local_addr()?);

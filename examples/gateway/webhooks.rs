@@ -1,22 +1,32 @@
-//! Webhooks for budget alerts, and the gateway's event sink.
+//! Webhooks for budget alerts and workspace events, and the gateway's event sink.
 //!
 //! [`GatewayEvents`] is the [`EventSink`] the engine reports to: key, workspace and
-//! policy changes go to the audit log, budget thresholds and exhaustion to every
-//! webhook URL, sampled denials nowhere. It never blocks: each URL has its own
-//! bounded queue (`try_send`; a full queue drops the event and counts it) and its own
-//! delivery task, so a slow receiver delays only itself.
+//! policy changes go to the audit log; budget thresholds and exhaustion go to every
+//! global webhook URL (`--webhook`); and a workspace's own events (its budget alerts
+//! and its keys', keys created, rotated or revoked, the workspace updated) go to the
+//! URLs that workspace lists in the policy (`webhooks = [...]`), and to no other
+//! workspace's. Sampled denials go nowhere. A workspace's URLs are read from the
+//! current policy when the event happens, so a change to the list takes effect at
+//! once, without a restart.
+//!
+//! It never blocks: each URL has its own bounded queue (`try_send`; a full queue
+//! drops the event and counts it) and its own delivery task, so a slow receiver
+//! delays only itself. A workspace URL gets its queue and task the first time an
+//! event is sent to it; at most [`MAX_WORKSPACE_URLS`] such queues exist at once
+//! (beyond that, events for new URLs are dropped and counted).
 //!
 //! A delivery is one `POST` of the event as JSON: tollgate's event fields (`type`,
 //! `scope`, `percent`, `limit`, `spent`, …) plus `id` (the same on every attempt and
-//! for every URL) and `time` (RFC 3339), with headers `x-tollgate-event`,
-//! `x-tollgate-delivery` and `x-tollgate-attempt`. A 2xx answer delivers it; a
-//! connection error, a timeout, 408, 429 or 5xx is retried with exponential backoff
-//! up to `attempts` attempts in all; any other answer fails it at once. Plain
-//! `http://` URLs only: this example has no TLS client. Events still queued at
-//! shutdown are not waited for.
+//! for every URL), `time` (RFC 3339) and `actor` (who made a change, when known),
+//! with headers `x-tollgate-event` (the `type`), `x-tollgate-delivery` and
+//! `x-tollgate-attempt`. A 2xx answer delivers it; a connection error, a timeout,
+//! 408, 429 or 5xx is retried with exponential backoff up to `attempts` attempts in
+//! all; any other answer fails it at once. Plain `http://` URLs only: this example
+//! has no TLS client. Events still queued at shutdown are not waited for.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,6 +37,7 @@ use hyper::{Method, Request, StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use parking_lot::Mutex;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tollgate::{Event, EventKind, EventSink};
@@ -72,13 +83,24 @@ struct Queued {
     event: Event,
 }
 
+/// Workspace webhook URLs that may have a queue at once.
+pub const MAX_WORKSPACE_URLS: usize = 256;
+
+type Queue = mpsc::Sender<Arc<Queued>>;
+
 /// The webhook URLs and their delivery queues.
 #[derive(Default)]
 pub struct Webhooks {
-    queues: Vec<mpsc::Sender<Arc<Queued>>>,
+    /// The global URLs' queues, in the order of `urls`.
+    queues: Vec<Queue>,
     urls: Vec<String>,
+    /// Workspace URLs' queues, started on first use.
+    workspace_queues: Mutex<HashMap<String, Queue>>,
     counts: Arc<Counts>,
     sequence: AtomicU64,
+    config: Config,
+    client: Option<Client<HttpConnector, Full<Bytes>>>,
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 /// `http://HOST[:PORT]/PATH`, or why not.
@@ -97,46 +119,52 @@ fn parse_url(url: &str) -> Result<Uri, String> {
 }
 
 impl Webhooks {
-    /// Start one delivery task per URL on the current tokio runtime.
+    /// Start one delivery task per global URL on the current tokio runtime; workspace
+    /// URLs get theirs on that runtime when first used (none without a runtime).
     pub fn start<S: AsRef<str>>(urls: &[S], config: Config) -> Result<Self, String> {
         let uris = urls
             .iter()
             .map(|u| parse_url(u.as_ref()))
             .collect::<Result<Vec<_>, _>>()?;
-        let runtime = if uris.is_empty() {
-            None
-        } else {
-            Some(
-                tokio::runtime::Handle::try_current()
-                    .map_err(|_| "webhooks need a tokio runtime".to_owned())?,
-            )
-        };
-        let counts = Arc::new(Counts::default());
-        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-        let mut queues = Vec::new();
-        for uri in uris {
-            let (queue, events) = mpsc::channel(config.capacity.max(1));
-            let worker = deliver(uri, events, client.clone(), config, Arc::clone(&counts));
-            if let Some(runtime) = &runtime {
-                runtime.spawn(worker);
-            }
-            queues.push(queue);
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        if runtime.is_none() && !uris.is_empty() {
+            return Err("webhooks need a tokio runtime".to_owned());
         }
-        Ok(Webhooks {
-            queues,
+        let mut hooks = Webhooks {
             urls: urls.iter().map(|u| u.as_ref().to_owned()).collect(),
-            counts,
-            sequence: AtomicU64::new(0),
-        })
+            config,
+            client: Some(Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>()),
+            runtime,
+            ..Webhooks::default()
+        };
+        hooks.queues = uris
+            .into_iter()
+            .filter_map(|uri| hooks.spawn(uri))
+            .collect();
+        Ok(hooks)
+    }
+
+    /// A queue and its delivery task for `uri`; none without a runtime.
+    fn spawn(&self, uri: Uri) -> Option<Queue> {
+        let (runtime, client) = (self.runtime.as_ref()?, self.client.as_ref()?);
+        let (queue, events) = mpsc::channel(self.config.capacity.max(1));
+        runtime.spawn(deliver(
+            uri,
+            events,
+            client.clone(),
+            self.config,
+            Arc::clone(&self.counts),
+        ));
+        Some(queue)
     }
 
     pub fn urls(&self) -> &[String] {
         &self.urls
     }
 
-    /// Queue `event` for every URL; never waits.
-    pub fn send(&self, event: Event) {
-        if self.queues.is_empty() {
+    /// Queue `event` for every global URL and for `workspace_urls`; never waits.
+    pub fn send(&self, event: Event, workspace_urls: &[String]) {
+        if self.queues.is_empty() && workspace_urls.is_empty() {
             return;
         }
         let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
@@ -144,10 +172,48 @@ impl Webhooks {
             id: format!("evt_{}_{sequence}", event.at.as_unix_nanos()),
             event,
         });
-        for queue in &self.queues {
-            if queue.try_send(Arc::clone(&queued)).is_err() {
-                self.counts.dropped.fetch_add(1, Ordering::Relaxed);
+        let global = matches!(
+            queued.event.kind,
+            EventKind::BudgetThreshold { .. } | EventKind::BudgetExhausted { .. }
+        );
+        if global {
+            for queue in &self.queues {
+                self.offer(queue, &queued);
             }
+        }
+        if workspace_urls.is_empty() {
+            return;
+        }
+        let mut started = self.workspace_queues.lock();
+        for url in workspace_urls {
+            // A URL that is also global already has this event.
+            if global && self.urls.contains(url) {
+                continue;
+            }
+            if !started.contains_key(url) && started.len() < MAX_WORKSPACE_URLS {
+                // The policy validated it; a URL hyper still refuses is counted failed.
+                match parse_url(url).ok().and_then(|uri| self.spawn(uri)) {
+                    Some(queue) => {
+                        started.insert(url.clone(), queue);
+                    }
+                    None => {
+                        self.counts.failed.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                }
+            }
+            match started.get(url) {
+                Some(queue) => self.offer(queue, &queued),
+                None => {
+                    self.counts.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn offer(&self, queue: &Queue, queued: &Arc<Queued>) {
+        if queue.try_send(Arc::clone(queued)).is_err() {
+            self.counts.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -188,12 +254,12 @@ fn payload(queued: &Queued) -> Bytes {
     Bytes::from(body.to_string())
 }
 
-fn event_type(event: &Event) -> &'static str {
-    match event.kind {
-        EventKind::BudgetThreshold { .. } => "budget_threshold",
-        EventKind::BudgetExhausted { .. } => "budget_exhausted",
-        _ => "other",
-    }
+/// The event's `type` as serialized, e.g. `budget_threshold`, `key_created`.
+fn event_type(body: &Bytes) -> String {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("type").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| "other".into())
 }
 
 /// One URL's delivery task: each event in turn, with bounded retries.
@@ -253,7 +319,7 @@ async fn post(
         .uri(uri.clone())
         .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
         .header(USER_AGENT, HeaderValue::from_static("tollgate-gateway"))
-        .header("x-tollgate-event", event_type(&queued.event))
+        .header("x-tollgate-event", event_type(body))
         .header("x-tollgate-delivery", queued.id.as_str())
         .header("x-tollgate-attempt", attempt.to_string())
         .body(Full::new(body.clone()))
@@ -265,20 +331,58 @@ async fn post(
     Ok(status)
 }
 
-/// The engine's event sink: changes to the audit log, budget alerts to webhooks.
+/// A workspace's webhook URLs as the current policy lists them.
+pub type WorkspaceUrls = Box<dyn Fn(&str) -> Vec<String> + Send + Sync>;
+
+/// The engine's event sink: changes to the audit log, budget alerts to the global
+/// webhooks, a workspace's events to its own webhooks.
 pub struct GatewayEvents {
     pub audit: Audit,
     pub webhooks: Webhooks,
+    /// Looks up a workspace's URLs; set once the backend (and so its policy) exists.
+    pub workspace_urls: OnceLock<WorkspaceUrls>,
+}
+
+impl GatewayEvents {
+    pub fn new(audit: Audit, webhooks: Webhooks) -> Self {
+        GatewayEvents {
+            audit,
+            webhooks,
+            workspace_urls: OnceLock::new(),
+        }
+    }
+
+    /// The URLs of the workspace `event` belongs to, if it is one a workspace's
+    /// webhooks receive.
+    fn urls_for(&self, event: &Event) -> Vec<String> {
+        let scope = match &event.kind {
+            EventKind::BudgetThreshold { scope, .. }
+            | EventKind::BudgetExhausted { scope, .. }
+            | EventKind::KeyCreated { scope }
+            | EventKind::KeyRotated { scope, .. }
+            | EventKind::KeyRevoked { scope }
+            | EventKind::WorkspaceUpdated { scope } => scope,
+            _ => return Vec::new(),
+        };
+        match (&scope.workspace, self.workspace_urls.get()) {
+            (Some(workspace), Some(lookup)) => lookup(workspace),
+            _ => Vec::new(),
+        }
+    }
 }
 
 impl EventSink for GatewayEvents {
     fn deliver(&self, event: Event) {
+        let urls = self.urls_for(&event);
         match event.kind {
             EventKind::BudgetThreshold { .. } | EventKind::BudgetExhausted { .. } => {
-                self.webhooks.send(event);
+                self.webhooks.send(event, &urls);
             }
             EventKind::RequestsDenied { .. } => {}
-            _ => self.audit.event(&event),
+            _ => {
+                self.audit.event(&event);
+                self.webhooks.send(event, &urls);
+            }
         }
     }
 }

@@ -306,6 +306,75 @@ pub struct WorkspaceSpec {
     /// What a distributed backend does when its counter store cannot answer.
     #[serde(default)]
     pub on_store_error: StoreFailureMode,
+    /// The member id of the workspace's owner; must be one of `members`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// People who may administer this workspace, each with a role that applies here
+    /// only. A member id may belong to several workspaces, with the same secret
+    /// digest everywhere it appears (one credential per person).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberSpec>,
+    /// `http://` URLs that receive this workspace's own events (budget alerts, key
+    /// and workspace changes), at most [`MAX_WEBHOOKS`] of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<String>,
+}
+
+/// Most webhook URLs one workspace may list.
+pub const MAX_WEBHOOKS: usize = 8;
+
+/// Most members one workspace may have.
+pub const MAX_MEMBERS: usize = 100;
+
+/// What a workspace member may do in that workspace.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemberRole {
+    /// Everything in the workspace: its settings and its keys.
+    Admin,
+    /// Change the workspace's settings, limits, budgets and grants; read everything.
+    Editor,
+    /// Read only (the default).
+    #[default]
+    Viewer,
+}
+
+impl MemberRole {
+    /// The role as written in a policy: `admin`, `editor` or `viewer`.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            MemberRole::Admin => "admin",
+            MemberRole::Editor => "editor",
+            MemberRole::Viewer => "viewer",
+        }
+    }
+}
+
+/// A person's membership of one workspace. Only the SHA-256 digest of the member's
+/// secret is kept, as for keys.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberSpec {
+    /// Stable id (not secret), e.g. `alice@example.com` or `u_123`.
+    pub id: String,
+    /// What the member may do in this workspace.
+    pub role: MemberRole,
+    /// Lower- or upper-case hex SHA-256 of the member's secret; see
+    /// [`KeySpec::digest_of`].
+    pub secret_sha256: String,
+}
+
+impl MemberSpec {
+    /// A member `id` with `role`, for `secret` (which is hashed here and not kept).
+    #[must_use]
+    pub fn new(id: impl Into<String>, role: MemberRole, secret: &str) -> Self {
+        MemberSpec {
+            id: id.into(),
+            role,
+            secret_sha256: KeySpec::digest_of(secret),
+        }
+    }
 }
 
 /// What a distributed backend (Redis) does for a workspace while its counter store is
@@ -358,6 +427,27 @@ impl WorkspaceSpec {
     #[must_use]
     pub fn on_store_error(mut self, mode: StoreFailureMode) -> Self {
         self.on_store_error = mode;
+        self
+    }
+
+    /// Add a member.
+    #[must_use]
+    pub fn member(mut self, member: MemberSpec) -> Self {
+        self.members.push(member);
+        self
+    }
+
+    /// Set the owner (a member id).
+    #[must_use]
+    pub fn owner(mut self, member: impl Into<String>) -> Self {
+        self.owner = Some(member.into());
+        self
+    }
+
+    /// Add a webhook URL for this workspace's events.
+    #[must_use]
+    pub fn webhook(mut self, url: impl Into<String>) -> Self {
+        self.webhooks.push(url.into());
         self
     }
 }

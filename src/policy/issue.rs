@@ -91,6 +91,18 @@ pub enum Problem {
     /// An operation named a key that does not exist.
     #[error("no key has this id")]
     UnknownKey,
+    /// A workspace's `owner` is not one of its `members`.
+    #[error("not one of this workspace's members")]
+    UnknownMember,
+    /// One member id given different secret digests in different workspaces.
+    #[error("differs from the digest given for the same member at {first}")]
+    ConflictingDigest {
+        /// Path of the first digest given for this member.
+        first: String,
+    },
+    /// A webhook that is not a plain `http://HOST[:PORT][/PATH]` URL.
+    #[error("must be an http://HOST[:PORT][/PATH] URL")]
+    NotHttpUrl,
     /// A model's `tokenizer` names no known encoding.
     #[error("not a known tokenizer (one of {known})")]
     UnknownTokenizer {

@@ -3,6 +3,7 @@
 
 mod document;
 mod issue;
+mod members;
 pub(crate) mod rules;
 mod validate;
 
@@ -10,9 +11,9 @@ use std::fmt;
 use std::path::Path;
 
 pub use document::{
-    BudgetSpec, DefaultsSpec, Environment, KeySpec, KeyStatus, LimitsSpec, ModelLimitSpec,
-    ModelSpec, OrgSpec, PolicyDocument, StoreFailureMode, TokenCount, WorkspaceSpec,
-    WorkspaceStatus, TOKENIZERS,
+    BudgetSpec, DefaultsSpec, Environment, KeySpec, KeyStatus, LimitsSpec, MemberRole, MemberSpec,
+    ModelLimitSpec, ModelSpec, OrgSpec, PolicyDocument, StoreFailureMode, TokenCount,
+    WorkspaceSpec, WorkspaceStatus, MAX_MEMBERS, MAX_WEBHOOKS, TOKENIZERS,
 };
 pub use issue::{PolicyIssue, Problem};
 

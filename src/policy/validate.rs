@@ -13,6 +13,7 @@ use crate::money::{picos_from_decimal, price_per_token_picos, MoneyProblem};
 use crate::period::{BudgetPeriod, Span};
 use crate::policy::document::{BudgetSpec, LimitsSpec, ModelSpec, PolicyDocument, TOKENIZERS};
 use crate::policy::issue::{Issues, Problem};
+use crate::policy::members::Members;
 use crate::policy::rules::{
     BudgetRule, KeyPolicy, LevelRules, ModelPolicy, OrgPolicy, TokenRule, WorkspacePolicy,
 };
@@ -134,6 +135,7 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
 
     let mut workspace_index: HashMap<&str, u32> = HashMap::new();
     let mut workspace_names: HashMap<&str, u32> = HashMap::new();
+    let mut members = Members::default();
     let mut workspaces = Vec::with_capacity(doc.workspaces.len());
     for (i, ws) in doc.workspaces.iter().enumerate() {
         let path = format!("workspaces[{i}]");
@@ -175,6 +177,8 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
                 |c| c.is_alphanumeric() || matches!(c, '-' | '_' | '.' | ' ' | '/'),
             );
         }
+
+        members.check(&mut issues, &path, ws);
 
         let is_default = doc.org.default_workspace.as_deref() == Some(ws.id.as_str());
         let mut granted = vec![is_default; models.len()].into_boxed_slice();
@@ -274,9 +278,18 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
                 None
             }
         };
-        // Current and rotated-out digests share one namespace: a secret opens one key.
+        // Current and rotated-out digests share one namespace with members' digests: a
+        // secret opens one key or one member.
         let mut register = |issues: &mut Issues, field: &str, digest: [u8; 32]| {
-            if let Some(&first) = digest_index.get(&digest) {
+            if let Some(first) = members.digest_path(&digest) {
+                issues.push(
+                    format!("{path}.{field}"),
+                    "<digest>",
+                    Problem::Duplicate {
+                        first: first.to_owned(),
+                    },
+                );
+            } else if let Some(&first) = digest_index.get(&digest) {
                 issues.push(
                     format!("{path}.{field}"),
                     "<digest>",
@@ -582,7 +595,7 @@ fn check_id(issues: &mut Issues, path: &str, id: &str) {
     });
 }
 
-fn check_text(
+pub(super) fn check_text(
     issues: &mut Issues,
     path: &str,
     text: &str,
@@ -600,7 +613,7 @@ fn check_text(
 }
 
 /// `text` quoted for an issue, cut after [`QUOTED_LEN`] characters.
-fn quoted(text: &str) -> String {
+pub(super) fn quoted(text: &str) -> String {
     match text.char_indices().nth(QUOTED_LEN) {
         Some((end, _)) => format!("{:?}… ({} characters)", &text[..end], text.chars().count()),
         None => format!("{text:?}"),
@@ -608,7 +621,7 @@ fn quoted(text: &str) -> String {
 }
 
 /// Record `value` as seen at `index`, or report it as a duplicate of the first.
-fn unique<'a>(
+pub(super) fn unique<'a>(
     issues: &mut Issues,
     seen: &mut HashMap<&'a str, u32>,
     value: &'a str,
@@ -631,7 +644,7 @@ fn unique<'a>(
     }
 }
 
-fn parse_digest(hex_digest: &str) -> Option<[u8; 32]> {
+pub(super) fn parse_digest(hex_digest: &str) -> Option<[u8; 32]> {
     let mut digest = [0u8; 32];
     hex::decode_to_slice(hex_digest, &mut digest).ok()?;
     Some(digest)

@@ -29,7 +29,7 @@ const EDITOR: &str = "sk-editor-demo";
 const VIEWER: &str = "sk-viewer-demo";
 
 /// A file name in the temporary directory no other test uses.
-fn temp_path(what: &str) -> PathBuf {
+pub(crate) fn temp_path(what: &str) -> PathBuf {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let nanos = std::time::SystemTime::now()
@@ -62,7 +62,13 @@ fn assert_forbidden(answer: &crate::support::Answer, role: &str, action: &str) {
 }
 
 impl Running {
-    async fn admin(&self, method: Method, path: &str, key: &str, body: Option<Value>) -> Value {
+    pub(crate) async fn admin(
+        &self,
+        method: Method,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> Value {
         let answer = self.send(method.clone(), path, key, body).await;
         assert!(
             answer.status.is_success(),
@@ -787,18 +793,20 @@ async fn the_audit_log_has_every_admin_action_and_refusal_and_is_flushed_on_shut
 }
 
 /// One POST the webhook receiver got, and what it answered.
-struct Received {
-    path: String,
-    event: String,
-    delivery: String,
-    attempt: u32,
-    body: Value,
-    answered: u16,
+pub(crate) struct Received {
+    pub(crate) path: String,
+    pub(crate) event: String,
+    pub(crate) delivery: String,
+    pub(crate) attempt: u32,
+    pub(crate) body: Value,
+    pub(crate) answered: u16,
 }
 
 /// A webhook receiver on loopback that answers 503 to its first `fail_first`
 /// requests and 200 after, reporting each request.
-async fn webhook_receiver(fail_first: usize) -> (String, mpsc::UnboundedReceiver<Received>) {
+pub(crate) async fn webhook_receiver(
+    fail_first: usize,
+) -> (String, mpsc::UnboundedReceiver<Received>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/hooks/tollgate", listener.local_addr().unwrap());
     let (report, received) = mpsc::unbounded_channel();
@@ -994,7 +1002,7 @@ async fn a_full_webhook_queue_drops_and_counts_events_without_waiting() {
     };
     let started = Instant::now();
     for _ in 0..50 {
-        hooks.send(event.clone());
+        hooks.send(event.clone(), &[]);
     }
     assert!(
         started.elapsed() < Duration::from_millis(200),
@@ -1005,7 +1013,7 @@ async fn a_full_webhook_queue_drops_and_counts_events_without_waiting() {
     assert_eq!(hooks.dropped(), 48);
     // Give the task a turn: it takes one into flight, so one more fits.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    hooks.send(event.clone());
+    hooks.send(event.clone(), &[]);
     assert_eq!(hooks.dropped(), 48);
     assert_eq!(hooks.delivered(), 0);
     held.abort();

@@ -8,6 +8,8 @@
 //! `redis-server` the tests start. With `--features metrics`, `GET /metrics` is
 //! tested too.
 
+#[path = "../../examples/gateway/access.rs"]
+mod access;
 #[path = "../../examples/gateway/admin.rs"]
 mod admin;
 #[path = "../../examples/gateway/app.rs"]
@@ -33,6 +35,8 @@ mod openai;
 mod provider;
 #[path = "../../examples/gateway/requests.rs"]
 mod requests;
+#[path = "../../examples/gateway/summary.rs"]
+mod summary;
 #[path = "../../examples/gateway/webhooks.rs"]
 mod webhooks;
 
@@ -44,6 +48,7 @@ mod admin_api;
 mod chat;
 mod estimate;
 mod hygiene;
+mod members;
 #[cfg(feature = "metrics")]
 mod metrics_endpoint;
 mod process;

@@ -101,14 +101,14 @@ pub async fn start_with(options: Options) -> Running {
         Some(path) => Audit::to_file(path, options.rotation).expect("the audit log opens"),
         None => Audit::default(),
     };
-    let events = Arc::new(GatewayEvents {
-        audit: audit.clone(),
-        webhooks: Webhooks::start(
+    let events = Arc::new(GatewayEvents::new(
+        audit.clone(),
+        Webhooks::start(
             &options.webhooks,
             options.webhook_config.unwrap_or_default(),
         )
         .expect("valid webhook URLs"),
-    });
+    ));
     let sink: Arc<dyn EventSink> = Arc::new(Tee(Arc::clone(&events), options.events));
     // Each gateway records into its own recorder: tests run many in one process.
     #[cfg(feature = "metrics")]
@@ -166,6 +166,7 @@ pub async fn start_with(options: Options) -> Running {
         #[cfg(feature = "metrics")]
         metrics,
     });
+    app.follow_webhooks(&events);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = oneshot::channel::<()>();
