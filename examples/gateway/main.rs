@@ -567,7 +567,10 @@ fn print_admin(url: &str, app: &App, configured: bool, hooks: &webhooks::Webhook
     #[cfg(feature = "metrics")]
     println!("metrics (Prometheus text): curl {url}/metrics -H 'Authorization: Bearer ADMIN_KEY'");
     match hooks.urls() {
-        [] => println!("webhooks: none (--webhook URL for budget alerts)"),
+        [] => println!(
+            "webhooks: none global (--webhook URL for budget alerts); a workspace may list \
+             its own (`webhooks` in the policy)"
+        ),
         urls => {
             println!("webhooks: {}", urls.join(", "));
             println!("  budgets alert at their alert_thresholds; give the playground some:");
