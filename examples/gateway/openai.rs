@@ -31,6 +31,7 @@
 //! tokens the provider counts.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -46,7 +47,7 @@ use hyper::{Request as HttpRequest, Response, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tollgate::openai::{self, Endpoint, EstimateOptions, ShapeError};
-use tollgate::{Credential, Receipt, Request, Usage};
+use tollgate::{Credential, RateLimitHeaders, Receipt, Request, Usage};
 
 use crate::app::App;
 use crate::backend::Held;
@@ -201,32 +202,46 @@ async fn generate(app: &Arc<App>, request: HttpRequest<Incoming>, endpoint: Endp
         add_headers(&mut reply, &headers);
         return reply;
     }
-    // Once forwarded, the call is the provider's work and is charged: it runs to its
-    // end and commits in its own task, which a client that hangs up does not cancel
-    // (hyper drops this handler then, not the task). The request's RPM unit stays
-    // taken with the commit.
-    let app = Arc::clone(app);
-    let running = app.background.start();
-    let call = tokio::spawn(async move {
-        let _running = running;
-        let reply = complete_and_commit(&app, held, &work.call()).await;
+    // Once forwarded, the call is the provider's work and is charged, even if the
+    // client hangs up; the request's RPM unit stays taken with the commit.
+    let task_app = Arc::clone(app);
+    forwarded(app, "completion", &headers, async move {
+        let reply = complete_and_commit(&task_app, held, &work.call()).await;
         // The log line is the task's to finish: it is written with the charge even
         // when the client has gone.
         if let Some(receipt) = reply.extensions().get::<Receipt>() {
             trace.charged(receipt);
         }
         reply
+    })
+    .await
+}
+
+/// Forwarded work (the provider's call and its commit) run to its end in a task of
+/// its own, which a client that hangs up does not cancel (hyper drops the handler
+/// then, not the task), and which the shutdown drain waits for. Its reply gets the
+/// rate-limit headers when it succeeded.
+async fn forwarded(
+    app: &App,
+    what: &str,
+    headers: &RateLimitHeaders,
+    work: impl Future<Output = Reply> + Send + 'static,
+) -> Reply {
+    let running = app.background.start();
+    let call = tokio::spawn(async move {
+        let _running = running;
+        work.await
     });
     let mut reply = match call.await {
         Ok(reply) => reply,
         Err(failed) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "server_error",
-            &format!("the completion task failed: {failed}"),
+            &format!("the {what} task failed: {failed}"),
         ),
     };
     if reply.status() == StatusCode::OK {
-        add_headers(&mut reply, &headers);
+        add_headers(&mut reply, headers);
     }
     reply
 }
@@ -545,16 +560,14 @@ pub async fn embeddings(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply
     };
     let headers = held.headers();
     // As with completions: once forwarded, the provider's work is charged even if the
-    // client hangs up, so the call and its commit run in a task of their own.
-    let app = Arc::clone(app);
-    let running = app.background.start();
-    let call = tokio::spawn(async move {
-        let _running = running;
-        let answer = match app.provider.embed(&body, &model, input_tokens).await {
+    // client hangs up.
+    let task_app = Arc::clone(app);
+    forwarded(app, "embeddings", &headers, async move {
+        let answer = match task_app.provider.embed(&body, &model, input_tokens).await {
             Ok(answer) => answer,
             Err(failure) => return provider_failed(&failure),
         };
-        let receipt = match app
+        let receipt = match task_app
             .backend
             .commit_usage(held, Usage::new(answer.prompt_tokens, 0))
             .await
@@ -570,19 +583,8 @@ pub async fn embeddings(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply
         });
         body["x_tollgate"] = tollgate_json(&receipt);
         json_reply(StatusCode::OK, &body)
-    });
-    let mut reply = match call.await {
-        Ok(reply) => reply,
-        Err(failed) => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            &format!("the embeddings task failed: {failed}"),
-        ),
-    };
-    if reply.status() == StatusCode::OK {
-        add_headers(&mut reply, &headers);
-    }
-    reply
+    })
+    .await
 }
 
 /// `check_and_reserve`, with the outcome noted in the request's log line; a denial
