@@ -111,7 +111,7 @@ pub use policy::{
 pub use policy_store::{FilePolicyStore, PolicyStore, PolicyStoreError};
 #[cfg(feature = "redis")]
 pub use redis::{RedisConfig, RedisEngine, RedisReservation};
-pub use request::{Credential, Request, Usage};
+pub use request::{bearer_token, Credential, Request, Usage};
 pub use reservation::{LimitWindow, RateLimitStatus, Receipt, Reservation};
 pub use usage::{KeyUsage, ModelUsage, ScopeReport, ScopeUsage, UsageSnapshot, WorkspaceUsage};
 

@@ -111,3 +111,20 @@ impl Usage {
         }
     }
 }
+
+/// The token of an `Authorization` header's value `Bearer TOKEN`, the scheme matched
+/// in any case (RFC 9110: `bearer` and `BEARER` too); `None` for another scheme or an
+/// empty token. For gateways that pass it on as [`Credential::Secret`].
+///
+/// ```
+/// assert_eq!(tollgate::bearer_token("Bearer sk-123"), Some("sk-123"));
+/// assert_eq!(tollgate::bearer_token("bearer sk-123"), Some("sk-123"));
+/// assert_eq!(tollgate::bearer_token("Basic abc"), None);
+/// assert_eq!(tollgate::bearer_token("Bearer "), None);
+/// ```
+#[must_use]
+pub fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.split_once(' ')?;
+    let token = token.trim_start_matches(' ');
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}

@@ -67,10 +67,7 @@ pub fn add_headers(reply: &mut Reply, headers: &RateLimitHeaders) {
 /// The token of an `Authorization: Bearer TOKEN` header. The scheme is matched
 /// without regard to case, as RFC 9110 says (`bearer` and `BEARER` too).
 pub fn bearer(request: &Request<Incoming>) -> Option<&str> {
-    let value = request.headers().get(AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    let token = token.trim_start_matches(' ');
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+    tollgate::bearer_token(request.headers().get(AUTHORIZATION)?.to_str().ok()?)
 }
 
 pub fn missing_key() -> Reply {

@@ -153,9 +153,5 @@ where
 /// ```
 #[must_use]
 pub fn bearer_token<B>(request: &http::Request<B>) -> Option<&str> {
-    let value = request.headers().get(AUTHORIZATION)?.to_str().ok()?;
-    // The scheme is case-insensitive (RFC 9110): `bearer` and `BEARER` too.
-    let (scheme, token) = value.split_once(' ')?;
-    let token = token.trim_start_matches(' ');
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+    crate::request::bearer_token(request.headers().get(AUTHORIZATION)?.to_str().ok()?)
 }
