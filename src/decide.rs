@@ -14,7 +14,7 @@ use crate::denial::{Denial, DenialReason, Quota, Scope};
 use crate::money::{picos_to_decimal, usage_cost};
 use crate::policy::{KeyStatus, WorkspaceStatus};
 use crate::request::{Credential, Request};
-use crate::snapshot::{Route, Snapshot};
+use crate::snapshot::{Route, Snapshot, NO_KEY_MODEL};
 use crate::store::{Ask, Refusal};
 
 /// A request that passed the key, workspace and model checks: where its counters
@@ -90,6 +90,7 @@ pub(crate) fn admit(
             key: key_index,
             workspace: key.workspace,
             model: model_index,
+            key_model: key.model_position(model_index).unwrap_or(NO_KEY_MODEL),
         },
         ask: Ask {
             input_tokens: input,

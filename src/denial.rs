@@ -12,6 +12,8 @@ use crate::policy::WorkspaceStatus;
 pub enum Scope {
     /// The API key itself.
     Key,
+    /// The key's own limits for the requested model.
+    KeyModel,
     /// The key's workspace.
     Workspace,
     /// The workspace's limits for the requested model.
@@ -174,6 +176,7 @@ impl fmt::Display for Denial {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scope = match self.scope {
             Scope::Key => "key",
+            Scope::KeyModel => "key model",
             Scope::Workspace => "workspace",
             Scope::WorkspaceModel => "workspace model",
             Scope::Org => "org",

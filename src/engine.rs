@@ -20,7 +20,7 @@ use crate::policy_store::PolicyStore;
 use crate::request::{Request, Usage};
 use crate::reservation::{Receipt, Reservation};
 use crate::snapshot::{Published, Snapshot, LEVELS, WALLET_LEVEL};
-use crate::store::{reserve_level, Tightest};
+use crate::store::{reserve_level, LevelHold, Tightest};
 use crate::sync::{Arc, SwapCell};
 use crate::telemetry::{self, MeterSource};
 
@@ -211,9 +211,14 @@ impl Engine {
     /// # Errors
     /// A [`Denial`] naming the scope and limit that refused; nothing stays held.
     pub fn check_and_reserve(&self, request: &Request<'_>) -> Result<Reservation, Denial> {
-        let published = self.inner.snapshot.load();
+        let mut published = self.inner.snapshot.load();
+        let mut now = published.clock.now();
+        if now.as_unix_nanos() >= published.next_change {
+            self.put_temporary_in_force();
+            published = self.inner.snapshot.load();
+            now = published.clock.now();
+        }
         let snap: &Snapshot = &published;
-        let now = snap.clock.now();
         let result = self.reserve(&published, request, now);
         match &result {
             Ok(reservation) => {
@@ -253,33 +258,39 @@ impl Engine {
             snap.level(2, route),
             snap.level(3, route),
             snap.level(4, route),
+            snap.level(5, route),
         ];
         let mut tightest = Tightest::default();
         let mut holds: [Option<_>; LEVELS] = [None; LEVELS];
-        for (level, &(scope, state, rules)) in levels.iter().enumerate() {
-            let Some(rules) = rules else { continue };
-            match reserve_level(state, rules, ask, now, &mut tightest) {
-                Ok(hold) => holds[level] = Some(hold),
+        let give_back = |holds: &[Option<LevelHold>]| {
+            for (hold, level) in holds.iter().zip(&levels) {
+                if let Some(hold) = hold {
+                    hold.release(level.state, level.extras, now.as_unix_nanos(), now);
+                }
+            }
+        };
+        for (index, level) in levels.iter().enumerate() {
+            let Some(rules) = level.rules else { continue };
+            match reserve_level(level.state, rules, level.extras, ask, now, &mut tightest) {
+                Ok(hold) => holds[index] = Some(hold),
                 Err(refusal) => {
                     // All or nothing: give back the levels already taken.
-                    for (hold, &(_, state, _)) in holds.iter().zip(&levels).take(level) {
-                        if let Some(hold) = hold {
-                            hold.release(state, now.as_unix_nanos(), now);
-                        }
-                    }
-                    let wallet = level == WALLET_LEVEL;
-                    return Err(refused(scope, wallet, refusal, ask, now, budget_status));
+                    give_back(&holds[..index]);
+                    let wallet = index == WALLET_LEVEL;
+                    return Err(refused(
+                        level.scope,
+                        wallet,
+                        refusal,
+                        ask,
+                        now,
+                        budget_status,
+                    ));
                 }
             }
         }
         // Revoked while this request was past lookup: refuse it too.
-        let (_, key_state, _) = levels[0];
-        if key_state.revoked() {
-            for (hold, &(_, state, _)) in holds.iter().zip(&levels) {
-                if let Some(hold) = hold {
-                    hold.release(state, now.as_unix_nanos(), now);
-                }
-            }
+        if levels[0].state.revoked() {
+            give_back(&holds);
             return Err(denial(DenialReason::KeyRevoked, Scope::Key, budget_status));
         }
 
@@ -410,6 +421,20 @@ impl Engine {
     pub fn revoke_key(&self, id: &str, actor: Option<&str>) -> Result<(), PolicyError> {
         self.change(Change::RevokeKey(id.to_owned()), actor)
             .map(drop)
+    }
+
+    /// A temporary override has started or ended: publish a snapshot with the rules
+    /// in force now, as a policy change would (counters adapt to the new limits).
+    /// Nothing is saved: the policy document has not changed.
+    #[cold]
+    fn put_temporary_in_force(&self) {
+        let _writer = self.inner.apply_lock.lock();
+        let previous = self.inner.snapshot.load_full();
+        if previous.clock.now().as_unix_nanos() < previous.next_change {
+            return; // another request did it first
+        }
+        let next = successor(&previous, previous.policy.clone());
+        self.inner.snapshot.store(Arc::new(Published::new(next)));
     }
 
     /// Apply one change atomically: validate the edited policy, save it, publish it,

@@ -60,6 +60,14 @@ pub struct ScopeRef {
     /// True for the org's wallet rather than its budget.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub wallet: bool,
+    /// Which of the scope's budgets, in the order the policy lists them (`budget`
+    /// first, then `budgets`): 0 for the first.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub budget: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl ScopeRef {
@@ -311,37 +319,44 @@ impl Events {
     /// committed spend has newly reached. Allocates only when one fires.
     pub(crate) fn check_budgets(&self, snap: &Snapshot, route: Route, at: Timestamp) {
         for level in 0..LEVELS {
-            let (_, state, rules) = snap.level(level, route);
-            let Some(budget) = rules.and_then(|r| r.budget.as_ref()) else {
+            let at_level = snap.level(level, route);
+            let Some(rules) = at_level.rules else {
                 continue;
             };
-            let lowest = budget.thresholds.first().copied().unwrap_or(100);
-            let (spent, period_start) = state.periods.spent_in_period();
-            let percent = percent_of(spent, budget.limit);
-            if percent < lowest {
-                continue;
-            }
-            if let Some(crossed) = state.alerts.reach(percent, period_start, budget.limit) {
-                self.budget_reached(snap, route, level, crossed, spent, at);
+            let cells = std::iter::once(at_level.state).chain(at_level.extras.iter().map(|c| &**c));
+            for (index, (budget, state)) in rules.budgets().zip(cells).enumerate() {
+                let lowest = budget.thresholds.first().copied().unwrap_or(100);
+                let (spent, period_start) = state.periods.spent_in_period();
+                let percent = percent_of(spent, budget.limit);
+                if percent < lowest {
+                    continue;
+                }
+                if let Some(crossed) = state.alerts.reach(percent, period_start, budget.limit) {
+                    self.budget_reached(snap, route, (level, index), crossed, spent, at);
+                }
             }
         }
     }
 
-    /// Report the thresholds (and exhaustion) of level `level`'s budget that `crossed`
-    /// passed, with the level's spend in the period.
+    /// Report the thresholds (and exhaustion) of budget `index` of level `level` that
+    /// `crossed` passed, with that budget's spend in its period.
     pub(crate) fn budget_reached(
         &self,
         snap: &Snapshot,
         route: Route,
-        level: usize,
+        (level, index): (usize, usize),
         crossed: Crossed,
         spent: i64,
         at: Timestamp,
     ) {
-        let Some(budget) = snap.level(level, route).2.and_then(|r| r.budget.as_ref()) else {
+        let rules = snap.level(level, route).rules;
+        let Some(budget) = rules.and_then(|r| r.budgets().nth(index)) else {
             return;
         };
-        let scope = || scope_ref(snap, level, route);
+        let scope = || ScopeRef {
+            budget: index,
+            ..scope_ref(snap, level, route)
+        };
         let (limit, spent) = (picos_to_decimal(budget.limit), picos_to_decimal(spent));
         for &threshold in budget.thresholds.iter().filter(|&&t| crossed.includes(t)) {
             self.emit(
@@ -374,14 +389,20 @@ fn scope_ref(snap: &Snapshot, level: usize, route: Route) -> ScopeRef {
     let policy = &snap.policy;
     let org = &policy.org.id;
     let ws = &policy.workspaces[route.workspace as usize].id;
+    let key = || ScopeRef::key(org, ws, &policy.keys[route.key as usize].id);
+    let model = || Some(policy.models[route.model as usize].name.to_string());
     match level {
-        0 => ScopeRef::key(org, ws, &policy.keys[route.key as usize].id),
-        1 => ScopeRef::workspace(org, ws),
-        2 => ScopeRef {
-            model: Some(policy.models[route.model as usize].name.to_string()),
+        0 => key(),
+        1 => ScopeRef {
+            model: model(),
+            ..key()
+        },
+        2 => ScopeRef::workspace(org, ws),
+        3 => ScopeRef {
+            model: model(),
             ..ScopeRef::workspace(org, ws)
         },
-        3 => ScopeRef::org(org),
+        4 => ScopeRef::org(org),
         _ => ScopeRef {
             wallet: true,
             ..ScopeRef::org(org)

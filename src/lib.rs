@@ -105,15 +105,18 @@ pub use persist::PersistError;
 pub use policy::{
     BudgetSpec, DefaultsSpec, Environment, KeySpec, KeyStatus, LimitsSpec, MemberRole, MemberSpec,
     ModelLimitSpec, ModelSpec, OrgSpec, Policy, PolicyDocument, PolicyError, PolicyIssue, Problem,
-    StoreFailureMode, TokenCount, WorkspaceSpec, WorkspaceStatus, MAX_MEMBERS, MAX_WEBHOOKS,
-    TOKENIZERS,
+    StoreFailureMode, TemporarySpec, TokenCount, WorkspaceSpec, WorkspaceStatus, MAX_BUDGETS,
+    MAX_MEMBERS, MAX_WEBHOOKS, TOKENIZERS,
 };
 pub use policy_store::{FilePolicyStore, PolicyStore, PolicyStoreError};
 #[cfg(feature = "redis")]
 pub use redis::{RedisConfig, RedisEngine, RedisReservation};
 pub use request::{bearer_token, Credential, Request, Usage};
 pub use reservation::{LimitWindow, RateLimitStatus, Receipt, Reservation};
-pub use usage::{KeyUsage, ModelUsage, ScopeReport, ScopeUsage, UsageSnapshot, WorkspaceUsage};
+pub use usage::{
+    BudgetUsage, KeyUsage, ModelUsage, ScopeReport, ScopeUsage, TemporaryUsage, UsageSnapshot,
+    WorkspaceUsage,
+};
 
 pub use rust_decimal::Decimal;
 #[cfg(feature = "metrics")]

@@ -19,6 +19,7 @@ use crate::durable;
 use crate::money::{picos_from_decimal, picos_to_decimal};
 use crate::snapshot::Snapshot;
 use crate::store::ScopeState;
+use crate::sync::Arc;
 
 const FORMAT: u32 = 1;
 
@@ -110,14 +111,29 @@ impl SavedPeriod {
 }
 
 /// Every scope of a snapshot: its name in the file and its counters.
-fn scopes(snap: &Snapshot) -> Vec<(String, &ScopeState)> {
+fn scopes<'a>(snap: &'a Snapshot) -> Vec<(String, &'a ScopeState)> {
     let policy = &snap.policy;
     let mut out = Vec::new();
+    // Budgets beyond a scope's first, named after the scope.
+    let extras =
+        |out: &mut Vec<(String, &'a ScopeState)>, name: &str, cells: &'a [Arc<ScopeState>]| {
+            for (i, cell) in cells.iter().enumerate() {
+                out.push((format!("{name}/budget{}", i + 1), &**cell));
+            }
+        };
     for (k, key) in policy.keys.iter().enumerate() {
-        out.push((format!("key:{}", key.id), &*snap.keys[k]));
+        let name = format!("key:{}", key.id);
+        extras(&mut out, &name, &snap.key_budgets[k]);
+        out.push((name, &*snap.keys[k]));
+        for ((m, _), state) in key.model_rules.iter().zip(&*snap.key_models[k]) {
+            let model = &policy.models[*m as usize].name;
+            out.push((format!("keymodel:{}/{model}", key.id), &**state));
+        }
     }
     for (w, ws) in policy.workspaces.iter().enumerate() {
-        out.push((format!("workspace:{}", ws.id), &**snap.workspaces[w]));
+        let name = format!("workspace:{}", ws.id);
+        extras(&mut out, &name, &snap.workspace_budgets[w]);
+        out.push((name, &**snap.workspaces[w]));
         for (m, model) in policy.models.iter().enumerate() {
             out.push((
                 format!("model:{}/{}", ws.id, model.name),
@@ -125,6 +141,7 @@ fn scopes(snap: &Snapshot) -> Vec<(String, &ScopeState)> {
             ));
         }
     }
+    extras(&mut out, "org", &snap.org_budgets);
     out.push(("org".into(), &**snap.org));
     out.push(("wallet".into(), &**snap.wallet));
     out

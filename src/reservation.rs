@@ -221,11 +221,19 @@ impl Reservation {
         self.settled = true;
         for (level, hold) in self.levels.iter().enumerate() {
             if let Some(hold) = hold {
-                let (_, state, rules) = self.snapshot.level(level, self.route);
-                if let Some(rules) = rules {
+                let at = self.snapshot.level(level, self.route);
+                if let Some(rules) = at.rules {
                     // The wallet reports money only; requests and tokens are the org's.
                     let tally = level != WALLET_LEVEL;
-                    hold.settle(state, rules, settlement, self.taken_at, now, tally);
+                    hold.settle(
+                        at.state,
+                        rules,
+                        at.extras,
+                        settlement,
+                        self.taken_at,
+                        now,
+                        tally,
+                    );
                 }
             }
         }
@@ -246,9 +254,11 @@ impl Reservation {
         meters.committed(self.route, cost, usage);
         #[cfg(feature = "metrics")]
         {
-            let (_, state, rules) = self.snapshot.level(1, self.route);
-            if let Some(budget) = rules.and_then(|r| r.budget.as_ref()) {
-                let (spent, _) = state.periods.spent_in_period();
+            let at = self
+                .snapshot
+                .level(crate::snapshot::WORKSPACE_LEVEL, self.route);
+            if let Some(budget) = at.rules.and_then(|r| r.budget.as_ref()) {
+                let (spent, _) = at.state.periods.spent_in_period();
                 meters.budget_used(self.route, spent, budget.limit);
             }
         }
@@ -260,8 +270,8 @@ impl Reservation {
         self.snapshot.meters.released(self.route);
         for (level, hold) in self.levels.iter().enumerate() {
             if let Some(hold) = hold {
-                let (_, state, _) = self.snapshot.level(level, self.route);
-                hold.release(state, self.taken_at, now);
+                let at = self.snapshot.level(level, self.route);
+                hold.release(at.state, at.extras, self.taken_at, now);
             }
         }
     }

@@ -33,6 +33,10 @@ pub(crate) struct Snapshot {
     workspace_by_id: Index,
     model_by_name: Index,
     pub(crate) keys: Vec<Arc<ScopeState>>,
+    /// Counters of each key's budgets beyond the first (empty for most keys).
+    pub(crate) key_budgets: Vec<Box<[Arc<ScopeState>]>>,
+    /// Key × model counters, by key index then position in the key's `model_rules`.
+    pub(crate) key_models: Vec<Box<[Arc<ScopeState>]>>,
     // Counters that many requests write are padded to their own cache lines: scopes
     // allocated one after another (workspace 0, workspace 1) would otherwise share a
     // line and make two cores serving different workspaces contend. Keys are not
@@ -40,7 +44,11 @@ pub(crate) struct Snapshot {
     pub(crate) workspaces: Vec<Arc<Padded<ScopeState>>>,
     /// Workspace × model counters, by workspace index then model index.
     pub(crate) workspace_models: Vec<Box<[Arc<Padded<ScopeState>>]>>,
+    /// Counters of each workspace's budgets beyond the first.
+    pub(crate) workspace_budgets: Vec<Box<[Arc<ScopeState>]>>,
     pub(crate) org: Arc<Padded<ScopeState>>,
+    /// Counters of the org's budgets beyond the first.
+    pub(crate) org_budgets: Box<[Arc<ScopeState>]>,
     pub(crate) wallet: Arc<Padded<ScopeState>>,
     /// The engine's event sink, if it has one; carried from snapshot to snapshot.
     pub(crate) events: Option<StdArc<Events>>,
@@ -48,15 +56,45 @@ pub(crate) struct Snapshot {
     pub(crate) meters: Meters,
     /// Where `meters` came from; carried from snapshot to snapshot.
     pub(crate) meter_source: MeterSource,
+    /// When a temporary override in this snapshot's policy starts or stops being in
+    /// force (nanoseconds since the epoch; `u64::MAX`: never): the engine builds a
+    /// new snapshot then, as for a policy change.
+    pub(crate) next_change: u64,
+}
+
+/// Counters for budgets beyond a scope's first: reused by position from `old`
+/// (following each budget's period kind), or fresh.
+fn extra_budgets(
+    old: Option<&[Arc<ScopeState>]>,
+    rules: &LevelRules,
+    now: crate::clock::Timestamp,
+) -> Box<[Arc<ScopeState>]> {
+    rules
+        .more_budgets
+        .iter()
+        .enumerate()
+        .map(|(i, budget)| match old.and_then(|old| old.get(i)) {
+            Some(state) => {
+                state.periods.follow(budget.span, now);
+                Arc::clone(state)
+            }
+            None => Arc::new(ScopeState::new(
+                &LevelRules::unlimited(budget.span),
+                now,
+                false,
+            )),
+        })
+        .collect()
 }
 
 impl Snapshot {
     pub(crate) fn build(
-        policy: Policy,
+        mut policy: Policy,
         previous: Option<&Snapshot>,
         clock: StdArc<dyn Clock>,
     ) -> Snapshot {
         let now = clock.now();
+        let next_change = policy.put_in_force(now);
         // Reuse a counter of the previous snapshot by id (adapted to the new rules),
         // or start a fresh one.
         let reuse = |found: Option<&Arc<ScopeState>>, rules: &LevelRules| match found {
@@ -94,12 +132,18 @@ impl Snapshot {
 
         let mut workspaces = Vec::with_capacity(policy.workspaces.len());
         let mut workspace_models = Vec::with_capacity(policy.workspaces.len());
+        let mut workspace_budgets = Vec::with_capacity(policy.workspaces.len());
         for ws in &policy.workspaces {
             let old = previous.and_then(|p| Some((p, p.workspace_index(&ws.id)? as usize)));
             workspaces.push(reuse_padded(
                 old.map(|(p, i)| &p.workspaces[i]),
                 &ws.rules,
                 false,
+            ));
+            workspace_budgets.push(extra_budgets(
+                old.map(|(p, i)| &*p.workspace_budgets[i]),
+                &ws.rules,
+                now,
             ));
             let models = policy
                 .models
@@ -117,13 +161,35 @@ impl Snapshot {
         }
 
         let mut keys = Vec::with_capacity(policy.keys.len());
+        let mut key_budgets = Vec::with_capacity(policy.keys.len());
+        let mut key_models = Vec::with_capacity(policy.keys.len());
         for key in &policy.keys {
-            let found = previous.and_then(|p| Some(&p.keys[p.key_index(&key.id)? as usize]));
+            let old = previous.and_then(|p| Some((p, p.key_index(&key.id)? as usize)));
             let rules = key
                 .rules
                 .as_deref()
                 .unwrap_or(&policy.workspaces[key.workspace as usize].plain_key_rules);
-            keys.push(reuse(found, rules));
+            keys.push(reuse(old.map(|(p, k)| &p.keys[k]), rules));
+            key_budgets.push(extra_budgets(
+                old.map(|(p, k)| &*p.key_budgets[k]),
+                rules,
+                now,
+            ));
+            // Key × model counters persist by model name.
+            let models = key
+                .model_rules
+                .iter()
+                .map(|(m, rules)| {
+                    let found = old.and_then(|(p, k)| {
+                        let name = &policy.models[*m as usize].name;
+                        let old_m = p.model_index(name)?;
+                        let pos = p.policy.keys[k].model_position(old_m)?;
+                        p.key_models[k].get(pos as usize)
+                    });
+                    reuse(found, rules)
+                })
+                .collect();
+            key_models.push(models);
         }
 
         // Published before the snapshot is: a request that looked a key up in the
@@ -145,6 +211,7 @@ impl Snapshot {
 
         // Every request writes the org's and the wallet's counters: split their tallies.
         let org = reuse_padded(previous.map(|p| &p.org), &policy.org.rules, true);
+        let org_budgets = extra_budgets(previous.map(|p| &*p.org_budgets), &policy.org.rules, now);
         // The wallet never rolls over, whether or not this policy sets one yet.
         let forever = LevelRules::unlimited(Span::Forever);
         let wallet = reuse_padded(previous.map(|p| &p.wallet), &forever, true);
@@ -160,13 +227,18 @@ impl Snapshot {
             workspace_by_id,
             model_by_name,
             keys,
+            key_budgets,
+            key_models,
             workspaces,
             workspace_models,
+            workspace_budgets,
             org,
+            org_budgets,
             wallet,
             events: previous.and_then(|p| p.events.clone()),
             meters,
             meter_source,
+            next_change: next_change.map_or(u64::MAX, Timestamp::as_unix_nanos),
         }
     }
 
@@ -178,10 +250,14 @@ impl Snapshot {
     }
 }
 
-/// The levels a request is checked against, in order.
-pub(crate) const LEVELS: usize = 5;
+/// The levels a request is checked against, in order: key, key × model, workspace,
+/// workspace × model, org, wallet.
+pub(crate) const LEVELS: usize = 6;
 /// Index of the wallet in the level order.
 pub(crate) const WALLET_LEVEL: usize = LEVELS - 1;
+/// Index of the workspace in the level order.
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+pub(crate) const WORKSPACE_LEVEL: usize = 2;
 
 /// Where one request's counters are in a snapshot.
 #[derive(Clone, Copy, Debug)]
@@ -189,6 +265,22 @@ pub(crate) struct Route {
     pub(crate) key: u32,
     pub(crate) workspace: u32,
     pub(crate) model: u32,
+    /// Position of the model in the key's `model_rules`, or `NO_KEY_MODEL`.
+    pub(crate) key_model: u32,
+}
+
+/// `Route::key_model` of a key without limits for the model.
+pub(crate) const NO_KEY_MODEL: u32 = u32::MAX;
+
+/// One level of a request: the scope it reports as, its counters, its rules
+/// (`None` when the level does not apply, e.g. an org without a wallet), and the
+/// counters of its budgets beyond the first (parallel to `rules.more_budgets`).
+#[derive(Clone, Copy)]
+pub(crate) struct Level<'a> {
+    pub(crate) scope: Scope,
+    pub(crate) state: &'a ScopeState,
+    pub(crate) rules: Option<&'a LevelRules>,
+    pub(crate) extras: &'a [Arc<ScopeState>],
 }
 
 impl Snapshot {
@@ -249,15 +341,10 @@ impl Snapshot {
             .get(name, |m| &*self.policy.models[m as usize].name)
     }
 
-    /// Level `level` of a request's route: the scope it reports as, its counters, and
-    /// its rules (`None` when the level does not apply, e.g. an org without a wallet).
-    /// Reserving and settling both go through here, so they can never disagree.
+    /// Level `level` of a request's route (see [`LEVELS`]). Reserving and settling
+    /// both go through here, so they can never disagree.
     #[inline(always)]
-    pub(crate) fn level(
-        &self,
-        level: usize,
-        route: Route,
-    ) -> (Scope, &ScopeState, Option<&LevelRules>) {
+    pub(crate) fn level(&self, level: usize, route: Route) -> Level<'_> {
         let policy = &self.policy;
         let (k, w, m) = (
             route.key as usize,
@@ -265,20 +352,49 @@ impl Snapshot {
             route.model as usize,
         );
         let ws = &policy.workspaces[w];
+        let plain = |scope, state, rules| Level {
+            scope,
+            state,
+            rules,
+            extras: &[],
+        };
         match level {
             0 => {
                 let key = &policy.keys[k];
                 let rules = key.rules.as_deref().unwrap_or(&ws.plain_key_rules);
-                (Scope::Key, &self.keys[k], Some(rules))
+                Level {
+                    scope: Scope::Key,
+                    state: &self.keys[k],
+                    rules: Some(rules),
+                    extras: &self.key_budgets[k],
+                }
             }
-            1 => (Scope::Workspace, &self.workspaces[w], Some(&ws.rules)),
-            2 => (
+            1 => match route.key_model {
+                NO_KEY_MODEL => plain(Scope::KeyModel, &self.keys[k], None),
+                p => plain(
+                    Scope::KeyModel,
+                    &self.key_models[k][p as usize],
+                    Some(&policy.keys[k].model_rules[p as usize].1),
+                ),
+            },
+            2 => Level {
+                scope: Scope::Workspace,
+                state: &self.workspaces[w],
+                rules: Some(&ws.rules),
+                extras: &self.workspace_budgets[w],
+            },
+            3 => plain(
                 Scope::WorkspaceModel,
                 &self.workspace_models[w][m],
                 Some(&ws.model_rules[m]),
             ),
-            3 => (Scope::Org, &self.org, Some(&policy.org.rules)),
-            _ => (Scope::Org, &self.wallet, policy.org.wallet.as_ref()),
+            4 => Level {
+                scope: Scope::Org,
+                state: &self.org,
+                rules: Some(&policy.org.rules),
+                extras: &self.org_budgets,
+            },
+            _ => plain(Scope::Org, &self.wallet, policy.org.wallet.as_ref()),
         }
     }
 }

@@ -12,8 +12,8 @@ use crate::alerts::Alerts;
 use crate::bucket::{Gcra, Hold, RateRule, Slots};
 use crate::budget::{PeriodCell, Settlement};
 use crate::clock::Timestamp;
-use crate::policy::rules::{LevelRules, TokenRule};
-use crate::sync::{AtomicU32, Ordering};
+use crate::policy::rules::{BudgetRule, LevelRules, TokenRule};
+use crate::sync::{Arc, AtomicU32, Ordering};
 
 /// All counters of one scope (a key, workspace, workspace × model, the org or its
 /// wallet). Shared by `Arc` between snapshots, so a policy swap keeps them for ids
@@ -158,10 +158,12 @@ pub(crate) fn keep_tightest(slot: &mut Option<Window>, candidate: Window) {
     }
 }
 
-/// Take everything `rules` asks of `state` for one request, all or nothing.
+/// Take everything `rules` asks of `state` (and of `extras`, the counters of its
+/// budgets beyond the first) for one request, all or nothing.
 pub(crate) fn reserve_level(
     state: &ScopeState,
     rules: &LevelRules,
+    extras: &[Arc<ScopeState>],
     ask: Ask,
     now: Timestamp,
     tightest: &mut Tightest,
@@ -171,7 +173,7 @@ pub(crate) fn reserve_level(
     let mut hold = LevelHold::default();
     // On refusal the half-built hold gives back what it has taken so far.
     let refuse = |hold: LevelHold, refusal: Refusal| {
-        hold.release(state, at, now);
+        hold.release(state, &[], at, now);
         Err(refusal)
     };
 
@@ -259,10 +261,8 @@ pub(crate) fn reserve_level(
 
     // Hold the cost on every level, budget or not, so usage shows what is in flight
     // and a budget applied later counts holds already taken.
-    let limit = rules
-        .budget
-        .as_ref()
-        .map_or(i64::MAX, |budget| budget.limit);
+    let budget = rules.budget.as_ref();
+    let limit = budget.map_or(i64::MAX, BudgetRule::enforced_limit);
     match state.periods.try_hold(ask.cost, limit) {
         Ok(_) => hold.held_cost = ask.cost,
         Err(remaining) => {
@@ -277,12 +277,35 @@ pub(crate) fn reserve_level(
             );
         }
     }
+    for (taken, (budget, cell)) in rules.more_budgets.iter().zip(extras).enumerate() {
+        cell.periods.roll(now);
+        if let Err(remaining) = cell.periods.try_hold(ask.cost, budget.enforced_limit()) {
+            for cell in &extras[..taken] {
+                cell.periods.release(ask.cost);
+            }
+            return refuse(
+                hold,
+                Refusal::Budget {
+                    limit: budget.limit,
+                    remaining,
+                    period_end: cell.periods.end(),
+                },
+            );
+        }
+    }
     Ok(hold)
 }
 
 impl LevelHold {
-    /// Give back everything (taken at `taken_at`): the request did not happen.
-    pub(crate) fn release(self, state: &ScopeState, taken_at: u64, now: Timestamp) {
+    /// Give back everything (taken at `taken_at`), on `state` and its extra budgets'
+    /// `extras`: the request did not happen.
+    pub(crate) fn release(
+        self,
+        state: &ScopeState,
+        extras: &[Arc<ScopeState>],
+        taken_at: u64,
+        now: Timestamp,
+    ) {
         let now_nanos = now.as_unix_nanos();
         for (hold, bucket) in [
             (&self.rpm, &state.rpm),
@@ -295,6 +318,9 @@ impl LevelHold {
             state.slots.release();
         }
         state.periods.release(self.held_cost);
+        for cell in extras {
+            cell.periods.release(self.held_cost);
+        }
     }
 
     /// Replace the hold by real usage: refund unused tokens and money, charge any
@@ -306,6 +332,7 @@ impl LevelHold {
         self,
         state: &ScopeState,
         rules: &LevelRules,
+        extras: &[Arc<ScopeState>],
         used: Settlement,
         taken_at: u64,
         now: Timestamp,
@@ -328,5 +355,9 @@ impl LevelHold {
         }
         state.periods.roll(now);
         state.periods.settle(self.held_cost, used, tally);
+        for cell in extras {
+            cell.periods.roll(now);
+            cell.periods.settle(self.held_cost, used, tally);
+        }
     }
 }

@@ -7,7 +7,9 @@ use crate::budget::PeriodTotals;
 use crate::clock::Timestamp;
 use crate::engine::Engine;
 use crate::money::picos_to_decimal;
+use crate::policy::rules::{LevelRules, Temporary};
 use crate::store::ScopeState;
+use crate::sync::Arc;
 
 /// One scope's usage over one period.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -63,6 +65,66 @@ fn report(state: &ScopeState, now: Timestamp) -> ScopeReport {
     }
 }
 
+/// Where one budget of a scope stands in its current period.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BudgetUsage {
+    /// The limit in force, in USD (a temporary override's while it lasts).
+    pub limit: Decimal,
+    /// True for a soft budget, which alerts but never refuses.
+    pub soft: bool,
+    /// Start of its current period (inclusive).
+    pub period_start: Timestamp,
+    /// End of its current period (exclusive).
+    pub period_end: Timestamp,
+    /// Committed spend in the period, in USD.
+    pub spent: Decimal,
+    /// Worst-case cost held by requests in flight, in USD.
+    pub held: Decimal,
+}
+
+/// A temporary override in force on a scope.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TemporaryUsage {
+    /// When it ends and the scope's own limits return.
+    pub until: Timestamp,
+}
+
+/// Every budget of a level, from the reports of the counters that count it: the
+/// scope's own for the first, then one per further budget.
+pub(crate) fn budgets_of(
+    rules: &LevelRules,
+    reports: impl IntoIterator<Item = ScopeReport>,
+) -> Vec<BudgetUsage> {
+    rules
+        .budgets()
+        .zip(reports)
+        .map(|(budget, report)| BudgetUsage {
+            limit: picos_to_decimal(budget.limit),
+            soft: budget.soft,
+            period_start: report.current.period_start,
+            period_end: report.current.period_end,
+            spent: report.current.cost,
+            held: report.current.held,
+        })
+        .collect()
+}
+
+fn budgets(
+    rules: &LevelRules,
+    state: &ScopeState,
+    extras: &[Arc<ScopeState>],
+    now: Timestamp,
+) -> Vec<BudgetUsage> {
+    let cells = std::iter::once(state).chain(extras.iter().map(|c| &**c));
+    budgets_of(rules, cells.map(|cell| report(cell, now)))
+}
+
+pub(crate) fn temporary(temporary: Option<&Temporary>, now: Timestamp) -> Option<TemporaryUsage> {
+    temporary
+        .filter(|t| now < t.until)
+        .map(|t| TemporaryUsage { until: t.until })
+}
+
 /// Usage of one key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct KeyUsage {
@@ -72,6 +134,12 @@ pub struct KeyUsage {
     pub workspace: String,
     /// Its usage.
     pub usage: ScopeReport,
+    /// Each of its own budgets, in policy order.
+    pub budgets: Vec<BudgetUsage>,
+    /// Its usage of each model it has limits for.
+    pub models: Vec<ModelUsage>,
+    /// Its temporary override, while one is in force.
+    pub temporary: Option<TemporaryUsage>,
 }
 
 /// Usage of one model within one workspace.
@@ -92,6 +160,10 @@ pub struct WorkspaceUsage {
     pub usage: ScopeReport,
     /// Per model (every model in the price table, used or not).
     pub models: Vec<ModelUsage>,
+    /// Each of its budgets, in policy order.
+    pub budgets: Vec<BudgetUsage>,
+    /// Its temporary override, while one is in force.
+    pub temporary: Option<TemporaryUsage>,
 }
 
 /// Usage of everything in an engine at one instant.
@@ -101,6 +173,10 @@ pub struct UsageSnapshot {
     pub taken_at: Timestamp,
     /// The org's usage, over the org budget's period.
     pub org: ScopeReport,
+    /// Each of the org's budgets, in policy order.
+    pub org_budgets: Vec<BudgetUsage>,
+    /// The org's temporary override, while one is in force.
+    pub org_temporary: Option<TemporaryUsage>,
     /// Everything ever charged against the wallet, in USD.
     pub wallet_spent: Decimal,
     /// Per workspace.
@@ -125,6 +201,13 @@ impl Engine {
             .map(|(w, ws)| WorkspaceUsage {
                 id: ws.id.to_string(),
                 usage: report(&snap.workspaces[w], now),
+                budgets: budgets(
+                    &ws.rules,
+                    &snap.workspaces[w],
+                    &snap.workspace_budgets[w],
+                    now,
+                ),
+                temporary: temporary(ws.temporary.as_deref(), now),
                 models: policy
                     .models
                     .iter()
@@ -142,16 +225,30 @@ impl Engine {
             .enumerate()
             .map(|(k, key)| {
                 let ws = &policy.workspaces[key.workspace as usize];
+                let rules = key.rules.as_deref().unwrap_or(&ws.plain_key_rules);
                 KeyUsage {
                     id: key.id.to_string(),
                     workspace: ws.id.to_string(),
                     usage: report(&snap.keys[k], now),
+                    budgets: budgets(rules, &snap.keys[k], &snap.key_budgets[k], now),
+                    models: key
+                        .model_rules
+                        .iter()
+                        .zip(&*snap.key_models[k])
+                        .map(|((m, _), state)| ModelUsage {
+                            model: policy.models[*m as usize].name.to_string(),
+                            usage: report(state, now),
+                        })
+                        .collect(),
+                    temporary: temporary(key.temporary.as_deref(), now),
                 }
             })
             .collect();
         UsageSnapshot {
             taken_at: now,
             org: report(&snap.org, now),
+            org_budgets: budgets(&policy.org.rules, &snap.org, &snap.org_budgets, now),
+            org_temporary: temporary(policy.org.temporary.as_deref(), now),
             wallet_spent: report(&snap.wallet, now).current.cost,
             workspaces,
             keys,

@@ -138,6 +138,7 @@ fn each_rate_limit_kind_refuses_with_its_scope_and_numbers() {
 
     let mut doc = base();
     doc.workspaces[0].model_limits.push(ModelLimitSpec {
+        budget: None,
         model: "m".into(),
         tpm: Some(1_000),
         ..Default::default()

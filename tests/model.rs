@@ -300,6 +300,7 @@ fn budget_spec(b: &Option<Budget>) -> Option<BudgetSpec> {
 fn model_limit_specs(wp: &WorkspaceParams) -> Vec<ModelLimitSpec> {
     (0..2)
         .map(|m| ModelLimitSpec {
+            budget: None,
             model: MODELS[m].to_owned(),
             rpm: wp.model_limits[m].rpm,
             tpm: wp.model_limits[m].tpm,

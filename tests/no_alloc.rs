@@ -90,6 +90,7 @@ fn policy(wallet: Decimal) -> PolicyDocument {
         .limits(roomy.clone());
     ws.budget = plenty();
     ws.model_limits.push(ModelLimitSpec {
+        budget: None,
         model: "m".into(),
         rpm: Some(100_000),
         tpm: Some(100_000_000),

@@ -750,6 +750,7 @@ fn many_scopes() -> (PolicyDocument, Vec<String>) {
         }));
     a.budget = month("1.2");
     a.model_limits.push(ModelLimitSpec {
+        budget: None,
         model: "max".into(),
         rpm: Some(30),
         tpm: Some(8_000),
@@ -772,6 +773,7 @@ fn many_scopes() -> (PolicyDocument, Vec<String>) {
         .grant("max");
     c.budget = month("100");
     c.model_limits.push(ModelLimitSpec {
+        budget: None,
         model: "std".into(),
         rpm: Some(40),
         ..ModelLimitSpec::default()

@@ -116,6 +116,7 @@ pub fn document(shape: Shape) -> PolicyDocument {
             .limits(rate_limits())
             .budget(month_budget());
         ws.model_limits.push(ModelLimitSpec {
+            budget: None,
             model: MODEL.into(),
             rpm: Some(RATE),
             tpm: Some(RATE),

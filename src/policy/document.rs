@@ -44,6 +44,14 @@ pub struct OrgSpec {
     /// Spend budget across all workspaces.
     #[serde(default)]
     pub budget: Option<BudgetSpec>,
+    /// More budgets across all workspaces, each with its own period (e.g. $10 a day
+    /// beside $200 a month); a request must fit every one. See [`MAX_BUDGETS`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub budgets: Vec<BudgetSpec>,
+    /// Limits raised or lowered until a given time, after which the base values
+    /// return by themselves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temporary: Option<TemporarySpec>,
     /// Most workspaces the org may have (default 20).
     #[serde(default = "default_cap")]
     pub max_workspaces: i64,
@@ -67,6 +75,8 @@ impl OrgSpec {
             id: id.into(),
             wallet: None,
             budget: None,
+            budgets: Vec::new(),
+            temporary: None,
             max_workspaces: default_cap(),
             max_keys_per_workspace: default_cap(),
             default_workspace: None,
@@ -214,6 +224,10 @@ pub struct BudgetSpec {
     /// Percentages of the limit at which to alert, each within 0–100.
     #[serde(default)]
     pub alert_thresholds: Vec<i64>,
+    /// A soft budget only alerts (its thresholds, and an exhausted alert at 100 %)
+    /// and never refuses a request.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub soft: bool,
 }
 
 impl BudgetSpec {
@@ -224,6 +238,66 @@ impl BudgetSpec {
             limit,
             period,
             alert_thresholds: vec![50, 80, 100],
+            soft: false,
+        }
+    }
+
+    /// The same budget, alerting only: it never refuses a request.
+    #[must_use]
+    pub fn soft(mut self) -> Self {
+        self.soft = true;
+        self
+    }
+}
+
+/// Most budgets one scope may have (`budget` and `budgets` together).
+pub const MAX_BUDGETS: usize = 4;
+
+/// Limits that replace a scope's own until `until` (RFC 3339), then lapse by
+/// themselves: the base values apply again without a policy edit. Each field set
+/// replaces the base value (raising or lowering it); unset fields keep it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemporarySpec {
+    /// The instant the override ends.
+    pub until: DateTime<Utc>,
+    /// Requests per minute while the override lasts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<i64>,
+    /// Requests per day while the override lasts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpd: Option<i64>,
+    /// Tokens per minute while the override lasts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<i64>,
+    /// Requests in flight at once while the override lasts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<i64>,
+    /// The limit of the scope's first budget (USD per its period) while the override
+    /// lasts; the scope must have a budget.
+    #[serde(
+        default,
+        deserialize_with = "exact_decimal::optional",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub budget: Option<Decimal>,
+    /// Why, for people reading the policy or a usage report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl TemporarySpec {
+    /// An override until `until` that changes nothing yet.
+    #[must_use]
+    pub fn until(until: DateTime<Utc>) -> Self {
+        TemporarySpec {
+            until,
+            rpm: None,
+            rpd: None,
+            tpm: None,
+            max_concurrent: None,
+            budget: None,
+            reason: None,
         }
     }
 }
@@ -255,7 +329,7 @@ pub enum WorkspaceStatus {
 }
 
 /// Per-model limits inside a workspace.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelLimitSpec {
     /// The model these limits apply to.
@@ -269,6 +343,20 @@ pub struct ModelLimitSpec {
     /// Which tokens `tpm` counts.
     #[serde(default)]
     pub tpm_counts: TokenCount,
+    /// Spend budget for this model in this scope.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetSpec>,
+}
+
+impl ModelLimitSpec {
+    /// No limits yet for `model`.
+    #[must_use]
+    pub fn new(model: impl Into<String>) -> Self {
+        ModelLimitSpec {
+            model: model.into(),
+            ..ModelLimitSpec::default()
+        }
+    }
 }
 
 /// A workspace: a product and environment with its own keys, grants and limits.
@@ -300,6 +388,12 @@ pub struct WorkspaceSpec {
     /// Spend budget; rolls up into the org's.
     #[serde(default)]
     pub budget: Option<BudgetSpec>,
+    /// More budgets, each with its own period; a request must fit every one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub budgets: Vec<BudgetSpec>,
+    /// Limits raised or lowered until a given time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temporary: Option<TemporarySpec>,
     /// Output tokens assumed when neither request, key nor model says.
     #[serde(default)]
     pub default_max_output_tokens: Option<i64>,
@@ -423,6 +517,27 @@ impl WorkspaceSpec {
         self
     }
 
+    /// Add a budget beside the first (see [`WorkspaceSpec::budgets`]).
+    #[must_use]
+    pub fn also_budget(mut self, budget: BudgetSpec) -> Self {
+        self.budgets.push(budget);
+        self
+    }
+
+    /// Add per-model limits.
+    #[must_use]
+    pub fn model_limit(mut self, limit: ModelLimitSpec) -> Self {
+        self.model_limits.push(limit);
+        self
+    }
+
+    /// Override limits until a given time.
+    #[must_use]
+    pub fn temporary(mut self, temporary: TemporarySpec) -> Self {
+        self.temporary = Some(temporary);
+        self
+    }
+
     /// Set what a distributed backend does while its store is unreachable.
     #[must_use]
     pub fn on_store_error(mut self, mode: StoreFailureMode) -> Self {
@@ -485,6 +600,16 @@ pub struct KeySpec {
     /// The key's own spend budget, on top of its workspace's.
     #[serde(default)]
     pub budget: Option<BudgetSpec>,
+    /// More budgets of the key's own, each with its own period.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub budgets: Vec<BudgetSpec>,
+    /// Limits of this key for one model (RPM, TPM, budget), on top of the key's own
+    /// and its workspace's limits for that model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub model_limits: Vec<ModelLimitSpec>,
+    /// Limits raised or lowered until a given time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temporary: Option<TemporarySpec>,
     /// Output tokens assumed for this key when a request names none.
     #[serde(default)]
     pub default_max_output_tokens: Option<i64>,
@@ -508,6 +633,41 @@ impl KeySpec {
             secret_sha256: Self::digest_of(secret),
             ..KeySpec::default()
         }
+    }
+
+    /// Set the key's rate limits.
+    #[must_use]
+    pub fn limits(mut self, limits: LimitsSpec) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Set the key's first budget.
+    #[must_use]
+    pub fn budget(mut self, budget: BudgetSpec) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Add a budget beside the first.
+    #[must_use]
+    pub fn also_budget(mut self, budget: BudgetSpec) -> Self {
+        self.budgets.push(budget);
+        self
+    }
+
+    /// Add limits of this key for one model.
+    #[must_use]
+    pub fn model_limit(mut self, limit: ModelLimitSpec) -> Self {
+        self.model_limits.push(limit);
+        self
+    }
+
+    /// Override limits until a given time.
+    #[must_use]
+    pub fn temporary(mut self, temporary: TemporarySpec) -> Self {
+        self.temporary = Some(temporary);
+        self
     }
 
     /// The lower-case hex SHA-256 of a secret, as `secret_sha256` expects.

@@ -12,8 +12,8 @@ use std::path::Path;
 
 pub use document::{
     BudgetSpec, DefaultsSpec, Environment, KeySpec, KeyStatus, LimitsSpec, MemberRole, MemberSpec,
-    ModelLimitSpec, ModelSpec, OrgSpec, PolicyDocument, StoreFailureMode, TokenCount,
-    WorkspaceSpec, WorkspaceStatus, MAX_MEMBERS, MAX_WEBHOOKS, TOKENIZERS,
+    ModelLimitSpec, ModelSpec, OrgSpec, PolicyDocument, StoreFailureMode, TemporarySpec,
+    TokenCount, WorkspaceSpec, WorkspaceStatus, MAX_BUDGETS, MAX_MEMBERS, MAX_WEBHOOKS, TOKENIZERS,
 };
 pub use issue::{PolicyIssue, Problem};
 
@@ -150,6 +150,34 @@ impl Policy {
         } else {
             Self::from_toml_str(&text)
         }
+    }
+
+    /// Put each scope's temporary override in force at `now`, or its own rules back
+    /// once the override has ended. Returns when that next changes, if ever.
+    pub(crate) fn put_in_force(
+        &mut self,
+        now: crate::clock::Timestamp,
+    ) -> Option<crate::clock::Timestamp> {
+        let mut next: Option<crate::clock::Timestamp> = None;
+        let mut apply = |rules: &mut rules::LevelRules,
+                         temporary: &Option<Box<rules::Temporary>>| {
+            if let Some(temporary) = temporary {
+                *rules = temporary.at(now).clone();
+                if now < temporary.until {
+                    next = Some(next.map_or(temporary.until, |n| n.min(temporary.until)));
+                }
+            }
+        };
+        apply(&mut self.org.rules, &self.org.temporary);
+        for ws in &mut self.workspaces {
+            apply(&mut ws.rules, &ws.temporary);
+        }
+        for key in &mut self.keys {
+            if let Some(rules) = key.rules.as_deref_mut() {
+                apply(rules, &key.temporary);
+            }
+        }
+        next
     }
 
     /// The document this policy was validated from.

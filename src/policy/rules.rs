@@ -30,6 +30,41 @@ impl TokenCount {
 pub(crate) struct BudgetRule {
     pub(crate) limit: i64,
     pub(crate) thresholds: Box<[u8]>,
+    /// Alerts only, never refuses.
+    pub(crate) soft: bool,
+    /// The periods this budget's spend is counted over.
+    pub(crate) span: Span,
+}
+
+impl BudgetRule {
+    /// What admission checks against: a soft budget admits whatever it holds.
+    #[inline]
+    pub(crate) fn enforced_limit(&self) -> i64 {
+        if self.soft {
+            i64::MAX
+        } else {
+            self.limit
+        }
+    }
+}
+
+/// Rules that replace a scope's own until `until`, and the scope's own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Temporary {
+    pub(crate) until: Timestamp,
+    pub(crate) base: LevelRules,
+    pub(crate) raised: LevelRules,
+}
+
+impl Temporary {
+    /// The rules in force at `now`.
+    pub(crate) fn at(&self, now: Timestamp) -> &LevelRules {
+        if now < self.until {
+            &self.raised
+        } else {
+            &self.base
+        }
+    }
 }
 
 /// Every limit one level (key, workspace, workspace × model, org, wallet) enforces,
@@ -41,10 +76,18 @@ pub(crate) struct LevelRules {
     pub(crate) tpm: Option<TokenRule>,
     pub(crate) max_concurrent: Option<u32>,
     pub(crate) budget: Option<BudgetRule>,
+    /// Budgets beyond the first, each counted over its own periods (by counters the
+    /// snapshot keeps beside the scope's, in this order).
+    pub(crate) more_budgets: Box<[BudgetRule]>,
     pub(crate) span: Span,
 }
 
 impl LevelRules {
+    /// Every budget of the level, the first one first.
+    pub(crate) fn budgets(&self) -> impl Iterator<Item = &BudgetRule> {
+        self.budget.iter().chain(self.more_budgets.iter())
+    }
+
     pub(crate) fn unlimited(span: Span) -> Self {
         LevelRules {
             rpm: None,
@@ -52,6 +95,7 @@ impl LevelRules {
             tpm: None,
             max_concurrent: None,
             budget: None,
+            more_budgets: Box::new([]),
             span,
         }
     }
@@ -77,6 +121,8 @@ pub(crate) struct WorkspacePolicy {
     /// Granted, by model index (all true for the default workspace).
     pub(crate) granted: Box<[bool]>,
     pub(crate) rules: LevelRules,
+    /// An override of `rules` until a given time.
+    pub(crate) temporary: Option<Box<Temporary>>,
     /// Workspace × model limits, by model index.
     pub(crate) model_rules: Box<[LevelRules]>,
     /// Rules of a key that sets none of its own: nothing to enforce, usage counted
@@ -97,13 +143,34 @@ pub(crate) struct KeyPolicy {
     pub(crate) expires_at: Option<Timestamp>,
     /// `None` for the common key without limits of its own, to keep keys small.
     pub(crate) rules: Option<Box<LevelRules>>,
+    /// An override of `rules` until a given time.
+    pub(crate) temporary: Option<Box<Temporary>>,
+    /// Key × model limits: (model index, rules), sorted by model index; empty for
+    /// most keys.
+    pub(crate) model_rules: Box<[(u32, LevelRules)]>,
     pub(crate) default_max_output: Option<u32>,
+}
+
+impl KeyPolicy {
+    /// Which of `model_rules` applies to `model`, if any.
+    #[inline]
+    pub(crate) fn model_position(&self, model: u32) -> Option<u32> {
+        if self.model_rules.is_empty() {
+            return None;
+        }
+        self.model_rules
+            .binary_search_by_key(&model, |(m, _)| *m)
+            .ok()
+            .map(|p| p as u32)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct OrgPolicy {
     pub(crate) id: Box<str>,
     pub(crate) rules: LevelRules,
+    /// An override of `rules` until a given time.
+    pub(crate) temporary: Option<Box<Temporary>>,
     pub(crate) wallet: Option<LevelRules>,
     pub(crate) default_max_output: u32,
     pub(crate) max_workspaces: u32,

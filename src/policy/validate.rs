@@ -11,11 +11,15 @@ use crate::bucket::RateRule;
 use crate::clock::Timestamp;
 use crate::money::{picos_from_decimal, price_per_token_picos, MoneyProblem};
 use crate::period::{BudgetPeriod, Span};
-use crate::policy::document::{BudgetSpec, LimitsSpec, ModelSpec, PolicyDocument, TOKENIZERS};
+use crate::policy::document::{
+    BudgetSpec, LimitsSpec, ModelLimitSpec, ModelSpec, PolicyDocument, TemporarySpec, MAX_BUDGETS,
+    TOKENIZERS,
+};
 use crate::policy::issue::{Issues, Problem};
 use crate::policy::members::Members;
 use crate::policy::rules::{
-    BudgetRule, KeyPolicy, LevelRules, ModelPolicy, OrgPolicy, TokenRule, WorkspacePolicy,
+    BudgetRule, KeyPolicy, LevelRules, ModelPolicy, OrgPolicy, Temporary, TokenRule,
+    WorkspacePolicy,
 };
 
 /// Workspace names: at most this many characters.
@@ -107,15 +111,22 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
         check_estimates(&mut issues, &path, model);
     }
 
-    let org_span = span_of(doc.org.budget.as_ref(), Span::Period(BudgetPeriod::Month));
-    let org_rules = LevelRules {
-        budget: budget(&mut issues, "org.budget", doc.org.budget.as_ref()),
-        ..LevelRules::unlimited(org_span)
-    };
+    let org_budgets = Budgets::of(doc.org.budget.as_ref(), &doc.org.budgets);
+    let org_span = org_budgets.span(Span::Period(BudgetPeriod::Month));
+    let org_rules = level(
+        &mut issues,
+        "org",
+        &LimitsSpec::default(),
+        org_budgets,
+        org_span,
+    );
+    let org_temporary = temporary(&mut issues, "org", doc.org.temporary.as_ref(), &org_rules);
     let wallet = doc.org.wallet.map(|balance| LevelRules {
         budget: Some(BudgetRule {
             limit: money(&mut issues, "org.wallet", balance),
             thresholds: Box::new([]),
+            soft: false,
+            span: Span::Forever,
         }),
         ..LevelRules::unlimited(Span::Forever)
     });
@@ -193,7 +204,8 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
             }
         }
 
-        let span = span_of(ws.budget.as_ref(), org_span);
+        let ws_budgets = Budgets::of(ws.budget.as_ref(), &ws.budgets);
+        let span = ws_budgets.span(org_span);
         let mut model_rules = vec![LevelRules::unlimited(span); models.len()].into_boxed_slice();
         let mut limited_models: HashMap<&str, u32> = HashMap::new();
         for (l, limit) in ws.model_limits.iter().enumerate() {
@@ -207,16 +219,7 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
                 "model",
                 &format!("{path}.model_limits"),
             );
-            let rules = LevelRules {
-                rpm: rate(&mut issues, &format!("{lpath}.rpm"), limit.rpm, MINUTE),
-                tpm: rate(&mut issues, &format!("{lpath}.tpm"), limit.tpm, MINUTE).map(|rate| {
-                    TokenRule {
-                        rate,
-                        counts: limit.tpm_counts,
-                    }
-                }),
-                ..LevelRules::unlimited(span)
-            };
+            let rules = model_level(&mut issues, &lpath, limit, span);
             match model_index.get(limit.model.as_str()) {
                 Some(&m) => model_rules[m as usize] = rules,
                 None => issues.push(
@@ -227,6 +230,8 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
             }
         }
 
+        let rules = level(&mut issues, &path, &ws.limits, ws_budgets, span);
+        let ws_temporary = temporary(&mut issues, &path, ws.temporary.as_ref(), &rules);
         workspaces.push(WorkspacePolicy {
             id: ws.id.as_str().into(),
             name: ws.name.as_str().into(),
@@ -234,7 +239,8 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
             region: ws.region.as_str().into(),
             status: ws.status,
             granted,
-            rules: level(&mut issues, &path, &ws.limits, ws.budget.as_ref(), span),
+            rules,
+            temporary: ws_temporary,
             model_rules,
             plain_key_rules: LevelRules::unlimited(span),
             default_max_output: optional_tokens(
@@ -354,8 +360,12 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
             }
         };
         let ws_span = workspace.map_or(org_span, |w| workspaces[w as usize].rules.span);
-        let span = span_of(key.budget.as_ref(), ws_span);
-        let rules = level(&mut issues, &path, &key.limits, key.budget.as_ref(), span);
+        let key_budgets = Budgets::of(key.budget.as_ref(), &key.budgets);
+        let span = key_budgets.span(ws_span);
+        let rules = level(&mut issues, &path, &key.limits, key_budgets, span);
+        let key_temporary = temporary(&mut issues, &path, key.temporary.as_ref(), &rules);
+        let model_rules =
+            key_model_rules(&mut issues, &path, &key.model_limits, &model_index, span);
         keys.push(KeyPolicy {
             id: key.id.as_str().into(),
             workspace: workspace.unwrap_or(0),
@@ -363,7 +373,10 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
             previous,
             status: key.status,
             expires_at: key.expires_at.map(Timestamp::from_datetime),
-            rules: (rules != LevelRules::unlimited(ws_span)).then(|| Box::new(rules)),
+            rules: (rules != LevelRules::unlimited(ws_span) || key_temporary.is_some())
+                .then(|| Box::new(rules)),
+            temporary: key_temporary,
+            model_rules,
             default_max_output: optional_tokens(
                 &mut issues,
                 &format!("{path}.default_max_output_tokens"),
@@ -390,6 +403,7 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
         org: OrgPolicy {
             id: doc.org.id.as_str().into(),
             rules: org_rules,
+            temporary: org_temporary,
             wallet,
             default_max_output,
             max_workspaces: max_workspaces.unwrap_or(0),
@@ -404,24 +418,99 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
 const MINUTE: Duration = Duration::from_secs(60);
 const DAY: Duration = Duration::from_secs(86_400);
 
+/// A scope's budgets as written: `budget` first, then `budgets`, with the path of each.
+struct Budgets<'a> {
+    first: Option<&'a BudgetSpec>,
+    more: &'a [BudgetSpec],
+}
+
+impl<'a> Budgets<'a> {
+    fn of(first: Option<&'a BudgetSpec>, more: &'a [BudgetSpec]) -> Self {
+        Budgets { first, more }
+    }
+
+    fn none() -> Self {
+        Budgets {
+            first: None,
+            more: &[],
+        }
+    }
+
+    /// The periods the scope's usage is counted over: its first budget's, else
+    /// `inherited`.
+    fn span(&self, inherited: Span) -> Span {
+        self.first
+            .or(self.more.first())
+            .map_or(inherited, |b| Span::Period(b.period))
+    }
+
+    /// Each budget with its path, `budget` first.
+    fn each(&self, path: &str) -> Vec<(String, &'a BudgetSpec)> {
+        let first = self.first.map(|b| (format!("{path}.budget"), b));
+        let more = self
+            .more
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (format!("{path}.budgets[{i}]"), b));
+        first.into_iter().chain(more).collect()
+    }
+}
+
+/// A scope's rules: its `limits` and its budgets.
 fn level(
     issues: &mut Issues,
     path: &str,
     limits: &LimitsSpec,
-    budget_spec: Option<&BudgetSpec>,
+    budgets: Budgets<'_>,
     span: Span,
 ) -> LevelRules {
+    level_at(
+        issues,
+        path,
+        &format!("{path}.limits"),
+        limits,
+        budgets,
+        span,
+    )
+}
+
+/// A level's rules: `limits` (whose fields are reported under `limits_path`) and
+/// the budgets of the scope at `path`.
+fn level_at(
+    issues: &mut Issues,
+    path: &str,
+    limits_path: &str,
+    limits: &LimitsSpec,
+    budgets: Budgets<'_>,
+    span: Span,
+) -> LevelRules {
+    let each = budgets.each(path);
+    if each.len() > MAX_BUDGETS {
+        issues.push(
+            format!("{path}.budgets"),
+            format!("{} budgets", each.len()),
+            Problem::CapExceeded {
+                count: each.len(),
+                cap: MAX_BUDGETS as u32,
+            },
+        );
+    }
+    let mut rules: Vec<BudgetRule> = each
+        .iter()
+        .filter_map(|(bpath, spec)| budget(issues, bpath, Some(spec)))
+        .collect();
+    let first = (!rules.is_empty()).then(|| rules.remove(0));
     LevelRules {
-        rpm: rate(issues, &format!("{path}.limits.rpm"), limits.rpm, MINUTE),
-        rpd: rate(issues, &format!("{path}.limits.rpd"), limits.rpd, DAY),
-        tpm: rate(issues, &format!("{path}.limits.tpm"), limits.tpm, MINUTE).map(|rate| {
+        rpm: rate(issues, &format!("{limits_path}.rpm"), limits.rpm, MINUTE),
+        rpd: rate(issues, &format!("{limits_path}.rpd"), limits.rpd, DAY),
+        tpm: rate(issues, &format!("{limits_path}.tpm"), limits.tpm, MINUTE).map(|rate| {
             TokenRule {
                 rate,
                 counts: limits.tpm_counts,
             }
         }),
         max_concurrent: limits.max_concurrent.and_then(|max| {
-            let field = format!("{path}.limits.max_concurrent");
+            let field = format!("{limits_path}.max_concurrent");
             if max <= 0 {
                 issues.push(field, max, Problem::NotPositive);
                 return None;
@@ -438,14 +527,159 @@ fn level(
                 })
                 .ok()
         }),
-        budget: budget(issues, &format!("{path}.budget"), budget_spec),
+        budget: first,
+        more_budgets: rules.into_boxed_slice(),
         span,
     }
 }
 
-fn span_of(budget: Option<&BudgetSpec>, inherited: Span) -> Span {
-    budget.map_or(inherited, |b| Span::Period(b.period))
+/// A workspace's or key's limits for one model.
+fn model_level(issues: &mut Issues, path: &str, limit: &ModelLimitSpec, span: Span) -> LevelRules {
+    let mut rules = level_at(
+        issues,
+        path,
+        path,
+        &LimitsSpec {
+            rpm: limit.rpm,
+            tpm: limit.tpm,
+            tpm_counts: limit.tpm_counts,
+            ..LimitsSpec::default()
+        },
+        Budgets::of(limit.budget.as_ref(), &[]),
+        span,
+    );
+    // Its usage counts over the key's or workspace's periods unless it has a budget.
+    if let Some(budget) = &rules.budget {
+        rules.span = budget.span;
+    }
+    rules
 }
+
+/// A key's limits per model, sorted by model index.
+fn key_model_rules(
+    issues: &mut Issues,
+    path: &str,
+    limits: &[ModelLimitSpec],
+    model_index: &HashMap<&str, u32>,
+    span: Span,
+) -> Box<[(u32, LevelRules)]> {
+    let mut seen: HashMap<&str, u32> = HashMap::new();
+    let mut rules = Vec::with_capacity(limits.len());
+    for (l, limit) in limits.iter().enumerate() {
+        let lpath = format!("{path}.model_limits[{l}]");
+        unique(
+            issues,
+            &mut seen,
+            &limit.model,
+            l,
+            &lpath,
+            "model",
+            &format!("{path}.model_limits"),
+        );
+        let level = model_level(issues, &lpath, limit, span);
+        match model_index.get(limit.model.as_str()) {
+            Some(&m) => rules.push((m, level)),
+            None => issues.push(
+                format!("{lpath}.model"),
+                format!("{:?}", limit.model),
+                Problem::UnknownModel,
+            ),
+        }
+    }
+    rules.sort_by_key(|(m, _)| *m);
+    rules.dedup_by_key(|(m, _)| *m);
+    rules.into_boxed_slice()
+}
+
+/// A scope's temporary override: `base` with the fields it sets replaced.
+fn temporary(
+    issues: &mut Issues,
+    path: &str,
+    spec: Option<&TemporarySpec>,
+    base: &LevelRules,
+) -> Option<Box<Temporary>> {
+    let spec = spec?;
+    let path = format!("{path}.temporary");
+    let mut raised = base.clone();
+    let before = issues.0.len();
+    if spec.rpm.is_none()
+        && spec.rpd.is_none()
+        && spec.tpm.is_none()
+        && spec.max_concurrent.is_none()
+        && spec.budget.is_none()
+    {
+        issues.push(
+            &path,
+            format!("until {}", spec.until.to_rfc3339()),
+            Problem::Empty,
+        );
+    }
+    let replaced = level_at(
+        issues,
+        &path,
+        &path,
+        &LimitsSpec {
+            rpm: spec.rpm,
+            rpd: spec.rpd,
+            tpm: spec.tpm,
+            max_concurrent: spec.max_concurrent,
+            ..LimitsSpec::default()
+        },
+        Budgets::none(),
+        base.span,
+    );
+    if spec.rpm.is_some() {
+        raised.rpm = replaced.rpm;
+    }
+    if spec.rpd.is_some() {
+        raised.rpd = replaced.rpd;
+    }
+    if let Some(rate) = replaced.tpm {
+        // The base's choice of which tokens count stays.
+        let counts = base.tpm.as_ref().map_or(rate.counts, |t| t.counts);
+        raised.tpm = Some(TokenRule {
+            rate: rate.rate,
+            counts,
+        });
+    }
+    if spec.max_concurrent.is_some() {
+        raised.max_concurrent = replaced.max_concurrent;
+    }
+    if let Some(amount) = spec.budget {
+        let limit = money(issues, &format!("{path}.budget"), amount);
+        match raised.budget.as_mut() {
+            Some(budget) => budget.limit = limit,
+            None => issues.push(
+                format!("{path}.budget"),
+                amount,
+                Problem::MissingCompanion {
+                    companion: "budget",
+                },
+            ),
+        }
+    }
+    if let Some(reason) = &spec.reason {
+        if reason.chars().count() > MAX_REASON_LEN {
+            issues.push(
+                format!("{path}.reason"),
+                format!("<{} characters>", reason.chars().count()),
+                Problem::TooLong {
+                    max: MAX_REASON_LEN,
+                },
+            );
+        }
+    }
+    (issues.0.len() == before).then(|| {
+        Box::new(Temporary {
+            until: Timestamp::from_datetime(spec.until),
+            base: base.clone(),
+            raised,
+        })
+    })
+}
+
+/// A temporary override's `reason`: at most this many characters.
+const MAX_REASON_LEN: usize = 200;
 
 fn rate(issues: &mut Issues, path: &str, limit: Option<i64>, window: Duration) -> Option<RateRule> {
     let limit = limit?;
@@ -493,6 +727,8 @@ fn budget(issues: &mut Issues, path: &str, spec: Option<&BudgetSpec>) -> Option<
     Some(BudgetRule {
         limit,
         thresholds: thresholds.into_boxed_slice(),
+        soft: spec.soft,
+        span: Span::Period(spec.period),
     })
 }
 

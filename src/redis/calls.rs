@@ -13,9 +13,9 @@ use crate::clock::Timestamp;
 use crate::denial::DenialReason;
 use crate::denial::StoreError;
 use crate::period::{BudgetPeriod, Span};
-use crate::policy::rules::LevelRules;
+use crate::policy::rules::{BudgetRule, LevelRules, TokenRule};
 use crate::redis::error::corrupt_reply;
-use crate::redis::keys::Group;
+use crate::redis::keys::{Group, Member};
 use crate::snapshot::{Route, Snapshot, WALLET_LEVEL};
 use crate::store::{keep_tightest, Ask, Refusal, Tightest, Window};
 
@@ -87,10 +87,43 @@ fn push_rate(args: &mut Vec<String>, rule: Option<&RateRule>) {
     }
 }
 
-fn rules_of(snap: &Snapshot, route: Route, level: usize) -> &LevelRules {
-    snap.level(level, route)
-        .2
-        .expect("a group lists only levels whose rules apply")
+/// What one scope hash of a group enforces: a level's limits and first budget, or
+/// one of its further budgets alone.
+struct Part<'a> {
+    rpm: Option<&'a RateRule>,
+    rpd: Option<&'a RateRule>,
+    tpm: Option<&'a TokenRule>,
+    max_concurrent: Option<u32>,
+    budget: Option<&'a BudgetRule>,
+    span: Span,
+}
+
+fn part<'a>(snap: &'a Snapshot, route: Route, member: &Member) -> Part<'a> {
+    let rules: &LevelRules = snap
+        .level(member.level, route)
+        .rules
+        .expect("a group lists only levels whose rules apply");
+    match member.budget {
+        0 => Part {
+            rpm: rules.rpm.as_ref(),
+            rpd: rules.rpd.as_ref(),
+            tpm: rules.tpm.as_ref(),
+            max_concurrent: rules.max_concurrent,
+            budget: rules.budget.as_ref(),
+            span: rules.span,
+        },
+        i => {
+            let budget = &rules.more_budgets[i - 1];
+            Part {
+                rpm: None,
+                rpd: None,
+                tpm: None,
+                max_concurrent: None,
+                budget: Some(budget),
+                span: budget.span,
+            }
+        }
+    }
 }
 
 /// the `reserve` function for one group.
@@ -110,22 +143,26 @@ pub(crate) fn reserve(
         ttls.record().to_string(),
         group.key_id.clone().unwrap_or_default(),
     ];
-    for &(level, _) in &group.levels {
-        let rules = rules_of(snap, route, level);
-        push_rate(&mut args, rules.rpm.as_ref());
-        push_rate(&mut args, rules.rpd.as_ref());
-        push_rate(&mut args, rules.tpm.as_ref().map(|t| &t.rate));
+    for member in &group.levels {
+        let rules = part(snap, route, member);
+        push_rate(&mut args, rules.rpm);
+        push_rate(&mut args, rules.rpd);
+        push_rate(&mut args, rules.tpm.map(|t| &t.rate));
         let units = rules
             .tpm
-            .as_ref()
             .map_or(0, |t| t.counts.pick(ask.input_tokens, ask.output_tokens));
         args.push(units.to_string());
         args.push(rules.max_concurrent.unwrap_or(0).to_string());
         // Admitted while used ≤ limit − cost: computed here, exactly, so the script
-        // only compares.
-        args.push(rules.budget.as_ref().map_or_else(String::new, |b| {
-            (i128::from(b.limit) - i128::from(ask.cost)).to_string()
-        }));
+        // only compares. A soft budget never refuses: no headroom to check.
+        args.push(
+            rules
+                .budget
+                .filter(|b| !b.soft)
+                .map_or_else(String::new, |b| {
+                    (i128::from(b.limit) - i128::from(ask.cost)).to_string()
+                }),
+        );
         let (kind, seconds) = period_args(rules.span);
         args.push(kind.to_string());
         args.push(seconds.to_string());
@@ -165,14 +202,13 @@ pub(crate) fn commit(
         group.record_base(),
         group.generation.clone(),
     ];
-    for &(level, _) in &group.levels {
-        let rules = rules_of(snap, route, level);
+    for member in &group.levels {
+        let rules = part(snap, route, member);
         // The tokens the request used as the reservation's rule counts them; what
         // they cost in the bucket is the bucket's own (current) interval.
         args.push(
             rules
                 .tpm
-                .as_ref()
                 .map_or(0, |tpm| {
                     tpm.counts.pick(used.input_tokens, used.output_tokens)
                 })
@@ -182,9 +218,16 @@ pub(crate) fn commit(
         args.push(kind.to_string());
         args.push(seconds.to_string());
         // The wallet counts money only; requests and tokens are the org's.
-        args.push(if level == WALLET_LEVEL { "0" } else { "1" }.into());
+        args.push(
+            if member.level == WALLET_LEVEL {
+                "0"
+            } else {
+                "1"
+            }
+            .into(),
+        );
         args.push(ttls.idle_for(rules.span).to_string());
-        match &rules.budget {
+        match rules.budget {
             Some(budget) => {
                 args.push(budget.limit.to_string());
                 args.push(
@@ -269,13 +312,13 @@ pub(crate) fn read_reserve(
     let nanos = |n: i64| Duration::from_nanos(u64::try_from(n).unwrap_or(0));
     let count = |n: i64| u64::try_from(n).unwrap_or(0);
     if int(0)? == 1 {
-        for (position, &(level, _)) in group.levels.iter().enumerate() {
-            let rules = rules_of(snap, route, level);
+        for (position, member) in group.levels.iter().enumerate() {
+            let rules = part(snap, route, member);
             let base = 1 + position * 6;
             let buckets = [
-                (rules.rpm.as_ref(), true),
-                (rules.rpd.as_ref(), true),
-                (rules.tpm.as_ref().map(|t| &t.rate), false),
+                (rules.rpm, true),
+                (rules.rpd, true),
+                (rules.tpm.map(|t| &t.rate), false),
             ];
             for (i, (rule, requests)) in buckets.into_iter().enumerate() {
                 let Some(rule) = rule else { continue };
@@ -303,8 +346,9 @@ pub(crate) fn read_reserve(
         .ok()
         .filter(|&p| p < group.levels.len())
         .ok_or_else(|| corrupt_reply(OP_RESERVE, format!("{items:?}")))?;
-    let level = group.levels[position].0;
-    let rules = rules_of(snap, route, level);
+    let member = &group.levels[position];
+    let level = member.level;
+    let rules = part(snap, route, member);
     let missing = || corrupt_reply(OP_RESERVE, format!("refusal of a rule not set {items:?}"));
     let retry = |n: i64| (n >= 0).then(|| nanos(n));
     let refusal = match int(2)? {
@@ -312,15 +356,13 @@ pub(crate) fn read_reserve(
         7 => return Ok(Reserved::Gone(DenialReason::UnknownKey)),
         kind @ (1 | 2) => Refusal::Requests {
             per_day: kind == 2,
-            rule: *if kind == 2 { &rules.rpd } else { &rules.rpm }
-                .as_ref()
-                .ok_or_else(missing)?,
+            rule: *if kind == 2 { rules.rpd } else { rules.rpm }.ok_or_else(missing)?,
             remaining: count(int(3)?),
             reset: nanos(int(4)?),
             retry_after: retry(int(5)?),
         },
         3 => {
-            let tpm = rules.tpm.as_ref().ok_or_else(missing)?;
+            let tpm = rules.tpm.ok_or_else(missing)?;
             Refusal::Tokens {
                 rule: tpm.rate,
                 requested: tpm.counts.pick(ask.input_tokens, ask.output_tokens),
@@ -334,7 +376,7 @@ pub(crate) fn read_reserve(
             in_flight: u32::try_from(int(3)?).unwrap_or(u32::MAX),
         },
         5 => {
-            let limit = rules.budget.as_ref().ok_or_else(missing)?.limit;
+            let limit = rules.budget.ok_or_else(missing)?.limit;
             let used = int(3)?;
             let end_us = int(4)?;
             Refusal::Budget {
@@ -354,10 +396,11 @@ pub(crate) fn read_reserve(
     Ok(Reserved::Refused { level, refusal })
 }
 
-/// Budget alert percentages one commit reached on one level.
+/// Budget alert percentages one commit reached on one budget of one level.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Reached {
-    pub(crate) level: usize,
+    /// The level, and which of its budgets (0: the first).
+    pub(crate) budget: (usize, usize),
     pub(crate) crossed: Crossed,
     /// Committed spend of the level's period after the commit, pico-dollars.
     pub(crate) spent: i64,
@@ -376,7 +419,7 @@ pub(crate) fn read_commit(group: &Group, reply: &Value) -> Result<Vec<Reached>, 
         // reserve (nothing settled on its levels).
         return Ok(reached);
     }
-    for (position, &(level, _)) in group.levels.iter().enumerate() {
+    for (position, member) in group.levels.iter().enumerate() {
         let value = |i: usize| {
             items
                 .get(1 + 3 * position + i)
@@ -386,7 +429,7 @@ pub(crate) fn read_commit(group: &Group, reply: &Value) -> Result<Vec<Reached>, 
         let (before, now) = (value(0)?, value(1)?);
         if now >= 0 {
             reached.push(Reached {
-                level,
+                budget: (member.level, member.budget),
                 spent: value(2)?,
                 crossed: Crossed {
                     after: u8::try_from(before).ok(),

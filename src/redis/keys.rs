@@ -3,7 +3,10 @@
 //! ```text
 //! <prefix>:v2:{ws:<workspace>}:key:<key id>      key level
 //! <prefix>:v2:{ws:<workspace>}:ws                workspace level
+//! <prefix>:v2:{ws:<workspace>}:keymodel:<key id>:<model>  key × model level
 //! <prefix>:v2:{ws:<workspace>}:model:<model>     workspace × model level
+//! <scope hash>:budget<i>                         budget i (1, 2, 3) beyond a scope's
+//!                                                first: money only
 //! <prefix>:v2:{org:<org>}:org                    org budget and totals
 //! <prefix>:v2:{org:<org>}:wallet                 org wallet (never expires)
 //! <tag>:holds                                    zset: reservation id → expiry (ms)
@@ -29,8 +32,9 @@ use crate::snapshot::{Route, Snapshot, LEVELS};
 /// new deployment never read each other's counters.
 const VERSION: &str = "v2";
 
-/// Levels under the workspace's tag; the rest are under the org's.
-const WORKSPACE_LEVELS: usize = 3;
+/// Levels under the workspace's tag (key, key × model, workspace, workspace × model);
+/// the rest are under the org's.
+const WORKSPACE_LEVELS: usize = 4;
 
 /// The levels of one request that share a hash tag: one script call each.
 #[derive(Clone, Debug, Default)]
@@ -44,8 +48,19 @@ pub(crate) struct Group {
     /// a commit of a reservation from before the workspace was deleted settles nothing
     /// on its levels. Empty before the reserve.
     pub(crate) generation: String,
-    /// (level number, scope hash key) for every level that applies.
-    pub(crate) levels: Vec<(usize, String)>,
+    /// Every level that applies, and every budget of a level beyond its first.
+    pub(crate) levels: Vec<Member>,
+}
+
+/// One scope hash a group's call touches.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Member {
+    /// The level it belongs to (see [`LEVELS`]).
+    pub(crate) level: usize,
+    /// 0 for the level's own hash (its limits and first budget); `i` for the hash of
+    /// its budget `i` beyond the first, which holds only money.
+    pub(crate) budget: usize,
+    pub(crate) key: String,
 }
 
 impl Group {
@@ -73,7 +88,7 @@ impl Group {
     /// order.
     pub(crate) fn keys(&self, id: &str) -> Vec<String> {
         let mut keys = vec![self.holds(), self.record(id), self.done(id), self.flags()];
-        keys.extend(self.levels.iter().map(|(_, key)| key.clone()));
+        keys.extend(self.levels.iter().map(|member| member.key.clone()));
         keys
     }
 }
@@ -112,6 +127,11 @@ impl Layout {
     /// The counters of key `key` of `workspace`.
     pub(crate) fn key(&self, workspace: &str, key: &str) -> String {
         format!("{}:key:{key}", self.workspace_tag(workspace))
+    }
+
+    /// The counters of key `key` of `workspace` for `model`.
+    pub(crate) fn key_model(&self, workspace: &str, key: &str, model: &str) -> String {
+        format!("{}:keymodel:{key}:{model}", self.workspace_tag(workspace))
     }
 
     /// The workspace's own counters.
@@ -158,21 +178,41 @@ impl Layout {
             levels: Vec::with_capacity(LEVELS - WORKSPACE_LEVELS),
         };
         for level in 0..LEVELS {
-            if snap.level(level, route).2.is_none() {
+            let Some(rules) = snap.level(level, route).rules else {
                 continue;
-            }
+            };
             let key = match level {
                 0 => self.key(&ws.id, &policy.keys[route.key as usize].id),
-                1 => self.workspace(&ws.id),
-                2 => self.model(&ws.id, &policy.models[route.model as usize].name),
-                3 => self.org(&policy.org.id),
+                1 => self.key_model(
+                    &ws.id,
+                    &policy.keys[route.key as usize].id,
+                    &policy.models[route.model as usize].name,
+                ),
+                2 => self.workspace(&ws.id),
+                3 => self.model(&ws.id, &policy.models[route.model as usize].name),
+                4 => self.org(&policy.org.id),
                 _ => self.wallet(&policy.org.id),
             };
-            if level < WORKSPACE_LEVELS {
-                workspace.levels.push((level, key));
+            let group = if level < WORKSPACE_LEVELS {
+                &mut workspace
             } else {
-                org.levels.push((level, key));
-            }
+                &mut org
+            };
+            // Budgets beyond the first: one money-only hash each, under the same tag,
+            // checked after the level's own (as the in-memory engine does).
+            let extras: Vec<Member> = (1..=rules.more_budgets.len())
+                .map(|budget| Member {
+                    level,
+                    budget,
+                    key: format!("{key}:budget{budget}"),
+                })
+                .collect();
+            group.levels.push(Member {
+                level,
+                budget: 0,
+                key,
+            });
+            group.levels.extend(extras);
         }
         [workspace, org]
     }

@@ -356,13 +356,34 @@ impl RedisEngine {
         &self,
         request: &Request<'_>,
     ) -> Result<RedisReservation, Denial> {
-        let snap = self.inner.snapshot.load_full();
+        let mut snap = self.inner.snapshot.load_full();
         let now = self.inner.clock.now();
+        if now.as_unix_nanos() >= snap.next_change {
+            snap = self.put_temporary_in_force(snap, now);
+        }
         let result = self.reserve(&snap, request, now).await;
         if let (Err(denial), Some(events)) = (&result, &snap.events) {
             events.denied(denial, now);
         }
         result
+    }
+
+    /// A temporary override has started or ended: run a snapshot with the rules in
+    /// force now (the reserve carries them to Redis, whose buckets follow a changed
+    /// limit as they do after a policy change). Skipped while a policy change is being
+    /// applied: the snapshot it installs is built at its own time.
+    #[cold]
+    fn put_temporary_in_force(&self, snap: Arc<Snapshot>, now: Timestamp) -> Arc<Snapshot> {
+        let Ok(_writer) = self.inner.apply_lock.try_lock() else {
+            return snap;
+        };
+        let current = self.inner.snapshot.load_full();
+        if now.as_unix_nanos() < current.next_change {
+            return current;
+        }
+        let next = Arc::new(crate::control::successor(&current, current.policy.clone()));
+        self.inner.snapshot.store(Arc::clone(&next));
+        next
     }
 
     async fn reserve(
@@ -649,9 +670,8 @@ impl Inner {
             // The workspace's levels come first in level order: report them first.
             (Ok(Reserved::Refused { level, refusal }), _)
             | (Ok(Reserved::Admitted(_)), Ok(Reserved::Refused { level, refusal })) => {
-                let (scope, _, _) = snap.level(level, route);
                 Reserve::Denied(refused(
-                    scope,
+                    snap.level(level, route).scope,
                     level == WALLET_LEVEL,
                     refusal,
                     ask,
@@ -684,7 +704,7 @@ impl Inner {
                 events.budget_reached(
                     &commit.snapshot,
                     commit.route,
-                    r.level,
+                    r.budget,
                     r.crossed,
                     r.spent,
                     now,

@@ -4,9 +4,13 @@ use crate::clock::Timestamp;
 use crate::denial::{Error, StoreError};
 use crate::money::picos_to_decimal;
 use crate::period::{bounds, BudgetPeriod, Span};
+use crate::policy::rules::LevelRules;
 use crate::redis::error::{classify, corrupt_reply};
 use crate::redis::RedisEngine;
-use crate::usage::{KeyUsage, ModelUsage, ScopeReport, ScopeUsage, UsageSnapshot, WorkspaceUsage};
+use crate::usage::{
+    budgets_of, temporary, BudgetUsage, KeyUsage, ModelUsage, ScopeReport, ScopeUsage,
+    UsageSnapshot, WorkspaceUsage,
+};
 
 /// The string fields of a scope hash a report reads; its numbers are packed in `n`.
 const FIELDS: [&str; 8] = [
@@ -53,37 +57,72 @@ impl RedisEngine {
                     usage: self.report(&key, ws.model_rules[m].span, now).await?,
                 });
             }
+            let hash = layout.workspace(&ws.id);
+            let usage = self.report(&hash, ws.rules.span, now).await?;
             workspaces.push(WorkspaceUsage {
                 id: ws.id.to_string(),
-                usage: self
-                    .report(&layout.workspace(&ws.id), ws.rules.span, now)
-                    .await?,
+                budgets: self.budgets(&hash, &ws.rules, usage, now).await?,
+                temporary: temporary(ws.temporary.as_deref(), now),
+                usage,
                 models,
             });
         }
         let mut keys = Vec::with_capacity(policy.keys.len());
         for key in &policy.keys {
             let ws = &policy.workspaces[key.workspace as usize];
-            let span = key.rules.as_deref().unwrap_or(&ws.plain_key_rules).span;
+            let rules = key.rules.as_deref().unwrap_or(&ws.plain_key_rules);
+            let hash = layout.key(&ws.id, &key.id);
+            let usage = self.report(&hash, rules.span, now).await?;
+            let mut models = Vec::with_capacity(key.model_rules.len());
+            for (m, model_rules) in &*key.model_rules {
+                let model = &policy.models[*m as usize].name;
+                let hash = layout.key_model(&ws.id, &key.id, model);
+                models.push(ModelUsage {
+                    model: model.to_string(),
+                    usage: self.report(&hash, model_rules.span, now).await?,
+                });
+            }
             keys.push(KeyUsage {
                 id: key.id.to_string(),
                 workspace: ws.id.to_string(),
-                usage: self.report(&layout.key(&ws.id, &key.id), span, now).await?,
+                budgets: self.budgets(&hash, rules, usage, now).await?,
+                models,
+                temporary: temporary(key.temporary.as_deref(), now),
+                usage,
             });
         }
-        let org = self
-            .report(&layout.org(&policy.org.id), policy.org.rules.span, now)
-            .await?;
+        let org_hash = layout.org(&policy.org.id);
+        let org = self.report(&org_hash, policy.org.rules.span, now).await?;
+        let org_budgets = self.budgets(&org_hash, &policy.org.rules, org, now).await?;
         let wallet = self
             .report(&layout.wallet(&policy.org.id), Span::Forever, now)
             .await?;
         Ok(UsageSnapshot {
             taken_at: now,
             org,
+            org_budgets,
+            org_temporary: temporary(policy.org.temporary.as_deref(), now),
             wallet_spent: wallet.current.cost,
             workspaces,
             keys,
         })
+    }
+
+    /// Every budget of the level whose scope hash is `hash` (and whose own report is
+    /// `own`): its further budgets are counted in `<hash>:budget<i>`.
+    async fn budgets(
+        &self,
+        hash: &str,
+        rules: &LevelRules,
+        own: ScopeReport,
+        now: Timestamp,
+    ) -> Result<Vec<BudgetUsage>, StoreError> {
+        let mut reports = vec![own];
+        for (i, budget) in rules.more_budgets.iter().enumerate() {
+            let extra = format!("{hash}:budget{}", i + 1);
+            reports.push(self.report(&extra, budget.span, now).await?);
+        }
+        Ok(budgets_of(rules, reports))
     }
 
     /// One scope hash as a report. A scope Redis has not seen (or has expired) reports

@@ -43,7 +43,7 @@ impl MeterSource {
     }
 }
 
-const SCOPES: [&str; 4] = ["key", "workspace", "workspace_model", "org"];
+const SCOPES: [&str; 5] = ["key", "workspace", "workspace_model", "org", "key_model"];
 const REASONS: [&str; 13] = [
     "unknown_key",
     "key_revoked",
@@ -66,6 +66,7 @@ fn scope_index(scope: Scope) -> usize {
         Scope::Workspace => 1,
         Scope::WorkspaceModel => 2,
         Scope::Org => 3,
+        Scope::KeyModel => 4,
     }
 }
 

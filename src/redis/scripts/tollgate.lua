@@ -398,17 +398,31 @@ end
 -- A reservation record: t (take time, µs), c (cost), n (levels), g (the tag's
 -- generation at the take), k<i> (scope key), h<i> (what level i holds: 16 packed
 -- doubles, "slot" then per bucket rpm, rpd, tpm "units, ahead, seen, epoch,
--- interval"). Read with one HMGET of up to 5 levels.
+-- interval").
 local HOLD = '<dddddddddddddddd'
 local HOLD_BYTES = 128
 local RECORD_FIELDS = { 't', 'c', 'n', 'g', 'k1', 'h1', 'k2', 'h2', 'k3', 'h3', 'k4', 'h4', 'k5', 'h5' }
+
+-- Most levels one record holds (a group's levels and the budgets beyond their first).
+-- The first five are read with the record's fields; the rest, rarer, with a second HMGET.
+local MAX_LEVELS = 16
+local FIRST_LEVELS = 5
 
 local function read_record(rkey)
   local r = redis.call('HMGET', rkey, unpack(RECORD_FIELDS))
   if r[1] == false then return nil end
   local record = { take = num(rkey, 't', r[1]), cost = money(rkey, 'c', r[2]), gen = num(rkey, 'g', r[4]), levels = {} }
   local n = num(rkey, 'n', r[3])
-  if n > 5 then error(bad(rkey, 'n', n)) end
+  if n > MAX_LEVELS then error(bad(rkey, 'n', n)) end
+  if n > FIRST_LEVELS then
+    local more = {}
+    for i = FIRST_LEVELS + 1, n do
+      more[#more + 1] = 'k' .. i
+      more[#more + 1] = 'h' .. i
+    end
+    local rest = redis.call('HMGET', rkey, unpack(more))
+    for i = 1, #rest do r[4 + 2 * FIRST_LEVELS + i] = rest[i] end
+  end
   for i = 1, n do
     local key, raw = r[3 + 2 * i], r[4 + 2 * i]
     if not key then error(bad(rkey, 'k' .. i, 'missing')) end
