@@ -17,8 +17,8 @@ use crate::clock::Timestamp;
 use crate::events::{EventKind, ScopeRef};
 use crate::policy::{
     BudgetSpec, Environment, KeySpec, KeyStatus, LimitsSpec, MemberSpec, ModelLimitSpec, Policy,
-    PolicyDocument, PolicyError, PolicyIssue, Problem, StoreFailureMode, WorkspaceSpec,
-    WorkspaceStatus,
+    PolicyDocument, PolicyError, PolicyIssue, Problem, StoreFailureMode, TemporarySpec,
+    WorkspaceSpec, WorkspaceStatus,
 };
 use crate::snapshot::Snapshot;
 
@@ -55,6 +55,12 @@ pub struct NewKey {
     pub limits: LimitsSpec,
     /// Its own budget.
     pub budget: Option<BudgetSpec>,
+    /// Its further budgets, each with its own period.
+    pub budgets: Vec<BudgetSpec>,
+    /// Its limits per model.
+    pub model_limits: Vec<ModelLimitSpec>,
+    /// A temporary override of its limits.
+    pub temporary: Option<TemporarySpec>,
 }
 
 impl NewKey {
@@ -87,6 +93,10 @@ pub struct WorkspaceUpdate {
     pub model_limits: Option<Vec<ModelLimitSpec>>,
     /// Spend budget: `Some(None)` removes it.
     pub budget: Option<Option<BudgetSpec>>,
+    /// Further budgets (replaces the list).
+    pub budgets: Option<Vec<BudgetSpec>>,
+    /// A temporary override of its limits: `Some(None)` removes it.
+    pub temporary: Option<Option<TemporarySpec>>,
     /// What a distributed backend does while its store is down.
     pub on_store_error: Option<StoreFailureMode>,
     /// The owner (a member id): `Some(None)` removes it.
@@ -189,6 +199,8 @@ pub(crate) fn edit(
                 limits,
                 model_limits,
                 budget,
+                budgets,
+                temporary,
                 on_store_error,
                 owner,
                 members,
@@ -214,6 +226,12 @@ pub(crate) fn edit(
             }
             if let Some(v) = budget {
                 ws.budget = v;
+            }
+            if let Some(v) = budgets {
+                ws.budgets = v;
+            }
+            if let Some(v) = temporary {
+                ws.temporary = v;
             }
             if let Some(v) = on_store_error {
                 ws.on_store_error = v;
@@ -256,6 +274,9 @@ pub(crate) fn edit(
                 expires_at: new.expires_at,
                 limits: new.limits,
                 budget: new.budget,
+                budgets: new.budgets,
+                model_limits: new.model_limits,
+                temporary: new.temporary,
                 ..KeySpec::new(new.id.clone(), new.workspace, &secret)
             });
             Ok(Applied {

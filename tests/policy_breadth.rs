@@ -86,7 +86,9 @@ fn every_budget_of_a_scope_must_fit_each_over_its_own_period() {
     let refused = engine.check_and_reserve(&req("m")).unwrap_err();
     assert_eq!(refused.reason, DenialReason::Budget);
     match refused.quota {
-        Some(Quota::Money { limit, remaining, .. }) => {
+        Some(Quota::Money {
+            limit, remaining, ..
+        }) => {
             assert_eq!(limit, dec("0.005"), "the month budget refused");
             assert_eq!(remaining, Decimal::ZERO);
         }
@@ -107,7 +109,9 @@ fn a_refusal_by_a_later_budget_gives_back_what_earlier_ones_held() {
     let clock = clock();
     let mut doc = base();
     doc.keys[0].budget = Some(budget("1", BudgetPeriod::Month));
-    doc.keys[0].budgets.push(budget("0.0015", BudgetPeriod::Day));
+    doc.keys[0]
+        .budgets
+        .push(budget("0.0015", BudgetPeriod::Day));
     let engine = engine(doc, &clock);
 
     let first = engine.check_and_reserve(&req("m")).unwrap();
@@ -390,10 +394,7 @@ budget = { limit = "5", period = "month" }
     let doc = policy.document();
     assert!(doc.org.budgets[0].soft);
     assert_eq!(doc.workspaces[0].budgets[0].alert_thresholds, vec![90]);
-    assert_eq!(
-        doc.workspaces[0].temporary.as_ref().unwrap().rpm,
-        Some(600)
-    );
+    assert_eq!(doc.workspaces[0].temporary.as_ref().unwrap().rpm, Some(600));
     assert_eq!(doc.keys[0].model_limits[0].rpm, Some(10));
     let json = serde_json::to_string(doc).unwrap();
     let again = Policy::from_json_str(&json).expect("valid");

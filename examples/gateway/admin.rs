@@ -46,8 +46,8 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tollgate::{
     BudgetSpec, Environment, Error, KeySpec, LimitsSpec, MemberSpec, ModelLimitSpec, NewKey,
-    PolicyDocument, PolicyError, PolicyIssue, Problem, StoreFailureMode, WorkspaceSpec,
-    WorkspaceStatus, WorkspaceUpdate,
+    PolicyDocument, PolicyError, PolicyIssue, Problem, StoreFailureMode, TemporarySpec,
+    WorkspaceSpec, WorkspaceStatus, WorkspaceUpdate,
 };
 
 use crate::access::{self, Caller};
@@ -808,6 +808,9 @@ struct WorkspacePatch {
     model_limits: Option<Vec<ModelLimitSpec>>,
     #[serde(default, deserialize_with = "present")]
     budget: Option<Option<BudgetSpec>>,
+    budgets: Option<Vec<BudgetSpec>>,
+    #[serde(default, deserialize_with = "present")]
+    temporary: Option<Option<TemporarySpec>>,
     on_store_error: Option<StoreFailureMode>,
     #[serde(default, deserialize_with = "present")]
     owner: Option<Option<String>>,
@@ -843,6 +846,8 @@ async fn update_workspace(
         limits: patch.limits,
         model_limits: patch.model_limits,
         budget: patch.budget,
+        budgets: patch.budgets,
+        temporary: patch.temporary,
         on_store_error: patch.on_store_error,
         owner: patch.owner,
         members: patch.members,
@@ -851,7 +856,8 @@ async fn update_workspace(
     if update == WorkspaceUpdate::default() {
         return Err(Failure::BadBody(
             "nothing to change: give status, environment, region, models, limits, \
-             model_limits, budget, on_store_error, owner, members or webhooks"
+             model_limits, budget, budgets, temporary, on_store_error, owner, members or \
+             webhooks"
                 .into(),
         ));
     }
@@ -886,6 +892,12 @@ struct KeyRequest {
     limits: LimitsSpec,
     #[serde(default)]
     budget: Option<BudgetSpec>,
+    #[serde(default)]
+    budgets: Vec<BudgetSpec>,
+    #[serde(default)]
+    model_limits: Vec<ModelLimitSpec>,
+    #[serde(default)]
+    temporary: Option<TemporarySpec>,
 }
 
 const SHOWN_ONCE: &str = "store the secret now: it is not shown again";
@@ -911,6 +923,9 @@ async fn create_key(
                 expires_at: asked.expires_at,
                 limits: asked.limits,
                 budget: asked.budget,
+                budgets: asked.budgets,
+                model_limits: asked.model_limits,
+                temporary: asked.temporary,
             },
             actor,
         )
