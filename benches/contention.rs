@@ -81,6 +81,7 @@ fn contention(c: &mut Criterion) {
             workspaces: 2,
             org_money,
             key_limits: true,
+            every_rule: false,
         });
         for threads in THREADS {
             let tables = tables(threads, 2 * KEYS_PER_WORKSPACE, |t, k| k % 2 == t);
@@ -97,6 +98,7 @@ fn contention(c: &mut Criterion) {
         workspaces: 1,
         org_money: true,
         key_limits: true,
+        every_rule: false,
     });
     for threads in THREADS {
         let tables = tables(threads, 2 * KEYS_PER_WORKSPACE, |t, k| k % threads == t);

@@ -46,6 +46,17 @@ fn reserve_commit_by_size(c: &mut Criterion) {
             })
         });
         if keys == 1_000 {
+            // The same requests with every further level and budget in use.
+            let every = common::engine(Shape::keys(keys).with_every_rule());
+            group.bench_function(
+                BenchmarkId::new("reserve_commit_by_id_every_rule", keys),
+                |b| {
+                    b.iter(|| {
+                        j = j.wrapping_add(1);
+                        reserve_commit(&every, &by_id(table.id(j)))
+                    })
+                },
+            );
             group.bench_function(BenchmarkId::new("reserve_commit_by_secret", keys), |b| {
                 b.iter(|| {
                     j = j.wrapping_add(1);

@@ -22,7 +22,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tollgate::{
     BudgetPeriod, BudgetSpec, Decimal, Engine, KeySpec, LimitsSpec, ModelLimitSpec, ModelSpec,
-    OrgSpec, Policy, PolicyDocument, Request, Usage, WorkspaceSpec,
+    OrgSpec, Policy, PolicyDocument, Request, TemporarySpec, Usage, WorkspaceSpec,
 };
 
 /// The one model every bench request asks for.
@@ -72,6 +72,10 @@ pub struct Shape {
     pub org_money: bool,
     /// Whether keys have their own limits and budget.
     pub key_limits: bool,
+    /// Whether the rules of issue 18 are used too: key × model limits with a budget, a
+    /// second (soft) budget on keys, workspaces and the org, and a temporary override
+    /// in force on every workspace.
+    pub every_rule: bool,
 }
 
 impl Shape {
@@ -82,8 +86,21 @@ impl Shape {
             workspaces: keys.div_ceil(KEYS_PER_WORKSPACE).max(1),
             org_money: true,
             key_limits: true,
+            every_rule: false,
         }
     }
+
+    /// The same, with every further rule in use (see [`Shape::every_rule`]).
+    pub fn with_every_rule(self) -> Self {
+        Shape {
+            every_rule: true,
+            ..self
+        }
+    }
+}
+
+fn day_budget_soft() -> BudgetSpec {
+    BudgetSpec::new(dec("1000000"), BudgetPeriod::Day).soft()
 }
 
 fn rate_limits() -> LimitsSpec {
@@ -108,6 +125,9 @@ pub fn document(shape: Shape) -> PolicyDocument {
         org.wallet = Some(dec("1000000"));
         org.budget = Some(month_budget());
     }
+    if shape.every_rule {
+        org.budgets.push(day_budget_soft());
+    }
     let mut doc = PolicyDocument::new(org).model(ModelSpec::new(MODEL, dec("0.01"), dec("0.01")));
     doc.workspaces.reserve(shape.workspaces);
     for w in 0..shape.workspaces {
@@ -122,6 +142,12 @@ pub fn document(shape: Shape) -> PolicyDocument {
             tpm: Some(RATE),
             ..ModelLimitSpec::default()
         });
+        if shape.every_rule {
+            ws.budgets.push(day_budget_soft());
+            let mut raised = TemporarySpec::until(chrono::DateTime::<chrono::Utc>::MAX_UTC);
+            raised.rpm = Some(RATE);
+            ws.temporary = Some(raised);
+        }
         doc.workspaces.push(ws);
     }
     doc.keys.reserve(shape.keys);
@@ -130,6 +156,14 @@ pub fn document(shape: Shape) -> PolicyDocument {
         if shape.key_limits {
             key.limits = rate_limits();
             key.budget = Some(month_budget());
+        }
+        if shape.every_rule {
+            key.budgets.push(day_budget_soft());
+            let mut limit = ModelLimitSpec::new(MODEL);
+            limit.rpm = Some(RATE);
+            limit.tpm = Some(RATE);
+            limit.budget = Some(month_budget());
+            key.model_limits.push(limit);
         }
         doc.keys.push(key);
     }
