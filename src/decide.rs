@@ -68,11 +68,18 @@ pub(crate) fn admit(
             Scope::Workspace,
         );
     }
-    let Some(model_index) = snap.model_index(request.model) else {
+    let Some(model_index) = snap.requested_model_index(request.model) else {
         return deny(DenialReason::UnknownModel, Scope::WorkspaceModel);
     };
     if !ws.granted[model_index as usize] {
         return deny(DenialReason::ModelNotGranted, Scope::WorkspaceModel);
+    }
+    if key
+        .granted
+        .as_ref()
+        .is_some_and(|granted| !granted[model_index as usize])
+    {
+        return deny(DenialReason::ModelNotGranted, Scope::Key);
     }
     let model = &policy.models[model_index as usize];
 

@@ -32,6 +32,10 @@ pub(crate) struct Snapshot {
     key_by_id: Index,
     workspace_by_id: Index,
     model_by_name: Index,
+    /// Every alias as (model position, position in its model's `aliases`); indexed by
+    /// `model_by_alias`, which is consulted only for names that are no model's.
+    aliases: Vec<(u32, u32)>,
+    model_by_alias: Index,
     pub(crate) keys: Vec<Arc<ScopeState>>,
     /// Counters of each key's budgets beyond the first (empty for most keys).
     pub(crate) key_budgets: Vec<Box<[Arc<ScopeState>]>>,
@@ -114,6 +118,13 @@ impl Snapshot {
             };
 
         let model_by_name = Index::build(policy.models.len(), |m| &*policy.models[m as usize].name);
+        let aliases: Vec<(u32, u32)> = (0..policy.models.len() as u32)
+            .flat_map(|m| (0..policy.models[m as usize].aliases.len() as u32).map(move |a| (m, a)))
+            .collect();
+        let model_by_alias = Index::build(aliases.len(), |i| {
+            let (m, a) = aliases[i as usize];
+            &*policy.models[m as usize].aliases[a as usize]
+        });
         let workspace_by_id = Index::build(policy.workspaces.len(), |w| {
             &*policy.workspaces[w as usize].id
         });
@@ -226,6 +237,8 @@ impl Snapshot {
             key_by_id,
             workspace_by_id,
             model_by_name,
+            aliases,
+            model_by_alias,
             keys,
             key_budgets,
             key_models,
@@ -334,11 +347,30 @@ impl Snapshot {
             .get(id, |w| &*self.policy.workspaces[w as usize].id)
     }
 
-    /// The position of the model with this name.
+    /// The position of the model with this name (not alias): what counters are
+    /// carried over by from one snapshot to the next, so that a new model named like
+    /// an old alias starts counters of its own.
     #[inline]
     pub(crate) fn model_index(&self, name: &str) -> Option<u32> {
         self.model_by_name
             .get(name, |m| &*self.policy.models[m as usize].name)
+    }
+
+    /// The position of the model a request names, by its name or one of its aliases.
+    #[inline]
+    pub(crate) fn requested_model_index(&self, name: &str) -> Option<u32> {
+        self.model_index(name)
+            .or_else(|| self.model_index_by_alias(name))
+    }
+
+    fn model_index_by_alias(&self, alias: &str) -> Option<u32> {
+        let models = &self.policy.models;
+        let alias_of = |i: u32| {
+            let (m, a) = self.aliases[i as usize];
+            &*models[m as usize].aliases[a as usize]
+        };
+        let i = self.model_by_alias.get(alias, alias_of)?;
+        Some(self.aliases[i as usize].0)
     }
 
     /// Level `level` of a request's route (see [`LEVELS`]). Reserving and settling

@@ -160,15 +160,16 @@ impl EstimateOptions {
         }
     }
 
-    /// The options of `model` in `policy`'s price table, or its name's defaults when
-    /// the table does not have it (the engine will then refuse the request anyway).
+    /// The options of `model` (a name or an alias) in `policy`'s price table, or its
+    /// name's defaults when the table does not have it (the engine will then refuse
+    /// the request anyway).
     #[must_use]
     pub fn from_policy(policy: &Policy, model: &str) -> Self {
         policy
             .document()
             .models
             .iter()
-            .find(|spec| spec.name == model)
+            .find(|spec| spec.name == model || spec.aliases.iter().any(|a| a == model))
             .map_or_else(|| Self::for_model(model), Self::from_spec)
     }
 }

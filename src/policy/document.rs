@@ -117,6 +117,12 @@ impl Default for DefaultsSpec {
 pub struct ModelSpec {
     /// The model name requests use, e.g. `gpt-4o-mini`.
     pub name: String,
+    /// Other names requests may use for this model, e.g. `gpt-4o-latest` for `gpt-4o`.
+    /// A request naming an alias is this model in every respect: its price, its grants,
+    /// its limits and its counters. Grants, `model_limits` and a key's `models` may name
+    /// an alias too. Each must be unique across every model name and alias.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
     /// USD per million input tokens (at most 6 decimals, at most 1000).
     #[serde(deserialize_with = "exact_decimal::required")]
     pub input_per_million: Decimal,
@@ -166,6 +172,7 @@ impl ModelSpec {
     ) -> Self {
         ModelSpec {
             name: name.into(),
+            aliases: Vec::new(),
             input_per_million,
             output_per_million,
             default_max_output_tokens: None,
@@ -174,6 +181,13 @@ impl ModelSpec {
             audio_tokens: None,
             file_tokens: None,
         }
+    }
+
+    /// Add another name requests may use for this model.
+    #[must_use]
+    pub fn alias(mut self, alias: impl Into<String>) -> Self {
+        self.aliases.push(alias.into());
+        self
     }
 }
 
@@ -329,10 +343,16 @@ pub enum WorkspaceStatus {
 }
 
 /// Per-model limits inside a workspace.
+///
+/// Each model gets the most specific entry that matches it: its name or an alias
+/// beats any pattern, and a longer pattern beats a shorter one. Two entries equally
+/// specific for one model are refused as ambiguous.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelLimitSpec {
-    /// The model these limits apply to.
+    /// The model these limits apply to: a name, an alias, or a pattern ending in `*`
+    /// (`gpt-4o*`: every priced model whose name starts with `gpt-4o`; `*`: all),
+    /// which gives each model it matches limits of its own, not one shared limit.
     pub model: String,
     /// Requests per minute for this model in this workspace.
     #[serde(default)]
@@ -376,7 +396,9 @@ pub struct WorkspaceSpec {
     /// Whether it may make requests.
     #[serde(default)]
     pub status: WorkspaceStatus,
-    /// Models this workspace may call (the default workspace may call all).
+    /// Models this workspace may call (the default workspace may call all): names,
+    /// aliases, or patterns ending in `*` (`gpt-4o*`: every priced model whose name
+    /// starts with `gpt-4o`; `*`: all), each of which must match some priced model.
     #[serde(default)]
     pub models: Vec<String>,
     /// Workspace-wide rate limits.
@@ -496,7 +518,7 @@ impl WorkspaceSpec {
         }
     }
 
-    /// Grant a model.
+    /// Grant a model (a name, an alias or a pattern ending in `*`).
     #[must_use]
     pub fn grant(mut self, model: impl Into<String>) -> Self {
         self.models.push(model.into());
@@ -621,6 +643,11 @@ pub struct KeySpec {
     /// `previous_secret_sha256`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_secret_expires_at: Option<DateTime<Utc>>,
+    /// The only models this key may call: names, aliases or patterns ending in `*`,
+    /// each naming (or matching) models its workspace grants. Empty: every model its
+    /// workspace grants.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
 }
 
 impl KeySpec {
@@ -667,6 +694,14 @@ impl KeySpec {
     #[must_use]
     pub fn temporary(mut self, temporary: TemporarySpec) -> Self {
         self.temporary = Some(temporary);
+        self
+    }
+
+    /// Restrict the key to a model (a name, an alias or a pattern ending in `*`) among
+    /// those its workspace grants; call again to allow more.
+    #[must_use]
+    pub fn allow_model(mut self, model: impl Into<String>) -> Self {
+        self.models.push(model.into());
         self
     }
 

@@ -35,6 +35,27 @@ pub enum Problem {
     /// A grant, limit or reference names a model missing from the price table.
     #[error("not in the price table (`models`)")]
     UnknownModel,
+    /// A model reference with a `*` anywhere but once at its end.
+    #[error("'*' may only appear once, at the end of a model pattern")]
+    BadModelPattern,
+    /// A model pattern that matches no model in the price table.
+    #[error("matches no model in the price table (`models`)")]
+    NoModelMatches,
+    /// Two `model_limits` entries equally specific for one model, so which applies is
+    /// not said.
+    #[error("ambiguous: as specific as {first} for model {model:?}")]
+    AmbiguousModelLimits {
+        /// Path of the other entry.
+        first: String,
+        /// A model both entries match.
+        model: String,
+    },
+    /// A key's `models` names (or matches only) models its workspace does not grant.
+    #[error("not granted to the key's workspace {workspace:?}")]
+    NotGrantedToWorkspace {
+        /// The key's workspace id.
+        workspace: String,
+    },
     /// A required text is empty.
     #[error("must not be empty")]
     Empty,

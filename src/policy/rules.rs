@@ -104,6 +104,8 @@ impl LevelRules {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct ModelPolicy {
     pub(crate) name: Box<str>,
+    /// Other names requests may use for this model.
+    pub(crate) aliases: Box<[Box<str>]>,
     /// Pico-dollars per input token.
     pub(crate) input_price: u64,
     /// Pico-dollars per output token.
@@ -148,6 +150,9 @@ pub(crate) struct KeyPolicy {
     /// Key × model limits: (model index, rules), sorted by model index; empty for
     /// most keys.
     pub(crate) model_rules: Box<[(u32, LevelRules)]>,
+    /// The models the key may call, by model index, when it names its own subset of
+    /// its workspace's grants; `None` (the common key) to keep keys small.
+    pub(crate) granted: Option<Box<[bool]>>,
     pub(crate) default_max_output: Option<u32>,
 }
 

@@ -92,6 +92,7 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
         );
         models.push(ModelPolicy {
             name: model.name.as_str().into(),
+            aliases: model.aliases.iter().map(|a| a.as_str().into()).collect(),
             input_price: price(
                 &mut issues,
                 &format!("{path}.input_per_million"),
@@ -110,6 +111,7 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
         });
         check_estimates(&mut issues, &path, model);
     }
+    let names = ModelNames::check(&mut issues, doc, model_index);
 
     let org_budgets = Budgets::of(doc.org.budget.as_ref(), &doc.org.budgets);
     let org_span = org_budgets.span(Span::Period(BudgetPeriod::Month));
@@ -194,39 +196,24 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
         let is_default = doc.org.default_workspace.as_deref() == Some(ws.id.as_str());
         let mut granted = vec![is_default; models.len()].into_boxed_slice();
         for (g, model) in ws.models.iter().enumerate() {
-            match model_index.get(model.as_str()) {
-                Some(&m) => granted[m as usize] = true,
-                None => issues.push(
-                    format!("{path}.models[{g}]"),
-                    format!("{model:?}"),
-                    Problem::UnknownModel,
-                ),
+            for (m, _) in names.named(&mut issues, &format!("{path}.models[{g}]"), model) {
+                granted[m as usize] = true;
             }
         }
 
         let ws_budgets = Budgets::of(ws.budget.as_ref(), &ws.budgets);
         let span = ws_budgets.span(org_span);
         let mut model_rules = vec![LevelRules::unlimited(span); models.len()].into_boxed_slice();
-        let mut limited_models: HashMap<&str, u32> = HashMap::new();
-        for (l, limit) in ws.model_limits.iter().enumerate() {
-            let lpath = format!("{path}.model_limits[{l}]");
-            unique(
-                &mut issues,
-                &mut limited_models,
-                &limit.model,
-                l,
-                &lpath,
-                "model",
-                &format!("{path}.model_limits"),
-            );
-            let rules = model_level(&mut issues, &lpath, limit, span);
-            match model_index.get(limit.model.as_str()) {
-                Some(&m) => model_rules[m as usize] = rules,
-                None => issues.push(
-                    format!("{lpath}.model"),
-                    format!("{:?}", limit.model),
-                    Problem::UnknownModel,
-                ),
+        let chosen = model_limit_rules(
+            &mut issues,
+            &names,
+            &format!("{path}.model_limits"),
+            &ws.model_limits,
+            span,
+        );
+        for (rules, chosen) in model_rules.iter_mut().zip(chosen) {
+            if let Some(chosen) = chosen {
+                *rules = chosen;
             }
         }
 
@@ -359,13 +346,36 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
                 None
             }
         };
+        let granted = (!key.models.is_empty()).then(|| {
+            let workspace = workspace.map(|w| &workspaces[w as usize]);
+            let mut subset = vec![false; models.len()].into_boxed_slice();
+            for (j, reference) in key.models.iter().enumerate() {
+                let field = format!("{path}.models[{j}]");
+                let named = names.named(&mut issues, &field, reference);
+                let Some(ws) = workspace else { continue };
+                // A pattern may reach past the workspace's grants as long as it
+                // reaches some of them: the key gets the models in both.
+                if !named.is_empty() && !named.iter().any(|&(m, _)| ws.granted[m as usize]) {
+                    issues.push(
+                        field,
+                        quoted(reference),
+                        Problem::NotGrantedToWorkspace {
+                            workspace: ws.id.to_string(),
+                        },
+                    );
+                }
+                for (m, _) in named {
+                    subset[m as usize] = ws.granted[m as usize];
+                }
+            }
+            subset
+        });
         let ws_span = workspace.map_or(org_span, |w| workspaces[w as usize].rules.span);
         let key_budgets = Budgets::of(key.budget.as_ref(), &key.budgets);
         let span = key_budgets.span(ws_span);
         let rules = level(&mut issues, &path, &key.limits, key_budgets, span);
         let key_temporary = temporary(&mut issues, &path, key.temporary.as_ref(), &rules);
-        let model_rules =
-            key_model_rules(&mut issues, &path, &key.model_limits, &model_index, span);
+        let model_rules = key_model_rules(&mut issues, &path, &key.model_limits, &names, span);
         keys.push(KeyPolicy {
             id: key.id.as_str().into(),
             workspace: workspace.unwrap_or(0),
@@ -377,6 +387,7 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
                 .then(|| Box::new(rules)),
             temporary: key_temporary,
             model_rules,
+            granted,
             default_max_output: optional_tokens(
                 &mut issues,
                 &format!("{path}.default_max_output_tokens"),
@@ -413,6 +424,76 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
         workspaces,
         keys,
     })
+}
+
+/// The price table's names and aliases, which grants, `model_limits` and keys'
+/// `models` refer to.
+struct ModelNames<'a> {
+    /// Every model name and alias, to its model's position.
+    by_name: HashMap<&'a str, u32>,
+    /// Model names by position: what patterns match.
+    names: Vec<&'a str>,
+}
+
+/// How specific an exact name or alias is: more than any pattern.
+const EXACT: usize = usize::MAX;
+
+impl<'a> ModelNames<'a> {
+    /// Check every alias against the model names (already checked, in `by_name`) and
+    /// the other aliases.
+    fn check(issues: &mut Issues, doc: &'a PolicyDocument, by_name: HashMap<&'a str, u32>) -> Self {
+        let mut by_name = by_name;
+        let mut first_alias: HashMap<&str, (usize, usize)> = HashMap::new();
+        for (i, model) in doc.models.iter().enumerate() {
+            for (j, alias) in model.aliases.iter().enumerate() {
+                let path = format!("models[{i}].aliases[{j}]");
+                check_text(issues, &path, alias, MAX_MODEL_LEN, MODEL_CHARS, |c| {
+                    c.is_ascii_graphic()
+                });
+                let first = if let Some(&(k, l)) = first_alias.get(alias.as_str()) {
+                    format!("models[{k}].aliases[{l}]")
+                } else if let Some(&k) = by_name.get(alias.as_str()) {
+                    format!("models[{k}].name")
+                } else {
+                    first_alias.insert(alias, (i, j));
+                    by_name.insert(alias, i as u32);
+                    continue;
+                };
+                issues.push(path, quoted(alias), Problem::Duplicate { first });
+            }
+        }
+        ModelNames {
+            by_name,
+            names: doc.models.iter().map(|m| m.name.as_str()).collect(),
+        }
+    }
+
+    /// The models `reference` names, each with how specifically: its name or alias
+    /// ([`EXACT`]), or a pattern `prefix*` (the prefix's length). A name is looked up
+    /// before it is read as a pattern, so a model whose name holds a `*` can still be
+    /// named. Reports a reference that names nothing.
+    fn named(&self, issues: &mut Issues, path: &str, reference: &str) -> Vec<(u32, usize)> {
+        if let Some(&m) = self.by_name.get(reference) {
+            return vec![(m, EXACT)];
+        }
+        let problem = match reference.find('*') {
+            None => Problem::UnknownModel,
+            Some(at) if at + 1 == reference.len() => {
+                let prefix = &reference[..at];
+                let matched: Vec<(u32, usize)> = (0..self.names.len() as u32)
+                    .filter(|&m| self.names[m as usize].starts_with(prefix))
+                    .map(|m| (m, prefix.len()))
+                    .collect();
+                if !matched.is_empty() {
+                    return matched;
+                }
+                Problem::NoModelMatches
+            }
+            Some(_) => Problem::BadModelPattern,
+        };
+        issues.push(path, quoted(reference), problem);
+        Vec::new()
+    }
 }
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -560,35 +641,73 @@ fn key_model_rules(
     issues: &mut Issues,
     path: &str,
     limits: &[ModelLimitSpec],
-    model_index: &HashMap<&str, u32>,
+    names: &ModelNames<'_>,
     span: Span,
 ) -> Box<[(u32, LevelRules)]> {
+    let chosen = model_limit_rules(issues, names, &format!("{path}.model_limits"), limits, span);
+    (0..chosen.len() as u32)
+        .zip(chosen)
+        .filter_map(|(m, rules)| Some((m, rules?)))
+        .collect()
+}
+
+/// The rules of `limits` (the `model_limits` at `list`) for each model, by model
+/// index: those of the most specific entry that matches it. Reports duplicates,
+/// references that name nothing, and entries as specific as another for some model.
+fn model_limit_rules(
+    issues: &mut Issues,
+    names: &ModelNames<'_>,
+    list: &str,
+    limits: &[ModelLimitSpec],
+    span: Span,
+) -> Vec<Option<LevelRules>> {
+    let mut levels = Vec::with_capacity(limits.len());
     let mut seen: HashMap<&str, u32> = HashMap::new();
-    let mut rules = Vec::with_capacity(limits.len());
+    // Per model: the most specific entry so far as (specificity, entry), and an entry
+    // just as specific, if any.
+    let mut best: Vec<Option<(usize, usize)>> = vec![None; names.names.len()];
+    let mut tie: Vec<Option<usize>> = vec![None; names.names.len()];
     for (l, limit) in limits.iter().enumerate() {
-        let lpath = format!("{path}.model_limits[{l}]");
-        unique(
-            issues,
-            &mut seen,
-            &limit.model,
-            l,
-            &lpath,
-            "model",
-            &format!("{path}.model_limits"),
-        );
-        let level = model_level(issues, &lpath, limit, span);
-        match model_index.get(limit.model.as_str()) {
-            Some(&m) => rules.push((m, level)),
-            None => issues.push(
-                format!("{lpath}.model"),
-                format!("{:?}", limit.model),
-                Problem::UnknownModel,
-            ),
+        let lpath = format!("{list}[{l}]");
+        unique(issues, &mut seen, &limit.model, l, &lpath, "model", list);
+        levels.push(model_level(issues, &lpath, limit, span));
+        for (m, rank) in names.named(issues, &format!("{lpath}.model"), &limit.model) {
+            let m = m as usize;
+            match best[m] {
+                Some((held, _)) if held > rank => {}
+                Some((held, first)) if held == rank => {
+                    // The same text twice is already reported as a duplicate.
+                    if tie[m].is_none() && limits[first].model != limit.model {
+                        tie[m] = Some(l);
+                    }
+                }
+                _ => {
+                    best[m] = Some((rank, l));
+                    tie[m] = None;
+                }
+            }
         }
     }
-    rules.sort_by_key(|(m, _)| *m);
-    rules.dedup_by_key(|(m, _)| *m);
-    rules.into_boxed_slice()
+    let mut reported = Vec::new();
+    for (m, (best, tie)) in best.iter().zip(&tie).enumerate() {
+        if let (Some((_, first)), Some(second)) = (*best, *tie) {
+            // One issue per pair of entries, however many models they share.
+            if !reported.contains(&(first, second)) {
+                reported.push((first, second));
+                issues.push(
+                    format!("{list}[{second}].model"),
+                    quoted(&limits[second].model),
+                    Problem::AmbiguousModelLimits {
+                        first: format!("{list}[{first}].model"),
+                        model: names.names[m].to_owned(),
+                    },
+                );
+            }
+        }
+    }
+    best.into_iter()
+        .map(|b| b.map(|(_, l)| levels[l].clone()))
+        .collect()
 }
 
 /// A scope's temporary override: `base` with the fields it sets replaced.
