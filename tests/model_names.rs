@@ -8,6 +8,10 @@ use std::sync::Arc;
 use chrono::{TimeZone, Utc};
 use tollgate::*;
 
+#[cfg(feature = "redis")]
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
 fn dec(s: &str) -> Decimal {
     Decimal::from_str(s).unwrap()
 }
@@ -246,7 +250,10 @@ fn equally_specific_model_limits_are_refused_naming_both_entries() {
         model: "gpt-4o".into(),
     }
     .to_string();
-    assert!(text.contains("ambiguous") && text.contains("model_limits[0]"), "{text}");
+    assert!(
+        text.contains("ambiguous") && text.contains("model_limits[0]"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -284,7 +291,11 @@ fn a_pattern_matching_no_model_is_refused() {
     assert_eq!(
         issues(d),
         [
-            issue("workspaces[0].models[0]", "\"llama*\"", Problem::NoModelMatches),
+            issue(
+                "workspaces[0].models[0]",
+                "\"llama*\"",
+                Problem::NoModelMatches
+            ),
             issue(
                 "workspaces[0].model_limits[0].model",
                 "\"mistral*\"",
@@ -562,11 +573,8 @@ fn the_example_policy_enforces_what_it_says() {
 /// them across instances.
 #[cfg(feature = "redis")]
 mod on_redis {
-    #[path = "../support/redis_server.rs"]
-    mod redis_server;
-
+    use super::redis_server::{require_redis, RedisServer};
     use super::*;
-    use redis_server::{require_redis, RedisServer};
 
     #[tokio::test(flavor = "current_thread")]
     async fn an_alias_and_its_model_share_counters_on_redis() {
