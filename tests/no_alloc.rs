@@ -432,3 +432,37 @@ fn admit_commit_and_deny_with_a_metrics_recorder_allocate_nothing() {
         "tollgate_reservations_in_flight{workspace=\"ws\"} 0"
     );
 }
+
+#[test]
+fn aliases_and_a_keys_own_models_allocate_nothing() {
+    let doc = PolicyDocument::new(OrgSpec::new("org"))
+        .model(ModelSpec::new("m", dec("1.5"), dec("6")).alias("m-latest"))
+        .model(ModelSpec::new("other", dec("1"), dec("1")))
+        .workspace(WorkspaceSpec::new("ws", "chatbot-production").grant("*"))
+        .key(KeySpec::new("k", "ws", "sk-k").allow_model("m"));
+    let e = Engine::builder(Policy::new(doc).expect("valid policy"))
+        .clock(Arc::new(ManualClock::at(
+            Utc.with_ymd_and_hms(2026, 11, 23, 12, 0, 0).unwrap(),
+        )))
+        .build();
+    let by_alias = Request::with_key_id("k", "m-latest")
+        .input_tokens(500)
+        .max_output_tokens(200);
+    let n = allocations_in(|| {
+        let r = e.check_and_reserve(&by_alias).expect("admitted");
+        let receipt = e.commit_usage(r, Usage::new(480, 150)).expect("committed");
+        black_box(receipt.cost());
+    });
+    assert_eq!(n, 0, "allocations admitting and committing by an alias");
+    assert_eq!(
+        e.usage().workspaces[0].models[0].usage.current.requests,
+        203
+    );
+
+    let outside = Request::with_key_id("k", "other");
+    assert_eq!(denial(&e, &outside).reason, DenialReason::ModelNotGranted);
+    let n = allocations_in(|| {
+        black_box(denial(&e, &outside));
+    });
+    assert_eq!(n, 0, "allocations refusing a model outside the key's own");
+}
