@@ -623,3 +623,36 @@ mod on_redis {
         assert_eq!(gpt4o.usage.current.cost, dec("0.007"));
     }
 }
+
+#[test]
+fn the_readme_example_is_valid_and_means_what_it_says() {
+    let readme = include_str!("../README.md");
+    let section = &readme[readme
+        .find("### Model aliases, patterns and a key's own models")
+        .expect("README section")..];
+    let start = section.find("```toml\n").expect("TOML example") + "```toml\n".len();
+    let example = &section[start..start + section[start..].find("```").unwrap()];
+    let text = format!("[org]\nid = \"acme\"\n\n{example}").replace(
+        "\"…64 hex digits…\"",
+        &format!("{:?}", KeySpec::digest_of("sk-cheap")),
+    );
+    let mut doc = Policy::from_toml_str(&text)
+        .unwrap_or_else(|e| panic!("{e}\n{text}"))
+        .document()
+        .clone();
+    doc = doc.key(KeySpec::new("key-all", "ws-chat-prod", "sk-all"));
+    doc.workspaces[0].model_limits[0].rpm = Some(1);
+    let e = engine(doc);
+    // `gpt*` gives gpt-4o one request a minute, whatever name it is called by.
+    let _one = admitted(&e, "sk-all", "chatgpt-4o-latest");
+    assert_eq!(
+        refused(&e, "sk-all", "gpt-4o"),
+        (DenialReason::RequestsPerMinute, Scope::WorkspaceModel)
+    );
+    let _mini = admitted(&e, "sk-all", "gpt-4o-mini");
+    let _cheap = admitted(&e, "sk-cheap", "gpt-4o-mini");
+    assert_eq!(
+        refused(&e, "sk-cheap", "gpt-4o-latest"),
+        (DenialReason::ModelNotGranted, Scope::Key)
+    );
+}
