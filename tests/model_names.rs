@@ -377,6 +377,58 @@ fn aliases_follow_model_name_rules_and_clash_with_no_other_name() {
 }
 
 #[test]
+fn a_keys_model_limits_take_aliases_and_patterns_too() {
+    let mut d = doc(&["*"]);
+    d.keys[0] = KeySpec::new("k", "ws", "sk-k")
+        .model_limit(model_limit("gpt-4o*", 2))
+        .model_limit(model_limit("gpt-4o-latest", 1));
+    let e = engine(d);
+    let _one = admitted(&e, "sk-k", "gpt-4o");
+    assert_eq!(
+        refused(&e, "sk-k", "chatgpt-4o"),
+        (DenialReason::RequestsPerMinute, Scope::KeyModel)
+    );
+    for _ in 0..2 {
+        drop(admitted(&e, "sk-k", "gpt-4o-mini"));
+    }
+    // `gpt-4o*` limits each model it matches: gpt-4o-2024 has its own two.
+    let _two = [
+        admitted(&e, "sk-k", "gpt-4o-2024"),
+        admitted(&e, "sk-k", "gpt-4o-2024"),
+    ];
+    assert_eq!(
+        refused(&e, "sk-k", "gpt-4o-2024"),
+        (DenialReason::RequestsPerMinute, Scope::KeyModel)
+    );
+    drop(admitted(&e, "sk-k", "claude"));
+
+    let mut d = doc(&["*"]);
+    d.keys[0] = KeySpec::new("k", "ws", "sk-k")
+        .model_limit(model_limit("chatgpt-4o", 2))
+        .model_limit(model_limit("gpt-4o", 1))
+        .model_limit(model_limit("gpt-*o", 1));
+    assert_eq!(
+        issues(d),
+        // Ambiguity is known once every entry is read, so it is reported last.
+        [
+            issue(
+                "keys[0].model_limits[2].model",
+                "\"gpt-*o\"",
+                Problem::BadModelPattern
+            ),
+            issue(
+                "keys[0].model_limits[1].model",
+                "\"gpt-4o\"",
+                Problem::AmbiguousModelLimits {
+                    first: "keys[0].model_limits[0].model".into(),
+                    model: "gpt-4o".into(),
+                }
+            ),
+        ]
+    );
+}
+
+#[test]
 fn a_key_with_its_own_models_may_call_only_those() {
     let mut d = doc(&["gpt-4o*", "claude"]);
     d.keys[0] = KeySpec::new("k", "ws", "sk-k")
