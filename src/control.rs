@@ -57,6 +57,9 @@ pub struct NewKey {
     pub budget: Option<BudgetSpec>,
     /// Its further budgets, each with its own period.
     pub budgets: Vec<BudgetSpec>,
+    /// The models it may call (names, aliases or patterns), a subset of its
+    /// workspace's grants; empty: all of them.
+    pub models: Vec<String>,
     /// Its limits per model.
     pub model_limits: Vec<ModelLimitSpec>,
     /// A temporary override of its limits.
@@ -275,6 +278,7 @@ pub(crate) fn edit(
                 limits: new.limits,
                 budget: new.budget,
                 budgets: new.budgets,
+                models: new.models,
                 model_limits: new.model_limits,
                 temporary: new.temporary,
                 ..KeySpec::new(new.id.clone(), new.workspace, &secret)

@@ -226,9 +226,8 @@ impl Reservation {
                     // The wallet reports money only; requests and tokens are the org's.
                     let tally = level != WALLET_LEVEL;
                     hold.settle(
-                        at.state,
+                        (at.state, at.extras),
                         rules,
-                        at.extras,
                         settlement,
                         self.taken_at,
                         now,

@@ -327,12 +327,12 @@ impl LevelHold {
     /// overage as debt, count the request in the period containing `now` (its
     /// requests and tokens only if `tally`). `rules` are the ones the hold was taken
     /// under: they say which tokens it counted; the counters convert them with the
-    /// rules in force now, and roll periods of the kind in force now.
+    /// rules in force now, and roll periods of the kind in force now. `counters` are
+    /// the level's own and those of its budgets beyond the first.
     pub(crate) fn settle(
         self,
-        state: &ScopeState,
+        (state, extras): (&ScopeState, &[Arc<ScopeState>]),
         rules: &LevelRules,
-        extras: &[Arc<ScopeState>],
         used: Settlement,
         taken_at: u64,
         now: Timestamp,

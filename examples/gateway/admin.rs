@@ -895,6 +895,8 @@ struct KeyRequest {
     #[serde(default)]
     budgets: Vec<BudgetSpec>,
     #[serde(default)]
+    models: Vec<String>,
+    #[serde(default)]
     model_limits: Vec<ModelLimitSpec>,
     #[serde(default)]
     temporary: Option<TemporarySpec>,
@@ -924,6 +926,7 @@ async fn create_key(
                 limits: asked.limits,
                 budget: asked.budget,
                 budgets: asked.budgets,
+                models: asked.models,
                 model_limits: asked.model_limits,
                 temporary: asked.temporary,
             },
