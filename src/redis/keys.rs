@@ -3,7 +3,7 @@
 //! ```text
 //! <prefix>:v2:{ws:<workspace>}:key:<key id>      key level
 //! <prefix>:v2:{ws:<workspace>}:ws                workspace level
-//! <prefix>:v2:{ws:<workspace>}:keymodel:<key id>:<model>  key × model level
+//! <prefix>:v2:{ws:<workspace>}:keymodel:<key id>/<model>  key × model level
 //! <prefix>:v2:{ws:<workspace>}:model:<model>     workspace × model level
 //! <scope hash>:budget<i>                         budget i (1, 2, 3) beyond a scope's
 //!                                                first: money only
@@ -131,7 +131,8 @@ impl Layout {
 
     /// The counters of key `key` of `workspace` for `model`.
     pub(crate) fn key_model(&self, workspace: &str, key: &str, model: &str) -> String {
-        format!("{}:keymodel:{key}:{model}", self.workspace_tag(workspace))
+        // Key ids never contain `/`, so the key and model parts cannot run together.
+        format!("{}:keymodel:{key}/{model}", self.workspace_tag(workspace))
     }
 
     /// The workspace's own counters.
