@@ -646,6 +646,10 @@ fn key_json(key: &KeySpec) -> Value {
         "previous_secret_expires_at": key.previous_secret_expires_at.map(rfc3339),
         "limits": key.limits,
         "budget": key.budget,
+        "budgets": key.budgets,
+        "models": key.models,
+        "model_limits": key.model_limits,
+        "temporary": key.temporary,
     })
 }
 

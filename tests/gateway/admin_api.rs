@@ -1021,3 +1021,110 @@ async fn a_full_webhook_queue_drops_and_counts_events_without_waiting() {
     assert!(Webhooks::start(&["https://example.com/hook"], webhooks::Config::default()).is_err());
     assert!(Webhooks::start(&["not a url"], webhooks::Config::default()).is_err());
 }
+
+#[tokio::test]
+async fn the_admin_api_sets_several_budgets_overrides_and_a_keys_model_limits() {
+    let gw = start().await;
+    let created = gw
+        .send(
+            Method::POST,
+            "/admin/workspaces",
+            ADMIN,
+            Some(json!({
+                "id": "ws-breadth",
+                "name": "breadth",
+                "models": ["gpt-4o-mini", "gpt-4o"],
+                "limits": {"rpm": 100},
+            })),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+
+    // A day budget beside a soft month budget, and a temporary RPM override.
+    let patched = gw
+        .send(
+            Method::PATCH,
+            "/admin/workspaces/ws-breadth",
+            ADMIN,
+            Some(json!({
+                "budget": {"limit": "5.00", "period": "day"},
+                "budgets": [{"limit": "100.00", "period": "month", "soft": true}],
+                "temporary": {"until": "2099-01-01T00:00:00Z", "rpm": 500, "reason": "launch"},
+            })),
+        )
+        .await;
+    assert_eq!(patched.status, StatusCode::OK, "{}", patched.body);
+    assert_eq!(patched.body["budgets"][0]["soft"], true);
+    assert_eq!(patched.body["temporary"]["rpm"], 500);
+
+    // A key that may call only gpt-4o, at most 2 a minute.
+    let issued = gw
+        .send(
+            Method::POST,
+            "/admin/keys",
+            ADMIN,
+            Some(json!({
+                "id": "key-breadth",
+                "workspace": "ws-breadth",
+                "models": ["gpt-4o"],
+                "model_limits": [{"model": "gpt-4o", "rpm": 2}],
+            })),
+        )
+        .await;
+    assert_eq!(issued.status, StatusCode::CREATED, "{}", issued.body);
+    let secret = issued.body["secret"].as_str().unwrap().to_owned();
+    let read = gw
+        .admin(Method::GET, "/admin/workspaces/ws-breadth", ADMIN, None)
+        .await;
+    assert_eq!(read["keys"][0]["models"], json!(["gpt-4o"]));
+    assert_eq!(read["keys"][0]["model_limits"][0]["rpm"], 2);
+
+    let outside = gw.chat(&secret, "gpt-4o-mini", Some(10)).await;
+    assert_eq!(outside.status, StatusCode::FORBIDDEN, "{}", outside.body);
+    for _ in 0..2 {
+        let ok = gw.chat(&secret, "gpt-4o", Some(10)).await;
+        assert_eq!(ok.status, StatusCode::OK, "{}", ok.body);
+    }
+    let limited = gw.chat(&secret, "gpt-4o", Some(10)).await;
+    assert_eq!(
+        limited.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        limited.body
+    );
+    assert!(
+        limited.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("key model"),
+        "{}",
+        limited.body
+    );
+
+    // Usage shows both budgets and the override in force.
+    let usage = gw.usage().await;
+    let ws = usage
+        .workspaces
+        .iter()
+        .find(|w| w.id == "ws-breadth")
+        .unwrap();
+    assert_eq!(ws.budgets.len(), 2);
+    assert!(ws.budgets[1].soft);
+    assert!(ws.budgets[0].spent > Decimal::ZERO);
+    assert!(ws.temporary.is_some());
+    let key = usage.keys.iter().find(|k| k.id == "key-breadth").unwrap();
+    assert_eq!(key.models[0].model, "gpt-4o");
+    assert_eq!(key.models[0].usage.current.requests, 2);
+
+    // Invalid new rules are refused with their path.
+    let bad = gw
+        .send(
+            Method::PATCH,
+            "/admin/workspaces/ws-breadth",
+            ADMIN,
+            Some(json!({"temporary": {"until": "2099-01-01T00:00:00Z"}})),
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.body);
+    assert!(bad.body.to_string().contains("temporary"), "{}", bad.body);
+}
