@@ -13,14 +13,17 @@ use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::control::{next_policy, successor, Change, IssuedKey, NewKey, WorkspaceUpdate};
 use crate::decide::{admit, denial, refused, Admission};
 use crate::denial::{Denial, DenialReason, Error, Scope};
+use crate::end_users::Full;
 use crate::events::{EventSink, Events};
 use crate::persist::{self, PersistError};
+use crate::policy::rules::LevelRules;
 use crate::policy::{Policy, PolicyError, WorkspaceSpec};
 use crate::policy_store::PolicyStore;
 use crate::request::{Request, Usage};
+use crate::reservation::EndUserHold;
 use crate::reservation::{Receipt, Reservation};
 use crate::snapshot::{Published, Snapshot, LEVELS, WALLET_LEVEL};
-use crate::store::{reserve_level, Tightest};
+use crate::store::{reserve_level, LevelHold, Refusal, ScopeState, Tightest};
 use crate::sync::{Arc, SwapCell};
 use crate::telemetry::{self, MeterSource};
 
@@ -204,9 +207,12 @@ impl Engine {
     }
 
     /// May this key call this model now? If so, hold the request's worst case on every
-    /// level (key, workspace, workspace × model, org budget, wallet), all or nothing.
+    /// level (key, end user, workspace, workspace × model, org budget, wallet), all or
+    /// nothing.
     ///
-    /// Allocates nothing and takes no lock.
+    /// Allocates nothing and takes no lock, except for a request naming an end user in
+    /// a workspace with `end_user_limits`: it takes that end user's shard lock briefly,
+    /// and the first request of a new end user allocates its counters.
     ///
     /// # Errors
     /// A [`Denial`] naming the scope and limit that refused; nothing stays held.
@@ -246,6 +252,26 @@ impl Engine {
             output_price,
         } = admit(snap, request, now, budget_status)?;
 
+        // The end user's counters, found (or created) before anything is taken: a
+        // full table refuses without holding anything.
+        let end_user = match end_user_counters(snap, route, request, now) {
+            Ok(found) => found,
+            Err(full) => {
+                let refusal = Refusal::Concurrency {
+                    limit: full.cap,
+                    in_flight: full.in_flight,
+                };
+                return Err(refused(
+                    Scope::EndUser,
+                    false,
+                    refusal,
+                    ask,
+                    now,
+                    budget_status,
+                ));
+            }
+        };
+
         // Spelled out rather than `array::from_fn`, which left a call per level.
         let levels: [_; LEVELS] = [
             snap.level(0, route),
@@ -255,8 +281,38 @@ impl Engine {
             snap.level(4, route),
         ];
         let mut tightest = Tightest::default();
-        let mut holds: [Option<_>; LEVELS] = [None; LEVELS];
+        let mut holds: [Option<LevelHold>; LEVELS] = [None; LEVELS];
+        let mut end_user_hold = None;
+        // Give back the end user's hold, if taken (levels give back their own).
+        let release_end_user = |hold: Option<LevelHold>| {
+            if let (Some(hold), Some((state, _))) = (hold, &end_user) {
+                hold.release(state, now.as_unix_nanos(), now);
+            }
+        };
         for (level, &(scope, state, rules)) in levels.iter().enumerate() {
+            // The end user's level comes right after the key's.
+            if level == END_USER_AFTER + 1 {
+                if let Some((state, rules)) = &end_user {
+                    match reserve_level(state, rules, ask, now, &mut tightest) {
+                        Ok(hold) => end_user_hold = Some(hold),
+                        Err(refusal) => {
+                            for (hold, &(_, state, _)) in holds.iter().zip(&levels).take(level) {
+                                if let Some(hold) = hold {
+                                    hold.release(state, now.as_unix_nanos(), now);
+                                }
+                            }
+                            return Err(refused(
+                                Scope::EndUser,
+                                false,
+                                refusal,
+                                ask,
+                                now,
+                                budget_status,
+                            ));
+                        }
+                    }
+                }
+            }
             let Some(rules) = rules else { continue };
             match reserve_level(state, rules, ask, now, &mut tightest) {
                 Ok(hold) => holds[level] = Some(hold),
@@ -267,6 +323,7 @@ impl Engine {
                             hold.release(state, now.as_unix_nanos(), now);
                         }
                     }
+                    release_end_user(end_user_hold);
                     let wallet = level == WALLET_LEVEL;
                     return Err(refused(scope, wallet, refusal, ask, now, budget_status));
                 }
@@ -280,6 +337,7 @@ impl Engine {
                     hold.release(state, now.as_unix_nanos(), now);
                 }
             }
+            release_end_user(end_user_hold);
             return Err(denial(DenialReason::KeyRevoked, Scope::Key, budget_status));
         }
 
@@ -288,6 +346,9 @@ impl Engine {
             taken_at: now.as_unix_nanos(),
             route,
             levels: holds,
+            end_user: end_user
+                .zip(end_user_hold)
+                .map(|((state, _), hold)| EndUserHold { state, hold }),
             settled: false,
             ask,
             input_price,
@@ -462,6 +523,32 @@ impl Engine {
     pub(crate) fn now(&self) -> Timestamp {
         self.inner.snapshot.load().clock.now()
     }
+}
+
+/// The level the end user's comes after (the key's): see the README's level order.
+const END_USER_AFTER: usize = 0;
+
+/// The counters and rules of the request's end user, when it names one and its
+/// workspace sets `end_user_limits`; `Full` when a new end user finds no room.
+#[inline]
+fn end_user_counters<'s>(
+    snap: &'s Snapshot,
+    route: crate::snapshot::Route,
+    request: &Request<'_>,
+    now: Timestamp,
+) -> Result<Option<(Arc<ScopeState>, &'s LevelRules)>, Full> {
+    let Some(id) = request.end_user else {
+        return Ok(None);
+    };
+    let w = route.workspace as usize;
+    let (Some(rules), Some(level)) = (
+        snap.policy.workspaces[w].end_users.as_deref(),
+        snap.end_users[w].as_ref(),
+    ) else {
+        return Ok(None);
+    };
+    let state = level.counters(id, rules, now)?;
+    Ok(Some((state, &rules.rules)))
 }
 
 impl std::fmt::Debug for Engine {

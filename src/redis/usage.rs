@@ -59,6 +59,7 @@ impl RedisEngine {
                     .report(&layout.workspace(&ws.id), ws.rules.span, now)
                     .await?,
                 models,
+                end_users_tracked: None,
             });
         }
         let mut keys = Vec::with_capacity(policy.keys.len());

@@ -43,8 +43,8 @@ impl MeterSource {
     }
 }
 
-const SCOPES: [&str; 4] = ["key", "workspace", "workspace_model", "org"];
-const REASONS: [&str; 13] = [
+const SCOPES: [&str; 5] = ["key", "workspace", "workspace_model", "org", "end_user"];
+const REASONS: [&str; 14] = [
     "unknown_key",
     "key_revoked",
     "key_expired",
@@ -58,6 +58,7 @@ const REASONS: [&str; 13] = [
     "budget",
     "wallet",
     "store_unavailable",
+    "invalid_end_user",
 ];
 
 fn scope_index(scope: Scope) -> usize {
@@ -66,6 +67,7 @@ fn scope_index(scope: Scope) -> usize {
         Scope::Workspace => 1,
         Scope::WorkspaceModel => 2,
         Scope::Org => 3,
+        Scope::EndUser => 4,
     }
 }
 
@@ -84,6 +86,7 @@ fn reason_index(reason: DenialReason) -> usize {
         DenialReason::Budget => 10,
         DenialReason::Wallet => 11,
         DenialReason::StoreUnavailable(_) => 12,
+        DenialReason::InvalidEndUser => 13,
     }
 }
 
