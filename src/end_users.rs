@@ -35,6 +35,12 @@ use crate::request::MAX_END_USER_LEN;
 use crate::store::ScopeState;
 use crate::sync::Arc;
 
+/// The level number the Redis backend gives the end user's scope hash in a group's
+/// levels: outside `0..LEVELS`, since its counters are not a snapshot's (its rules are
+/// the workspace's `end_user_limits`).
+#[cfg(feature = "redis")]
+pub(crate) const END_USER_LEVEL: usize = usize::MAX;
+
 /// Shards of one workspace's table. `max_tracked` is at least this (validated), so
 /// every shard may hold at least one end user.
 pub(crate) const SHARDS: usize = 16;

@@ -12,8 +12,9 @@ use crate::bucket::RateRule;
 use crate::clock::Timestamp;
 use crate::denial::DenialReason;
 use crate::denial::StoreError;
+use crate::end_users::END_USER_LEVEL;
 use crate::period::{BudgetPeriod, Span};
-use crate::policy::rules::LevelRules;
+use crate::policy::rules::{EndUserRules, LevelRules};
 use crate::redis::error::corrupt_reply;
 use crate::redis::keys::Group;
 use crate::snapshot::{Route, Snapshot, WALLET_LEVEL};
@@ -88,9 +89,30 @@ fn push_rate(args: &mut Vec<String>, rule: Option<&RateRule>) {
 }
 
 fn rules_of(snap: &Snapshot, route: Route, level: usize) -> &LevelRules {
+    if level == END_USER_LEVEL {
+        return &end_user_rules(snap, route).rules;
+    }
     snap.level(level, route)
         .2
         .expect("a group lists only levels whose rules apply")
+}
+
+fn end_user_rules(snap: &Snapshot, route: Route) -> &EndUserRules {
+    snap.policy.workspaces[route.workspace as usize]
+        .end_users
+        .as_deref()
+        .expect("a group lists the end user's level only when its rules apply")
+}
+
+/// The idle TTL of level `level`'s hash: an end user's is exactly its `idle_secs`
+/// (end users are many and come and go: their counters are not kept for two budget
+/// periods like the policy's scopes, and one that expires starts afresh, as one the
+/// in-memory table forgets does).
+fn idle_ms(snap: &Snapshot, route: Route, level: usize, rules: &LevelRules, ttls: Ttls) -> u64 {
+    if level == END_USER_LEVEL {
+        return (end_user_rules(snap, route).idle_nanos / 1_000_000).max(1);
+    }
+    ttls.idle_for(rules.span)
 }
 
 /// the `reserve` function for one group.
@@ -129,7 +151,7 @@ pub(crate) fn reserve(
         let (kind, seconds) = period_args(rules.span);
         args.push(kind.to_string());
         args.push(seconds.to_string());
-        args.push(ttls.idle_for(rules.span).to_string());
+        args.push(idle_ms(snap, route, level, rules, ttls).to_string());
     }
     Call {
         keys: group.keys(id),
@@ -183,7 +205,7 @@ pub(crate) fn commit(
         args.push(seconds.to_string());
         // The wallet counts money only; requests and tokens are the org's.
         args.push(if level == WALLET_LEVEL { "0" } else { "1" }.into());
-        args.push(ttls.idle_for(rules.span).to_string());
+        args.push(idle_ms(snap, route, level, rules, ttls).to_string());
         match &rules.budget {
             Some(budget) => {
                 args.push(budget.limit.to_string());

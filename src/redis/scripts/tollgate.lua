@@ -398,17 +398,22 @@ end
 -- A reservation record: t (take time, µs), c (cost), n (levels), g (the tag's
 -- generation at the take), k<i> (scope key), h<i> (what level i holds: 16 packed
 -- doubles, "slot" then per bucket rpm, rpd, tpm "units, ahead, seen, epoch,
--- interval"). Read with one HMGET of up to 5 levels.
+-- interval"). Read with one HMGET of up to 12 levels (a group has at most 5 today:
+-- key, end user, workspace, workspace x model; room for more).
 local HOLD = '<dddddddddddddddd'
 local HOLD_BYTES = 128
-local RECORD_FIELDS = { 't', 'c', 'n', 'g', 'k1', 'h1', 'k2', 'h2', 'k3', 'h3', 'k4', 'h4', 'k5', 'h5' }
+local MAX_LEVELS = 12
+local RECORD_FIELDS = {
+  't', 'c', 'n', 'g', 'k1', 'h1', 'k2', 'h2', 'k3', 'h3', 'k4', 'h4', 'k5', 'h5', 'k6', 'h6',
+  'k7', 'h7', 'k8', 'h8', 'k9', 'h9', 'k10', 'h10', 'k11', 'h11', 'k12', 'h12',
+}
 
 local function read_record(rkey)
   local r = redis.call('HMGET', rkey, unpack(RECORD_FIELDS))
   if r[1] == false then return nil end
   local record = { take = num(rkey, 't', r[1]), cost = money(rkey, 'c', r[2]), gen = num(rkey, 'g', r[4]), levels = {} }
   local n = num(rkey, 'n', r[3])
-  if n > 5 then error(bad(rkey, 'n', n)) end
+  if n > MAX_LEVELS then error(bad(rkey, 'n', n)) end
   for i = 1, n do
     local key, raw = r[3 + 2 * i], r[4 + 2 * i]
     if not key then error(bad(rkey, 'k' .. i, 'missing')) end
@@ -502,6 +507,10 @@ local function reserve(KEYS, ARGV)
   end
 
   local levels = #KEYS - 4
+  -- A record holds at most MAX_LEVELS levels: refuse more than it could be read back.
+  if levels > MAX_LEVELS then
+    return redis.error_reply('TOOMANYLEVELS ' .. levels .. ' > ' .. MAX_LEVELS)
+  end
   local plan = {}
   -- A refusal keeps what pass 1 decided about the scopes it read (periods rolled or
   -- moved to a new kind, buckets brought to new rules), never a take.
