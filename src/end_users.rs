@@ -221,6 +221,17 @@ mod tests {
         }
     }
 
+    /// The README's figure for one end user's memory: its counters, the table slot,
+    /// and the id (a 16-byte id here).
+    #[test]
+    fn one_end_user_costs_a_few_hundred_bytes() {
+        let counters = std::mem::size_of::<ScopeState>() + 16; // Arc's two counts
+        let slot = std::mem::size_of::<Entry>() + 1; // hashbrown's control byte
+        let total = counters + slot + 16;
+        eprintln!("end user: counters {counters} B, slot {slot} B, total {total} B");
+        assert!(total <= 512, "{total} bytes per end user");
+    }
+
     #[test]
     fn ids_are_bounded_and_printable() {
         assert!(valid_id("user-42@example.com"));
