@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 
 use crate::clock::Timestamp;
 use crate::denial::{Denial, DenialReason, Quota, Scope};
+use crate::end_users::valid_id;
 use crate::money::{picos_to_decimal, usage_cost};
 use crate::policy::{KeyStatus, WorkspaceStatus};
 use crate::request::{Credential, Request};
@@ -80,6 +81,11 @@ pub(crate) fn admit(
         .is_some_and(|granted| !granted[model_index as usize])
     {
         return deny(DenialReason::ModelNotGranted, Scope::Key);
+    }
+    // Checked whether or not the workspace limits end users, so a bad id is refused
+    // the same way before and after limits are set.
+    if request.end_user.is_some_and(|id| !valid_id(id)) {
+        return deny(DenialReason::InvalidEndUser, Scope::EndUser);
     }
     let model = &policy.models[model_index as usize];
 

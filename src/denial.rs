@@ -14,6 +14,9 @@ pub enum Scope {
     Key,
     /// The key's own limits for the requested model.
     KeyModel,
+    /// The request's end user (see [`Request::end_user`](crate::Request::end_user)):
+    /// the workspace's per-end-user limits.
+    EndUser,
     /// The key's workspace.
     Workspace,
     /// The workspace's limits for the requested model.
@@ -50,6 +53,10 @@ pub enum DenialReason {
     Budget,
     /// The org's prepaid wallet is used up.
     Wallet,
+    /// The request's end-user id is empty, longer than
+    /// [`MAX_END_USER_LEN`](crate::MAX_END_USER_LEN) bytes, or holds a control
+    /// character (HTTP 400).
+    InvalidEndUser,
     /// A distributed backend's counter store failed: a transient error while the
     /// workspace fails closed, or a permanent or corrupt-data error (never admitted
     /// unmetered). The engine's `last_store_error` has the store's message.
@@ -134,6 +141,7 @@ impl Denial {
             DenialReason::UnknownKey | DenialReason::KeyRevoked | DenialReason::KeyExpired => 401,
             DenialReason::WorkspaceNotActive(_) | DenialReason::ModelNotGranted => 403,
             DenialReason::UnknownModel => 404,
+            DenialReason::InvalidEndUser => 400,
             DenialReason::Budget | DenialReason::Wallet => self.budget_status,
             DenialReason::StoreUnavailable(_) => 503,
             DenialReason::RequestsPerMinute
@@ -155,6 +163,7 @@ impl Denial {
             DenialReason::WorkspaceNotActive(_) => "workspace_suspended",
             DenialReason::UnknownModel => "model_not_found",
             DenialReason::ModelNotGranted => "model_not_allowed",
+            DenialReason::InvalidEndUser => "invalid_end_user",
             DenialReason::RequestsPerMinute
             | DenialReason::RequestsPerDay
             | DenialReason::TokensPerMinute
@@ -177,6 +186,7 @@ impl fmt::Display for Denial {
         let scope = match self.scope {
             Scope::Key => "key",
             Scope::KeyModel => "key model",
+            Scope::EndUser => "end user",
             Scope::Workspace => "workspace",
             Scope::WorkspaceModel => "workspace model",
             Scope::Org => "org",
@@ -190,6 +200,9 @@ impl fmt::Display for Denial {
             }
             DenialReason::UnknownModel => f.write_str("model not found"),
             DenialReason::ModelNotGranted => f.write_str("model not allowed for this workspace"),
+            DenialReason::InvalidEndUser => {
+                f.write_str("invalid end user: 1 to 256 bytes without control characters expected")
+            }
             DenialReason::StoreUnavailable(kind) => {
                 write!(
                     f,

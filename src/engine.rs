@@ -13,14 +13,17 @@ use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::control::{next_policy, successor, Change, IssuedKey, NewKey, WorkspaceUpdate};
 use crate::decide::{admit, denial, refused, Admission};
 use crate::denial::{Denial, DenialReason, Error, Scope};
+use crate::end_users::{Full, END_USER_AFTER};
 use crate::events::{EventSink, Events};
 use crate::persist::{self, PersistError};
+use crate::policy::rules::LevelRules;
 use crate::policy::{Policy, PolicyError, WorkspaceSpec};
 use crate::policy_store::PolicyStore;
 use crate::request::{Request, Usage};
+use crate::reservation::EndUserHold;
 use crate::reservation::{Receipt, Reservation};
 use crate::snapshot::{Published, Snapshot, LEVELS, WALLET_LEVEL};
-use crate::store::{reserve_level, LevelHold, Tightest};
+use crate::store::{reserve_level, LevelHold, Refusal, ScopeState, Tightest};
 use crate::sync::{Arc, SwapCell};
 use crate::telemetry::{self, MeterSource};
 
@@ -204,9 +207,12 @@ impl Engine {
     }
 
     /// May this key call this model now? If so, hold the request's worst case on every
-    /// level (key, workspace, workspace × model, org budget, wallet), all or nothing.
+    /// level (key, end user, workspace, workspace × model, org budget, wallet), all or
+    /// nothing.
     ///
-    /// Allocates nothing and takes no lock.
+    /// Allocates nothing and takes no lock, except for a request naming an end user in
+    /// a workspace with `end_user_limits`: it takes that end user's shard lock briefly,
+    /// and the first request of a new end user allocates its counters.
     ///
     /// # Errors
     /// A [`Denial`] naming the scope and limit that refused; nothing stays held.
@@ -251,6 +257,26 @@ impl Engine {
             output_price,
         } = admit(snap, request, now, budget_status)?;
 
+        // The end user's counters, found (or created) before anything is taken: a
+        // full table refuses without holding anything.
+        let end_user = match end_user_counters(snap, route, request, now) {
+            Ok(found) => found,
+            Err(full) => {
+                let refusal = Refusal::Concurrency {
+                    limit: full.cap,
+                    in_flight: full.in_flight,
+                };
+                return Err(refused(
+                    Scope::EndUser,
+                    false,
+                    refusal,
+                    ask,
+                    now,
+                    budget_status,
+                ));
+            }
+        };
+
         // Spelled out rather than `array::from_fn`, which left a call per level.
         let levels: [_; LEVELS] = [
             snap.level(0, route),
@@ -261,21 +287,44 @@ impl Engine {
             snap.level(5, route),
         ];
         let mut tightest = Tightest::default();
-        let mut holds: [Option<_>; LEVELS] = [None; LEVELS];
-        let give_back = |holds: &[Option<LevelHold>]| {
+        let mut holds: [Option<LevelHold>; LEVELS] = [None; LEVELS];
+        let mut end_user_hold = None;
+        // All or nothing: give back what the levels and the end user have taken.
+        let give_back = |holds: &[Option<LevelHold>], end_user_hold: Option<LevelHold>| {
             for (hold, level) in holds.iter().zip(&levels) {
                 if let Some(hold) = hold {
                     hold.release(level.state, level.extras, now.as_unix_nanos(), now);
                 }
             }
+            if let (Some(hold), Some((state, _))) = (end_user_hold, &end_user) {
+                hold.release(state, &[], now.as_unix_nanos(), now);
+            }
         };
         for (index, level) in levels.iter().enumerate() {
+            // The end user's level comes right after the key × model level.
+            if index == END_USER_AFTER + 1 {
+                if let Some((state, rules)) = &end_user {
+                    match reserve_level(state, rules, &[], ask, now, &mut tightest) {
+                        Ok(hold) => end_user_hold = Some(hold),
+                        Err(refusal) => {
+                            give_back(&holds[..index], None);
+                            return Err(refused(
+                                Scope::EndUser,
+                                false,
+                                refusal,
+                                ask,
+                                now,
+                                budget_status,
+                            ));
+                        }
+                    }
+                }
+            }
             let Some(rules) = level.rules else { continue };
             match reserve_level(level.state, rules, level.extras, ask, now, &mut tightest) {
                 Ok(hold) => holds[index] = Some(hold),
                 Err(refusal) => {
-                    // All or nothing: give back the levels already taken.
-                    give_back(&holds[..index]);
+                    give_back(&holds[..index], end_user_hold);
                     let wallet = index == WALLET_LEVEL;
                     return Err(refused(
                         level.scope,
@@ -290,7 +339,7 @@ impl Engine {
         }
         // Revoked while this request was past lookup: refuse it too.
         if levels[0].state.revoked() {
-            give_back(&holds);
+            give_back(&holds, end_user_hold);
             return Err(denial(DenialReason::KeyRevoked, Scope::Key, budget_status));
         }
 
@@ -299,6 +348,9 @@ impl Engine {
             taken_at: now.as_unix_nanos(),
             route,
             levels: holds,
+            end_user: end_user
+                .zip(end_user_hold)
+                .map(|((state, _), hold)| EndUserHold { state, hold }),
             settled: false,
             ask,
             input_price,
@@ -487,6 +539,29 @@ impl Engine {
     pub(crate) fn now(&self) -> Timestamp {
         self.inner.snapshot.load().clock.now()
     }
+}
+
+/// The counters and rules of the request's end user, when it names one and its
+/// workspace sets `end_user_limits`; `Full` when a new end user finds no room.
+#[inline]
+fn end_user_counters<'s>(
+    snap: &'s Snapshot,
+    route: crate::snapshot::Route,
+    request: &Request<'_>,
+    now: Timestamp,
+) -> Result<Option<(Arc<ScopeState>, &'s LevelRules)>, Full> {
+    let Some(id) = request.end_user else {
+        return Ok(None);
+    };
+    let w = route.workspace as usize;
+    let (Some(rules), Some(level)) = (
+        snap.policy.workspaces[w].end_users.as_deref(),
+        snap.end_users[w].as_ref(),
+    ) else {
+        return Ok(None);
+    };
+    let state = level.counters(id, rules, now)?;
+    Ok(Some((state, &rules.rules)))
 }
 
 impl std::fmt::Debug for Engine {

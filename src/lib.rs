@@ -65,6 +65,7 @@ mod control;
 mod decide;
 mod denial;
 mod durable;
+mod end_users;
 mod engine;
 mod events;
 mod headers;
@@ -103,15 +104,17 @@ pub use limiter::{Held, Limiter};
 pub use period::BudgetPeriod;
 pub use persist::PersistError;
 pub use policy::{
-    BudgetSpec, DefaultsSpec, Environment, KeySpec, KeyStatus, LimitsSpec, MemberRole, MemberSpec,
-    ModelLimitSpec, ModelSpec, OrgSpec, Policy, PolicyDocument, PolicyError, PolicyIssue, Problem,
-    StoreFailureMode, TemporarySpec, TokenCount, WorkspaceSpec, WorkspaceStatus, MAX_BUDGETS,
-    MAX_MEMBERS, MAX_WEBHOOKS, TOKENIZERS,
+    BudgetSpec, DefaultsSpec, EndUserLimitsSpec, Environment, KeySpec, KeyStatus, LimitsSpec,
+    MemberRole, MemberSpec, ModelLimitSpec, ModelSpec, OrgSpec, Policy, PolicyDocument,
+    PolicyError, PolicyIssue, Problem, StoreFailureMode, TemporarySpec, TokenCount, WorkspaceSpec,
+    WorkspaceStatus, DEFAULT_END_USER_IDLE_SECS, DEFAULT_MAX_TRACKED_END_USERS, MAX_BUDGETS,
+    MAX_END_USER_IDLE_SECS, MAX_MEMBERS, MAX_TRACKED_END_USERS, MAX_WEBHOOKS,
+    MIN_END_USER_IDLE_SECS, TOKENIZERS,
 };
 pub use policy_store::{FilePolicyStore, PolicyStore, PolicyStoreError};
 #[cfg(feature = "redis")]
 pub use redis::{RedisConfig, RedisEngine, RedisReservation};
-pub use request::{bearer_token, Credential, Request, Usage};
+pub use request::{bearer_token, Credential, Request, Usage, MAX_END_USER_LEN};
 pub use reservation::{LimitWindow, RateLimitStatus, Receipt, Reservation};
 pub use usage::{
     BudgetUsage, KeyUsage, ModelUsage, ScopeReport, ScopeUsage, TemporaryUsage, UsageSnapshot,

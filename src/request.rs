@@ -34,7 +34,16 @@ pub struct Request<'a> {
     /// (the request's or the default) is held this many times. 1 unless set; 0 is
     /// taken as 1.
     pub outputs: u32,
+    /// The end user the request is made for (OpenAI's `user` field, or an id the
+    /// gateway assigns), for a workspace's per-end-user limits. `None`: the request is
+    /// not limited at the end-user level, even in a workspace that sets such limits.
+    /// At most [`MAX_END_USER_LEN`] bytes and no control characters; anything else is
+    /// refused with [`DenialReason::InvalidEndUser`](crate::DenialReason::InvalidEndUser).
+    pub end_user: Option<&'a str>,
 }
+
+/// The longest end-user id accepted, in bytes (see [`Request::end_user`]).
+pub const MAX_END_USER_LEN: usize = 256;
 
 impl<'a> Request<'a> {
     /// A request authenticated by a presented secret.
@@ -58,6 +67,7 @@ impl<'a> Request<'a> {
             input_tokens: 0,
             max_output_tokens: None,
             outputs: 1,
+            end_user: None,
         }
     }
 
@@ -88,6 +98,22 @@ impl<'a> Request<'a> {
     #[must_use]
     pub fn outputs(mut self, outputs: u32) -> Self {
         self.outputs = outputs;
+        self
+    }
+
+    /// Set the end user the request is made for (OpenAI's `user` field): in a
+    /// workspace with `end_user_limits`, the request also counts against that end
+    /// user's own rates and budget. Checked when the request is admitted: 1 to
+    /// [`MAX_END_USER_LEN`] bytes without control characters.
+    ///
+    /// ```
+    /// use tollgate::Request;
+    /// let request = Request::with_secret("sk-live-abc", "gpt-4o-mini").end_user("user-42");
+    /// assert_eq!(request.end_user, Some("user-42"));
+    /// ```
+    #[must_use]
+    pub fn end_user(mut self, id: &'a str) -> Self {
+        self.end_user = Some(id);
         self
     }
 }

@@ -10,7 +10,7 @@ use crate::clock::Timestamp;
 use crate::money::{picos_to_decimal, usage_cost};
 use crate::request::Usage;
 use crate::snapshot::{Route, Share, LEVELS, WALLET_LEVEL};
-use crate::store::{Ask, LevelHold, Tightest, Window};
+use crate::store::{Ask, LevelHold, ScopeState, Tightest, Window};
 use crate::sync::Arc;
 
 /// Worst-case tokens and cost held for one admitted request on every level.
@@ -31,12 +31,21 @@ pub struct Reservation {
     pub(crate) route: Route,
     /// What each level holds; `None` for levels that do not apply.
     pub(crate) levels: [Option<LevelHold>; LEVELS],
+    /// What the end user's level holds, with its counters: kept here because the end
+    /// user may be forgotten by its table before this settles.
+    pub(crate) end_user: Option<EndUserHold>,
     /// Set once committed or released, so `Drop` gives nothing back twice.
     pub(crate) settled: bool,
     pub(crate) ask: Ask,
     pub(crate) input_price: u64,
     pub(crate) output_price: u64,
     pub(crate) tightest: Tightest,
+}
+
+/// An end user's share of a reservation.
+pub(crate) struct EndUserHold {
+    pub(crate) state: Arc<ScopeState>,
+    pub(crate) hold: LevelHold,
 }
 
 /// What a committed request cost.
@@ -190,6 +199,13 @@ impl Reservation {
         picos_to_decimal(self.ask.cost)
     }
 
+    /// Whether this request is also counted against its end user's limits (it named
+    /// an end user and its workspace sets `end_user_limits`).
+    #[must_use]
+    pub fn is_end_user_limited(&self) -> bool {
+        self.end_user.is_some()
+    }
+
     /// The input and output tokens held.
     #[must_use]
     pub fn reserved_tokens(&self) -> (u64, u64) {
@@ -236,6 +252,22 @@ impl Reservation {
                 }
             }
         }
+        if let Some(EndUserHold { state, hold }) = &self.end_user {
+            // The rules it was admitted under: its snapshot's.
+            let rules = self.snapshot.policy.workspaces[self.route.workspace as usize]
+                .end_users
+                .as_deref();
+            if let Some(rules) = rules {
+                hold.settle(
+                    (state, &[]),
+                    &rules.rules,
+                    settlement,
+                    self.taken_at,
+                    now,
+                    true,
+                );
+            }
+        }
         if let Some(events) = &self.snapshot.events {
             events.check_budgets(&self.snapshot, self.route, now);
         }
@@ -272,6 +304,9 @@ impl Reservation {
                 let at = self.snapshot.level(level, self.route);
                 hold.release(at.state, at.extras, self.taken_at, now);
             }
+        }
+        if let Some(EndUserHold { state, hold }) = &self.end_user {
+            hold.release(state, &[], self.taken_at, now);
         }
     }
 }

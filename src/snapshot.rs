@@ -10,6 +10,7 @@ use std::sync::Arc as StdArc;
 
 use crate::clock::{Clock, Timestamp};
 use crate::denial::Scope;
+use crate::end_users::EndUserLevel;
 use crate::events::Events;
 use crate::index::Index;
 use crate::period::Span;
@@ -54,6 +55,9 @@ pub(crate) struct Snapshot {
     /// Counters of the org's budgets beyond the first.
     pub(crate) org_budgets: Box<[Arc<ScopeState>]>,
     pub(crate) wallet: Arc<Padded<ScopeState>>,
+    /// End-user tables by workspace index, for workspaces with `end_user_limits`;
+    /// handed on to the next snapshot by workspace id.
+    pub(crate) end_users: Vec<Option<EndUserLevel>>,
     /// The engine's event sink, if it has one; carried from snapshot to snapshot.
     pub(crate) events: Option<StdArc<Events>>,
     /// Metric handles for this policy's workspaces and models (feature `metrics`).
@@ -171,6 +175,23 @@ impl Snapshot {
             workspace_models.push(models);
         }
 
+        let end_users = policy
+            .workspaces
+            .iter()
+            .map(|ws| {
+                let rules = ws.end_users.as_deref()?;
+                let old = previous.and_then(|p| {
+                    let i = p.workspace_index(&ws.id)? as usize;
+                    let old_rules = p.policy.workspaces[i].end_users.as_deref()?;
+                    Some((p.end_users[i].as_ref()?, old_rules))
+                });
+                Some(match old {
+                    Some((level, old_rules)) => level.carried(old_rules.rules != rules.rules),
+                    None => EndUserLevel::new(),
+                })
+            })
+            .collect();
+
         let mut keys = Vec::with_capacity(policy.keys.len());
         let mut key_budgets = Vec::with_capacity(policy.keys.len());
         let mut key_models = Vec::with_capacity(policy.keys.len());
@@ -248,6 +269,7 @@ impl Snapshot {
             org,
             org_budgets,
             wallet,
+            end_users,
             events: previous.and_then(|p| p.events.clone()),
             meters,
             meter_source,

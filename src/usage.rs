@@ -164,6 +164,11 @@ pub struct WorkspaceUsage {
     pub budgets: Vec<BudgetUsage>,
     /// Its temporary override, while one is in force.
     pub temporary: Option<TemporaryUsage>,
+    /// End users whose counters are tracked in memory now (at most the workspace's
+    /// `end_user_limits.max_tracked`); `None` when the workspace sets no end-user
+    /// limits, and from the Redis engine, whose end users expire in Redis.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end_users_tracked: Option<usize>,
 }
 
 /// Usage of everything in an engine at one instant.
@@ -217,6 +222,7 @@ impl Engine {
                         usage: report(&snap.workspace_models[w][m], now),
                     })
                     .collect(),
+                end_users_tracked: snap.end_users[w].as_ref().map(|level| level.tracked()),
             })
             .collect();
         let keys = policy
@@ -253,5 +259,17 @@ impl Engine {
             workspaces,
             keys,
         }
+    }
+
+    /// Usage of one end user of a workspace with `end_user_limits`, over its budget's
+    /// period; `None` when the workspace is unknown, sets no end-user limits, or does
+    /// not track this end user now (never seen, or forgotten). Does not count as
+    /// seeing the end user.
+    #[must_use]
+    pub fn end_user_usage(&self, workspace: &str, end_user: &str) -> Option<ScopeReport> {
+        let snap = self.snapshot();
+        let w = snap.workspace_index(workspace)? as usize;
+        let state = snap.end_users[w].as_ref()?.peek(end_user)?;
+        Some(report(&state, self.now()))
     }
 }

@@ -96,6 +96,18 @@ fn policy(wallet: Decimal) -> PolicyDocument {
         tpm: Some(100_000_000),
         tpm_counts: TokenCount::Output,
     });
+    // Every end user limited too (requests that name one).
+    ws.end_user_limits = Some(EndUserLimitsSpec {
+        budget: plenty(),
+        ..EndUserLimitsSpec::new(roomy.clone())
+    });
+    // End users of this one get one request a minute, to be refused.
+    let strict = WorkspaceSpec::new("strict", "strict")
+        .grant("m")
+        .end_user_limits(EndUserLimitsSpec::new(LimitsSpec {
+            rpm: Some(1),
+            ..LimitsSpec::default()
+        }));
     let key = |id: &str, limits: LimitsSpec, budget: Option<BudgetSpec>| KeySpec {
         limits,
         budget,
@@ -109,6 +121,7 @@ fn policy(wallet: Decimal) -> PolicyDocument {
     .model(ModelSpec::new("m", dec("1.5"), dec("6")))
     .model(ModelSpec::new("other", dec("1"), dec("1")))
     .workspace(ws)
+    .workspace(strict)
     .key(key(
         "k",
         LimitsSpec {
@@ -142,6 +155,7 @@ fn policy(wallet: Decimal) -> PolicyDocument {
         status: KeyStatus::Revoked,
         ..key("revoked", roomy, plenty())
     })
+    .key(KeySpec::new("strict-key", "strict", "sk-strict"))
 }
 
 fn engine(wallet: &str) -> Engine {
@@ -226,6 +240,62 @@ fn admit_and_commit_by_key_id_allocates_nothing() {
     });
     assert_eq!(n, 0, "allocations in check_and_reserve + commit_usage");
     assert_eq!(e.usage().keys[0].usage.current.requests, 203);
+}
+
+#[test]
+fn a_known_end_user_allocates_nothing_a_new_one_does() {
+    let e = engine("1000");
+    // The first request of "alice" (in the warm-up runs) creates her counters; every
+    // later one finds them without allocating, admitted, committed or dropped.
+    let n = allocations_in(|| {
+        let r = e
+            .check_and_reserve(&request(Credential::KeyId("k")).end_user("alice"))
+            .expect("admitted");
+        assert!(r.is_end_user_limited());
+        let receipt = e.commit_usage(r, Usage::new(480, 150)).expect("committed");
+        black_box(receipt.cost());
+        let r = e
+            .check_and_reserve(&request(Credential::KeyId("k")).end_user("alice"))
+            .expect("admitted");
+        drop(r);
+    });
+    assert_eq!(n, 0, "allocations for a known end user");
+    assert_eq!(
+        e.end_user_usage("ws", "alice").unwrap().current.requests,
+        203
+    );
+    // A refusal at the end-user level allocates nothing either (bob's one request a
+    // minute is committed first).
+    let r = e
+        .check_and_reserve(&request(Credential::KeyId("strict-key")).end_user("bob"))
+        .expect("admitted");
+    e.commit_usage(r, Usage::new(1, 1)).expect("committed");
+    let n = allocations_in(|| {
+        let d = denial(
+            &e,
+            &request(Credential::KeyId("strict-key")).end_user("bob"),
+        );
+        assert_eq!(
+            (d.scope, d.reason),
+            (Scope::EndUser, DenialReason::RequestsPerMinute)
+        );
+        let d = denial(&e, &request(Credential::KeyId("k")).end_user("bad\nid"));
+        assert_eq!(d.reason, DenialReason::InvalidEndUser);
+    });
+    assert_eq!(n, 0, "allocations in end-user denials");
+    // First sight allocates (documented): the id and the counters.
+    let ids: Vec<String> = (0..50).map(|i| format!("new-{i}")).collect();
+    let before = allocations_so_far();
+    for id in &ids {
+        let r = e
+            .check_and_reserve(&request(Credential::KeyId("k")).end_user(id))
+            .expect("admitted");
+        drop(r);
+    }
+    assert!(
+        allocations_so_far() - before >= 50,
+        "a new end user allocates"
+    );
 }
 
 #[test]

@@ -960,3 +960,170 @@ fn all_threads_on_one_key_never_overspend_and_books_balance() {
         "tokens left in the key's bucket"
     );
 }
+
+/// End-user limits under threads (issue 18): 10,000 distinct end users, each with a
+/// budget, in a workspace with a budget of its own; the manual clock stands still.
+/// `max_tracked` decides whether end users are forgotten on the way.
+struct EndUserRun {
+    /// Committed input tokens (1 µ$ each) per end user.
+    per_user: Vec<u64>,
+    /// Committed tokens in all.
+    total: u64,
+    /// Most end users seen tracked by a worker's checks.
+    most_tracked: usize,
+    denials: HashMap<(Scope, DenialReason), u64>,
+}
+
+const END_USERS: usize = 10_000;
+/// $0.004 per end user: 4,000 tokens at $1 per million.
+const USER_BUDGET_TOKENS: u64 = 4_000;
+/// $10 for the workspace: less than the end users' budgets add up to ($40).
+const WORKSPACE_BUDGET_TOKENS: u64 = 10_000_000;
+
+fn end_user_engine(max_tracked: i64) -> (Engine, Arc<ManualClock>) {
+    let (clock, _) = midnight_clock();
+    let doc = PolicyDocument::new(OrgSpec::new("org"))
+        .model(ModelSpec::new("m", dec("1"), dec("1")))
+        .workspace(
+            WorkspaceSpec::new("ws", "end-users")
+                .grant("m")
+                .budget(BudgetSpec::new(dec("10"), BudgetPeriod::Month))
+                .end_user_limits(
+                    EndUserLimitsSpec::new(LimitsSpec::default())
+                        .budget(BudgetSpec::new(dec("0.004"), BudgetPeriod::Month))
+                        .max_tracked(max_tracked),
+                ),
+        )
+        .key(KeySpec::new("k", "ws", "sk-k"));
+    (engine(&doc, &clock), clock)
+}
+
+fn run_end_users(engine: &Engine, threads: usize, requests: usize) -> EndUserRun {
+    let user_ids: Vec<String> = (0..END_USERS).map(|u| format!("user-{u}")).collect();
+    let logs: Vec<EndUserRun> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let user_ids = &user_ids;
+                s.spawn(move || {
+                    let mut rng = StdRng::seed_from_u64(0xE5D0 + t as u64);
+                    let mut log = EndUserRun {
+                        per_user: vec![0; END_USERS],
+                        total: 0,
+                        most_tracked: 0,
+                        denials: HashMap::new(),
+                    };
+                    for i in 0..requests {
+                        // Every end user is seen: thread t starts at its own offset.
+                        let user = if i < END_USERS / threads {
+                            t * (END_USERS / threads) + i
+                        } else {
+                            rng.random_range(0..END_USERS)
+                        };
+                        let tokens = rng.random_range(1..=2_500u32);
+                        let request = Request::with_key_id("k", "m")
+                            .input_tokens(tokens)
+                            .max_output_tokens(0)
+                            .end_user(&user_ids[user]);
+                        match engine.check_and_reserve(&request) {
+                            Ok(r) => {
+                                if rng.random_range(0..10) == 0 {
+                                    drop(r);
+                                } else {
+                                    // Usage at most what was held.
+                                    let used = rng.random_range(0..=tokens);
+                                    engine.commit_usage(r, Usage::new(used, 0)).unwrap();
+                                    log.per_user[user] += u64::from(used);
+                                    log.total += u64::from(used);
+                                }
+                            }
+                            Err(d) => *log.denials.entry((d.scope, d.reason)).or_default() += 1,
+                        }
+                        if i % 2_000 == 0 {
+                            let tracked = engine.usage().workspaces[0].end_users_tracked.unwrap();
+                            log.most_tracked = log.most_tracked.max(tracked);
+                        }
+                    }
+                    log
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut run = EndUserRun {
+        per_user: vec![0; END_USERS],
+        total: 0,
+        most_tracked: 0,
+        denials: HashMap::new(),
+    };
+    for log in logs {
+        for (sum, n) in run.per_user.iter_mut().zip(&log.per_user) {
+            *sum += n;
+        }
+        run.total += log.total;
+        run.most_tracked = run.most_tracked.max(log.most_tracked);
+        for (k, n) in log.denials {
+            *run.denials.entry(k).or_default() += n;
+        }
+    }
+    run
+}
+
+fn micro(tokens: u64) -> Decimal {
+    Decimal::new(tokens as i64, 6)
+}
+
+#[test]
+fn ten_thousand_end_users_never_overspend_and_books_balance() {
+    // Room for every end user: none is forgotten, so each one's books are exact.
+    let (engine, _clock) = end_user_engine(16_384);
+    let run = run_end_users(&engine, 4, 15_000);
+    let usage = engine.usage();
+    let ws = &usage.workspaces[0];
+    assert_eq!(ws.usage.current.held, Decimal::ZERO);
+    assert_eq!(ws.usage.current.cost, micro(run.total));
+    assert!(run.total <= WORKSPACE_BUDGET_TOKENS, "workspace overspent");
+    let tracked = ws.end_users_tracked.unwrap();
+    assert_eq!(tracked, END_USERS, "every end user tracked, none forgotten");
+    assert!(run.most_tracked <= 16_384);
+    for (u, &spent) in run.per_user.iter().enumerate() {
+        assert!(spent <= USER_BUDGET_TOKENS, "user-{u} spent {spent}");
+        let report = engine.end_user_usage("ws", &format!("user-{u}")).unwrap();
+        assert_eq!(report.current.cost, micro(spent), "user-{u}");
+        assert_eq!(report.current.held, Decimal::ZERO, "user-{u}");
+    }
+    // Both budgets refused some requests, and nothing else did.
+    for (scope, reason) in run.denials.keys() {
+        assert_eq!(*reason, DenialReason::Budget);
+        assert!(
+            matches!(scope, Scope::EndUser | Scope::Workspace),
+            "{scope:?}"
+        );
+    }
+    assert!(run
+        .denials
+        .contains_key(&(Scope::EndUser, DenialReason::Budget)));
+    assert!(run
+        .denials
+        .contains_key(&(Scope::Workspace, DenialReason::Budget)));
+}
+
+#[test]
+fn ten_thousand_end_users_over_a_small_cap_stay_within_it() {
+    // 1,024 places for 10,000 end users: the table turns over all the time. A
+    // forgotten end user's budget starts afresh (documented), so per-user spend is not
+    // bounded here; the workspace's budget and the cap are.
+    let (engine, _clock) = end_user_engine(1_024);
+    let run = run_end_users(&engine, 4, 15_000);
+    let usage = engine.usage();
+    let ws = &usage.workspaces[0];
+    assert_eq!(ws.usage.current.held, Decimal::ZERO);
+    assert_eq!(ws.usage.current.cost, micro(run.total));
+    assert!(run.total <= WORKSPACE_BUDGET_TOKENS, "workspace overspent");
+    assert!(ws.end_users_tracked.unwrap() <= 1_024);
+    assert!(run.most_tracked <= 1_024);
+    // Four threads hold at most four end users in flight: a shard (64 places) is never
+    // all in flight, so no new end user was refused for room.
+    assert!(!run
+        .denials
+        .contains_key(&(Scope::EndUser, DenialReason::Concurrency)));
+}

@@ -29,6 +29,10 @@
 //!
 //! Embeddings reserve their input tokens and no output, and are charged the input
 //! tokens the provider counts.
+//!
+//! A body's `user` field (OpenAI's end-user id) is passed on as the request's end
+//! user, so a workspace's `end_user_limits` apply to each of its end users; a bad one
+//! (over 256 bytes, control characters) is a 400 `invalid_end_user`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -171,7 +175,11 @@ async fn generate(app: &Arc<App>, request: HttpRequest<Incoming>, endpoint: Endp
             "this gateway streams chat completions only; send `stream: false`",
         );
     }
-    let ask = estimate.request(Credential::Secret(&secret), &model);
+    let end_user = end_user_of(&body);
+    let ask = with_end_user(
+        estimate.request(Credential::Secret(&secret), &model),
+        end_user.as_deref(),
+    );
     let held = match reserve(app, &ask, &trace).await {
         Ok(held) => held,
         Err(reply) => return reply,
@@ -318,6 +326,23 @@ async fn off_the_workers<T: Send + 'static>(
             )),
             Value::Null,
         ),
+    }
+}
+
+/// OpenAI's `user` field (chat completions, completions, embeddings, responses): the
+/// end user the request is for, limited by the workspace's `end_user_limits`. Absent,
+/// empty or not a string: no end user. Copied out, since the body is edited later.
+fn end_user_of(body: &Value) -> Option<String> {
+    body["user"]
+        .as_str()
+        .filter(|user| !user.is_empty())
+        .map(str::to_owned)
+}
+
+fn with_end_user<'a>(request: Request<'a>, end_user: Option<&'a str>) -> Request<'a> {
+    match end_user {
+        Some(user) => request.end_user(user),
+        None => request,
     }
 }
 
@@ -553,7 +578,11 @@ pub async fn embeddings(app: &Arc<App>, request: HttpRequest<Incoming>) -> Reply
         Err(reply) => return reply,
     };
     let input_tokens = estimate.input_tokens;
-    let ask = estimate.request(Credential::Secret(&secret), &model);
+    let end_user = end_user_of(&body);
+    let ask = with_end_user(
+        estimate.request(Credential::Secret(&secret), &model),
+        end_user.as_deref(),
+    );
     let held = match reserve(app, &ask, &trace).await {
         Ok(held) => held,
         Err(reply) => return reply,

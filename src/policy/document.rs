@@ -434,6 +434,86 @@ pub struct WorkspaceSpec {
     /// and workspace changes), at most [`MAX_WEBHOOKS`] of them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<String>,
+    /// Limits applied to each distinct end user (a request's
+    /// [`end_user`](crate::Request::end_user)) the workspace sees, on top of the key's
+    /// and the workspace's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_user_limits: Option<EndUserLimitsSpec>,
+}
+
+/// The default of [`EndUserLimitsSpec::max_tracked`].
+pub const DEFAULT_MAX_TRACKED_END_USERS: i64 = 10_000;
+/// The largest [`EndUserLimitsSpec::max_tracked`] accepted.
+pub const MAX_TRACKED_END_USERS: i64 = 10_000_000;
+/// The default of [`EndUserLimitsSpec::idle_secs`] (one hour).
+pub const DEFAULT_END_USER_IDLE_SECS: i64 = 3_600;
+/// The shortest [`EndUserLimitsSpec::idle_secs`] accepted (one minute: a minute's
+/// rate windows must not be forgotten while they still count).
+pub const MIN_END_USER_IDLE_SECS: i64 = 60;
+/// The longest [`EndUserLimitsSpec::idle_secs`] accepted (400 days).
+pub const MAX_END_USER_IDLE_SECS: i64 = 400 * 86_400;
+
+/// Limits every end user of a workspace gets, each its own: counters are created the
+/// first time an end user is seen.
+///
+/// In memory a workspace tracks at most `max_tracked` end users; to make room for a
+/// new one, end users idle for `idle_secs` are forgotten first, then the least
+/// recently seen one with no request in flight. A forgotten end user's windows and
+/// budget start afresh when it comes back. In Redis an end user's counters expire
+/// after `idle_secs` without a request. See the README's "End-user limits".
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndUserLimitsSpec {
+    /// Rate limits of each end user (`rpm`, `rpd`, `tpm`, `tpm_counts`,
+    /// `max_concurrent`).
+    #[serde(default)]
+    pub limits: LimitsSpec,
+    /// Spend budget of each end user.
+    #[serde(default)]
+    pub budget: Option<BudgetSpec>,
+    /// Most end users tracked in memory at once by one workspace (default
+    /// [`DEFAULT_MAX_TRACKED_END_USERS`], 16 to [`MAX_TRACKED_END_USERS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tracked: Option<i64>,
+    /// Seconds without a request after which an end user may be forgotten (default
+    /// [`DEFAULT_END_USER_IDLE_SECS`], [`MIN_END_USER_IDLE_SECS`] to
+    /// [`MAX_END_USER_IDLE_SECS`]); in Redis, its counters' idle TTL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_secs: Option<i64>,
+}
+
+impl EndUserLimitsSpec {
+    /// Each end user limited by `limits`, with the default cap and idle time.
+    #[must_use]
+    pub fn new(limits: LimitsSpec) -> Self {
+        EndUserLimitsSpec {
+            limits,
+            budget: None,
+            max_tracked: None,
+            idle_secs: None,
+        }
+    }
+
+    /// Give each end user a spend budget.
+    #[must_use]
+    pub fn budget(mut self, budget: BudgetSpec) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Track at most `max` end users in memory per workspace.
+    #[must_use]
+    pub fn max_tracked(mut self, max: i64) -> Self {
+        self.max_tracked = Some(max);
+        self
+    }
+
+    /// Forget end users idle for `seconds` (in Redis: their counters' idle TTL).
+    #[must_use]
+    pub fn idle_secs(mut self, seconds: i64) -> Self {
+        self.idle_secs = Some(seconds);
+        self
+    }
 }
 
 /// Most webhook URLs one workspace may list.
@@ -585,6 +665,13 @@ impl WorkspaceSpec {
     #[must_use]
     pub fn webhook(mut self, url: impl Into<String>) -> Self {
         self.webhooks.push(url.into());
+        self
+    }
+
+    /// Limit each end user of this workspace (see [`EndUserLimitsSpec`]).
+    #[must_use]
+    pub fn end_user_limits(mut self, limits: EndUserLimitsSpec) -> Self {
+        self.end_user_limits = Some(limits);
         self
     }
 }

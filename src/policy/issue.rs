@@ -88,6 +88,12 @@ pub enum Problem {
         /// The largest accepted value.
         max: String,
     },
+    /// A number below the smallest supported value.
+    #[error("must be at least {min}")]
+    TooSmall {
+        /// The smallest accepted value.
+        min: String,
+    },
     /// A money amount below zero.
     #[error("must not be negative")]
     Negative,

@@ -11,9 +11,11 @@ use std::fmt;
 use std::path::Path;
 
 pub use document::{
-    BudgetSpec, DefaultsSpec, Environment, KeySpec, KeyStatus, LimitsSpec, MemberRole, MemberSpec,
-    ModelLimitSpec, ModelSpec, OrgSpec, PolicyDocument, StoreFailureMode, TemporarySpec,
-    TokenCount, WorkspaceSpec, WorkspaceStatus, MAX_BUDGETS, MAX_MEMBERS, MAX_WEBHOOKS, TOKENIZERS,
+    BudgetSpec, DefaultsSpec, EndUserLimitsSpec, Environment, KeySpec, KeyStatus, LimitsSpec,
+    MemberRole, MemberSpec, ModelLimitSpec, ModelSpec, OrgSpec, PolicyDocument, StoreFailureMode,
+    TemporarySpec, TokenCount, WorkspaceSpec, WorkspaceStatus, DEFAULT_END_USER_IDLE_SECS,
+    DEFAULT_MAX_TRACKED_END_USERS, MAX_BUDGETS, MAX_END_USER_IDLE_SECS, MAX_MEMBERS,
+    MAX_TRACKED_END_USERS, MAX_WEBHOOKS, MIN_END_USER_IDLE_SECS, TOKENIZERS,
 };
 pub use issue::{PolicyIssue, Problem};
 

@@ -132,6 +132,20 @@ pub(crate) struct WorkspacePolicy {
     pub(crate) plain_key_rules: LevelRules,
     pub(crate) default_max_output: Option<u32>,
     pub(crate) on_store_error: StoreFailureMode,
+    /// Limits of each end user, when the workspace sets them.
+    pub(crate) end_users: Option<Box<EndUserRules>>,
+}
+
+/// A workspace's per-end-user limits and how many end users it tracks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct EndUserRules {
+    /// What each end user's counters enforce.
+    pub(crate) rules: LevelRules,
+    /// Most end users tracked in memory at once.
+    pub(crate) max_tracked: u32,
+    /// Idle time after which an end user may be forgotten (in memory) or expires (the
+    /// Redis idle TTL of its counters), in nanoseconds.
+    pub(crate) idle_nanos: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -12,13 +12,14 @@ use crate::clock::Timestamp;
 use crate::money::{picos_from_decimal, price_per_token_picos, MoneyProblem};
 use crate::period::{BudgetPeriod, Span};
 use crate::policy::document::{
-    BudgetSpec, LimitsSpec, ModelLimitSpec, ModelSpec, PolicyDocument, TemporarySpec, MAX_BUDGETS,
-    TOKENIZERS,
+    BudgetSpec, EndUserLimitsSpec, LimitsSpec, ModelLimitSpec, ModelSpec, PolicyDocument,
+    TemporarySpec, DEFAULT_END_USER_IDLE_SECS, DEFAULT_MAX_TRACKED_END_USERS, MAX_BUDGETS,
+    MAX_END_USER_IDLE_SECS, MAX_TRACKED_END_USERS, MIN_END_USER_IDLE_SECS, TOKENIZERS,
 };
 use crate::policy::issue::{Issues, Problem};
 use crate::policy::members::Members;
 use crate::policy::rules::{
-    BudgetRule, KeyPolicy, LevelRules, ModelPolicy, OrgPolicy, Temporary, TokenRule,
+    BudgetRule, EndUserRules, KeyPolicy, LevelRules, ModelPolicy, OrgPolicy, Temporary, TokenRule,
     WorkspacePolicy,
 };
 
@@ -236,6 +237,10 @@ pub(crate) fn compile(doc: &PolicyDocument) -> Result<Compiled, Issues> {
                 ws.default_max_output_tokens,
             ),
             on_store_error: ws.on_store_error,
+            end_users: ws
+                .end_user_limits
+                .as_ref()
+                .map(|spec| Box::new(end_user_rules(&mut issues, &path, spec, span))),
         });
     }
 
@@ -634,6 +639,68 @@ fn model_level(issues: &mut Issues, path: &str, limit: &ModelLimitSpec, span: Sp
         rules.span = budget.span;
     }
     rules
+}
+
+/// A workspace's `end_user_limits`, its issues reported under
+/// `<path>.end_user_limits`. Budgets without a period of their own count over the
+/// workspace's.
+fn end_user_rules(
+    issues: &mut Issues,
+    path: &str,
+    spec: &EndUserLimitsSpec,
+    workspace_span: Span,
+) -> EndUserRules {
+    let path = format!("{path}.end_user_limits");
+    let budgets = Budgets::of(spec.budget.as_ref(), &[]);
+    let span = budgets.span(workspace_span);
+    let rules = level(issues, &path, &spec.limits, budgets, span);
+    let mut bounded = |field: &str, value: Option<i64>, default: i64, min: i64, max: i64| {
+        let value = value.unwrap_or(default);
+        let field = format!("{path}.{field}");
+        if value < min {
+            let problem = if min == 1 {
+                Problem::NotPositive
+            } else {
+                Problem::TooSmall {
+                    min: min.to_string(),
+                }
+            };
+            issues.push(field, value, problem);
+            default
+        } else if value > max {
+            issues.push(
+                field,
+                value,
+                Problem::TooLarge {
+                    max: max.to_string(),
+                },
+            );
+            default
+        } else {
+            value
+        }
+    };
+    // At least one end user per shard of the in-memory table (see `end_users`).
+    let max_tracked = bounded(
+        "max_tracked",
+        spec.max_tracked,
+        DEFAULT_MAX_TRACKED_END_USERS,
+        crate::end_users::SHARDS as i64,
+        MAX_TRACKED_END_USERS,
+    );
+    let idle_secs = bounded(
+        "idle_secs",
+        spec.idle_secs,
+        DEFAULT_END_USER_IDLE_SECS,
+        MIN_END_USER_IDLE_SECS,
+        MAX_END_USER_IDLE_SECS,
+    );
+    EndUserRules {
+        rules,
+        // Both within their bounds, checked above.
+        max_tracked: max_tracked as u32,
+        idle_nanos: idle_secs as u64 * 1_000_000_000,
+    }
 }
 
 /// A key's limits per model, sorted by model index.

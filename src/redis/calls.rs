@@ -12,8 +12,9 @@ use crate::bucket::RateRule;
 use crate::clock::Timestamp;
 use crate::denial::DenialReason;
 use crate::denial::StoreError;
+use crate::end_users::END_USER_LEVEL;
 use crate::period::{BudgetPeriod, Span};
-use crate::policy::rules::{BudgetRule, LevelRules, TokenRule};
+use crate::policy::rules::{BudgetRule, EndUserRules, LevelRules, TokenRule};
 use crate::redis::error::corrupt_reply;
 use crate::redis::keys::{Group, Member};
 use crate::snapshot::{Route, Snapshot, WALLET_LEVEL};
@@ -87,8 +88,8 @@ fn push_rate(args: &mut Vec<String>, rule: Option<&RateRule>) {
     }
 }
 
-/// What one scope hash of a group enforces: a level's limits and first budget, or
-/// one of its further budgets alone.
+/// What one scope hash of a group enforces: a level's limits and first budget, one
+/// of its further budgets alone, or the request's end user's limits.
 struct Part<'a> {
     rpm: Option<&'a RateRule>,
     rpd: Option<&'a RateRule>,
@@ -96,22 +97,46 @@ struct Part<'a> {
     max_concurrent: Option<u32>,
     budget: Option<&'a BudgetRule>,
     span: Span,
+    /// The hash's idle TTL when it is not the usual (see [`Part::idle_ms`]).
+    idle_ms: Option<u64>,
 }
 
-fn part<'a>(snap: &'a Snapshot, route: Route, member: &Member) -> Part<'a> {
-    let rules: &LevelRules = snap
-        .level(member.level, route)
-        .rules
-        .expect("a group lists only levels whose rules apply");
-    match member.budget {
-        0 => Part {
+impl Part<'_> {
+    fn of(rules: &LevelRules) -> Part<'_> {
+        Part {
             rpm: rules.rpm.as_ref(),
             rpd: rules.rpd.as_ref(),
             tpm: rules.tpm.as_ref(),
             max_concurrent: rules.max_concurrent,
             budget: rules.budget.as_ref(),
             span: rules.span,
-        },
+            idle_ms: None,
+        }
+    }
+
+    /// The idle TTL of the hash: an end user's is exactly its `idle_secs` (end users
+    /// are many and come and go: their counters are not kept for two budget periods
+    /// like the policy's scopes, and one that expires starts afresh, as one the
+    /// in-memory table forgets does).
+    fn idle_ms(&self, ttls: Ttls) -> u64 {
+        self.idle_ms.unwrap_or_else(|| ttls.idle_for(self.span))
+    }
+}
+
+fn part<'a>(snap: &'a Snapshot, route: Route, member: &Member) -> Part<'a> {
+    if member.level == END_USER_LEVEL {
+        let end_user = end_user_rules(snap, route);
+        return Part {
+            idle_ms: Some((end_user.idle_nanos / 1_000_000).max(1)),
+            ..Part::of(&end_user.rules)
+        };
+    }
+    let rules: &LevelRules = snap
+        .level(member.level, route)
+        .rules
+        .expect("a group lists only levels whose rules apply");
+    match member.budget {
+        0 => Part::of(rules),
         i => {
             let budget = &rules.more_budgets[i - 1];
             Part {
@@ -121,9 +146,17 @@ fn part<'a>(snap: &'a Snapshot, route: Route, member: &Member) -> Part<'a> {
                 max_concurrent: None,
                 budget: Some(budget),
                 span: budget.span,
+                idle_ms: None,
             }
         }
     }
+}
+
+fn end_user_rules(snap: &Snapshot, route: Route) -> &EndUserRules {
+    snap.policy.workspaces[route.workspace as usize]
+        .end_users
+        .as_deref()
+        .expect("a group lists the end user's level only when its rules apply")
 }
 
 /// the `reserve` function for one group.
@@ -166,7 +199,7 @@ pub(crate) fn reserve(
         let (kind, seconds) = period_args(rules.span);
         args.push(kind.to_string());
         args.push(seconds.to_string());
-        args.push(ttls.idle_for(rules.span).to_string());
+        args.push(rules.idle_ms(ttls).to_string());
     }
     Call {
         keys: group.keys(id),
@@ -226,7 +259,7 @@ pub(crate) fn commit(
             }
             .into(),
         );
-        args.push(ttls.idle_for(rules.span).to_string());
+        args.push(rules.idle_ms(ttls).to_string());
         match rules.budget {
             Some(budget) => {
                 args.push(budget.limit.to_string());

@@ -51,6 +51,10 @@ pub(crate) fn local_share(
     for ws in &mut doc.workspaces {
         share_limits(&mut ws.limits, n);
         share_budget(&mut ws.budget, n_money);
+        if let Some(end_users) = &mut ws.end_user_limits {
+            share_limits(&mut end_users.limits, n);
+            share_budget(&mut end_users.budget, n_money);
+        }
         for model in &mut ws.model_limits {
             share_count(&mut model.rpm, n);
             share_count(&mut model.tpm, n);

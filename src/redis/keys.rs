@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! <prefix>:v2:{ws:<workspace>}:key:<key id>      key level
+//! <prefix>:v2:{ws:<workspace>}:user:<sha256>     end-user level (hex SHA-256 of the
+//!                                                end-user id; idle TTL `idle_secs`)
 //! <prefix>:v2:{ws:<workspace>}:ws                workspace level
 //! <prefix>:v2:{ws:<workspace>}:keymodel:<key id>/<model>  key × model level
 //! <prefix>:v2:{ws:<workspace>}:model:<model>     workspace × model level
@@ -26,6 +28,7 @@
 //! a workspace's levels live under its workspace tag (workspaces spread over the
 //! cluster's slots) and the org's budget and wallet under the org's tag.
 
+use crate::end_users::{END_USER_AFTER, END_USER_LEVEL};
 use crate::snapshot::{Route, Snapshot, LEVELS};
 
 /// The version in every key name: a layout change gets a new one, so an old and a
@@ -135,6 +138,18 @@ impl Layout {
         format!("{}:keymodel:{key}/{model}", self.workspace_tag(workspace))
     }
 
+    /// The counters of end user `end_user` of `workspace`. The id is the caller's
+    /// (OpenAI's `user` may be an e-mail address): its SHA-256 keeps it out of key
+    /// names and makes any text a safe, fixed-length key part.
+    pub(crate) fn end_user(&self, workspace: &str, end_user: &str) -> String {
+        use sha2::{Digest, Sha256};
+        format!(
+            "{}:user:{}",
+            self.workspace_tag(workspace),
+            hex::encode(Sha256::digest(end_user.as_bytes()))
+        )
+    }
+
     /// The workspace's own counters.
     pub(crate) fn workspace(&self, workspace: &str) -> String {
         format!("{}:ws", self.workspace_tag(workspace))
@@ -160,8 +175,15 @@ impl Layout {
         format!("{}:wallet", self.org_tag(org))
     }
 
-    /// The workspace group and the org group of a request's levels.
-    pub(crate) fn groups(&self, snap: &Snapshot, route: Route) -> [Group; 2] {
+    /// The workspace group and the org group of a request's levels. `end_user` is the
+    /// end user's scope hash ([`Layout::end_user`]) when that level applies: it goes
+    /// right after the key × model level, in the workspace's group.
+    pub(crate) fn groups(
+        &self,
+        snap: &Snapshot,
+        route: Route,
+        mut end_user: Option<String>,
+    ) -> [Group; 2] {
         let policy = &snap.policy;
         let ws = &policy.workspaces[route.workspace as usize];
         let ws_tag = self.workspace_tag(&ws.id);
@@ -170,7 +192,7 @@ impl Layout {
             tag: ws_tag.clone(),
             key_id: Some(policy.keys[route.key as usize].id.to_string()),
             generation: String::new(),
-            levels: Vec::with_capacity(WORKSPACE_LEVELS),
+            levels: Vec::with_capacity(WORKSPACE_LEVELS + 1),
         };
         let mut org = Group {
             tag: org_tag.clone(),
@@ -179,6 +201,17 @@ impl Layout {
             levels: Vec::with_capacity(LEVELS - WORKSPACE_LEVELS),
         };
         for level in 0..LEVELS {
+            // The end user's hash comes where the in-memory engine checks it: right
+            // before the workspace's level.
+            if level == END_USER_AFTER + 1 {
+                if let Some(key) = end_user.take() {
+                    workspace.levels.push(Member {
+                        level: END_USER_LEVEL,
+                        budget: 0,
+                        key,
+                    });
+                }
+            }
             let Some(rules) = snap.level(level, route).rules else {
                 continue;
             };

@@ -39,6 +39,7 @@ use redis::Value;
 use crate::clock::{Clock, Timestamp};
 use crate::decide::{admit, denial, refused, Admission};
 use crate::denial::{Denial, DenialReason, Error, Scope, StoreError, StoreErrorKind};
+use crate::end_users::END_USER_LEVEL;
 use crate::engine::{BudgetStatus, Engine};
 use crate::events::{EventSink, Events};
 use crate::policy::{Policy, StoreFailureMode};
@@ -401,7 +402,20 @@ impl RedisEngine {
             denial
         };
         let admission = admit(snap, request, now, status).map_err(counted)?;
-        let remote = Inner::reserve(Arc::clone(inner), Arc::clone(snap), admission, now);
+        // The end user's hash, when its level applies (a request without one is not
+        // limited at that level).
+        let workspace = &snap.policy.workspaces[admission.route.workspace as usize];
+        let end_user = request
+            .end_user
+            .filter(|_| workspace.end_users.is_some())
+            .map(|id| inner.layout.end_user(&workspace.id, id));
+        let remote = Inner::reserve(
+            Arc::clone(inner),
+            Arc::clone(snap),
+            admission,
+            end_user,
+            now,
+        );
         match Detach::new(remote).await {
             Reserve::Admitted(reservation) => {
                 snap.meters.admitted(admission.route);
@@ -557,6 +571,14 @@ impl RedisEngine {
         format!("{}:ws", self.inner.layout.workspace_tag(workspace))
     }
 
+    /// The Redis key of end user `end_user`'s counters in `workspace` (the hex SHA-256
+    /// of the id, under the workspace's hash tag; see the README's key layout). It
+    /// expires after the workspace's `end_user_limits.idle_secs` without a request.
+    #[must_use]
+    pub fn end_user_key(&self, workspace: &str, end_user: &str) -> String {
+        self.inner.layout.end_user(workspace, end_user)
+    }
+
     /// The Redis key of the org's budget counters.
     #[must_use]
     pub fn org_key(&self) -> String {
@@ -603,12 +625,13 @@ impl Inner {
         self: Arc<Self>,
         snap: Arc<Snapshot>,
         admission: Admission,
+        end_user: Option<String>,
         now: Timestamp,
     ) -> Reserve {
         let status = self.config.budget_status.code();
         let Admission { route, ask, .. } = admission;
         let id = self.next_id();
-        let mut groups = self.layout.groups(&snap, route);
+        let mut groups = self.layout.groups(&snap, route, end_user);
         let calls = groups
             .each_ref()
             .map(|group| calls::reserve(&snap, route, group, &id, ask, self.ttls));
@@ -670,8 +693,13 @@ impl Inner {
             // The workspace's levels come first in level order: report them first.
             (Ok(Reserved::Refused { level, refusal }), _)
             | (Ok(Reserved::Admitted(_)), Ok(Reserved::Refused { level, refusal })) => {
+                let scope = if level == END_USER_LEVEL {
+                    Scope::EndUser
+                } else {
+                    snap.level(level, route).scope
+                };
                 Reserve::Denied(refused(
-                    snap.level(level, route).scope,
+                    scope,
                     level == WALLET_LEVEL,
                     refusal,
                     ask,
@@ -700,7 +728,12 @@ impl Inner {
         ];
         if let Some(events) = &commit.snapshot.events {
             let now = self.clock.now();
-            for r in reached.iter().flatten() {
+            // End users' budgets send no alerts: they are many, and not in the policy.
+            for r in reached
+                .iter()
+                .flatten()
+                .filter(|r| r.budget.0 != END_USER_LEVEL)
+            {
                 events.budget_reached(
                     &commit.snapshot,
                     commit.route,

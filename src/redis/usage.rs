@@ -65,6 +65,7 @@ impl RedisEngine {
                 temporary: temporary(ws.temporary.as_deref(), now),
                 usage,
                 models,
+                end_users_tracked: None,
             });
         }
         let mut keys = Vec::with_capacity(policy.keys.len());
@@ -123,6 +124,30 @@ impl RedisEngine {
             reports.push(self.report(&extra, budget.span, now).await?);
         }
         Ok(budgets_of(rules, reports))
+    }
+
+    /// Usage of one end user of a workspace with `end_user_limits`, read from Redis
+    /// (every instance's traffic); `None` when the workspace is unknown or sets no
+    /// end-user limits. An end user never seen, or whose counters expired, reports
+    /// zeros.
+    ///
+    /// # Errors
+    /// [`Error::Store`] if Redis fails or a counter is corrupt.
+    pub async fn end_user_usage(
+        &self,
+        workspace: &str,
+        end_user: &str,
+    ) -> Result<Option<ScopeReport>, Error> {
+        let snap = self.inner.snapshot.load_full();
+        let Some(w) = snap.workspace_index(workspace) else {
+            return Ok(None);
+        };
+        let Some(rules) = snap.policy.workspaces[w as usize].end_users.as_deref() else {
+            return Ok(None);
+        };
+        let key = self.inner.layout.end_user(workspace, end_user);
+        let now = self.inner.clock.now();
+        Ok(Some(self.report(&key, rules.rules.span, now).await?))
     }
 
     /// One scope hash as a report. A scope Redis has not seen (or has expired) reports

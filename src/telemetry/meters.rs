@@ -43,8 +43,15 @@ impl MeterSource {
     }
 }
 
-const SCOPES: [&str; 5] = ["key", "workspace", "workspace_model", "org", "key_model"];
-const REASONS: [&str; 13] = [
+const SCOPES: [&str; 6] = [
+    "key",
+    "workspace",
+    "workspace_model",
+    "org",
+    "key_model",
+    "end_user",
+];
+const REASONS: [&str; 14] = [
     "unknown_key",
     "key_revoked",
     "key_expired",
@@ -58,6 +65,7 @@ const REASONS: [&str; 13] = [
     "budget",
     "wallet",
     "store_unavailable",
+    "invalid_end_user",
 ];
 
 fn scope_index(scope: Scope) -> usize {
@@ -67,6 +75,7 @@ fn scope_index(scope: Scope) -> usize {
         Scope::WorkspaceModel => 2,
         Scope::Org => 3,
         Scope::KeyModel => 4,
+        Scope::EndUser => 5,
     }
 }
 
@@ -85,6 +94,7 @@ fn reason_index(reason: DenialReason) -> usize {
         DenialReason::Budget => 10,
         DenialReason::Wallet => 11,
         DenialReason::StoreUnavailable(_) => 12,
+        DenialReason::InvalidEndUser => 13,
     }
 }
 

@@ -4,10 +4,11 @@
 
 /// Counter: requests admitted, by `workspace` and `model`.
 pub const ADMITTED: &str = "tollgate_requests_admitted_total";
-/// Counter: requests denied, by `scope` (`key`, `workspace`, `workspace_model`,
-/// `org`) and `reason` (`unknown_key`, `key_revoked`, `key_expired`,
-/// `workspace_not_active`, `unknown_model`, `model_not_granted`, `rpm`, `rpd`, `tpm`,
-/// `concurrency`, `budget`, `wallet`, `store_unavailable`).
+/// Counter: requests denied, by `scope` (`key`, `end_user`, `workspace`,
+/// `workspace_model`, `org`) and `reason` (`unknown_key`, `key_revoked`,
+/// `key_expired`, `workspace_not_active`, `unknown_model`, `model_not_granted`, `rpm`,
+/// `rpd`, `tpm`, `concurrency`, `budget`, `wallet`, `store_unavailable`,
+/// `invalid_end_user`).
 pub const DENIED: &str = "tollgate_requests_denied_total";
 /// Counter: committed spend in pico-dollars (10⁻¹² USD, exact), by `workspace` and
 /// `model`. Divide by 1e12 for USD.

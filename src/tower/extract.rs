@@ -14,6 +14,7 @@ pub struct Extracted {
     input_tokens: u32,
     max_output_tokens: Option<u32>,
     outputs: u32,
+    end_user: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -42,6 +43,7 @@ impl Extracted {
             input_tokens: 0,
             max_output_tokens: None,
             outputs: 1,
+            end_user: None,
         }
     }
 
@@ -67,6 +69,13 @@ impl Extracted {
         self
     }
 
+    /// The end user the request is made for (see [`Request::end_user`]).
+    #[must_use]
+    pub fn end_user(mut self, id: impl Into<String>) -> Self {
+        self.end_user = Some(id.into());
+        self
+    }
+
     /// The [`Request`] to reserve for.
     #[must_use]
     pub fn request(&self) -> Request<'_> {
@@ -80,6 +89,7 @@ impl Extracted {
             input_tokens: self.input_tokens,
             max_output_tokens: self.max_output_tokens,
             outputs: self.outputs,
+            end_user: self.end_user.as_deref(),
         }
     }
 }

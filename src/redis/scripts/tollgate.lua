@@ -516,6 +516,10 @@ local function reserve(KEYS, ARGV)
   end
 
   local levels = #KEYS - 4
+  -- A record holds at most MAX_LEVELS levels: refuse more than it could be read back.
+  if levels > MAX_LEVELS then
+    return redis.error_reply('TOOMANYLEVELS ' .. levels .. ' > ' .. MAX_LEVELS)
+  end
   local plan = {}
   -- A refusal keeps what pass 1 decided about the scopes it read (periods rolled or
   -- moved to a new kind, buckets brought to new rules), never a take.
