@@ -113,8 +113,8 @@ pub struct WorkspaceUpdate {
 /// One change to a policy document.
 #[derive(Clone)]
 pub(crate) enum Change {
-    CreateWorkspace(WorkspaceSpec),
-    UpdateWorkspace(String, WorkspaceUpdate),
+    CreateWorkspace(Box<WorkspaceSpec>),
+    UpdateWorkspace(String, Box<WorkspaceUpdate>),
     DeleteWorkspace(String),
     CreateKey(NewKey),
     RotateKey { id: String, grace: Duration },
@@ -188,7 +188,7 @@ pub(crate) fn edit(
                 ));
             }
             let scope = ScopeRef::workspace(&org, &spec.id);
-            doc.workspaces.push(spec);
+            doc.workspaces.push(*spec);
             done(EventKind::WorkspaceCreated { scope })
         }
         Change::UpdateWorkspace(id, update) => {
@@ -208,7 +208,7 @@ pub(crate) fn edit(
                 owner,
                 members,
                 webhooks,
-            } = update;
+            } = *update;
             if let Some(v) = status {
                 ws.status = v;
             }

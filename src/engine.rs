@@ -405,7 +405,7 @@ impl Engine {
         spec: WorkspaceSpec,
         actor: Option<&str>,
     ) -> Result<(), PolicyError> {
-        self.change(Change::CreateWorkspace(spec), actor).map(drop)
+        self.change(Change::CreateWorkspace(Box::new(spec)), actor).map(drop)
     }
 
     /// Change a workspace's settings (not its id or name). Limits apply from the next
@@ -419,7 +419,7 @@ impl Engine {
         update: WorkspaceUpdate,
         actor: Option<&str>,
     ) -> Result<(), PolicyError> {
-        self.change(Change::UpdateWorkspace(id.to_owned(), update), actor)
+        self.change(Change::UpdateWorkspace(id.to_owned(), Box::new(update)), actor)
             .map(drop)
     }
 

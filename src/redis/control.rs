@@ -78,7 +78,7 @@ impl RedisEngine {
         spec: WorkspaceSpec,
         actor: Option<&str>,
     ) -> Result<(), Error> {
-        self.change(Change::CreateWorkspace(spec), actor)
+        self.change(Change::CreateWorkspace(Box::new(spec)), actor)
             .await
             .map(drop)
     }
@@ -93,7 +93,7 @@ impl RedisEngine {
         update: WorkspaceUpdate,
         actor: Option<&str>,
     ) -> Result<(), Error> {
-        self.change(Change::UpdateWorkspace(id.to_owned(), update), actor)
+        self.change(Change::UpdateWorkspace(id.to_owned(), Box::new(update)), actor)
             .await
             .map(drop)
     }
