@@ -328,6 +328,7 @@ impl LevelHold {
     /// requests and tokens only if `tally`). `rules` are the ones the hold was taken
     /// under: they say which tokens it counted; the counters convert them with the
     /// rules in force now, and roll periods of the kind in force now.
+    #[allow(clippy::too_many_arguments)] // the extra budgets' counters made it eight
     pub(crate) fn settle(
         self,
         state: &ScopeState,

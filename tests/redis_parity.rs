@@ -32,7 +32,6 @@ use tollgate::*;
 const MODELS: [&str; 2] = ["m-lite", "m-max"];
 const KEYS: [&str; 3] = ["k-a1", "k-a2", "k-b"];
 const WORKSPACES: [&str; 2] = ["ws-a", "ws-b"];
-const KEY_WORKSPACE: [usize; 3] = [0, 0, 1];
 
 /// A µUSD amount as USD.
 fn usd(micros: u64) -> Decimal {
