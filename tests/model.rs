@@ -22,6 +22,14 @@
 //! three keys and a fourth unknown one) and its limits are small, so every kind of
 //! denial happens often.
 //!
+//! The policy's breadth is covered too: a second (or third) budget on a key, workspace
+//! or the org, each over its own period and held, released and counted on counters
+//! of its own ([`Model::follow_extras`]); soft budgets that never refuse; key × model
+//! limits (RPM, TPM, budget) as a level between key and workspace, and workspace ×
+//! model budgets; temporary overrides whose `until` falls inside the sequence
+//! ([`in_force`], [`LAPSE`]). Usage's `budgets`, `KeyUsage::models` and
+//! `temporary` are compared as well.
+//!
 //! `PROPTEST_CASES` sets the number of cases (256 by default; CI runs 2000).
 
 use std::collections::BTreeMap;
