@@ -22,7 +22,7 @@ use crate::policy_store::PolicyStore;
 use crate::request::{Request, Usage};
 use crate::reservation::EndUserHold;
 use crate::reservation::{Receipt, Reservation};
-use crate::snapshot::{Published, Snapshot, LEVELS, WALLET_LEVEL};
+use crate::snapshot::{Lapses, Published, Snapshot, LEVELS, WALLET_LEVEL};
 use crate::store::{reserve_level, LevelHold, Refusal, ScopeState, Tightest};
 use crate::sync::{Arc, SwapCell};
 use crate::telemetry::{self, MeterSource};
@@ -85,6 +85,32 @@ struct Inner {
     budget_status: u16,
     /// Where every accepted change is saved before it is published.
     store: Option<StdArc<dyn PolicyStore>>,
+}
+
+impl Lapses for Inner {
+    /// Publish a snapshot with the rules in force at `now`, built as of the instant
+    /// each override ended (as a policy change made then would have been: counters
+    /// adapt to the new limits at that time). Nothing is saved: the policy document
+    /// has not changed.
+    fn put_temporary_in_force(&self, now: Timestamp) {
+        if now.as_unix_nanos() < self.snapshot.load().next_change {
+            return; // done already
+        }
+        let _writer = self.apply_lock.lock();
+        let mut current = self.snapshot.load_full();
+        // Several overrides may have ended since: one snapshot per instant, in order.
+        while now.as_unix_nanos() >= current.next_change {
+            let at = Timestamp::from_unix_nanos(current.next_change);
+            let next = Snapshot::build_at(
+                current.policy.clone(),
+                Some(&current),
+                StdArc::clone(&current.clock),
+                at,
+            );
+            self.snapshot.store(Arc::new(Published::new(next)));
+            current = self.snapshot.load_full();
+        }
+    }
 }
 
 /// Sets up an [`Engine`].
@@ -171,11 +197,15 @@ impl EngineBuilder {
         snapshot.events = self.events.map(|sink| StdArc::new(Events::new(sink)));
         snapshot.set_meter_source(self.meter_source);
         Engine {
-            inner: StdArc::new(Inner {
-                snapshot: SwapCell::new(Arc::new(Published::new(snapshot))),
-                apply_lock: Mutex::new(()),
-                budget_status: self.budget_status.code(),
-                store: self.store,
+            inner: StdArc::new_cyclic(|inner: &std::sync::Weak<Inner>| {
+                let lapses: std::sync::Weak<dyn Lapses> = inner.clone();
+                snapshot.lapses = Some(lapses);
+                Inner {
+                    snapshot: SwapCell::new(Arc::new(Published::new(snapshot))),
+                    apply_lock: Mutex::new(()),
+                    budget_status: self.budget_status.code(),
+                    store: self.store,
+                }
             }),
         }
     }
@@ -405,7 +435,8 @@ impl Engine {
         spec: WorkspaceSpec,
         actor: Option<&str>,
     ) -> Result<(), PolicyError> {
-        self.change(Change::CreateWorkspace(Box::new(spec)), actor).map(drop)
+        self.change(Change::CreateWorkspace(Box::new(spec)), actor)
+            .map(drop)
     }
 
     /// Change a workspace's settings (not its id or name). Limits apply from the next
@@ -419,8 +450,11 @@ impl Engine {
         update: WorkspaceUpdate,
         actor: Option<&str>,
     ) -> Result<(), PolicyError> {
-        self.change(Change::UpdateWorkspace(id.to_owned(), Box::new(update)), actor)
-            .map(drop)
+        self.change(
+            Change::UpdateWorkspace(id.to_owned(), Box::new(update)),
+            actor,
+        )
+        .map(drop)
     }
 
     /// Delete a workspace for good: its keys are refused at once and its counters
@@ -475,18 +509,11 @@ impl Engine {
             .map(drop)
     }
 
-    /// A temporary override has started or ended: publish a snapshot with the rules
-    /// in force now, as a policy change would (counters adapt to the new limits).
-    /// Nothing is saved: the policy document has not changed.
+    /// A temporary override has started or ended: see [`Lapses`].
     #[cold]
     fn put_temporary_in_force(&self) {
-        let _writer = self.inner.apply_lock.lock();
-        let previous = self.inner.snapshot.load_full();
-        if previous.clock.now().as_unix_nanos() < previous.next_change {
-            return; // another request did it first
-        }
-        let next = successor(&previous, previous.policy.clone());
-        self.inner.snapshot.store(Arc::new(Published::new(next)));
+        let now = self.inner.snapshot.load().clock.now();
+        self.inner.put_temporary_in_force(now);
     }
 
     /// Apply one change atomically: validate the edited policy, save it, publish it,
@@ -532,8 +559,16 @@ impl Engine {
         self.inner.snapshot.load_full().policy.clone()
     }
 
+    /// The snapshot in force now (with any temporary override that has ended since
+    /// the last request put out of force first), for reports and saves.
     pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
-        Arc::clone(self.inner.snapshot.load().snapshot())
+        let published = self.inner.snapshot.load();
+        if published.clock.now().as_unix_nanos() >= published.next_change {
+            drop(published);
+            self.put_temporary_in_force();
+            return Arc::clone(self.inner.snapshot.load().snapshot());
+        }
+        Arc::clone(published.snapshot())
     }
 
     pub(crate) fn now(&self) -> Timestamp {

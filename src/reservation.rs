@@ -226,6 +226,7 @@ impl Reservation {
     /// dropped, so the next request may be refused until it is paid down.
     pub fn commit(mut self, usage: Usage) -> Receipt {
         let now = self.snapshot.clock.now();
+        self.snapshot.follow_lapses(now);
         let input = u64::from(usage.input_tokens);
         let output = u64::from(usage.output_tokens);
         let cost = usage_cost(input, output, self.input_price, self.output_price);
@@ -297,6 +298,7 @@ impl Reservation {
 
     /// Give back every level's hold: the request did not happen.
     pub(crate) fn release(&mut self, now: Timestamp) {
+        self.snapshot.follow_lapses(now);
         self.settled = true;
         self.snapshot.meters.released(self.route);
         for (level, hold) in self.levels.iter().enumerate() {

@@ -60,6 +60,11 @@ pub(crate) struct Snapshot {
     pub(crate) end_users: Vec<Option<EndUserLevel>>,
     /// The engine's event sink, if it has one; carried from snapshot to snapshot.
     pub(crate) events: Option<StdArc<Events>>,
+    /// The engine publishing this snapshot, told when a reservation settles after
+    /// `next_change` so that counters adapt at the instant an override ends, before
+    /// that settlement touches them (see [`Lapses`]). Carried from snapshot to
+    /// snapshot; `None` where no engine publishes snapshots in turn (Redis).
+    pub(crate) lapses: Option<std::sync::Weak<dyn Lapses>>,
     /// Metric handles for this policy's workspaces and models (feature `metrics`).
     pub(crate) meters: Meters,
     /// Where `meters` came from; carried from snapshot to snapshot.
@@ -97,11 +102,23 @@ fn extra_budgets(
 
 impl Snapshot {
     pub(crate) fn build(
-        mut policy: Policy,
+        policy: Policy,
         previous: Option<&Snapshot>,
         clock: StdArc<dyn Clock>,
     ) -> Snapshot {
         let now = clock.now();
+        Self::build_at(policy, previous, clock, now)
+    }
+
+    /// [`Snapshot::build`] as of `now`: the instant the policy takes effect (for a
+    /// temporary override that starts or ends, that instant rather than the first
+    /// request to notice it, so counters adapt as they would have then).
+    pub(crate) fn build_at(
+        mut policy: Policy,
+        previous: Option<&Snapshot>,
+        clock: StdArc<dyn Clock>,
+        now: Timestamp,
+    ) -> Snapshot {
         let next_change = policy.put_in_force(now);
         // Reuse a counter of the previous snapshot by id (adapted to the new rules),
         // or start a fresh one.
@@ -271,6 +288,7 @@ impl Snapshot {
             wallet,
             end_users,
             events: previous.and_then(|p| p.events.clone()),
+            lapses: previous.and_then(|p| p.lapses.clone()),
             meters,
             meter_source,
             next_change: next_change.map_or(u64::MAX, Timestamp::as_unix_nanos),
@@ -282,6 +300,30 @@ impl Snapshot {
     pub(crate) fn set_meter_source(&mut self, source: MeterSource) {
         self.meters = Meters::register(&self.policy, &source);
         self.meter_source = source;
+    }
+}
+
+/// What publishes snapshots in turn: puts temporary overrides that have ended (or
+/// started) by `now` in or out of force, each as of its own instant.
+pub(crate) trait Lapses: Send + Sync {
+    fn put_temporary_in_force(&self, now: Timestamp);
+}
+
+impl Snapshot {
+    /// Before settling at `now` on this snapshot's counters: if an override has
+    /// ended since it was built, have the engine adapt the counters first.
+    #[inline]
+    pub(crate) fn follow_lapses(&self, now: Timestamp) {
+        if now.as_unix_nanos() >= self.next_change {
+            self.follow_lapses_slow(now);
+        }
+    }
+
+    #[cold]
+    fn follow_lapses_slow(&self, now: Timestamp) {
+        if let Some(engine) = self.lapses.as_ref().and_then(std::sync::Weak::upgrade) {
+            engine.put_temporary_in_force(now);
+        }
     }
 }
 

@@ -1799,12 +1799,11 @@ enum Lapse {
     AtFirstReserve,
 }
 
-/// THE LAPSE RULE. The spec is `AtUntil`; the engine does `AtFirstReserve` (it
-/// rebuilds its snapshot lazily in `check_and_reserve`), so buckets are rescaled
-/// at the first reservation after `until` rather than at `until`, and `usage()`
-/// reports the override's budget limit until then. Reported as an engine bug: set
-/// `AtUntil` once the engine lapses at `until` itself.
-const LAPSE: Lapse = Lapse::AtFirstReserve;
+/// THE LAPSE RULE: `AtUntil`, the README's. (`AtFirstReserve` is kept to show what
+/// the model caught before the engine built its snapshot as of `until`: buckets
+/// rescaled at the first reservation after it, and `usage()` reporting the
+/// override's budget limit until then.)
+const LAPSE: Lapse = Lapse::AtUntil;
 
 struct Model {
     now: u64,

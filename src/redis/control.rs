@@ -93,9 +93,12 @@ impl RedisEngine {
         update: WorkspaceUpdate,
         actor: Option<&str>,
     ) -> Result<(), Error> {
-        self.change(Change::UpdateWorkspace(id.to_owned(), Box::new(update)), actor)
-            .await
-            .map(drop)
+        self.change(
+            Change::UpdateWorkspace(id.to_owned(), Box::new(update)),
+            actor,
+        )
+        .await
+        .map(drop)
     }
 
     /// Delete a workspace: its keys are refused by every instance at once and its
