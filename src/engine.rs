@@ -97,6 +97,13 @@ impl Lapses for Inner {
             return; // done already
         }
         let _writer = self.apply_lock.lock();
+        self.lapse_locked(now);
+    }
+}
+
+impl Inner {
+    /// [`Lapses::put_temporary_in_force`], with `apply_lock` held.
+    fn lapse_locked(&self, now: Timestamp) {
         let mut current = self.snapshot.load_full();
         // Several overrides may have ended since: one snapshot per instant, in order.
         while now.as_unix_nanos() >= current.next_change {
@@ -524,6 +531,8 @@ impl Engine {
         actor: Option<&str>,
     ) -> Result<Option<IssuedKey>, PolicyError> {
         let _writer = self.inner.apply_lock.lock();
+        // Overrides that ended before this change end first, at their own instants.
+        self.inner.lapse_locked(self.now());
         let previous = self.inner.snapshot.load_full();
         let (policy, applied) = next_policy(&previous, change)?;
         // Saved before anything changes here: a change the store refuses leaves the

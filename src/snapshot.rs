@@ -65,6 +65,10 @@ pub(crate) struct Snapshot {
     /// that settlement touches them (see [`Lapses`]). Carried from snapshot to
     /// snapshot; `None` where no engine publishes snapshots in turn (Redis).
     pub(crate) lapses: Option<std::sync::Weak<dyn Lapses>>,
+    /// `next_change` of the newest snapshot built by the engine, shared by all its
+    /// snapshots: a reservation settles on the snapshot it was admitted under, which
+    /// may predate the override that has since ended. Read-mostly, so one load.
+    lapse_at: StdArc<std::sync::atomic::AtomicU64>,
     /// Metric handles for this policy's workspaces and models (feature `metrics`).
     pub(crate) meters: Meters,
     /// Where `meters` came from; carried from snapshot to snapshot.
@@ -120,6 +124,14 @@ impl Snapshot {
         now: Timestamp,
     ) -> Snapshot {
         let next_change = policy.put_in_force(now);
+        let lapse_at = previous.map_or_else(
+            || StdArc::new(std::sync::atomic::AtomicU64::new(u64::MAX)),
+            |p| StdArc::clone(&p.lapse_at),
+        );
+        lapse_at.store(
+            next_change.map_or(u64::MAX, Timestamp::as_unix_nanos),
+            std::sync::atomic::Ordering::Release,
+        );
         // Reuse a counter of the previous snapshot by id (adapted to the new rules),
         // or start a fresh one.
         let reuse = |found: Option<&Arc<ScopeState>>, rules: &LevelRules| match found {
@@ -289,6 +301,7 @@ impl Snapshot {
             end_users,
             events: previous.and_then(|p| p.events.clone()),
             lapses: previous.and_then(|p| p.lapses.clone()),
+            lapse_at,
             meters,
             meter_source,
             next_change: next_change.map_or(u64::MAX, Timestamp::as_unix_nanos),
@@ -310,11 +323,12 @@ pub(crate) trait Lapses: Send + Sync {
 }
 
 impl Snapshot {
-    /// Before settling at `now` on this snapshot's counters: if an override has
-    /// ended since it was built, have the engine adapt the counters first.
+    /// Before settling at `now` on this snapshot's counters: if an override of the
+    /// engine's newest policy has ended, have the engine adapt the counters first.
     #[inline]
     pub(crate) fn follow_lapses(&self, now: Timestamp) {
-        if now.as_unix_nanos() >= self.next_change {
+        let due = self.lapse_at.load(std::sync::atomic::Ordering::Acquire);
+        if now.as_unix_nanos() >= due {
             self.follow_lapses_slow(now);
         }
     }
