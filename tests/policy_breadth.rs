@@ -239,9 +239,9 @@ fn a_temporary_override_lapses_by_itself_at_its_end() {
     // One nanosecond before the end it still applies.
     clock.advance(Duration::from_secs(600) - Duration::from_nanos(1));
     spend(&engine, "m", 5);
-    // At the end the base limit is back, with no policy edit.
-    clock.advance(Duration::from_secs(60));
-    spend(&engine, "m", 2);
+    // At the end the base limit is back, with no policy edit; the five requests of
+    // the last minute count against it as they would after a policy change.
+    clock.advance(Duration::from_nanos(1));
     let refused = engine.check_and_reserve(&req("m")).unwrap_err();
     assert_eq!(refused.reason, DenialReason::RequestsPerMinute);
     match refused.quota {
@@ -249,6 +249,13 @@ fn a_temporary_override_lapses_by_itself_at_its_end() {
         other => panic!("expected a request quota, got {other:?}"),
     }
     assert!(engine.usage().workspaces[0].temporary.is_none());
+    // Once that backlog has drained: two a minute.
+    clock.advance(Duration::from_secs(180));
+    spend(&engine, "m", 2);
+    assert_eq!(
+        engine.check_and_reserve(&req("m")).unwrap_err().reason,
+        DenialReason::RequestsPerMinute
+    );
     // The document still carries the override as written.
     assert!(engine.policy().document().workspaces[0].temporary.is_some());
 }
