@@ -30,6 +30,14 @@
 //! ([`in_force`], [`LAPSE`]). Usage's `budgets`, `KeyUsage::models` and
 //! `temporary` are compared as well.
 //!
+//! End-user limits too: a workspace may set `end_user_limits` (small limits, sometimes
+//! a budget), and requests name one of three end users (or none). Each end user's
+//! counters are a level between key × model and workspace, created when a request
+//! first names it and adapted to changed rules only when one names it again, as the
+//! engine does; `end_user_usage` and `end_users_tracked` are compared. Eviction is not
+//! modelled: it depends on a randomly seeded hash, so [`MAX_TRACKED`] keeps every shard
+//! below its cap, and the model checks that idle end users are then never forgotten.
+//!
 //! `PROPTEST_CASES` sets the number of cases (256 by default; CI runs 2000).
 
 use std::collections::BTreeMap;
@@ -72,6 +80,18 @@ const WORKSPACES: [&str; 2] = ["ws-a", "ws-b"];
 const KEYS: [&str; 3] = ["k-a1", "k-a2", "k-b"];
 const SECRETS: [&str; 3] = ["sk-a1", "sk-a2", "sk-b"];
 const KEY_WORKSPACE: [usize; 3] = [0, 0, 1];
+
+/// End users a request may name (or none): few, so each one's limits fill up.
+const USERS: [&str; 3] = ["u-1", "u-2", "u-3"];
+
+/// `end_user_limits.max_tracked` of every workspace. Which of the table's 16 shards an
+/// end user lands in depends on a hasher seeded at random for each table, so which
+/// users share a shard (and so which one a full shard evicts) cannot be predicted
+/// from outside. 64 gives every shard a share of 4, more than [`USERS`]: no shard is
+/// ever full, so no end user is ever forgotten (a shard forgets idle users only when
+/// it needs room), and the model predicts exactly that: counters of an end user idle
+/// far beyond `idle_secs` are still there, its day window and budget still count.
+const MAX_TRACKED: i64 = 64;
 
 /// Budget periods a workspace or key budget may have: all on the grids `Op::AdvanceTo`
 /// lands on (hours, 90 minutes, days; months start on a day boundary). A scope without
@@ -157,6 +177,14 @@ fn valid_temporary(t: Option<Temporary>, has_budget: bool) -> Option<Temporary> 
     (!t.is_empty()).then_some(t)
 }
 
+/// A workspace's `end_user_limits`: what each end user gets on its own.
+#[derive(Clone, Debug, PartialEq)]
+struct EndUserParams {
+    limits: Limits,
+    budget: Option<Budget>,
+    idle_secs: u64,
+}
+
 #[derive(Clone)]
 struct WorkspaceParams {
     /// Absent workspaces are unknown (and so are their keys); one that comes back gets
@@ -170,6 +198,7 @@ struct WorkspaceParams {
     soft: bool,
     more: Vec<Extra>,
     temporary: Option<Temporary>,
+    end_users: Option<EndUserParams>,
 }
 
 #[derive(Clone)]
@@ -351,7 +380,17 @@ impl std::fmt::Debug for WorkspaceParams {
             show_budget(&self.budget),
             show_more(self.soft, &self.more),
             self.temporary,
-        )
+        )?;
+        if let Some(e) = &self.end_users {
+            write!(
+                f,
+                " end users {:?} budget {} idle {}s",
+                e.limits,
+                show_budget(&e.budget),
+                e.idle_secs
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -479,6 +518,12 @@ fn workspace_spec(w: usize, wp: &WorkspaceParams) -> WorkspaceSpec {
         budgets: more_specs(&wp.more),
         temporary: temporary_spec(&wp.temporary),
         default_max_output_tokens: WORKSPACE_DEFAULT_OUTPUT[w].map(i64::from),
+        end_user_limits: wp.end_users.as_ref().map(|e| EndUserLimitsSpec {
+            limits: limits_spec(&e.limits),
+            budget: budget_spec(&e.budget),
+            max_tracked: Some(MAX_TRACKED),
+            idle_secs: Some(e.idle_secs as i64),
+        }),
         ..WorkspaceSpec::new(WORKSPACES[w], WORKSPACES[w])
     }
 }
@@ -615,6 +660,9 @@ enum RateTarget {
     Workspace(usize, Which),
     /// Workspace, model; `true` for tokens, `false` for requests.
     Model(usize, usize, bool),
+    /// A workspace's end-user limits (`apply_policy`: `WorkspaceUpdate` has no field
+    /// for them).
+    EndUser(usize, Which),
     /// A level (0 key, 1 workspace, 2 workspace × model) of the reservation taken last
     /// of those still outstanding, so edits often change limits that hold units.
     Latest(u8, Which),
@@ -668,6 +716,8 @@ enum Op {
         by_id: bool,
         input: u32,
         max_output: Option<u32>,
+        /// The end user it names, by index in [`USERS`].
+        user: Option<usize>,
     },
     /// Commit the `nth` outstanding reservation (modulo their number).
     Commit {
@@ -754,7 +804,7 @@ fn model_limits() -> BoxedStrategy<ModelLimits> {
         sometimes(1..=3i64),
         sometimes(300..=2_500i64),
         counts(),
-        prop_oneof![3 => Just(None), 1 => budget(2_000, 30_000).prop_map(Some)],
+        prop_oneof![2 => Just(None), 1 => budget(2_000, 30_000).prop_map(Some)],
     )
         .prop_map(|(rpm, tpm, counts, budget)| ModelLimits {
             rpm,
@@ -809,6 +859,36 @@ fn temporary(rates: bool, lo: u64, hi: u64) -> BoxedStrategy<Option<Temporary>> 
     prop_oneof![2 => Just(None), 1 => t.prop_map(Some)].boxed()
 }
 
+/// Small limits so end users are refused often: a third of the time with a budget.
+/// `idle_secs` from the shortest allowed to an hour, so sequences (which cover hours
+/// and days) leave end users idle beyond it.
+fn end_users() -> BoxedStrategy<Option<EndUserParams>> {
+    let often = |s: BoxedStrategy<i64>| prop_oneof![1 => Just(None), 2 => s.prop_map(Some)];
+    let params = (
+        often((1..=3i64).boxed()),
+        sometimes(1..=5i64),
+        sometimes(300..=3_000i64),
+        counts(),
+        often((1..=2i64).boxed()),
+        prop_oneof![2 => Just(None), 1 => budget(2_000, 25_000).prop_map(Some)],
+        prop::sample::select(vec![60u64, 600, 3_600]),
+    )
+        .prop_map(
+            |(rpm, rpd, tpm, counts, max_concurrent, budget, idle_secs)| EndUserParams {
+                limits: Limits {
+                    rpm,
+                    rpd,
+                    tpm,
+                    counts,
+                    max_concurrent,
+                },
+                budget,
+                idle_secs,
+            },
+        );
+    prop_oneof![1 => Just(None), 2 => params.prop_map(Some)].boxed()
+}
+
 fn workspace(present: f64) -> BoxedStrategy<WorkspaceParams> {
     (
         prop::bool::weighted(present),
@@ -825,10 +905,19 @@ fn workspace(present: f64) -> BoxedStrategy<WorkspaceParams> {
             soft(),
             more_budgets(3_000, 60_000),
             temporary(true, 3_000, 120_000),
+            end_users(),
         ),
     )
         .prop_map(
-            |(present, status, grants, limits, model_limits, budget, (soft, more, temporary))| {
+            |(
+                present,
+                status,
+                grants,
+                limits,
+                model_limits,
+                budget,
+                (soft, more, temporary, end_users),
+            )| {
                 let has_budget = budget.is_some() || !more.is_empty();
                 WorkspaceParams {
                     present,
@@ -840,6 +929,7 @@ fn workspace(present: f64) -> BoxedStrategy<WorkspaceParams> {
                     soft,
                     more,
                     temporary: valid_temporary(temporary, has_budget),
+                    end_users,
                 }
             },
         )
@@ -965,6 +1055,7 @@ fn rate_target() -> BoxedStrategy<RateTarget> {
         2 => (0..3usize, which()).prop_map(|(k, b)| RateTarget::Key(k, b)),
         2 => (0..2usize, which()).prop_map(|(w, b)| RateTarget::Workspace(w, b)),
         1 => (0..2usize, 0..2usize, prop::bool::weighted(0.6)).prop_map(|(w, m, t)| RateTarget::Model(w, m, t)),
+        2 => (0..2usize, which()).prop_map(|(w, b)| RateTarget::EndUser(w, b)),
         4 => (0..3u8, which()).prop_map(|(level, b)| RateTarget::Latest(level, b)),
     ]
     .boxed()
@@ -1021,13 +1112,15 @@ fn op() -> BoxedStrategy<Op> {
         any::<bool>(),
         tokens(),
         prop_oneof![1 => Just(None), 3 => tokens().prop_map(Some)],
+        prop_oneof![1 => Just(None), 3 => (0..USERS.len()).prop_map(Some)],
     )
-        .prop_map(|(key, model, by_id, input, max_output)| Op::Reserve {
+        .prop_map(|(key, model, by_id, input, max_output, user)| Op::Reserve {
             key,
             model,
             by_id,
             input,
             max_output,
+            user,
         });
     let grid = prop_oneof![Just(Grid::Hour), Just(Grid::NinetyMinutes), Just(Grid::Day)];
     let offset = prop_oneof![
@@ -1563,6 +1656,19 @@ fn key_model_rules(p: &Params, k: usize, m: usize, at: u64) -> Option<Rules> {
     Some(scoped_model_rules(ml, key_rules(p, k, at).span))
 }
 
+/// The limits of each end user of workspace `w`, when it sets `end_user_limits`:
+/// counted over their budget's period if they have one, else over the workspace's.
+fn end_user_rules(p: &Params, w: usize, at: u64) -> Option<Rules> {
+    let wp = &p.workspaces[w];
+    let e = wp.end_users.as_ref().filter(|_| wp.present)?;
+    Some(Rules::of(
+        &e.limits,
+        budget_list(e.budget, false, &[]),
+        None,
+        workspace_rules(p, w, at).span,
+    ))
+}
+
 /// The next instant an override starts or stops being in force, after rules built
 /// at `at`.
 fn next_lapse(p: &Params, at: u64) -> Option<u64> {
@@ -1587,6 +1693,8 @@ enum ScopeId {
     Model(usize, usize),
     Org,
     Wallet,
+    /// Workspace, end user.
+    EndUser(usize, usize),
     /// The counters of a budget beyond a scope's first: reached only through that
     /// scope (by position), and settled on by the holds that took them.
     Extra,
@@ -1742,6 +1850,11 @@ struct Reached {
     lapses_with_holds: usize,
     /// Usage reports showing an override in force.
     temporaries_shown: usize,
+    /// Reservations naming an end user already tracked but idle for `idle_secs` or
+    /// more: it must not have been forgotten (its shard was never full).
+    idle_end_users_seen_again: usize,
+    /// End users' counters adapted to rules changed since they were last seen.
+    end_users_adapted: usize,
 }
 
 impl Reached {
@@ -1765,6 +1878,8 @@ impl Reached {
         self.lapses += o.lapses;
         self.lapses_with_holds += o.lapses_with_holds;
         self.temporaries_shown += o.temporaries_shown;
+        self.idle_end_users_seen_again += o.idle_end_users_seen_again;
+        self.end_users_adapted += o.end_users_adapted;
     }
 }
 
@@ -1815,6 +1930,12 @@ struct Model {
     key_models: [[Option<usize>; 2]; 3],
     workspaces: [Option<usize>; 2],
     workspace_models: [[Option<usize>; 2]; 2],
+    /// By workspace and end user: counters are created when a request first names the
+    /// end user, and kept while the workspace keeps `end_user_limits` (never
+    /// forgotten: see [`MAX_TRACKED`]).
+    end_users: [[Option<usize>; 3]; 2],
+    /// When each end user was last named by a request (engine clock).
+    end_users_seen: [[u64; 3]; 2],
     org: usize,
     /// When the rules in force were built (a policy change, or an override's end).
     rules_at: u64,
@@ -1837,6 +1958,8 @@ impl Model {
             key_models: [[None; 2]; 3],
             workspaces: [None; 2],
             workspace_models: [[None; 2]; 2],
+            end_users: [[None; 3]; 2],
+            end_users_seen: [[0; 3]; 2],
             org: 0,
             rules_at: now,
             wallet: 0,
@@ -1953,6 +2076,7 @@ impl Model {
             ScopeId::Model(w, m) => self.workspace_models[w][m],
             ScopeId::Org => Some(self.org),
             ScopeId::Wallet => Some(self.wallet),
+            ScopeId::EndUser(w, u) => self.end_users[w][u],
             ScopeId::Extra => None,
         }
     }
@@ -2002,6 +2126,17 @@ impl Model {
         let old = std::mem::replace(&mut self.params, params.clone());
         let at = self.now;
         self.rules_at = at;
+        // An end-user table is handed on while the workspace stays and keeps
+        // `end_user_limits`; otherwise its end users start afresh. Its counters are NOT
+        // adapted here: the engine adapts an end user's counters to changed rules the
+        // next time a request names it (see `reserve`), and usage and settles see them
+        // unadapted until then.
+        for w in 0..2 {
+            let kept = |p: &Params| p.workspaces[w].present && p.workspaces[w].end_users.is_some();
+            if !(kept(&old) && kept(&params)) {
+                self.end_users[w] = [None; 3];
+            }
+        }
         for w in 0..2 {
             match (old.workspaces[w].present, params.workspaces[w].present) {
                 (true, true) => {
@@ -2079,6 +2214,7 @@ impl Model {
         model: ModelPick,
         input: u32,
         max_output: Option<u32>,
+        user: Option<usize>,
     ) -> Result<ModelReservation, Refusal> {
         let now = self.now;
         let Some(k) = key.index().filter(|&k| self.params.keys[k].present) else {
@@ -2117,6 +2253,37 @@ impl Model {
             cost: i128::from(input) * INPUT_PICOS[m] + i128::from(output) * OUTPUT_PICOS[m],
         };
 
+        // The end user's counters are found (created on first sight, or adapted to
+        // rules changed since it was last seen) once the request is admitted this far,
+        // before any level is tried: even a request the key then refuses makes it
+        // tracked and seen.
+        let end_user = user.and_then(|u| {
+            let rules = end_user_rules(&self.params, w, self.rules_at)?;
+            let scope = match self.end_users[w][u] {
+                None => self.new_scope(ScopeId::EndUser(w, u), &rules),
+                Some(scope) => {
+                    if now - self.end_users_seen[w][u]
+                        >= self.params.workspaces[w]
+                            .end_users
+                            .as_ref()
+                            .map_or(u64::MAX, |e| e.idle_secs * SEC)
+                    {
+                        self.reached.idle_end_users_seen_again += 1;
+                    }
+                    let shape = |c: &Counters| (c.kind, c.buckets.each_ref().map(|b| b.interval));
+                    let before = shape(&self.scopes[scope]);
+                    self.adapt(scope, &rules);
+                    if before != shape(&self.scopes[scope]) {
+                        self.reached.end_users_adapted += 1;
+                    }
+                    scope
+                }
+            };
+            self.end_users[w][u] = Some(scope);
+            self.end_users_seen[w][u] = now;
+            Some((scope, rules))
+        });
+
         let (p, at) = (&self.params, self.rules_at);
         let levels = [
             (Scope::Key, self.keys[k].unwrap(), Some(key_rules(p, k, at))),
@@ -2124,6 +2291,12 @@ impl Model {
                 Scope::KeyModel,
                 self.key_models[k][m].unwrap_or(usize::MAX),
                 key_model_rules(p, k, m, at),
+            ),
+            // Right after key × model (the README's level order).
+            (
+                Scope::EndUser,
+                end_user.as_ref().map_or(usize::MAX, |e| e.0),
+                end_user.map(|e| e.1),
             ),
             (
                 Scope::Workspace,
@@ -2141,7 +2314,7 @@ impl Model {
 
         let mut taken = Vec::new();
         let mut tightest = Tightest::default();
-        for (level, (scope, index, rules)) in levels.into_iter().enumerate() {
+        for (scope, index, rules) in levels {
             let Some(rules) = rules else { continue };
             match self.take_level(index, &rules, ask, &mut tightest) {
                 Ok(hold) => taken.push(hold),
@@ -2150,7 +2323,7 @@ impl Model {
                         self.release(hold);
                     }
                     let reason = match reason {
-                        DenialReason::Budget if level == 5 => DenialReason::Wallet,
+                        DenialReason::Budget if index == self.wallet => DenialReason::Wallet,
                         reason => reason,
                     };
                     return Err((reason, scope));
@@ -2611,6 +2784,17 @@ fn check_usage(engine: &Engine, model: &mut Model, when: &str) -> Result<(), Tes
         let got = ws.temporary.as_ref().map(|t| utc(t.until.as_unix_nanos()));
         let want = temporary_seen(model, &p.workspaces[w].temporary);
         prop_assert_eq!(got, want, "{} temporary, {}", &ws.id, when);
+        // End users: how many are tracked (every one named since the table started:
+        // none is forgotten below the cap), and each one's usage, or `None` for one
+        // never named.
+        let tracked = model.end_users[w].iter().flatten().count();
+        let want = p.workspaces[w].end_users.as_ref().map(|_| tracked);
+        prop_assert_eq!(ws.end_users_tracked, want, "{} end users, {}", &ws.id, when);
+        for (u, user) in USERS.iter().enumerate() {
+            let got = engine.end_user_usage(&ws.id, user).map(|r| Seen::from(&r));
+            let want = model.end_users[w][u].map(|scope| model.report(scope));
+            prop_assert_eq!(got, want, "{} end user {}, {}", &ws.id, user, when);
+        }
         prop_assert_eq!(ws.models.len(), 2);
         for (m, mu) in ws.models.iter().enumerate() {
             prop_assert_eq!(&mu.model, MODELS[m]);
@@ -2673,6 +2857,7 @@ fn request(
     by_id: bool,
     input: u32,
     max_output: Option<u32>,
+    user: Option<usize>,
 ) -> Request<'static> {
     let mut request = if by_id {
         Request::with_key_id(key.index().map_or("k-ghost", |k| KEYS[k]), model.name())
@@ -2681,6 +2866,7 @@ fn request(
     }
     .input_tokens(input);
     request.max_output_tokens = max_output;
+    request.end_user = user.map(|u| USERS[u]);
     request
 }
 
@@ -2790,6 +2976,14 @@ fn plan(p: &Params, edit: &Edit, latest: Option<(usize, usize)>) -> Plan {
                 )
             }
             None | Some(RateTarget::Latest(..)) => return Plan::Skip,
+            Some(RateTarget::EndUser(w, which)) => {
+                let wp = &mut p.workspaces[w];
+                let Some(e) = wp.end_users.as_mut().filter(|_| wp.present) else {
+                    return Plan::Skip;
+                };
+                change_rate(&mut e.limits, which, change);
+                Call::Replace
+            }
             Some(RateTarget::Model(w, m, tokens)) => {
                 if !p.workspaces[w].present {
                     return Plan::Skip;
@@ -2973,14 +3167,16 @@ fn run(initial: &Params, ops: &[Op]) -> Result<Outcomes, TestCaseError> {
                 by_id,
                 input,
                 max_output,
+                user,
             } => {
                 if LAPSE == Lapse::AtFirstReserve
                     && next_lapse(&model.params, model.rules_at).is_some_and(|t| t <= model.now)
                 {
                     model.lapse();
                 }
-                let got = engine.check_and_reserve(&request(key, m, by_id, input, max_output));
-                match (got, model.reserve(key, m, input, max_output)) {
+                let got =
+                    engine.check_and_reserve(&request(key, m, by_id, input, max_output, user));
+                match (got, model.reserve(key, m, input, max_output, user)) {
                     (Ok(reservation), Ok(held)) => {
                         let want = decimal(held.ask.cost);
                         prop_assert_eq!(reservation.reserved_cost(), want, "{}", what());
@@ -3089,6 +3285,14 @@ fn run(initial: &Params, ops: &[Op]) -> Result<Outcomes, TestCaseError> {
     for report in scopes {
         prop_assert_eq!((report.current.held, report.in_flight), (Decimal::ZERO, 0));
     }
+    for ws in WORKSPACES {
+        for user in USERS {
+            if let Some(report) = engine.end_user_usage(ws, user) {
+                let got = (report.current.held, report.in_flight);
+                prop_assert_eq!(got, (Decimal::ZERO, 0), "{} end user {}", ws, user);
+            }
+        }
+    }
     seen.reached = model.reached;
     Ok(seen)
 }
@@ -3139,7 +3343,7 @@ proptest! {
 fn the_generator_reaches_every_outcome() {
     let mut runner = TestRunner::deterministic();
     let mut all = Outcomes::default();
-    for _ in 0..150 {
+    for _ in 0..300 {
         let (initial, ops) = cases().new_tree(&mut runner).unwrap().current();
         all.add(run(&initial, &ops).unwrap_or_else(|e| panic!("{e}")));
     }
@@ -3175,6 +3379,11 @@ fn the_generator_reaches_every_outcome() {
         (DenialReason::Budget, Scope::Workspace),
         (DenialReason::Budget, Scope::Org),
         (DenialReason::Wallet, Scope::Org),
+        (DenialReason::RequestsPerMinute, Scope::EndUser),
+        (DenialReason::RequestsPerDay, Scope::EndUser),
+        (DenialReason::TokensPerMinute, Scope::EndUser),
+        (DenialReason::Concurrency, Scope::EndUser),
+        (DenialReason::Budget, Scope::EndUser),
     ];
     let rare: Vec<_> = expected
         .iter()
@@ -3230,6 +3439,8 @@ fn the_generator_reaches_every_outcome() {
         ("overrides ended", r.lapses, 45),
         ("overrides ended with holds", r.lapses_with_holds, 18),
         ("overrides shown in usage", r.temporaries_shown, 100),
+        ("idle end users seen again", r.idle_end_users_seen_again, 50),
+        ("end users adapted to new rules", r.end_users_adapted, 30),
     ];
     let short: Vec<_> = counts.iter().filter(|(_, n, min)| n < min).collect();
     assert!(

@@ -1,6 +1,9 @@
 //! Parity of the Redis backend with the in-memory engine under the rules of the
 //! policy-breadth change: several budgets per scope (a soft one among them), key ×
 //! model and workspace × model limits with budgets, and temporary overrides in force.
+//! `ws-a` also sets end-user limits (RPM, RPD, TPM, concurrency, a day budget), and
+//! requests name one of two end users or none, in either workspace (`ws-b` has no
+//! end-user limits, so there the end user must change nothing).
 //! Both engines get the same policy and the same random sequence of reservations,
 //! commits and drops, and must agree on every decision, every receipt and, at the
 //! end, every counter `usage()` reports.
@@ -32,6 +35,7 @@ use tollgate::*;
 const MODELS: [&str; 2] = ["m-lite", "m-max"];
 const KEYS: [&str; 3] = ["k-a1", "k-a2", "k-b"];
 const WORKSPACES: [&str; 2] = ["ws-a", "ws-b"];
+const USERS: [&str; 2] = ["u-1", "u-2"];
 
 /// A µUSD amount as USD.
 fn usd(micros: u64) -> Decimal {
@@ -60,7 +64,17 @@ struct Params {
     key_week_soft: u64,
     key_temporary: (Option<i64>, Option<i64>, Option<u64>),
     key_b_rpm: Option<i64>,
+    /// `ws-a`'s end-user limits: RPM, RPD, TPM, max concurrent, day budget (µUSD).
+    end_user: EndUserParams,
 }
+
+type EndUserParams = (
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<u64>,
+);
 
 /// Ends long after any test: the override is in force throughout.
 fn far_future() -> chrono::DateTime<Utc> {
@@ -108,6 +122,17 @@ fn policy(p: &Params) -> Policy {
             ..ModelLimitSpec::new(MODELS[1])
         });
     ws_a.temporary = temporary(p.ws_temporary);
+    let (rpm, rpd, tpm, max_concurrent, budget) = p.end_user;
+    ws_a.end_user_limits = Some(EndUserLimitsSpec {
+        budget: budget.map(|b| BudgetSpec::new(usd(b), BudgetPeriod::Day)),
+        ..EndUserLimitsSpec::new(LimitsSpec {
+            rpm,
+            rpd,
+            tpm,
+            max_concurrent,
+            ..LimitsSpec::default()
+        })
+    });
     let ws_b = WorkspaceSpec::new(WORKSPACES[1], WORKSPACES[1])
         .grant(MODELS[0])
         .grant(MODELS[1])
@@ -213,8 +238,15 @@ fn params() -> impl Strategy<Value = Params> {
             ),
             maybe(1..=4i64),
         ),
+        (
+            maybe(1..=4i64),
+            maybe(1..=5i64),
+            maybe(hundreds(300, 3_000)),
+            maybe(1..=2i64),
+            maybe(money(1_000, 20_000)),
+        ),
     )
-        .prop_map(|(a, b)| Params {
+        .prop_map(|(a, b, end_user)| Params {
             org_month: a.0,
             org_day: a.1,
             org_day_soft: a.2,
@@ -235,6 +267,7 @@ fn params() -> impl Strategy<Value = Params> {
             key_week_soft: b.8,
             key_temporary: b.9,
             key_b_rpm: b.10,
+            end_user,
         })
 }
 
@@ -245,6 +278,7 @@ enum Op {
         model: usize,
         input: u32,
         max_output: u32,
+        user: Option<usize>,
     },
     Commit {
         nth: usize,
@@ -264,19 +298,34 @@ fn tokens() -> impl Strategy<Value = u32> {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0..3usize, 0..2usize, tokens(), tokens()).prop_map(|(key, model, input, max_output)| {
-            Op::Reserve { key, model, input, max_output }
-        }),
+        6 => (
+            0..3usize,
+            0..2usize,
+            tokens(),
+            tokens(),
+            prop_oneof![1 => Just(None), 3 => (0..USERS.len()).prop_map(Some)],
+        )
+            .prop_map(|(key, model, input, max_output, user)| {
+                Op::Reserve { key, model, input, max_output, user }
+            }),
         3 => (0..8usize, tokens(), tokens())
             .prop_map(|(nth, input, output)| Op::Commit { nth, input, output }),
         1 => (0..8usize).prop_map(|nth| Op::Drop { nth }),
     ]
 }
 
-fn request(key: usize, model: usize, input: u32, max_output: u32) -> Request<'static> {
-    Request::with_key_id(KEYS[key], MODELS[model])
+fn request(
+    key: usize,
+    model: usize,
+    input: u32,
+    max_output: u32,
+    user: Option<usize>,
+) -> Request<'static> {
+    let mut request = Request::with_key_id(KEYS[key], MODELS[model])
         .input_tokens(input)
-        .max_output_tokens(max_output)
+        .max_output_tokens(max_output);
+    request.end_user = user.map(|u| USERS[u]);
+    request
 }
 
 /// The compared part of one scope's report (`in_flight` is the in-memory engine's
@@ -319,6 +368,14 @@ fn ledger(u: &UsageSnapshot) -> Vec<(String, String)> {
         }
     }
     out
+}
+
+/// Normalise the decimals of one scope's report, so `Debug` compares values.
+fn normalize(r: &mut ScopeReport) {
+    for s in [&mut r.current, &mut r.previous] {
+        s.cost = s.cost.normalize();
+        s.held = s.held.normalize();
+    }
 }
 
 /// Normalise the decimals of a usage snapshot, so `Debug` compares values, not scales.
@@ -386,6 +443,44 @@ async fn compare_books(
     for ((scope, w), (_, g)) in want.iter().zip(&got) {
         prop_assert_eq!(w, g, "{} {}: in-memory vs Redis", scope, when);
     }
+    for ws in WORKSPACES {
+        for user in USERS {
+            let theirs = redis.end_user_usage(ws, user).await.map_err(|e| {
+                TestCaseError::fail(format!("end-user usage from Redis {when}: {e}"))
+            })?;
+            let theirs = theirs.map(|mut r| {
+                normalize(&mut r);
+                r
+            });
+            let mine = memory.end_user_usage(ws, user).map(|mut r| {
+                normalize(&mut r);
+                r
+            });
+            match (mine, theirs) {
+                (Some(m), Some(r)) => {
+                    let (m, r) = (format!("{:?}", books(&m)), format!("{:?}", books(&r)));
+                    prop_assert_eq!(m, r, "{} end user {} {}", ws, user, when);
+                }
+                // Redis reports zeros for an end user it has no counters for; in memory
+                // one never named is not tracked.
+                (None, Some(r)) => {
+                    prop_assert_eq!(r.current.requests, 0, "{} end user {} {}", ws, user, when);
+                    prop_assert!(r.current.cost.is_zero(), "{} {} {}", ws, user, when);
+                    prop_assert!(r.current.held.is_zero(), "{} {} {}", ws, user, when);
+                }
+                (None, None) => {}
+                (m, r) => prop_assert!(
+                    false,
+                    "{} end user {} {}: in-memory {:?}, Redis {:?}",
+                    ws,
+                    user,
+                    when,
+                    m.map(|r| books(&r)),
+                    r.map(|r| books(&r))
+                ),
+            }
+        }
+    }
     Ok(())
 }
 
@@ -422,8 +517,9 @@ async fn run_case(
                 model,
                 input,
                 max_output,
+                user,
             } => {
-                let ask = request(key, model, input, max_output);
+                let ask = request(key, model, input, max_output, user);
                 let mine = memory.check_and_reserve(&ask);
                 let theirs = redis.check_and_reserve(&ask).await;
                 match (mine, theirs) {
@@ -526,4 +622,9 @@ fn redis_engine_agrees_with_the_in_memory_engine() {
     ] {
         assert!(seen.contains_key(wanted), "never {wanted}: {seen:#?}");
     }
+    let end_user_refusals = seen.keys().filter(|k| k.contains("EndUser")).count();
+    assert!(
+        end_user_refusals >= 2,
+        "end users rarely refused: {seen:#?}"
+    );
 }
