@@ -22,8 +22,8 @@ use crate::policy_store::PolicyStore;
 use crate::request::{Request, Usage};
 use crate::reservation::EndUserHold;
 use crate::reservation::{Receipt, Reservation};
-use crate::snapshot::{Lapses, Published, Snapshot, LEVELS, WALLET_LEVEL};
-use crate::store::{reserve_level, LevelHold, Refusal, ScopeState, Tightest};
+use crate::snapshot::{Lapses, Level, Published, Snapshot, LEVELS, WALLET_LEVEL};
+use crate::store::{reserve_level, Refusal, ScopeState, Tightest};
 use crate::sync::{Arc, SwapCell};
 use crate::telemetry::{self, MeterSource};
 
@@ -85,6 +85,20 @@ struct Inner {
     budget_status: u16,
     /// Where every accepted change is saved before it is published.
     store: Option<StdArc<dyn PolicyStore>>,
+}
+
+/// Give back what a reservation being built has taken so far (all or nothing): its
+/// levels' holds and its end user's.
+fn give_back(reservation: &Reservation, levels: &[Level<'_>], now: Timestamp) {
+    let at = now.as_unix_nanos();
+    for (hold, level) in reservation.levels.iter().zip(levels) {
+        if let Some(hold) = hold {
+            hold.release(level.state, level.extras, at, now);
+        }
+    }
+    if let Some(end_user) = &reservation.end_user {
+        end_user.hold.release(&end_user.state, &[], at, now);
+    }
 }
 
 impl Lapses for Inner {
@@ -323,28 +337,34 @@ impl Engine {
             snap.level(4, route),
             snap.level(5, route),
         ];
-        let mut tightest = Tightest::default();
-        let mut holds: [Option<LevelHold>; LEVELS] = [None; LEVELS];
-        let mut end_user_hold = None;
-        // All or nothing: give back what the levels and the end user have taken.
-        let give_back = |holds: &[Option<LevelHold>], end_user_hold: Option<LevelHold>| {
-            for (hold, level) in holds.iter().zip(&levels) {
-                if let Some(hold) = hold {
-                    hold.release(level.state, level.extras, now.as_unix_nanos(), now);
-                }
-            }
-            if let (Some(hold), Some((state, _))) = (end_user_hold, &end_user) {
-                hold.release(state, &[], now.as_unix_nanos(), now);
-            }
+        // Built first and filled in place: a reservation is large, and building its
+        // holds apart and moving them in cost two copies of them per request. Marked
+        // settled until everything is taken, so a refusal's early return drops it
+        // without a second release.
+        let mut reservation = Reservation {
+            snapshot: published.share(),
+            taken_at: now.as_unix_nanos(),
+            route,
+            levels: [None; LEVELS],
+            end_user: None,
+            settled: true,
+            ask,
+            input_price,
+            output_price,
+            tightest: Tightest::default(),
+        };
+        let (mut end_user_state, end_user_rules) = match end_user {
+            Some((state, rules)) => (Some(state), Some(rules)),
+            None => (None, None),
         };
         for (index, level) in levels.iter().enumerate() {
             // The end user's level comes right after the key × model level.
             if index == END_USER_AFTER + 1 {
-                if let Some((state, rules)) = &end_user {
-                    match reserve_level(state, rules, &[], ask, now, &mut tightest) {
-                        Ok(hold) => end_user_hold = Some(hold),
+                if let (Some(state), Some(rules)) = (end_user_state.take(), end_user_rules) {
+                    match reserve_level(&state, rules, &[], ask, now, &mut reservation.tightest) {
+                        Ok(hold) => reservation.end_user = Some(EndUserHold { state, hold }),
                         Err(refusal) => {
-                            give_back(&holds[..index], None);
+                            give_back(&reservation, &levels, now);
                             return Err(refused(
                                 Scope::EndUser,
                                 false,
@@ -358,10 +378,17 @@ impl Engine {
                 }
             }
             let Some(rules) = level.rules else { continue };
-            match reserve_level(level.state, rules, level.extras, ask, now, &mut tightest) {
-                Ok(hold) => holds[index] = Some(hold),
+            match reserve_level(
+                level.state,
+                rules,
+                level.extras,
+                ask,
+                now,
+                &mut reservation.tightest,
+            ) {
+                Ok(hold) => reservation.levels[index] = Some(hold),
                 Err(refusal) => {
-                    give_back(&holds[..index], end_user_hold);
+                    give_back(&reservation, &levels, now);
                     let wallet = index == WALLET_LEVEL;
                     return Err(refused(
                         level.scope,
@@ -376,24 +403,11 @@ impl Engine {
         }
         // Revoked while this request was past lookup: refuse it too.
         if levels[0].state.revoked() {
-            give_back(&holds, end_user_hold);
+            give_back(&reservation, &levels, now);
             return Err(denial(DenialReason::KeyRevoked, Scope::Key, budget_status));
         }
-
-        Ok(Reservation {
-            snapshot: published.share(),
-            taken_at: now.as_unix_nanos(),
-            route,
-            levels: holds,
-            end_user: end_user
-                .zip(end_user_hold)
-                .map(|((state, _), hold)| EndUserHold { state, hold }),
-            settled: false,
-            ask,
-            input_price,
-            output_price,
-            tightest,
-        })
+        reservation.settled = false;
+        Ok(reservation)
     }
 
     /// Replace a reservation by what the request really used. Consumes the

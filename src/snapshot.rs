@@ -316,6 +316,21 @@ impl Snapshot {
     }
 }
 
+/// The counters of a level's budgets beyond its first (`cells[i]`). They are rare:
+/// looked up (one more load per level) only when the level's rules have some.
+#[inline(always)]
+fn extras_of<'a>(
+    rules: &LevelRules,
+    cells: &'a [Box<[Arc<ScopeState>]>],
+    i: usize,
+) -> &'a [Arc<ScopeState>] {
+    if rules.more_budgets.is_empty() {
+        &[]
+    } else {
+        &cells[i]
+    }
+}
+
 /// What publishes snapshots in turn: puts temporary overrides that have ended (or
 /// started) by `now` in or out of force, each as of its own instant.
 pub(crate) trait Lapses: Send + Sync {
@@ -476,7 +491,7 @@ impl Snapshot {
                     scope: Scope::Key,
                     state: &self.keys[k],
                     rules: Some(rules),
-                    extras: &self.key_budgets[k],
+                    extras: extras_of(rules, &self.key_budgets, k),
                 }
             }
             1 => match route.key_model {
@@ -491,7 +506,7 @@ impl Snapshot {
                 scope: Scope::Workspace,
                 state: &self.workspaces[w],
                 rules: Some(&ws.rules),
-                extras: &self.workspace_budgets[w],
+                extras: extras_of(&ws.rules, &self.workspace_budgets, w),
             },
             3 => plain(
                 Scope::WorkspaceModel,
