@@ -93,11 +93,13 @@ fn give_back(reservation: &Reservation, levels: &[Level<'_>], now: Timestamp) {
     let at = now.as_unix_nanos();
     for (hold, level) in reservation.levels.iter().zip(levels) {
         if let Some(hold) = hold {
-            hold.release(level.state, level.extras, at, now);
+            hold.release(level.state, level.extras, reservation.ask.cost, at, now);
         }
     }
     if let Some(end_user) = &reservation.end_user {
-        end_user.hold.release(&end_user.state, &[], at, now);
+        end_user
+            .hold
+            .release(&end_user.state, &[], reservation.ask.cost, at, now);
     }
 }
 

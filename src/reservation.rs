@@ -245,6 +245,7 @@ impl Reservation {
                     hold.settle(
                         (at.state, at.extras),
                         rules,
+                        self.ask.cost,
                         settlement,
                         self.taken_at,
                         now,
@@ -262,6 +263,7 @@ impl Reservation {
                 hold.settle(
                     (state, &[]),
                     &rules.rules,
+                    self.ask.cost,
                     settlement,
                     self.taken_at,
                     now,
@@ -304,11 +306,11 @@ impl Reservation {
         for (level, hold) in self.levels.iter().enumerate() {
             if let Some(hold) = hold {
                 let at = self.snapshot.level(level, self.route);
-                hold.release(at.state, at.extras, self.taken_at, now);
+                hold.release(at.state, at.extras, self.ask.cost, self.taken_at, now);
             }
         }
         if let Some(EndUserHold { state, hold }) = &self.end_user {
-            hold.release(state, &[], self.taken_at, now);
+            hold.release(state, &[], self.ask.cost, self.taken_at, now);
         }
     }
 }

@@ -91,7 +91,9 @@ pub(crate) struct LevelHold {
     rpd: Hold,
     tokens: Hold,
     slot: bool,
-    held_cost: i64,
+    // No held cost: every level of a reservation holds the request's worst-case cost
+    // (`Ask::cost`), passed in when the hold is given back or settled. A reservation
+    // holds seven of these and is moved on every call, so its size is time.
 }
 
 /// The tokens and worst-case cost a request asks each level for.
@@ -172,8 +174,8 @@ pub(crate) fn reserve_level(
     state.periods.roll(now);
     let mut hold = LevelHold::default();
     // On refusal the half-built hold gives back what it has taken so far.
-    let refuse = |hold: LevelHold, refusal: Refusal| {
-        hold.release(state, &[], at, now);
+    let refuse = |hold: LevelHold, held: i64, refusal: Refusal| {
+        hold.release(state, &[], held, at, now);
         Err(refusal)
     };
 
@@ -202,6 +204,7 @@ pub(crate) fn reserve_level(
             Err(refused) => {
                 return refuse(
                     hold,
+                    0,
                     Refusal::Requests {
                         per_day,
                         rule: *rule,
@@ -232,6 +235,7 @@ pub(crate) fn reserve_level(
             Err(refused) => {
                 return refuse(
                     hold,
+                    0,
                     Refusal::Tokens {
                         rule: *rate,
                         requested: units,
@@ -250,6 +254,7 @@ pub(crate) fn reserve_level(
             Err(in_flight) => {
                 return refuse(
                     hold,
+                    0,
                     Refusal::Concurrency {
                         limit: max,
                         in_flight,
@@ -263,19 +268,17 @@ pub(crate) fn reserve_level(
     // and a budget applied later counts holds already taken.
     let budget = rules.budget.as_ref();
     let limit = budget.map_or(i64::MAX, BudgetRule::enforced_limit);
-    match state.periods.try_hold(ask.cost, limit) {
-        Ok(_) => hold.held_cost = ask.cost,
-        Err(remaining) => {
-            let period_end = state.periods.end();
-            return refuse(
-                hold,
-                Refusal::Budget {
-                    limit,
-                    remaining,
-                    period_end,
-                },
-            );
-        }
+    if let Err(remaining) = state.periods.try_hold(ask.cost, limit) {
+        let period_end = state.periods.end();
+        return refuse(
+            hold,
+            0,
+            Refusal::Budget {
+                limit,
+                remaining,
+                period_end,
+            },
+        );
     }
     for (taken, (budget, cell)) in rules.more_budgets.iter().zip(extras).enumerate() {
         cell.periods.roll(now);
@@ -285,6 +288,7 @@ pub(crate) fn reserve_level(
             }
             return refuse(
                 hold,
+                ask.cost,
                 Refusal::Budget {
                     limit: budget.limit,
                     remaining,
@@ -303,6 +307,7 @@ impl LevelHold {
         self,
         state: &ScopeState,
         extras: &[Arc<ScopeState>],
+        held: i64,
         taken_at: u64,
         now: Timestamp,
     ) {
@@ -317,9 +322,9 @@ impl LevelHold {
         if self.slot {
             state.slots.release();
         }
-        state.periods.release(self.held_cost);
+        state.periods.release(held);
         for cell in extras {
-            cell.periods.release(self.held_cost);
+            cell.periods.release(held);
         }
     }
 
@@ -329,10 +334,12 @@ impl LevelHold {
     /// under: they say which tokens it counted; the counters convert them with the
     /// rules in force now, and roll periods of the kind in force now. `counters` are
     /// the level's own and those of its budgets beyond the first.
+    #[allow(clippy::too_many_arguments)] // `held` is here rather than in every hold
     pub(crate) fn settle(
         self,
         (state, extras): (&ScopeState, &[Arc<ScopeState>]),
         rules: &LevelRules,
+        held: i64,
         used: Settlement,
         taken_at: u64,
         now: Timestamp,
@@ -354,10 +361,10 @@ impl LevelHold {
             state.slots.release();
         }
         state.periods.roll(now);
-        state.periods.settle(self.held_cost, used, tally);
+        state.periods.settle(held, used, tally);
         for cell in extras {
             cell.periods.roll(now);
-            cell.periods.settle(self.held_cost, used, tally);
+            cell.periods.settle(held, used, tally);
         }
     }
 }
