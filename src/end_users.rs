@@ -132,9 +132,7 @@ impl EndUserLevel {
     ) -> Result<Arc<ScopeState>, Full> {
         let table = &self.table;
         let hash = table.hasher.hash_one(id);
-        // The middle bits: hashbrown probes with the low bits and tags with the top 7,
-        // so shard members still spread over their table.
-        let shard = (hash >> 32) as usize % SHARDS;
+        let shard = shard_of(id);
         let at = now.as_unix_nanos();
         let mut entries = table.shards[shard].lock();
         if let Some(entry) = entries.find_mut(hash, |e| &*e.id == id) {
@@ -172,7 +170,7 @@ impl EndUserLevel {
     /// End user `id`'s counters if it is tracked, without marking it seen.
     pub(crate) fn peek(&self, id: &str) -> Option<Arc<ScopeState>> {
         let hash = self.table.hasher.hash_one(id);
-        let shard = (hash >> 32) as usize % SHARDS;
+        let shard = shard_of(id);
         let entries = self.table.shards[shard].lock();
         entries
             .find(hash, |e| &*e.id == id)
@@ -181,6 +179,20 @@ impl EndUserLevel {
 }
 
 /// Shard `shard`'s share of `max_tracked`: the shares add up to `max_tracked` exactly.
+/// The shard of end user `id`: the 64-bit FNV-1a hash of its bytes, modulo
+/// [`SHARDS`]. A documented, stable function rather than the table's seeded hash, so
+/// that which end users share a shard's part of the cap (and so which one a full shard
+/// forgets) can be predicted, as the reference model does; inside a shard the table
+/// still hashes with a per-table random seed. One multiply per byte of the id.
+pub(crate) fn shard_of(id: &str) -> usize {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let hash = id
+        .bytes()
+        .fold(OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(PRIME));
+    (hash % SHARDS as u64) as usize
+}
+
 fn shard_cap(max_tracked: u32, shard: usize) -> u32 {
     let shards = SHARDS as u32;
     max_tracked / shards + u32::from((shard as u32) < max_tracked % shards)
@@ -216,6 +228,16 @@ fn make_room(entries: &mut HashTable<Entry>, cap: u32, at: u64, idle: u64) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shards_follow_the_documented_hash() {
+        // FNV-1a 64 of "a" is 0xaf63dc4c8601ec8c; of "" the offset basis.
+        assert_eq!(shard_of("a"), (0xaf63_dc4c_8601_ec8c_u64 % 16) as usize);
+        assert_eq!(shard_of(""), (0xcbf2_9ce4_8422_2325_u64 % 16) as usize);
+        let used: std::collections::HashSet<usize> =
+            (0..64).map(|i| shard_of(&format!("user-{i}"))).collect();
+        assert_eq!(used.len(), SHARDS, "sequential ids spread over every shard");
+    }
 
     #[test]
     fn shard_caps_add_up_to_the_cap() {
