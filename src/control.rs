@@ -16,9 +16,9 @@ use std::sync::Arc;
 use crate::clock::Timestamp;
 use crate::events::{EventKind, ScopeRef};
 use crate::policy::{
-    BudgetSpec, Environment, KeySpec, KeyStatus, LimitsSpec, MemberSpec, ModelLimitSpec, Policy,
-    PolicyDocument, PolicyError, PolicyIssue, Problem, StoreFailureMode, TemporarySpec,
-    WorkspaceSpec, WorkspaceStatus,
+    BudgetSpec, EndUserLimitsSpec, Environment, KeySpec, KeyStatus, LimitsSpec, MemberSpec,
+    ModelLimitSpec, Policy, PolicyDocument, PolicyError, PolicyIssue, Problem, StoreFailureMode,
+    TemporarySpec, WorkspaceSpec, WorkspaceStatus,
 };
 use crate::snapshot::Snapshot;
 
@@ -100,6 +100,8 @@ pub struct WorkspaceUpdate {
     pub budgets: Option<Vec<BudgetSpec>>,
     /// A temporary override of its limits: `Some(None)` removes it.
     pub temporary: Option<Option<TemporarySpec>>,
+    /// Limits for each of its end users: `Some(None)` removes them.
+    pub end_user_limits: Option<Option<EndUserLimitsSpec>>,
     /// What a distributed backend does while its store is down.
     pub on_store_error: Option<StoreFailureMode>,
     /// The owner (a member id): `Some(None)` removes it.
@@ -204,6 +206,7 @@ pub(crate) fn edit(
                 budget,
                 budgets,
                 temporary,
+                end_user_limits,
                 on_store_error,
                 owner,
                 members,
@@ -235,6 +238,9 @@ pub(crate) fn edit(
             }
             if let Some(v) = temporary {
                 ws.temporary = v;
+            }
+            if let Some(v) = end_user_limits {
+                ws.end_user_limits = v;
             }
             if let Some(v) = on_store_error {
                 ws.on_store_error = v;

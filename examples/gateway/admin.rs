@@ -45,9 +45,9 @@ use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tollgate::{
-    BudgetSpec, Environment, Error, KeySpec, LimitsSpec, MemberSpec, ModelLimitSpec, NewKey,
-    PolicyDocument, PolicyError, PolicyIssue, Problem, StoreFailureMode, TemporarySpec,
-    WorkspaceSpec, WorkspaceStatus, WorkspaceUpdate,
+    BudgetSpec, EndUserLimitsSpec, Environment, Error, KeySpec, LimitsSpec, MemberSpec,
+    ModelLimitSpec, NewKey, PolicyDocument, PolicyError, PolicyIssue, Problem, StoreFailureMode,
+    TemporarySpec, WorkspaceSpec, WorkspaceStatus, WorkspaceUpdate,
 };
 
 use crate::access::{self, Caller};
@@ -815,6 +815,8 @@ struct WorkspacePatch {
     budgets: Option<Vec<BudgetSpec>>,
     #[serde(default, deserialize_with = "present")]
     temporary: Option<Option<TemporarySpec>>,
+    #[serde(default, deserialize_with = "present")]
+    end_user_limits: Option<Option<EndUserLimitsSpec>>,
     on_store_error: Option<StoreFailureMode>,
     #[serde(default, deserialize_with = "present")]
     owner: Option<Option<String>>,
@@ -852,6 +854,7 @@ async fn update_workspace(
         budget: patch.budget,
         budgets: patch.budgets,
         temporary: patch.temporary,
+        end_user_limits: patch.end_user_limits,
         on_store_error: patch.on_store_error,
         owner: patch.owner,
         members: patch.members,
@@ -860,8 +863,8 @@ async fn update_workspace(
     if update == WorkspaceUpdate::default() {
         return Err(Failure::BadBody(
             "nothing to change: give status, environment, region, models, limits, \
-             model_limits, budget, budgets, temporary, on_store_error, owner, members or \
-             webhooks"
+             model_limits, budget, budgets, temporary, end_user_limits, on_store_error, owner, \
+             members or webhooks"
                 .into(),
         ));
     }

@@ -1116,6 +1116,30 @@ async fn the_admin_api_sets_several_budgets_overrides_and_a_keys_model_limits() 
     assert_eq!(key.models[0].model, "gpt-4o");
     assert_eq!(key.models[0].usage.current.requests, 2);
 
+    // Per-end-user limits, set live: OpenAI's `user` names the end user.
+    let patched = gw
+        .send(
+            Method::PATCH,
+            "/admin/workspaces/ws-breadth",
+            ADMIN,
+            Some(json!({"end_user_limits": {"limits": {"rpm": 1}}})),
+        )
+        .await;
+    assert_eq!(patched.status, StatusCode::OK, "{}", patched.body);
+    let plain = gw
+        .admin(
+            Method::POST,
+            "/admin/keys",
+            ADMIN,
+            Some(json!({"id": "key-plain", "workspace": "ws-breadth"})),
+        )
+        .await;
+    let plain = plain["secret"].as_str().unwrap().to_owned();
+    chat_as(&gw, &plain, "alice", StatusCode::OK).await;
+    let second = chat_as(&gw, &plain, "alice", StatusCode::TOO_MANY_REQUESTS).await;
+    assert!(second.contains("end user"), "{second}");
+    chat_as(&gw, &plain, "bob", StatusCode::OK).await;
+
     // Invalid new rules are refused with their path.
     let bad = gw
         .send(
@@ -1127,4 +1151,23 @@ async fn the_admin_api_sets_several_budgets_overrides_and_a_keys_model_limits() 
         .await;
     assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.body);
     assert!(bad.body.to_string().contains("temporary"), "{}", bad.body);
+}
+
+/// A chat completion on gpt-4o-mini for end user `user`, expecting `status`; the body.
+async fn chat_as(gw: &Running, secret: &str, user: &str, status: StatusCode) -> String {
+    let answer = gw
+        .send(
+            Method::POST,
+            "/v1/chat/completions",
+            secret,
+            Some(json!({
+                "model": "gpt-4o-mini",
+                "max_tokens": 10,
+                "user": user,
+                "messages": [{"role": "user", "content": "Hello"}],
+            })),
+        )
+        .await;
+    assert_eq!(answer.status, status, "{}", answer.body);
+    answer.body.to_string()
 }
