@@ -80,7 +80,8 @@ pub struct Engine {
 
 struct Inner {
     snapshot: SwapCell<Published>,
-    /// Serialises policy changes so none is lost; requests never take it.
+    /// Serialises policy changes so none is lost; requests only ever try it (to put a
+    /// temporary override out of force), never wait for it.
     apply_lock: Mutex<()>,
     budget_status: u16,
     /// Where every accepted change is saved before it is published.
@@ -112,7 +113,12 @@ impl Lapses for Inner {
         if now.as_unix_nanos() < self.snapshot.load().next_change {
             return; // done already
         }
-        let _writer = self.apply_lock.lock();
+        // Requests, commits and drops come here: they never wait for a policy change
+        // (which may be saving to disk, or delivering events that call back into the
+        // engine on this thread). A change being applied lapses overrides first itself.
+        let Some(_writer) = self.apply_lock.try_lock() else {
+            return;
+        };
         self.lapse_locked(now);
     }
 }

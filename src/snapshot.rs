@@ -79,27 +79,27 @@ pub(crate) struct Snapshot {
     pub(crate) next_change: u64,
 }
 
-/// Counters for budgets beyond a scope's first: reused by position from `old`
-/// (following each budget's period kind), or fresh.
+/// Counters for budgets beyond a scope's first: reused from `old` (the previous
+/// snapshot's counters and rules of the same scope) for a budget of the same identity
+/// (see [`LevelRules::extra_budget_ids`]), or fresh.
 fn extra_budgets(
-    old: Option<&[Arc<ScopeState>]>,
+    old: Option<(&[Arc<ScopeState>], &LevelRules)>,
     rules: &LevelRules,
     now: crate::clock::Timestamp,
 ) -> Box<[Arc<ScopeState>]> {
     rules
-        .more_budgets
-        .iter()
-        .enumerate()
-        .map(|(i, budget)| match old.and_then(|old| old.get(i)) {
-            Some(state) => {
-                state.periods.follow(budget.span, now);
-                Arc::clone(state)
+        .extra_budget_ids()
+        .map(|id| {
+            let found = old.and_then(|(cells, old_rules)| {
+                let position = old_rules
+                    .extra_budget_ids()
+                    .position(|old_id| old_id == id)?;
+                cells.get(position)
+            });
+            match found {
+                Some(state) => Arc::clone(state),
+                None => Arc::new(ScopeState::new(&LevelRules::unlimited(id.0), now, false)),
             }
-            None => Arc::new(ScopeState::new(
-                &LevelRules::unlimited(budget.span),
-                now,
-                false,
-            )),
         })
         .collect()
 }
@@ -185,7 +185,7 @@ impl Snapshot {
                 false,
             ));
             workspace_budgets.push(extra_budgets(
-                old.map(|(p, i)| &*p.workspace_budgets[i]),
+                old.map(|(p, i)| (&*p.workspace_budgets[i], &p.policy.workspaces[i].rules)),
                 &ws.rules,
                 now,
             ));
@@ -232,7 +232,12 @@ impl Snapshot {
                 .unwrap_or(&policy.workspaces[key.workspace as usize].plain_key_rules);
             keys.push(reuse(old.map(|(p, k)| &p.keys[k]), rules));
             key_budgets.push(extra_budgets(
-                old.map(|(p, k)| &*p.key_budgets[k]),
+                old.map(|(p, k)| {
+                    let old_key = &p.policy.keys[k];
+                    let old_ws = &p.policy.workspaces[old_key.workspace as usize];
+                    let old_rules = old_key.rules.as_deref().unwrap_or(&old_ws.plain_key_rules);
+                    (&*p.key_budgets[k], old_rules)
+                }),
                 rules,
                 now,
             ));
@@ -272,7 +277,11 @@ impl Snapshot {
 
         // Every request writes the org's and the wallet's counters: split their tallies.
         let org = reuse_padded(previous.map(|p| &p.org), &policy.org.rules, true);
-        let org_budgets = extra_budgets(previous.map(|p| &*p.org_budgets), &policy.org.rules, now);
+        let org_budgets = extra_budgets(
+            previous.map(|p| (&*p.org_budgets, &p.policy.org.rules)),
+            &policy.org.rules,
+            now,
+        );
         // The wallet never rolls over, whether or not this policy sets one yet.
         let forever = LevelRules::unlimited(Span::Forever);
         let wallet = reuse_padded(previous.map(|p| &p.wallet), &forever, true);

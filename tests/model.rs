@@ -1990,24 +1990,30 @@ impl Model {
         scope
     }
 
-    /// The counters of a scope's further budgets follow its rules by position: the
-    /// n-th keeps its counters (moving to its budget's period kind as a scope does),
-    /// one beyond the old count starts afresh, and those no longer listed are gone.
+    /// The counters of a scope's further budgets follow its rules by identity: a
+    /// budget keeps the counters of the old budget with the same period and the same
+    /// number of same-period budgets before it (so adding, removing or reordering
+    /// budgets keeps each period's spend with that period); any other starts afresh,
+    /// and those no longer listed are gone.
     fn follow_extras(&mut self, scope: usize, rules: &Rules) {
         let now = self.now;
-        let mut extras = std::mem::take(&mut self.scopes[scope].extras);
-        extras.truncate(rules.budgets.len().saturating_sub(1));
-        for (i, &(_, _, span)) in rules.budgets.iter().skip(1).enumerate() {
-            match extras.get(i) {
-                Some(&e) => {
-                    if change_kind(&mut self.scopes[e], span, now) && self.scopes[e].outstanding > 0
-                    {
-                        self.reached.kind_changes_with_holds += 1;
-                    }
-                }
+        let old = std::mem::take(&mut self.scopes[scope].extras);
+        let spans: Vec<Span> = old.iter().map(|&e| self.scopes[e].kind).collect();
+        let identity = |spans: &[Span], i: usize| {
+            (
+                spans[i],
+                spans[..i].iter().filter(|&&s| s == spans[i]).count(),
+            )
+        };
+        let wanted: Vec<Span> = rules.budgets.iter().skip(1).map(|b| b.2).collect();
+        let mut extras = Vec::with_capacity(wanted.len());
+        for i in 0..wanted.len() {
+            let id = identity(&wanted, i);
+            match (0..old.len()).find(|&j| identity(&spans, j) == id) {
+                Some(j) => extras.push(old[j]),
                 None => {
                     self.scopes
-                        .push(Counters::new(ScopeId::Extra, &Rules::unlimited(span), now));
+                        .push(Counters::new(ScopeId::Extra, &Rules::unlimited(id.0), now));
                     extras.push(self.scopes.len() - 1);
                 }
             }

@@ -88,6 +88,20 @@ impl LevelRules {
         self.budget.iter().chain(self.more_budgets.iter())
     }
 
+    /// Each budget beyond the first with what identifies its counters across policy
+    /// changes: its period, and how many of the budgets before it have the same
+    /// period. Adding, removing or reordering budgets keeps each one's spend with the
+    /// budget of that period, rather than with whichever now sits at its position.
+    pub(crate) fn extra_budget_ids(&self) -> impl Iterator<Item = (Span, usize)> + '_ {
+        self.more_budgets.iter().enumerate().map(|(i, budget)| {
+            let before = self.more_budgets[..i]
+                .iter()
+                .filter(|other| other.span == budget.span)
+                .count();
+            (budget.span, before)
+        })
+    }
+
     pub(crate) fn unlimited(span: Span) -> Self {
         LevelRules {
             rpm: None,

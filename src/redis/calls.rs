@@ -119,7 +119,14 @@ impl Part<'_> {
     /// like the policy's scopes, and one that expires starts afresh, as one the
     /// in-memory table forgets does).
     fn idle_ms(&self, ttls: Ttls) -> u64 {
-        self.idle_ms.unwrap_or_else(|| ttls.idle_for(self.span))
+        match self.idle_ms {
+            // Never shorter than a reservation's record: scope hashes are not renewed
+            // with a long stream's hold, and one that expired under a request in
+            // flight would be re-created by its commit with the hold taken out of
+            // nothing (negative in-flight and spend).
+            Some(idle) => idle.max(ttls.record()),
+            None => ttls.idle_for(self.span),
+        }
     }
 }
 

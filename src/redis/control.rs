@@ -20,6 +20,7 @@ use crate::policy::rules::LevelRules;
 use crate::policy::{KeyStatus, Policy, WorkspaceSpec};
 use crate::policy_store::redis::{self as store, Cas};
 use crate::redis::error::classify;
+use crate::redis::keys::extra_budget;
 use crate::redis::scripts::{self, Function};
 use crate::redis::{calls, RedisEngine};
 use crate::snapshot::Snapshot;
@@ -342,10 +343,25 @@ impl RedisEngine {
                 commands.push(forget);
             }
             let mut del = redis::cmd("DEL");
-            del.arg(layout.workspace(&ws.id))
+            let ws_hash = layout.workspace(&ws.id);
+            for id in old.workspaces[w].rules.extra_budget_ids() {
+                del.arg(extra_budget(&ws_hash, id));
+            }
+            del.arg(ws_hash)
                 .arg(format!("{}:holds", layout.workspace_tag(&ws.id)));
             for key in keys() {
-                del.arg(layout.key(&ws.id, &key.id));
+                let key_hash = layout.key(&ws.id, &key.id);
+                let rules = key
+                    .rules
+                    .as_deref()
+                    .unwrap_or(&old.workspaces[w].plain_key_rules);
+                for id in rules.extra_budget_ids() {
+                    del.arg(extra_budget(&key_hash, id));
+                }
+                del.arg(key_hash);
+                for (m, _) in &*key.model_rules {
+                    del.arg(layout.key_model(&ws.id, &key.id, &old.models[*m as usize].name));
+                }
             }
             for model in &old.models {
                 del.arg(layout.model(&ws.id, &model.name));

@@ -7,8 +7,9 @@
 //! <prefix>:v2:{ws:<workspace>}:ws                workspace level
 //! <prefix>:v2:{ws:<workspace>}:keymodel:<key id>/<model>  key × model level
 //! <prefix>:v2:{ws:<workspace>}:model:<model>     workspace × model level
-//! <scope hash>:budget<i>                         budget i (1, 2, 3) beyond a scope's
-//!                                                first: money only
+//! <scope hash>/budget-<period>-<n>               a budget beyond a scope's first
+//!                                                (period `day`, `month` or `<s>s`; n-th
+//!                                                such budget of that period): money only
 //! <prefix>:v2:{org:<org>}:org                    org budget and totals
 //! <prefix>:v2:{org:<org>}:wallet                 org wallet (never expires)
 //! <tag>:holds                                    zset: reservation id → expiry (ms)
@@ -29,6 +30,7 @@
 //! cluster's slots) and the org's budget and wallet under the org's tag.
 
 use crate::end_users::{END_USER_AFTER, END_USER_LEVEL};
+use crate::period::{BudgetPeriod, Span};
 use crate::snapshot::{Route, Snapshot, LEVELS};
 
 /// The version in every key name: a layout change gets a new one, so an old and a
@@ -94,6 +96,19 @@ impl Group {
         keys.extend(self.levels.iter().map(|member| member.key.clone()));
         keys
     }
+}
+
+/// The hash of a scope's budget beyond its first, named by the budget's identity (see
+/// `LevelRules::extra_budget_ids`) so that editing the list of budgets keeps each
+/// one's spend, after a `/`, which no id contains, so no other scope can share it.
+pub(crate) fn extra_budget(scope: &str, (span, before): (Span, usize)) -> String {
+    let period = match span {
+        Span::Forever => "forever".to_owned(),
+        Span::Period(BudgetPeriod::Day) => "day".to_owned(),
+        Span::Period(BudgetPeriod::Month) => "month".to_owned(),
+        Span::Period(BudgetPeriod::Custom { seconds }) => format!("{seconds}s"),
+    };
+    format!("{scope}/budget-{period}-{before}")
 }
 
 /// Key names under a configurable prefix, so deployments can share a server.
@@ -234,11 +249,13 @@ impl Layout {
             };
             // Budgets beyond the first: one money-only hash each, under the same tag,
             // checked after the level's own (as the in-memory engine does).
-            let extras: Vec<Member> = (1..=rules.more_budgets.len())
-                .map(|budget| Member {
+            let extras: Vec<Member> = rules
+                .extra_budget_ids()
+                .enumerate()
+                .map(|(i, id)| Member {
                     level,
-                    budget,
-                    key: format!("{key}:budget{budget}"),
+                    budget: i + 1,
+                    key: extra_budget(&key, id),
                 })
                 .collect();
             group.levels.push(Member {

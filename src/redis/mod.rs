@@ -370,21 +370,40 @@ impl RedisEngine {
     }
 
     /// A temporary override has started or ended: run a snapshot with the rules in
-    /// force now (the reserve carries them to Redis, whose buckets follow a changed
-    /// limit as they do after a policy change). Skipped while a policy change is being
-    /// applied: the snapshot it installs is built at its own time.
+    /// force now. The reserve carries them to Redis, where each scope's buckets are
+    /// re-expressed in the changed limit by the next reserve that touches that scope
+    /// (not at the override's end itself, as in memory: Redis has no timer). Skipped
+    /// while a policy change is being applied: the snapshot it installs is built at
+    /// its own time.
     #[cold]
     fn put_temporary_in_force(&self, snap: Arc<Snapshot>, now: Timestamp) -> Arc<Snapshot> {
         let Ok(_writer) = self.inner.apply_lock.try_lock() else {
             return snap;
         };
-        let current = self.inner.snapshot.load_full();
-        if now.as_unix_nanos() < current.next_change {
-            return current;
+        let mut current = self.inner.snapshot.load_full();
+        // As of each override's end, in order, as the in-memory engine does.
+        while now.as_unix_nanos() >= current.next_change {
+            let at = Timestamp::from_unix_nanos(current.next_change);
+            let next = Arc::new(Snapshot::build_at(
+                current.policy.clone(),
+                Some(&current),
+                Arc::clone(&current.clock),
+                at,
+            ));
+            self.inner.snapshot.store(Arc::clone(&next));
+            current = next;
         }
-        let next = Arc::new(crate::control::successor(&current, current.policy.clone()));
-        self.inner.snapshot.store(Arc::clone(&next));
-        next
+        current
+    }
+
+    /// The snapshot in force now, with any override that has ended put out of force.
+    pub(crate) fn snapshot_now(&self) -> Arc<Snapshot> {
+        let snap = self.inner.snapshot.load_full();
+        let now = self.inner.clock.now();
+        if now.as_unix_nanos() >= snap.next_change {
+            return self.put_temporary_in_force(snap, now);
+        }
+        snap
     }
 
     async fn reserve(

@@ -6,6 +6,7 @@ use crate::money::picos_to_decimal;
 use crate::period::{bounds, BudgetPeriod, Span};
 use crate::policy::rules::LevelRules;
 use crate::redis::error::{classify, corrupt_reply};
+use crate::redis::keys::extra_budget;
 use crate::redis::RedisEngine;
 use crate::usage::{
     budgets_of, temporary, BudgetUsage, KeyUsage, ModelUsage, ScopeReport, ScopeUsage,
@@ -43,7 +44,7 @@ impl RedisEngine {
     /// # Errors
     /// [`Error::Store`] if Redis fails or a counter is corrupt.
     pub async fn usage(&self) -> Result<UsageSnapshot, Error> {
-        let snap = self.inner.snapshot.load_full();
+        let snap = self.snapshot_now();
         let now = self.inner.clock.now();
         let layout = &self.inner.layout;
         let policy = &snap.policy;
@@ -110,7 +111,7 @@ impl RedisEngine {
     }
 
     /// Every budget of the level whose scope hash is `hash` (and whose own report is
-    /// `own`): its further budgets are counted in `<hash>:budget<i>`.
+    /// `own`): its further budgets are counted in hashes named by `extra_budget`.
     async fn budgets(
         &self,
         hash: &str,
@@ -119,9 +120,8 @@ impl RedisEngine {
         now: Timestamp,
     ) -> Result<Vec<BudgetUsage>, StoreError> {
         let mut reports = vec![own];
-        for (i, budget) in rules.more_budgets.iter().enumerate() {
-            let extra = format!("{hash}:budget{}", i + 1);
-            reports.push(self.report(&extra, budget.span, now).await?);
+        for id in rules.extra_budget_ids() {
+            reports.push(self.report(&extra_budget(hash, id), id.0, now).await?);
         }
         Ok(budgets_of(rules, reports))
     }
