@@ -120,11 +120,12 @@ impl Part<'_> {
     /// in-memory table forgets does).
     fn idle_ms(&self, ttls: Ttls) -> u64 {
         match self.idle_ms {
-            // Never shorter than a reservation's record: scope hashes are not renewed
-            // with a long stream's hold, and one that expired under a request in
-            // flight would be re-created by its commit with the hold taken out of
-            // nothing (negative in-flight and spend).
-            Some(idle) => idle.max(ttls.record()),
+            // Never shorter than two reservation TTLs (a hold's own lifetime before it
+            // is renewed): one that expired under a request in flight would be
+            // re-created by its commit with the hold taken out of nothing (negative
+            // in-flight and spend). Scope hashes are not renewed with a long stream's
+            // hold: hence the README's advice on `idle_secs`.
+            Some(idle) => idle.max(ttls.reservation.saturating_mul(2)),
             None => ttls.idle_for(self.span),
         }
     }
