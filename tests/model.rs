@@ -31,7 +31,7 @@
 //! `temporary` are compared as well.
 //!
 //! End-user limits too: a workspace may set `end_user_limits` (small limits, sometimes
-//! a budget), and requests name one of three end users (or none). Each end user's
+//! a budget), and requests name one of four end users (or none). Each end user's
 //! counters are a level between key × model and workspace, created when a request
 //! first names it and adapted to changed rules only when one names it again, as the
 //! engine does; `end_user_usage` and `end_users_tracked` are compared. Eviction is
@@ -84,17 +84,22 @@ const KEYS: [&str; 3] = ["k-a1", "k-a2", "k-b"];
 const SECRETS: [&str; 3] = ["sk-a1", "sk-a2", "sk-b"];
 const KEY_WORKSPACE: [usize; 3] = [0, 0, 1];
 
-/// End users a request may name (or none): few, so each one's limits fill up. Found
-/// at start by [`shard_of`], the engine's documented shard function: the first two
-/// ids `u-N` in shard 0, then the first in another shard. The first two share a shard
-/// whose cap is 1 when `max_tracked` is 16 and 2 when it is 17 (shard 0 takes the
-/// remainder), so one of them evicts the other, or both fit; the third is alone.
-static USERS: std::sync::LazyLock<[&'static str; 3]> = std::sync::LazyLock::new(|| {
+/// End users a request may name (or none): few, so each one's limits fill up.
+const END_USERS: usize = 4;
+
+/// The ids of the [`END_USERS`], found at start by [`shard_of`], the engine's
+/// documented shard function: the first three ids `u-N` in shard 0, then the first
+/// in another shard. Shard 0's cap is 1 when `max_tracked` is 16 and 2 when it is 17
+/// (it takes the remainder), so the three evict one another: one in two, the least
+/// recently seen of two, or every idle one at once; the fourth is alone in its shard
+/// and never forgotten.
+static USERS: std::sync::LazyLock<[&'static str; END_USERS]> = std::sync::LazyLock::new(|| {
     let ids = (0..).map(|n| format!("u-{n}"));
-    let mut pair = ids.clone().filter(|id| shard_of(id) == 0);
-    let (a, b) = (pair.next().unwrap(), pair.next().unwrap());
-    let c = ids.clone().find(|id| shard_of(id) != 0).unwrap();
-    [a.leak(), b.leak(), c.leak()]
+    let mut shared = ids.clone().filter(|id| shard_of(id) == 0);
+    let mut next = || &*shared.next().unwrap().leak();
+    let (a, b, c) = (next(), next(), next());
+    let alone = ids.clone().find(|id| shard_of(id) != 0).unwrap();
+    [a, b, c, alone.leak()]
 });
 
 /// The table's shards (the engine's `SHARDS`, documented).
@@ -119,11 +124,12 @@ fn shard_cap(max_tracked: i64, shard: u64) -> usize {
 }
 
 /// `end_user_limits.max_tracked` a workspace may have. 16 (the least allowed) gives
-/// every shard one place, so the two end users sharing shard 0 evict each other; 17
-/// gives shard 0 two places, so they both fit; 64 gives every shard four, more than
-/// [`USERS`]: nothing is ever forgotten, and the model checks that counters of an end
-/// user idle far beyond `idle_secs` are still there (a shard forgets idle users only
-/// when it needs room).
+/// every shard one place, so each of the three end users sharing shard 0 evicts the
+/// one there; 17 gives shard 0 two places, so the third evicts the idle ones or the
+/// least recently seen of two; 64 gives every shard four, as many as [`USERS`]:
+/// nothing is ever forgotten, and the model checks that counters of an end user idle
+/// far beyond `idle_secs` are still there (a shard forgets idle users only when it
+/// needs room).
 const MAX_TRACKED: [i64; 3] = [16, 17, 64];
 
 /// Budget periods a workspace or key budget may have: all on the grids `Op::AdvanceTo`
@@ -908,8 +914,9 @@ fn end_users() -> BoxedStrategy<Option<EndUserParams>> {
         often((1..=2i64).boxed()),
         prop_oneof![2 => Just(None), 1 => budget(2_000, 25_000).prop_map(Some)],
         prop::sample::select(vec![60u64, 600, 3_600]),
-        // Half the time the least allowed, where end users are forgotten.
-        prop_oneof![2 => Just(MAX_TRACKED[0]), 1 => Just(MAX_TRACKED[1]), 1 => Just(MAX_TRACKED[2])],
+        // Mostly 17, where the least recently seen of two is forgotten, which takes
+        // two end users seen within `idle_secs` before a third comes.
+        prop_oneof![1 => Just(MAX_TRACKED[0]), 3 => Just(MAX_TRACKED[1]), 1 => Just(MAX_TRACKED[2])],
     )
         .prop_map(
             |(rpm, rpd, tpm, counts, max_concurrent, budget, idle_secs, max_tracked)| EndUserParams {
@@ -1898,6 +1905,10 @@ struct Reached {
     /// being idle) for being the least recently seen.
     idle_evictions: usize,
     lru_evictions: usize,
+    /// Least recently seen evictions with two candidates, and with two candidates
+    /// seen at the same instant.
+    lru_choices: usize,
+    lru_ties: usize,
     /// New end users refused because every end user of their full shard had a
     /// request in flight.
     full_shard_refusals: usize,
@@ -1930,6 +1941,8 @@ impl Reached {
         self.end_users_adapted += o.end_users_adapted;
         self.idle_evictions += o.idle_evictions;
         self.lru_evictions += o.lru_evictions;
+        self.lru_choices += o.lru_choices;
+        self.lru_ties += o.lru_ties;
         self.full_shard_refusals += o.full_shard_refusals;
         self.forgotten_seen_again += o.forgotten_seen_again;
     }
@@ -1985,11 +1998,11 @@ struct Model {
     /// By workspace and end user: counters are created when a request first names the
     /// end user, and kept while the workspace keeps `end_user_limits`, unless a full
     /// shard forgets the end user to make room ([`Model::make_room`]).
-    end_users: [[Option<usize>; 3]; 2],
+    end_users: [[Option<usize>; END_USERS]; 2],
     /// End users forgotten since the table started, so their return can be counted.
-    forgotten: [[bool; 3]; 2],
+    forgotten: [[bool; END_USERS]; 2],
     /// When each end user was last named by a request (engine clock).
-    end_users_seen: [[u64; 3]; 2],
+    end_users_seen: [[u64; END_USERS]; 2],
     org: usize,
     /// When the rules in force were built (a policy change, or an override's end).
     rules_at: u64,
@@ -2012,9 +2025,9 @@ impl Model {
             key_models: [[None; 2]; 3],
             workspaces: [None; 2],
             workspace_models: [[None; 2]; 2],
-            end_users: [[None; 3]; 2],
-            end_users_seen: [[0; 3]; 2],
-            forgotten: [[false; 3]; 2],
+            end_users: [[None; END_USERS]; 2],
+            end_users_seen: [[0; END_USERS]; 2],
+            forgotten: [[false; END_USERS]; 2],
             org: 0,
             rules_at: now,
             wallet: 0,
@@ -2189,8 +2202,8 @@ impl Model {
         for w in 0..2 {
             let kept = |p: &Params| p.workspaces[w].present && p.workspaces[w].end_users.is_some();
             if !(kept(&old) && kept(&params)) {
-                self.end_users[w] = [None; 3];
-                self.forgotten[w] = [false; 3];
+                self.end_users[w] = [None; END_USERS];
+                self.forgotten[w] = [false; END_USERS];
             }
         }
         for w in 0..2 {
@@ -2268,14 +2281,19 @@ impl Model {
     /// workspace sets `end_user_limits`: found (and adapted to rules changed since it
     /// was last seen), or created on first sight once its shard has room. Marks it
     /// seen now. A full shard with no room refuses, before anything is taken.
-    fn end_user(&mut self, w: usize, u: usize) -> Result<Option<(usize, Rules)>, Refusal> {
+    fn end_user(
+        &mut self,
+        w: usize,
+        u: usize,
+        tracked: &dyn Fn(usize, usize) -> bool,
+    ) -> Result<Option<(usize, Rules)>, Refusal> {
         let now = self.now;
         let Some(rules) = end_user_rules(&self.params, w, self.rules_at) else {
             return Ok(None);
         };
         let scope = match self.end_users[w][u] {
             None => {
-                self.make_room(w, u)?;
+                self.make_room(w, u, tracked)?;
                 if self.forgotten[w][u] {
                     self.reached.forgotten_seen_again += 1;
                 }
@@ -2311,7 +2329,17 @@ impl Model {
     /// least recently seen one with nothing in flight; refuse (a concurrency denial at
     /// the end-user scope) if every one left has something in flight. "In flight": a
     /// reservation holds the counters, whichever policy it was taken under.
-    fn make_room(&mut self, w: usize, u: usize) -> Result<(), Refusal> {
+    ///
+    /// Of two seen at the same instant the engine forgets whichever its table lists
+    /// first (seeded at random): unspecified, so the model follows the engine's choice
+    /// there, asking `tracked(w, o)` (is `o` still tracked, after the engine's
+    /// reservation) which of the tied ones it kept; every other choice is the model's.
+    fn make_room(
+        &mut self,
+        w: usize,
+        u: usize,
+        tracked: &dyn Fn(usize, usize) -> bool,
+    ) -> Result<(), Refusal> {
         let now = self.now;
         let e = self.params.workspaces[w].end_users.as_ref().unwrap();
         let shard = shard_of(USERS[u]);
@@ -2341,12 +2369,22 @@ impl Model {
                 self.reached.full_shard_refusals += 1;
                 return Err((DenialReason::Concurrency, Scope::EndUser));
             };
-            // Two equally old would leave the choice to the engine's table order: the
-            // ids are chosen so that a shard never holds two when a third arrives.
-            let ties = free
+            self.reached.lru_choices += usize::from(free.len() > 1);
+            let seen = self.end_users_seen[w][oldest];
+            let tied: Vec<usize> = free
                 .iter()
-                .filter(|&&o| self.end_users_seen[w][o] == self.end_users_seen[w][oldest]);
-            assert_eq!(ties.count(), 1, "the least recently seen is ambiguous");
+                .copied()
+                .filter(|&o| self.end_users_seen[w][o] == seen)
+                .collect();
+            let oldest = if tied.len() > 1 {
+                self.reached.lru_ties += 1;
+                tied.iter()
+                    .copied()
+                    .find(|&o| !tracked(w, o))
+                    .unwrap_or(oldest)
+            } else {
+                oldest
+            };
             self.forget(w, oldest);
             self.reached.lru_evictions += 1;
             others.retain(|&o| o != oldest);
@@ -2367,6 +2405,7 @@ impl Model {
         input: u32,
         max_output: Option<u32>,
         user: Option<usize>,
+        tracked: &dyn Fn(usize, usize) -> bool,
     ) -> Result<ModelReservation, Refusal> {
         let now = self.now;
         let Some(k) = key.index().filter(|&k| self.params.keys[k].present) else {
@@ -2410,7 +2449,7 @@ impl Model {
         // before any level is tried: even a request the key then refuses makes it
         // tracked and seen.
         let end_user = match user {
-            Some(u) => self.end_user(w, u)?,
+            Some(u) => self.end_user(w, u, tracked)?,
             None => None,
         };
 
@@ -3306,7 +3345,14 @@ fn run(initial: &Params, ops: &[Op]) -> Result<Outcomes, TestCaseError> {
                 }
                 let got =
                     engine.check_and_reserve(&request(key, m, by_id, input, max_output, user));
-                match (got, model.reserve(key, m, input, max_output, user)) {
+                // Asked only to break a tie between end users seen at the same instant
+                // (see `Model::make_room`), once the engine has reserved.
+                let tracked =
+                    |w: usize, u: usize| engine.end_user_usage(WORKSPACES[w], USERS[u]).is_some();
+                match (
+                    got,
+                    model.reserve(key, m, input, max_output, user, &tracked),
+                ) {
                     (Ok(reservation), Ok(held)) => {
                         let want = decimal(held.ask.cost);
                         prop_assert_eq!(reservation.reserved_cost(), want, "{}", what());
@@ -3573,6 +3619,8 @@ fn the_generator_reaches_every_outcome() {
         ("end users adapted to new rules", r.end_users_adapted, 30),
         ("idle end users forgotten", r.idle_evictions, 40),
         ("least recently seen forgotten", r.lru_evictions, 80),
+        ("least recently seen of two", r.lru_choices, 20),
+        ("least recently seen of two at once", r.lru_ties, 8),
         ("refused by a full shard", r.full_shard_refusals, 30),
         ("forgotten end users seen again", r.forgotten_seen_again, 80),
     ];
