@@ -36,9 +36,9 @@
 //! first names it and adapted to changed rules only when one names it again, as the
 //! engine does; `end_user_usage` and `end_users_tracked` are compared. Eviction is
 //! modelled too: the table's shard of an end user is a documented hash of its id
-//! ([`shard_of`]), and [`USERS`] are chosen so that two of them share a shard, so a
+//! ([`shard_of`]), and [`USERS`] are chosen so that three of them share a shard, so a
 //! workspace tracking few end users ([`MAX_TRACKED`]) forgets idle ones, then the
-//! least recently seen one, or refuses a new one when the other has a request in
+//! least recently seen one, or refuses a new one when the others have requests in
 //! flight ([`Model::make_room`]).
 //!
 //! `PROPTEST_CASES` sets the number of cases (256 by default; CI runs 2000).
@@ -84,7 +84,8 @@ const KEYS: [&str; 3] = ["k-a1", "k-a2", "k-b"];
 const SECRETS: [&str; 3] = ["sk-a1", "sk-a2", "sk-b"];
 const KEY_WORKSPACE: [usize; 3] = [0, 0, 1];
 
-/// End users a request may name (or none): few, so each one's limits fill up.
+/// End users a request may name (or none): few, so each one's limits fill up, and
+/// enough that three share a shard.
 const END_USERS: usize = 4;
 
 /// The ids of the [`END_USERS`], found at start by [`shard_of`], the engine's
@@ -906,6 +907,10 @@ fn temporary(rates: bool, lo: u64, hi: u64) -> BoxedStrategy<Option<Temporary>> 
 /// and days) leave end users idle beyond it.
 fn end_users() -> BoxedStrategy<Option<EndUserParams>> {
     let often = |s: BoxedStrategy<i64>| prop_oneof![1 => Just(None), 2 => s.prop_map(Some)];
+    // Mostly 17, where the least recently seen of two is forgotten, which takes two end
+    // users seen within `idle_secs` before a third comes.
+    let [sixteen, seventeen, many] = MAX_TRACKED.map(Just);
+    let tracking = prop_oneof![1 => sixteen, 3 => seventeen, 1 => many];
     let params = (
         often((1..=3i64).boxed()),
         sometimes(1..=5i64),
@@ -914,22 +919,22 @@ fn end_users() -> BoxedStrategy<Option<EndUserParams>> {
         often((1..=2i64).boxed()),
         prop_oneof![2 => Just(None), 1 => budget(2_000, 25_000).prop_map(Some)],
         prop::sample::select(vec![60u64, 600, 3_600]),
-        // Mostly 17, where the least recently seen of two is forgotten, which takes
-        // two end users seen within `idle_secs` before a third comes.
-        prop_oneof![1 => Just(MAX_TRACKED[0]), 3 => Just(MAX_TRACKED[1]), 1 => Just(MAX_TRACKED[2])],
+        tracking,
     )
         .prop_map(
-            |(rpm, rpd, tpm, counts, max_concurrent, budget, idle_secs, max_tracked)| EndUserParams {
-                limits: Limits {
-                    rpm,
-                    rpd,
-                    tpm,
-                    counts,
-                    max_concurrent,
-                },
-                budget,
-                idle_secs,
-                max_tracked,
+            |(rpm, rpd, tpm, counts, max_concurrent, budget, idle_secs, max_tracked)| {
+                EndUserParams {
+                    limits: Limits {
+                        rpm,
+                        rpd,
+                        tpm,
+                        counts,
+                        max_concurrent,
+                    },
+                    budget,
+                    idle_secs,
+                    max_tracked,
+                }
             },
         );
     prop_oneof![1 => Just(None), 2 => params.prop_map(Some)].boxed()
