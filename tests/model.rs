@@ -41,6 +41,13 @@
 //! least recently seen one, or refuses a new one when the others have requests in
 //! flight ([`Model::make_room`]).
 //!
+//! Model names too: each model has aliases ([`ALIASES`]) and requests sometimes use
+//! one; grants, `model_limits` and a key's own `models` name models by name, alias or
+//! pattern ([`PATTERNS`]). The model resolves them itself ([`named`], [`governing`]):
+//! a grant reaches every model its pattern matches, the most specific model limit
+//! wins, and a key's models narrow its workspace's grant (refused at the key, after
+//! the workspace's check).
+//!
 //! `PROPTEST_CASES` sets the number of cases (256 by default; CI runs 2000).
 
 use std::collections::BTreeMap;
@@ -77,6 +84,81 @@ const INPUT_PER_MILLION: [&str; 2] = ["0.15", "2.5"];
 const OUTPUT_PER_MILLION: [&str; 2] = ["0.6", "10"];
 const INPUT_PICOS: [i128; 2] = [150_000, 2_500_000];
 const OUTPUT_PICOS: [i128; 2] = [600_000, 10_000_000];
+
+/// Each model's aliases: other names a request or a policy may use for it. `m-lite-xl`
+/// is `m-max`'s, because patterns match model names and not aliases: `m-l*` and
+/// `m-lite*` must not reach `m-max` through it.
+const ALIASES: [&[&str]; 2] = [&["lite"], &["max", "m-lite-xl"]];
+
+/// Patterns grants, model limits and a key's models may use. With two models they still
+/// differ in what they reach (both, or one) and in how specific they are (the prefix's
+/// length: `m-lite*` beats `m-l*` beats `m-*` beats `*`).
+const PATTERNS: [&str; 5] = ["*", "m-*", "m-l*", "m-m*", "m-lite*"];
+
+/// How specific an exact name or alias is: more than any pattern.
+const EXACT: usize = usize::MAX;
+
+/// The models `reference` names in a policy, each with how specifically: written out
+/// from the README ("Model aliases, patterns and a key's own models"), not taken from
+/// the engine. A name or alias names its model; `prefix*` every model whose *name*
+/// starts with `prefix`, as specifically as the prefix is long.
+fn named(reference: &str) -> Vec<(usize, usize)> {
+    if let Some(m) = (0..2).find(|&m| MODELS[m] == reference || ALIASES[m].contains(&reference)) {
+        return vec![(m, EXACT)];
+    }
+    match reference.strip_suffix('*') {
+        Some(prefix) if !prefix.contains('*') => (0..2)
+            .filter(|&m| MODELS[m].starts_with(prefix))
+            .map(|m| (m, prefix.len()))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Whether `reference` names model `m`, and how specifically.
+fn rank(reference: &str, m: usize) -> Option<usize> {
+    named(reference)
+        .into_iter()
+        .find(|&(n, _)| n == m)
+        .map(|(_, r)| r)
+}
+
+/// The entry of a `model_limits` list that governs model `m`: the most specific that
+/// names it (generated lists have no ties, see [`unambiguous`]).
+fn governing<'a>(
+    entries: &'a [(&'static str, ModelLimits)],
+    m: usize,
+) -> Option<&'a (&'static str, ModelLimits)> {
+    entries
+        .iter()
+        .filter_map(|e| Some((rank(e.0, m)?, e)))
+        .max_by_key(|&(r, _)| r)
+        .map(|(_, e)| e)
+}
+
+/// A `model_limits` list as a valid policy must have it: an entry that repeats an
+/// earlier one's text, or is as specific as an earlier one for some model (the name and
+/// an alias of one model), is dropped; the engine refuses both as ambiguous.
+fn unambiguous(mut entries: Vec<(&'static str, ModelLimits)>) -> Vec<(&'static str, ModelLimits)> {
+    let mut kept: Vec<(&'static str, ModelLimits)> = Vec::new();
+    for e in entries.drain(..) {
+        let clash = kept.iter().any(|k| {
+            k.0 == e.0 || (0..2).any(|m| rank(k.0, m).is_some() && rank(k.0, m) == rank(e.0, m))
+        });
+        if !clash {
+            kept.push(e);
+        }
+    }
+    kept
+}
+
+/// Model limits that limit nothing: a model no entry governs.
+const NO_MODEL_LIMITS: ModelLimits = ModelLimits {
+    rpm: None,
+    tpm: None,
+    counts: TokenCount::Total,
+    budget: None,
+};
 
 const WORKSPACES: [&str; 2] = ["ws-a", "ws-b"];
 
@@ -233,9 +315,11 @@ struct WorkspaceParams {
     /// fresh counters.
     present: bool,
     status: WorkspaceStatus,
-    grants: [bool; 2],
+    /// Models granted, as written: names, aliases or patterns.
+    grants: Vec<&'static str>,
     limits: Limits,
-    model_limits: [ModelLimits; 2],
+    /// Workspace × model limits as written, each for a name, an alias or a pattern.
+    model_limits: Vec<(&'static str, ModelLimits)>,
     budget: Option<Budget>,
     soft: bool,
     more: Vec<Extra>,
@@ -255,8 +339,11 @@ struct KeyParams {
     budget: Option<Budget>,
     soft: bool,
     more: Vec<Extra>,
-    /// Key × model limits, by model.
-    model_limits: [Option<ModelLimits>; 2],
+    /// Key × model limits as written, each for a name, an alias or a pattern.
+    model_limits: Vec<(&'static str, ModelLimits)>,
+    /// The key's own models (names, aliases or patterns); empty: all its workspace
+    /// grants.
+    models: Vec<&'static str>,
     temporary: Option<Temporary>,
 }
 
@@ -290,7 +377,32 @@ impl Params {
             self.default_workspace = None;
         }
         self.fix_temporaries();
+        self.fix_key_models();
         self
+    }
+
+    /// Whether workspace `w` grants model `m`: the default workspace every model.
+    fn granted(&self, w: usize, m: usize) -> bool {
+        self.default_workspace == Some(w)
+            || self.workspaces[w]
+                .grants
+                .iter()
+                .any(|g| rank(g, m).is_some())
+    }
+
+    /// Drop from each key's models what reaches no model its workspace grants (the
+    /// engine refuses such a policy); a pattern reaching some is kept.
+    fn fix_key_models(&mut self) {
+        for (k, &w) in KEY_WORKSPACE.iter().enumerate() {
+            let reaches = |r: &str| named(r).iter().any(|&(m, _)| self.granted(w, m));
+            let models: Vec<&'static str> = self.keys[k]
+                .models
+                .iter()
+                .copied()
+                .filter(|r| reaches(r))
+                .collect();
+            self.keys[k].models = models;
+        }
     }
 
     /// Make every temporary override valid (see [`valid_temporary`]); returns whether
@@ -409,16 +521,12 @@ impl std::fmt::Debug for WorkspaceParams {
         if self.status != WorkspaceStatus::Active {
             write!(f, "{:?} ", self.status)?;
         }
-        let grants: Vec<&str> = (0..2)
-            .filter(|&m| self.grants[m])
-            .map(|m| MODELS[m])
-            .collect();
         write!(
             f,
-            "grants {grants:?} limits {:?} lite {:?} max {:?} budget {}{} temporary {:?}",
+            "grants {:?} limits {:?} model limits {:?} budget {}{} temporary {:?}",
+            self.grants,
             self.limits,
-            self.model_limits[0],
-            self.model_limits[1],
+            self.model_limits,
             show_budget(&self.budget),
             show_more(self.soft, &self.more),
             self.temporary,
@@ -450,12 +558,12 @@ impl std::fmt::Debug for KeyParams {
         }
         write!(
             f,
-            "limits {:?} budget {}{} lite {:?} max {:?} temporary {:?}",
+            "limits {:?} budget {}{} model limits {:?} models {:?} temporary {:?}",
             self.limits,
             show_budget(&self.budget),
             show_more(self.soft, &self.more),
-            self.model_limits[0],
-            self.model_limits[1],
+            self.model_limits,
+            self.models,
             self.temporary,
         )
     }
@@ -532,31 +640,29 @@ fn temporary_spec(t: &Option<Temporary>) -> Option<TemporarySpec> {
     })
 }
 
-fn model_limit_spec(m: usize, ml: &ModelLimits) -> ModelLimitSpec {
+fn model_limit_spec(model: &str, ml: &ModelLimits) -> ModelLimitSpec {
     ModelLimitSpec {
         budget: budget_spec(&ml.budget),
-        model: MODELS[m].to_owned(),
+        model: model.to_owned(),
         rpm: ml.rpm,
         tpm: ml.tpm,
         tpm_counts: ml.counts,
     }
 }
 
-fn model_limit_specs(wp: &WorkspaceParams) -> Vec<ModelLimitSpec> {
-    (0..2)
-        .map(|m| model_limit_spec(m, &wp.model_limits[m]))
+fn model_limit_specs(entries: &[(&'static str, ModelLimits)]) -> Vec<ModelLimitSpec> {
+    entries
+        .iter()
+        .map(|(model, ml)| model_limit_spec(model, ml))
         .collect()
 }
 
 fn workspace_spec(w: usize, wp: &WorkspaceParams) -> WorkspaceSpec {
     WorkspaceSpec {
         status: wp.status,
-        models: (0..2)
-            .filter(|&m| wp.grants[m])
-            .map(|m| MODELS[m].to_owned())
-            .collect(),
+        models: wp.grants.iter().map(|&g| g.to_owned()).collect(),
         limits: limits_spec(&wp.limits),
-        model_limits: model_limit_specs(wp),
+        model_limits: model_limit_specs(&wp.model_limits),
         budget: first_budget_spec(&wp.budget, wp.soft),
         budgets: more_specs(&wp.more),
         temporary: temporary_spec(&wp.temporary),
@@ -584,9 +690,8 @@ fn key_spec(k: usize, kp: &KeyParams) -> KeySpec {
         limits: limits_spec(&kp.limits),
         budget: first_budget_spec(&kp.budget, kp.soft),
         budgets: more_specs(&kp.more),
-        model_limits: (0..2)
-            .filter_map(|m| Some(model_limit_spec(m, kp.model_limits[m].as_ref()?)))
-            .collect(),
+        model_limits: model_limit_specs(&kp.model_limits),
+        models: kp.models.iter().map(|&r| r.to_owned()).collect(),
         temporary: temporary_spec(&kp.temporary),
         default_max_output_tokens: KEY_DEFAULT_OUTPUT[k].map(i64::from),
         ..KeySpec::new(KEYS[k], WORKSPACES[KEY_WORKSPACE[k]], SECRETS[k])
@@ -606,6 +711,7 @@ fn policy(p: &Params) -> Policy {
     for m in 0..2 {
         doc.models.push(ModelSpec {
             default_max_output_tokens: MODEL_DEFAULT_OUTPUT[m].map(i64::from),
+            aliases: ALIASES[m].iter().map(|&a| a.to_owned()).collect(),
             ..ModelSpec::new(
                 MODELS[m],
                 INPUT_PER_MILLION[m].parse().unwrap(),
@@ -653,6 +759,10 @@ impl KeyPick {
 enum ModelPick {
     Lite,
     Max,
+    /// Model `.0` by its alias `.1` (an index in [`ALIASES`]).
+    Alias(usize, usize),
+    /// A pattern: requests never match patterns, so an unknown model.
+    Pattern,
     Ghost,
 }
 
@@ -661,12 +771,17 @@ impl ModelPick {
         match self {
             ModelPick::Lite => Some(0),
             ModelPick::Max => Some(1),
-            ModelPick::Ghost => None,
+            ModelPick::Alias(m, _) => Some(m),
+            ModelPick::Pattern | ModelPick::Ghost => None,
         }
     }
 
     fn name(self) -> &'static str {
-        self.index().map_or("m-ghost", |m| MODELS[m])
+        match self {
+            ModelPick::Alias(m, a) => ALIASES[m][a],
+            ModelPick::Pattern => "m-*",
+            _ => self.index().map_or("m-ghost", |m| MODELS[m]),
+        }
     }
 }
 
@@ -858,6 +973,73 @@ fn model_limits() -> BoxedStrategy<ModelLimits> {
         .boxed()
 }
 
+/// A model as a policy names it: mostly by name, else by one of its aliases.
+fn name_of(m: usize) -> BoxedStrategy<&'static str> {
+    prop_oneof![3 => Just(MODELS[m]), 1 => prop::sample::select(ALIASES[m].to_vec())].boxed()
+}
+
+/// Any reference a policy may make to models: a name, an alias or a pattern.
+fn reference() -> BoxedStrategy<&'static str> {
+    prop_oneof![
+        2 => name_of(0),
+        2 => name_of(1),
+        2 => prop::sample::select(PATTERNS.to_vec()),
+    ]
+    .boxed()
+}
+
+/// A workspace's grants: each model by name or alias (usually), or a pattern, alone
+/// (so some models are granted by nothing else) or beside them.
+fn grants() -> BoxedStrategy<Vec<&'static str>> {
+    let each = [
+        (prop::bool::weighted(0.93), name_of(0)),
+        (prop::bool::weighted(0.93), name_of(1)),
+    ]
+    .prop_map(|each| {
+        each.into_iter()
+            .filter_map(|(granted, name)| granted.then_some(name))
+            .collect::<Vec<_>>()
+    });
+    let pattern = prop::sample::select(PATTERNS.to_vec());
+    prop_oneof![
+        4 => each.clone(),
+        1 => pattern.clone().prop_map(|p| vec![p]),
+        1 => (pattern, each).prop_map(|(p, mut each)| {
+            each.push(p);
+            each
+        }),
+    ]
+    .boxed()
+}
+
+/// A `model_limits` list: an entry for each model by name or alias (each with
+/// probability `each`), and sometimes one for a pattern, first or last (order must not
+/// matter), so a pattern governs the models without an entry of their own.
+fn model_limit_list(each: f64) -> BoxedStrategy<Vec<(&'static str, ModelLimits)>> {
+    let entry = |m: usize| {
+        prop_oneof![
+            ((1.0 - each) * 100.0) as u32 => Just(None),
+            (each * 100.0) as u32 => (name_of(m), model_limits()).prop_map(Some),
+        ]
+    };
+    (
+        [entry(0), entry(1)],
+        prop_oneof![
+            3 => Just(None),
+            2 => (prop::sample::select(PATTERNS.to_vec()), model_limits()).prop_map(Some),
+        ],
+        any::<bool>(),
+    )
+        .prop_map(|(each, pattern, first)| {
+            let mut list: Vec<_> = each.into_iter().flatten().collect();
+            if let Some(p) = pattern {
+                list.insert(if first { 0 } else { list.len() }, p);
+            }
+            unambiguous(list)
+        })
+        .boxed()
+}
+
 /// Budgets beside the first: none mostly, else one (often a day beside the first's
 /// month or custom period), sometimes soft, rarely a second.
 fn more_budgets(lo: u64, hi: u64) -> BoxedStrategy<Vec<Extra>> {
@@ -948,9 +1130,9 @@ fn workspace(present: f64) -> BoxedStrategy<WorkspaceParams> {
             1 => Just(WorkspaceStatus::Review),
             1 => Just(WorkspaceStatus::Suspended),
         ],
-        [prop::bool::weighted(0.93), prop::bool::weighted(0.93)],
+        grants(),
         limits(),
-        [model_limits(), model_limits()],
+        model_limit_list(0.75),
         prop_oneof![1 => Just(None), 7 => budget(5_000, 80_000).prop_map(Some)],
         (
             soft(),
@@ -999,10 +1181,11 @@ fn key() -> BoxedStrategy<KeyParams> {
             more_budgets(1_000, 30_000),
             temporary(true, 1_000, 60_000),
         ),
-        [
-            prop_oneof![2 => Just(None), 1 => model_limits().prop_map(Some)],
-            prop_oneof![2 => Just(None), 1 => model_limits().prop_map(Some)],
-        ],
+        (
+            model_limit_list(0.33),
+            // Now and then its own models: one or two references.
+            prop_oneof![3 => Just(Vec::new()), 1 => vec(reference(), 1..=2)],
+        ),
     )
         .prop_map(
             |(
@@ -1012,7 +1195,7 @@ fn key() -> BoxedStrategy<KeyParams> {
                 limits,
                 budget,
                 (soft, more, temporary),
-                model_limits,
+                (model_limits, models),
             )| {
                 let has_budget = budget.is_some() || !more.is_empty();
                 KeyParams {
@@ -1024,6 +1207,7 @@ fn key() -> BoxedStrategy<KeyParams> {
                     soft,
                     more,
                     model_limits,
+                    models,
                     temporary: valid_temporary(temporary, has_budget),
                 }
             },
@@ -1153,9 +1337,11 @@ fn op() -> BoxedStrategy<Op> {
         1 => Just(KeyPick::Ghost),
     ];
     let model = prop_oneof![
-        10 => Just(ModelPick::Lite),
-        9 => Just(ModelPick::Max),
-        1 => Just(ModelPick::Ghost),
+        8 => Just(ModelPick::Lite),
+        7 => Just(ModelPick::Max),
+        2 => Just(ModelPick::Alias(0, 0)),
+        2 => (0..ALIASES[1].len()).prop_map(|a| ModelPick::Alias(1, a)),
+        1 => prop_oneof![Just(ModelPick::Ghost), Just(ModelPick::Pattern)],
     ];
     let reserve = (
         key,
@@ -1687,7 +1873,7 @@ fn scoped_model_rules(ml: &ModelLimits, inherited: Span) -> Rules {
 }
 
 fn model_rules(p: &Params, w: usize, m: usize, at: u64) -> Rules {
-    let ml = &p.workspaces[w].model_limits[m];
+    let ml = governing(&p.workspaces[w].model_limits, m).map_or(&NO_MODEL_LIMITS, |e| &e.1);
     scoped_model_rules(ml, workspace_rules(p, w, at).span)
 }
 
@@ -1703,7 +1889,7 @@ fn key_rules(p: &Params, k: usize, at: u64) -> Rules {
 
 /// `None` when the key has no limits for the model: the level does not apply.
 fn key_model_rules(p: &Params, k: usize, m: usize, at: u64) -> Option<Rules> {
-    let ml = p.keys[k].model_limits[m].as_ref()?;
+    let (_, ml) = governing(&p.keys[k].model_limits, m)?;
     Some(scoped_model_rules(ml, key_rules(p, k, at).span))
 }
 
@@ -2440,8 +2626,12 @@ impl Model {
         let Some(m) = model.index() else {
             return Err((DenialReason::UnknownModel, Scope::WorkspaceModel));
         };
-        if !wp.grants[m] && self.params.default_workspace != Some(w) {
+        if !self.params.granted(w, m) {
             return Err((DenialReason::ModelNotGranted, Scope::WorkspaceModel));
+        }
+        // The key's own models narrow its workspace's grant, checked after it.
+        if !kp.models.is_empty() && !kp.models.iter().any(|r| rank(r, m).is_some()) {
+            return Err((DenialReason::ModelNotGranted, Scope::Key));
         }
 
         let output = max_output
@@ -2885,6 +3075,15 @@ struct Outcomes {
     /// Edits the engine refused as the model expected (deleting an unknown or the
     /// default workspace, creating one that exists, revoking an unknown key).
     refused_edits: usize,
+    /// Requests naming their model by an alias, admitted.
+    admitted_by_alias: usize,
+    /// Admitted requests whose model only a pattern in the workspace's grants grants.
+    pattern_grants_used: usize,
+    /// Refusals by a workspace × model or key × model level whose limits are a
+    /// pattern's.
+    pattern_limit_refusals: usize,
+    /// Models the workspace grants but the key's own models leave out.
+    key_subset_refusals: usize,
     reached: Reached,
 }
 
@@ -2906,6 +3105,10 @@ impl Outcomes {
         self.settled_across_a_boundary += other.settled_across_a_boundary;
         self.changes_in_flight += other.changes_in_flight;
         self.refused_edits += other.refused_edits;
+        self.admitted_by_alias += other.admitted_by_alias;
+        self.pattern_grants_used += other.pattern_grants_used;
+        self.pattern_limit_refusals += other.pattern_limit_refusals;
+        self.key_subset_refusals += other.key_subset_refusals;
         self.reached.add(&other.reached);
     }
 }
@@ -3086,7 +3289,7 @@ fn resolve(target: RateTarget, latest: Option<(usize, usize)>, p: &Params) -> Op
                 0 => &p.keys[k].limits,
                 1 => &p.workspaces[w].limits,
                 _ => {
-                    let ml = &p.workspaces[w].model_limits[m];
+                    let (_, ml) = governing(&p.workspaces[w].model_limits, m)?;
                     let set = match b {
                         Which::Rpm => ml.rpm.is_some(),
                         Which::Tpm => ml.tpm.is_some(),
@@ -3168,13 +3371,23 @@ fn plan(p: &Params, edit: &Edit, latest: Option<(usize, usize)>) -> Plan {
                 if !p.workspaces[w].present {
                     return Plan::Skip;
                 }
-                let ml = &mut p.workspaces[w].model_limits[m];
+                // The entry that governs the model (a pattern's changes every model it
+                // governs), else a new one by its name, which cannot tie with another.
+                let entries = &mut p.workspaces[w].model_limits;
+                let e = match governing(entries, m) {
+                    Some(e) => entries.iter().position(|x| x.0 == e.0).unwrap(),
+                    None => {
+                        entries.push((MODELS[m], NO_MODEL_LIMITS));
+                        entries.len() - 1
+                    }
+                };
+                let ml = &mut entries[e].1;
                 if tokens {
                     ml.tpm = changed(ml.tpm, change, 100, 5_000);
                 } else {
                     ml.rpm = changed(ml.rpm, change, 1, 8);
                 }
-                let model_limits = Some(model_limit_specs(&p.workspaces[w]));
+                let model_limits = Some(model_limit_specs(entries));
                 Call::Update(
                     w,
                     Box::new(WorkspaceUpdate {
@@ -3269,6 +3482,7 @@ fn plan(p: &Params, edit: &Edit, latest: Option<(usize, usize)>) -> Plan {
                 present: true,
                 ..(**spec).clone()
             };
+            p.fix_key_models();
             Call::Replace
         }
     };
@@ -3376,11 +3590,42 @@ fn run(initial: &Params, ops: &[Op]) -> Result<Outcomes, TestCaseError> {
                         };
                         prop_assert_eq!(got, held.tightest, "rate limits, {}", what());
                         seen.admitted += 1;
+                        seen.admitted_by_alias += usize::from(matches!(m, ModelPick::Alias(..)));
+                        let w = KEY_WORKSPACE[held.key];
+                        let by_name = |g: &&str| rank(g, held.model) == Some(EXACT);
+                        let wp = &model.params.workspaces[w];
+                        if model.params.default_workspace != Some(w)
+                            && !wp.grants.iter().any(by_name)
+                        {
+                            seen.pattern_grants_used += 1;
+                        }
                         outstanding.push((reservation, held));
                     }
                     (Err(denial), Err(refusal)) => {
                         prop_assert_eq!((denial.reason, denial.scope), refusal, "{}", what());
                         *seen.denials.entry(format!("{refusal:?}")).or_default() += 1;
+                        let by_pattern = |entries: &[(&'static str, ModelLimits)]| {
+                            let m = m.index().unwrap();
+                            governing(entries, m).is_some_and(|e| e.0.ends_with('*'))
+                        };
+                        let p = &model.params;
+                        match refusal {
+                            (DenialReason::ModelNotGranted, Scope::Key) => {
+                                seen.key_subset_refusals += 1;
+                            }
+                            (DenialReason::UnknownModel | DenialReason::ModelNotGranted, _) => {}
+                            (_, Scope::WorkspaceModel) => {
+                                let k = key.index().unwrap();
+                                let entries = &p.workspaces[KEY_WORKSPACE[k]].model_limits;
+                                seen.pattern_limit_refusals += usize::from(by_pattern(entries));
+                            }
+                            (_, Scope::KeyModel) => {
+                                let k = key.index().unwrap();
+                                let entries = &p.keys[k].model_limits;
+                                seen.pattern_limit_refusals += usize::from(by_pattern(entries));
+                            }
+                            _ => {}
+                        }
                     }
                     (got, want) => {
                         return Err(TestCaseError::fail(format!(
@@ -3548,6 +3793,7 @@ fn the_generator_reaches_every_outcome() {
         ),
         (DenialReason::UnknownModel, Scope::WorkspaceModel),
         (DenialReason::ModelNotGranted, Scope::WorkspaceModel),
+        (DenialReason::ModelNotGranted, Scope::Key),
         (DenialReason::RequestsPerMinute, Scope::Key),
         (DenialReason::RequestsPerMinute, Scope::KeyModel),
         (DenialReason::TokensPerMinute, Scope::KeyModel),
@@ -3595,6 +3841,18 @@ fn the_generator_reaches_every_outcome() {
         ),
         ("policy changes in flight", all.changes_in_flight, 300),
         ("edits refused by both", all.refused_edits, 80),
+        ("admitted by an alias", all.admitted_by_alias, 100),
+        ("granted by a pattern only", all.pattern_grants_used, 50),
+        (
+            "refused by a pattern's model limits",
+            all.pattern_limit_refusals,
+            30,
+        ),
+        (
+            "refused by the key's own models",
+            all.key_subset_refusals,
+            30,
+        ),
         ("exact refunds after time passed", r.refunds.exact, 80),
         ("refunds across one rescale", r.refunds.one_rescale, 12),
         ("refunds after two or more changes", r.refunds.after_many, 5),
