@@ -1013,8 +1013,9 @@ fn grants() -> BoxedStrategy<Vec<&'static str>> {
 }
 
 /// A `model_limits` list: an entry for each model by name or alias (each with
-/// probability `each`), and sometimes one for a pattern, first or last (order must not
-/// matter), so a pattern governs the models without an entry of their own.
+/// probability `each`), and sometimes one or two for patterns, each first or last (order
+/// must not matter), so a pattern governs the models without an entry of their own,
+/// and the longer of two patterns the models both match.
 fn model_limit_list(each: f64) -> BoxedStrategy<Vec<(&'static str, ModelLimits)>> {
     let entry = |m: usize| {
         prop_oneof![
@@ -1022,18 +1023,23 @@ fn model_limit_list(each: f64) -> BoxedStrategy<Vec<(&'static str, ModelLimits)>
             (each * 100.0) as u32 => (name_of(m), model_limits()).prop_map(Some),
         ]
     };
+    let pattern = (
+        prop::sample::select(PATTERNS.to_vec()),
+        model_limits(),
+        any::<bool>(),
+    );
     (
         [entry(0), entry(1)],
         prop_oneof![
-            3 => Just(None),
-            2 => (prop::sample::select(PATTERNS.to_vec()), model_limits()).prop_map(Some),
+            6 => Just(Vec::new()),
+            3 => vec(pattern.clone(), 1..=1),
+            2 => vec(pattern, 2..=2),
         ],
-        any::<bool>(),
     )
-        .prop_map(|(each, pattern, first)| {
+        .prop_map(|(each, patterns)| {
             let mut list: Vec<_> = each.into_iter().flatten().collect();
-            if let Some(p) = pattern {
-                list.insert(if first { 0 } else { list.len() }, p);
+            for (p, ml, first) in patterns {
+                list.insert(if first { 0 } else { list.len() }, (p, ml));
             }
             unambiguous(list)
         })
