@@ -4,6 +4,8 @@
 //! `ws-a` also sets end-user limits (RPM, RPD, TPM, concurrency, a day budget), and
 //! requests name one of two end users or none, in either workspace (`ws-b` has no
 //! end-user limits, so there the end user must change nothing).
+//! Model names too: `m-max` has an alias requests sometimes use, `ws-b` grants its
+//! models by a pattern, and `k-a1` limits `m-max` by its alias.
 //! Both engines get the same policy and the same random sequence of reservations,
 //! commits and drops, and must agree on every decision, every receipt and, at the
 //! end, every counter `usage()` reports.
@@ -33,6 +35,11 @@ use redis_server::{require_redis, RedisServer};
 use tollgate::*;
 
 const MODELS: [&str; 2] = ["m-lite", "m-max"];
+/// `m-max`'s alias. Requests name a model by [`MODELS`] or by this ([`NAMES`]): both
+/// backends resolve it when the policy is loaded, so it must change nothing but the name.
+const MAX_ALIAS: &str = "max";
+/// What a request may name: a model, or `m-max` by its alias.
+const NAMES: [&str; 3] = [MODELS[0], MODELS[1], MAX_ALIAS];
 const KEYS: [&str; 3] = ["k-a1", "k-a2", "k-b"];
 const WORKSPACES: [&str; 2] = ["ws-a", "ws-b"];
 const USERS: [&str; 2] = ["u-1", "u-2"];
@@ -133,9 +140,9 @@ fn policy(p: &Params) -> Policy {
             ..LimitsSpec::default()
         })
     });
+    // A pattern: expanded to both models when the policy is loaded.
     let ws_b = WorkspaceSpec::new(WORKSPACES[1], WORKSPACES[1])
-        .grant(MODELS[0])
-        .grant(MODELS[1])
+        .grant("m-*")
         .limits(LimitsSpec {
             rpd: p.ws_b_rpd,
             ..LimitsSpec::default()
@@ -156,7 +163,7 @@ fn policy(p: &Params) -> Policy {
             budget: p
                 .key_model_budget
                 .map(|b| BudgetSpec::new(usd(b), BudgetPeriod::Month)),
-            ..ModelLimitSpec::new(MODELS[1])
+            ..ModelLimitSpec::new(MAX_ALIAS)
         });
     k_a1.temporary = temporary((None, None, p.key_temporary.2));
     let mut k_a2 = KeySpec::new(KEYS[1], WORKSPACES[0], "sk-a2")
@@ -177,11 +184,10 @@ fn policy(p: &Params) -> Policy {
             "0.15".parse().unwrap(),
             "0.6".parse().unwrap(),
         ))
-        .model(ModelSpec::new(
-            MODELS[1],
-            "2.5".parse().unwrap(),
-            "10".parse().unwrap(),
-        ))
+        .model(
+            ModelSpec::new(MODELS[1], "2.5".parse().unwrap(), "10".parse().unwrap())
+                .alias(MAX_ALIAS),
+        )
         .workspace(ws_a)
         .workspace(ws_b)
         .key(k_a1)
@@ -275,6 +281,7 @@ fn params() -> impl Strategy<Value = Params> {
 enum Op {
     Reserve {
         key: usize,
+        /// An index in [`NAMES`].
         model: usize,
         input: u32,
         max_output: u32,
@@ -300,7 +307,7 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (
             0..3usize,
-            0..2usize,
+            0..NAMES.len(),
             tokens(),
             tokens(),
             prop_oneof![1 => Just(None), 3 => (0..USERS.len()).prop_map(Some)],
@@ -321,7 +328,7 @@ fn request(
     max_output: u32,
     user: Option<usize>,
 ) -> Request<'static> {
-    let mut request = Request::with_key_id(KEYS[key], MODELS[model])
+    let mut request = Request::with_key_id(KEYS[key], NAMES[model])
         .input_tokens(input)
         .max_output_tokens(max_output);
     request.end_user = user.map(|u| USERS[u]);
