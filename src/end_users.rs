@@ -162,6 +162,16 @@ impl EndUserLevel {
         Ok(state)
     }
 
+    /// Every end user tracked now, with its counters (for saving them; allocates).
+    pub(crate) fn all(&self) -> Vec<(Box<str>, Arc<ScopeState>)> {
+        let mut all = Vec::new();
+        for shard in self.table.shards.iter() {
+            let entries = shard.lock();
+            all.extend(entries.iter().map(|e| (e.id.clone(), Arc::clone(&e.state))));
+        }
+        all
+    }
+
     /// End users tracked now.
     pub(crate) fn tracked(&self) -> usize {
         self.table.shards.iter().map(|s| s.lock().len()).sum()

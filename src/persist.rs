@@ -154,22 +154,47 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PersistError + '_ {
     }
 }
 
-/// Write every scope's counters to `path` atomically.
+/// End users are saved as `enduser:<workspace id>/<end user id>`: workspace ids never
+/// contain `/`, so the first one ends the workspace's.
+const END_USER: &str = "enduser:";
+
+/// Every end user tracked in `snap`'s workspaces, named as in the file.
+fn end_users(snap: &Snapshot) -> Vec<(String, Arc<ScopeState>)> {
+    let mut out = Vec::new();
+    for (w, ws) in snap.policy.workspaces.iter().enumerate() {
+        if let Some(table) = &snap.end_users[w] {
+            for (id, state) in table.all() {
+                out.push((format!("{END_USER}{}/{id}", ws.id), state));
+            }
+        }
+    }
+    out
+}
+
+fn saved(scope: String, state: &ScopeState, now: Timestamp) -> SavedScope {
+    let (current, previous) = state.periods.totals(now);
+    SavedScope {
+        scope,
+        current: current.into(),
+        previous: previous.into(),
+    }
+}
+
+/// Write every scope's counters (end users' included) to `path` atomically.
 pub(crate) fn save(snap: &Snapshot, now: Timestamp, path: &Path) -> Result<(), PersistError> {
+    let mut scopes: Vec<SavedScope> = scopes(snap)
+        .into_iter()
+        .map(|(scope, state)| saved(scope, state, now))
+        .collect();
+    scopes.extend(
+        end_users(snap)
+            .into_iter()
+            .map(|(scope, state)| saved(scope, &state, now)),
+    );
     let body = Body {
         saved_at: now,
         org: snap.policy.org.id.to_string(),
-        scopes: scopes(snap)
-            .into_iter()
-            .map(|(scope, state)| {
-                let (current, previous) = state.periods.totals(now);
-                SavedScope {
-                    scope,
-                    current: current.into(),
-                    previous: previous.into(),
-                }
-            })
-            .collect(),
+        scopes,
     };
     let body = serde_json::to_string(&body).expect("counters serialise");
     durable::write_atomically(path, &durable::seal(FORMAT, body)).map_err(io(path))
@@ -206,8 +231,39 @@ pub(crate) fn restore(snap: &Snapshot, now: Timestamp, path: &Path) -> Result<()
             loads.push((state, current, previous));
         }
     }
+    // End users of workspaces that still limit them, created as a request would
+    // (within `max_tracked`: beyond it, the rest start from zero).
+    let mut end_user_loads = Vec::new();
+    for (name, scope) in saved {
+        let Some((ws, id)) = name.strip_prefix(END_USER).and_then(|n| n.split_once('/')) else {
+            continue;
+        };
+        let (Some(current), Some(previous)) = (scope.current.totals(), scope.previous.totals())
+        else {
+            return Err(corrupt(format!("{name}: spend out of range")));
+        };
+        end_user_loads.push((ws, id, current, previous));
+    }
     for (state, current, previous) in loads {
         state.periods.restore(now, current, previous);
+    }
+    for (ws, id, current, previous) in end_user_loads {
+        let Some(w) = snap.workspace_index(ws) else {
+            continue;
+        };
+        let w = w as usize;
+        let (Some(rules), Some(table)) = (
+            snap.policy.workspaces[w].end_users.as_deref(),
+            snap.end_users[w].as_ref(),
+        ) else {
+            continue;
+        };
+        if !crate::end_users::valid_id(id) {
+            continue;
+        }
+        if let Ok(state) = table.counters(id, rules, now) {
+            state.periods.restore(now, current, previous);
+        }
     }
     Ok(())
 }

@@ -518,3 +518,47 @@ fn end_user_limits_read_from_toml() {
     assert_eq!(spec.idle_secs, Some(7_200));
     assert_eq!(spec.budget.unwrap().limit, dec("5.00"));
 }
+
+#[test]
+fn end_users_spend_survives_a_save_and_restore() {
+    let clock = clock();
+    let limits = EndUserLimitsSpec {
+        budget: Some(BudgetSpec::new(dec("0.000010"), BudgetPeriod::Day)),
+        ..rpm(100)
+    };
+    let engine = engine(doc(limits.clone()), &clock);
+    spend(&engine, "alice/with a slash", 10);
+    spend(&engine, "bob", 4);
+    let path = std::env::temp_dir().join(format!(
+        "tollgate-end-users-{}-{}.json",
+        std::process::id(),
+        clock.now().as_unix_nanos()
+    ));
+    engine.save_counters(&path).unwrap();
+
+    // A restart: the same policy, counters restored. Alice's day budget is still
+    // spent, Bob has 6 µ$ left, and both are tracked again.
+    let restarted = Engine::builder(Policy::new(doc(limits)).unwrap())
+        .clock(clock.clone())
+        .restore_counters(&path)
+        .unwrap();
+    std::fs::remove_file(&path).ok();
+    assert_eq!(tracked(&restarted), 2);
+    let alice = restarted
+        .end_user_usage("ws", "alice/with a slash")
+        .expect("restored");
+    assert_eq!(alice.current.cost, dec("0.000010"));
+    let refused = restarted
+        .check_and_reserve(&ask("alice/with a slash", 1))
+        .unwrap_err();
+    assert_eq!(refused.scope, Scope::EndUser);
+    assert_eq!(refused.reason, DenialReason::Budget);
+    spend(&restarted, "bob", 6);
+    assert_eq!(
+        restarted
+            .check_and_reserve(&ask("bob", 1))
+            .unwrap_err()
+            .reason,
+        DenialReason::Budget
+    );
+}
