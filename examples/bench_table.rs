@@ -376,6 +376,10 @@ const HOT_PATH: &[(&str, &str)] = &[
         "reserve + commit, 1,000 keys, by key id",
     ),
     (
+        "hot_path/reserve_commit_by_id_every_rule/1000",
+        "the same with every further rule in use (key × model limits and budget, second budgets, an override)",
+    ),
+    (
         "hot_path/reserve_commit_by_secret/1000",
         "reserve + commit, 1,000 keys, by secret (SHA-256 per call)",
     ),
