@@ -129,13 +129,7 @@ impl Inner {
         let mut current = self.snapshot.load_full();
         // Several overrides may have ended since: one snapshot per instant, in order.
         while now.as_unix_nanos() >= current.next_change {
-            let at = Timestamp::from_unix_nanos(current.next_change);
-            let next = Snapshot::build_at(
-                current.policy.clone(),
-                Some(&current),
-                StdArc::clone(&current.clock),
-                at,
-            );
+            let next = current.at_next_change();
             self.snapshot.store(Arc::new(Published::new(next)));
             current = self.snapshot.load_full();
         }

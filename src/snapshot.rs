@@ -114,6 +114,17 @@ impl Snapshot {
         Self::build_at(policy, previous, clock, now)
     }
 
+    /// The snapshot that follows this one at its `next_change` (a temporary override
+    /// starting or ending): the same policy, built as of that instant.
+    pub(crate) fn at_next_change(&self) -> Snapshot {
+        Self::build_at(
+            self.policy.clone(),
+            Some(self),
+            StdArc::clone(&self.clock),
+            Timestamp::from_unix_nanos(self.next_change),
+        )
+    }
+
     /// [`Snapshot::build`] as of `now`: the instant the policy takes effect (for a
     /// temporary override that starts or ends, that instant rather than the first
     /// request to notice it, so counters adapt as they would have then).

@@ -383,13 +383,7 @@ impl RedisEngine {
         let mut current = self.inner.snapshot.load_full();
         // As of each override's end, in order, as the in-memory engine does.
         while now.as_unix_nanos() >= current.next_change {
-            let at = Timestamp::from_unix_nanos(current.next_change);
-            let next = Arc::new(Snapshot::build_at(
-                current.policy.clone(),
-                Some(&current),
-                Arc::clone(&current.clock),
-                at,
-            ));
+            let next = Arc::new(current.at_next_change());
             self.inner.snapshot.store(Arc::clone(&next));
             current = next;
         }
