@@ -3,6 +3,7 @@
 //! Numbers cross as decimal strings: money is int64 pico-dollars that Lua must not
 //! round through a double, so the functions add it exactly on decimal strings.
 
+use std::ops::Range;
 use std::time::Duration;
 
 use redis::Value;
@@ -25,6 +26,42 @@ use crate::store::{keep_tightest, Ask, Refusal, Tightest, Window};
 pub(crate) struct Call {
     pub(crate) keys: Vec<String>,
     pub(crate) args: Vec<String>,
+}
+
+/// One function call of a request and the groups it covers (indices into the
+/// request's groups, in order): a standalone server takes every group in one call
+/// (one round trip, one `TIME`, all or nothing across tags); a cluster needs one call
+/// per group, as each group's keys hash to its own slot.
+#[derive(Clone, Debug)]
+pub(crate) struct GroupCall {
+    pub(crate) groups: Range<usize>,
+    pub(crate) call: Call,
+}
+
+/// The calls of one request: all of `groups` in one call when `together`, else one
+/// call each; `call` builds a call for the groups it covers.
+pub(crate) fn group_calls(
+    groups: &[Group],
+    together: bool,
+    mut call: impl FnMut(&[Group]) -> Call,
+) -> Vec<GroupCall> {
+    if together {
+        return vec![GroupCall {
+            groups: 0..groups.len(),
+            call: call(groups),
+        }];
+    }
+    (0..groups.len())
+        .map(|i| GroupCall {
+            groups: i..i + 1,
+            call: call(&groups[i..=i]),
+        })
+        .collect()
+}
+
+/// Every group's keys, in order: what the `reserve` and `commit` functions take.
+fn keys_of(groups: &[Group], id: &str) -> Vec<String> {
+    groups.iter().flat_map(|group| group.keys(id)).collect()
 }
 
 /// Lifetimes the scripts set, in milliseconds.
@@ -167,11 +204,11 @@ fn end_user_rules(snap: &Snapshot, route: Route) -> &EndUserRules {
         .expect("a group lists the end user's level only when its rules apply")
 }
 
-/// the `reserve` function for one group.
+/// the `reserve` function for `groups`.
 pub(crate) fn reserve(
     snap: &Snapshot,
     route: Route,
-    group: &Group,
+    groups: &[Group],
     id: &str,
     ask: Ask,
     ttls: Ttls,
@@ -180,15 +217,33 @@ pub(crate) fn reserve(
         id.to_owned(),
         ttls.reservation.to_string(),
         ask.cost.to_string(),
-        group.record_base(),
         ttls.record().to_string(),
-        group.key_id.clone().unwrap_or_default(),
     ];
+    for group in groups {
+        reserve_group(snap, route, group, ask, ttls, &mut args);
+    }
+    Call {
+        keys: keys_of(groups, id),
+        args,
+    }
+}
+
+fn reserve_group(
+    snap: &Snapshot,
+    route: Route,
+    group: &Group,
+    ask: Ask,
+    ttls: Ttls,
+    args: &mut Vec<String>,
+) {
+    args.push(group.record_base());
+    args.push(group.key_id.clone().unwrap_or_default());
+    args.push(group.levels.len().to_string());
     for member in &group.levels {
         let rules = part(snap, route, member);
-        push_rate(&mut args, rules.rpm);
-        push_rate(&mut args, rules.rpd);
-        push_rate(&mut args, rules.tpm.map(|t| &t.rate));
+        push_rate(args, rules.rpm);
+        push_rate(args, rules.rpd);
+        push_rate(args, rules.tpm.map(|t| &t.rate));
         let units = rules
             .tpm
             .map_or(0, |t| t.counts.pick(ask.input_tokens, ask.output_tokens));
@@ -209,10 +264,6 @@ pub(crate) fn reserve(
         args.push(seconds.to_string());
         args.push(rules.idle_ms(ttls).to_string());
     }
-    Call {
-        keys: group.keys(id),
-        args,
-    }
 }
 
 /// What a request really used, for the `commit` function.
@@ -223,11 +274,11 @@ pub(crate) struct Used {
     pub(crate) output_tokens: u64,
 }
 
-/// the `commit` function for one group.
+/// the `commit` function for `groups`.
 pub(crate) fn commit(
     snap: &Snapshot,
     route: Route,
-    group: &Group,
+    groups: &[Group],
     id: &str,
     ask: Ask,
     used: Used,
@@ -240,9 +291,27 @@ pub(crate) fn commit(
         used.cost.to_string(),
         used.input_tokens.to_string(),
         used.output_tokens.to_string(),
-        group.record_base(),
-        group.generation.clone(),
     ];
+    for group in groups {
+        commit_group(snap, route, group, used, ttls, &mut args);
+    }
+    Call {
+        keys: keys_of(groups, id),
+        args,
+    }
+}
+
+fn commit_group(
+    snap: &Snapshot,
+    route: Route,
+    group: &Group,
+    used: Used,
+    ttls: Ttls,
+    args: &mut Vec<String>,
+) {
+    args.push(group.record_base());
+    args.push(group.generation.clone());
+    args.push(group.levels.len().to_string());
     for member in &group.levels {
         let rules = part(snap, route, member);
         // The tokens the request used as the reservation's rule counts them; what
@@ -283,10 +352,6 @@ pub(crate) fn commit(
             None => args.extend([String::new(), "100".into()]),
         }
     }
-    Call {
-        keys: group.keys(id),
-        args,
-    }
 }
 
 /// the `release` function for one group.
@@ -322,11 +387,11 @@ fn items<'v>(op: &str, value: &'v Value) -> Result<&'v [Value], StoreError> {
     }
 }
 
-/// What one group's reserve said.
+/// What one call's reserve said for the groups it covers.
 pub(crate) enum Reserved {
-    /// Admitted, with the tag's generation (see [`Group::generation`]).
-    Admitted(String),
-    /// Level `level` refused.
+    /// Admitted, with each group's tag generation (see [`Group::generation`]), in order.
+    Admitted(Vec<String>),
+    /// Level `level` refused (nothing was taken on any group of the call).
     Refused { level: usize, refusal: Refusal },
     /// Another instance revoked the key or deleted its workspace.
     Gone(DenialReason),
@@ -334,16 +399,46 @@ pub(crate) enum Reserved {
 
 const OP_RESERVE: &str = "reserve";
 
-/// Read the `reserve` function's reply; on admission fold the group's windows into `tightest`.
+/// Read the `reserve` function's reply for `groups` (the groups its call covered); on
+/// admission fold their windows into `tightest`.
 pub(crate) fn read_reserve(
     snap: &Snapshot,
     route: Route,
-    group: &Group,
+    groups: &[Group],
     ask: Ask,
     reply: &Value,
     tightest: &mut Tightest,
 ) -> Result<Reserved, StoreError> {
-    let items = items(OP_RESERVE, reply)?;
+    let top = items(OP_RESERVE, reply)?;
+    let short = || corrupt_reply(OP_RESERVE, format!("short reply {top:?}"));
+    let admitted = integer(OP_RESERVE, &top[0])? == 1;
+    if admitted {
+        let mut generations = Vec::with_capacity(groups.len());
+        for (g, group) in groups.iter().enumerate() {
+            let group_items = items(OP_RESERVE, top.get(1 + g).ok_or_else(short)?)?;
+            generations.push(read_admitted(snap, route, group, group_items, tightest)?);
+        }
+        return Ok(Reserved::Admitted(generations));
+    }
+    let group = top
+        .get(1)
+        .map(|v| integer(OP_RESERVE, v))
+        .transpose()?
+        .and_then(|g| usize::try_from(g - 1).ok())
+        .and_then(|g| groups.get(g))
+        .ok_or_else(|| corrupt_reply(OP_RESERVE, format!("{top:?}")))?;
+    let refusal = items(OP_RESERVE, top.get(2).ok_or_else(short)?)?;
+    read_refusal(snap, route, group, ask, refusal)
+}
+
+/// One group's admission: its windows, then the tag's generation.
+fn read_admitted(
+    snap: &Snapshot,
+    route: Route,
+    group: &Group,
+    items: &[Value],
+    tightest: &mut Tightest,
+) -> Result<String, StoreError> {
     let int = |i: usize| {
         items
             .get(i)
@@ -352,38 +447,50 @@ pub(crate) fn read_reserve(
     };
     let nanos = |n: i64| Duration::from_nanos(u64::try_from(n).unwrap_or(0));
     let count = |n: i64| u64::try_from(n).unwrap_or(0);
-    if int(0)? == 1 {
-        for (position, member) in group.levels.iter().enumerate() {
-            let rules = part(snap, route, member);
-            let base = 1 + position * 6;
-            let buckets = [
-                (rules.rpm, true),
-                (rules.rpd, true),
-                (rules.tpm.map(|t| &t.rate), false),
-            ];
-            for (i, (rule, requests)) in buckets.into_iter().enumerate() {
-                let Some(rule) = rule else { continue };
-                let window = Window {
-                    limit: rule.limit,
-                    remaining: count(int(base + 2 * i)?),
-                    reset: nanos(int(base + 2 * i + 1)?),
-                    window: rule.window,
-                };
-                let slot = if requests {
-                    &mut tightest.requests
-                } else {
-                    &mut tightest.tokens
-                };
-                keep_tightest(slot, window);
-            }
+    for (position, member) in group.levels.iter().enumerate() {
+        let rules = part(snap, route, member);
+        let base = position * 6;
+        let buckets = [
+            (rules.rpm, true),
+            (rules.rpd, true),
+            (rules.tpm.map(|t| &t.rate), false),
+        ];
+        for (i, (rule, requests)) in buckets.into_iter().enumerate() {
+            let Some(rule) = rule else { continue };
+            let window = Window {
+                limit: rule.limit,
+                remaining: count(int(base + 2 * i)?),
+                reset: nanos(int(base + 2 * i + 1)?),
+                window: rule.window,
+            };
+            let slot = if requests {
+                &mut tightest.requests
+            } else {
+                &mut tightest.tokens
+            };
+            keep_tightest(slot, window);
         }
-        let generation = items
-            .get(1 + group.levels.len() * 6)
-            .ok_or_else(|| corrupt_reply(OP_RESERVE, format!("short reply {items:?}")))
-            .and_then(|v| integer(OP_RESERVE, v))?;
-        return Ok(Reserved::Admitted(generation.to_string()));
     }
-    let position = usize::try_from(int(1)? - 1)
+    Ok(int(group.levels.len() * 6)?.to_string())
+}
+
+/// One group's refusal: `{level, kind, ...}`.
+fn read_refusal(
+    snap: &Snapshot,
+    route: Route,
+    group: &Group,
+    ask: Ask,
+    items: &[Value],
+) -> Result<Reserved, StoreError> {
+    let int = |i: usize| {
+        items
+            .get(i)
+            .ok_or_else(|| corrupt_reply(OP_RESERVE, format!("short reply {items:?}")))
+            .and_then(|v| integer(OP_RESERVE, v))
+    };
+    let nanos = |n: i64| Duration::from_nanos(u64::try_from(n).unwrap_or(0));
+    let count = |n: i64| u64::try_from(n).unwrap_or(0);
+    let position = usize::try_from(int(0)? - 1)
         .ok()
         .filter(|&p| p < group.levels.len())
         .ok_or_else(|| corrupt_reply(OP_RESERVE, format!("{items:?}")))?;
@@ -392,34 +499,34 @@ pub(crate) fn read_reserve(
     let rules = part(snap, route, member);
     let missing = || corrupt_reply(OP_RESERVE, format!("refusal of a rule not set {items:?}"));
     let retry = |n: i64| (n >= 0).then(|| nanos(n));
-    let refusal = match int(2)? {
+    let refusal = match int(1)? {
         6 => return Ok(Reserved::Gone(DenialReason::KeyRevoked)),
         7 => return Ok(Reserved::Gone(DenialReason::UnknownKey)),
         kind @ (1 | 2) => Refusal::Requests {
             per_day: kind == 2,
             rule: *if kind == 2 { rules.rpd } else { rules.rpm }.ok_or_else(missing)?,
-            remaining: count(int(3)?),
-            reset: nanos(int(4)?),
-            retry_after: retry(int(5)?),
+            remaining: count(int(2)?),
+            reset: nanos(int(3)?),
+            retry_after: retry(int(4)?),
         },
         3 => {
             let tpm = rules.tpm.ok_or_else(missing)?;
             Refusal::Tokens {
                 rule: tpm.rate,
                 requested: tpm.counts.pick(ask.input_tokens, ask.output_tokens),
-                remaining: count(int(3)?),
-                reset: nanos(int(4)?),
-                retry_after: retry(int(5)?),
+                remaining: count(int(2)?),
+                reset: nanos(int(3)?),
+                retry_after: retry(int(4)?),
             }
         }
         4 => Refusal::Concurrency {
             limit: rules.max_concurrent.ok_or_else(missing)?,
-            in_flight: u32::try_from(int(3)?).unwrap_or(u32::MAX),
+            in_flight: u32::try_from(int(2)?).unwrap_or(u32::MAX),
         },
         5 => {
             let limit = rules.budget.ok_or_else(missing)?.limit;
-            let used = int(3)?;
-            let end_us = int(4)?;
+            let used = int(2)?;
+            let end_us = int(3)?;
             Refusal::Budget {
                 limit,
                 remaining: limit.saturating_sub(used).max(0),
@@ -447,18 +554,34 @@ pub(crate) struct Reached {
     pub(crate) spent: i64,
 }
 
-/// the `commit` function's reply: the levels whose budgets reached new alert percentages.
-pub(crate) fn read_commit(group: &Group, reply: &Value) -> Result<Vec<Reached>, StoreError> {
+/// the `commit` function's reply for `groups` (the groups its call covered): one
+/// reply per group, and the levels whose budgets reached new alert percentages.
+pub(crate) fn read_commit(groups: &[Group], reply: &Value) -> Result<Vec<Reached>, StoreError> {
+    let replies = items("commit", reply)?;
+    if replies.len() != groups.len() {
+        return Err(corrupt_reply("commit", format!("{replies:?}")));
+    }
+    let mut reached = Vec::new();
+    for (group, reply) in groups.iter().zip(replies) {
+        read_group_commit(group, reply, &mut reached)?;
+    }
+    Ok(reached)
+}
+
+fn read_group_commit(
+    group: &Group,
+    reply: &Value,
+    reached: &mut Vec<Reached>,
+) -> Result<(), StoreError> {
     let items = items("commit", reply)?;
     let code = integer("commit", &items[0])?;
     if !(1..=4).contains(&code) {
         return Err(corrupt_reply("commit", code));
     }
-    let mut reached = Vec::new();
     if code == 2 || code == 4 {
         // Already committed (reported then), or the workspace was deleted since the
         // reserve (nothing settled on its levels).
-        return Ok(reached);
+        return Ok(());
     }
     for (position, member) in group.levels.iter().enumerate() {
         let value = |i: usize| {
@@ -479,5 +602,5 @@ pub(crate) fn read_commit(group: &Group, reply: &Value) -> Result<Vec<Reached>, 
             });
         }
     }
-    Ok(reached)
+    Ok(())
 }

@@ -51,10 +51,10 @@ use crate::store::Tightest;
 use crate::telemetry::{MeterSource, StoreMeters};
 
 use background::{Detach, Hold, Renewals};
-use calls::{Call, Reserved, Ttls};
+use calls::{Call, GroupCall, Reserved, Ttls};
 use conn::Connection;
 use error::classify;
-use keys::{Group, Layout};
+use keys::Layout;
 use scripts::Function;
 
 pub use reservation::RedisReservation;
@@ -162,6 +162,9 @@ pub struct RedisEngine {
 
 pub(crate) struct Inner {
     connection: Connection,
+    /// A standalone server: a request's groups (workspace and org tags) go in one
+    /// function call. A cluster needs one call per group (see [`calls::GroupCall`]).
+    together: bool,
     layout: Layout,
     ttls: Ttls,
     config: RedisConfig,
@@ -201,7 +204,7 @@ pub(crate) struct PendingCommit {
     pub(crate) snapshot: Arc<Snapshot>,
     pub(crate) route: Route,
     pub(crate) hold: Arc<Hold>,
-    pub(crate) calls: [Call; 2],
+    pub(crate) calls: Vec<GroupCall>,
     /// When the commit was first sent: it cannot have landed (and set its commit
     /// marker) before.
     pub(crate) first_sent: Instant,
@@ -310,6 +313,7 @@ impl RedisEngine {
         let handle = Arc::new(());
         RedisEngine {
             inner: Arc::new(Inner {
+                together: matches!(connection, Connection::Single(_)),
                 connection,
                 layout: Layout::new(&config.prefix),
                 ttls: Ttls::new(
@@ -645,30 +649,43 @@ impl Inner {
         let Admission { route, ask, .. } = admission;
         let id = self.next_id();
         let mut groups = self.layout.groups(&snap, route, end_user);
-        let calls = groups
-            .each_ref()
-            .map(|group| calls::reserve(&snap, route, group, &id, ask, self.ttls));
-        let (ws_reply, org_reply) = tokio::join!(
-            self.run(Function::Reserve, &calls[0]),
-            self.run(Function::Reserve, &calls[1])
-        );
+        let calls = calls::group_calls(&groups, self.together, |groups| {
+            calls::reserve(&snap, route, groups, &id, ask, self.ttls)
+        });
+        let replies = self.run_calls(Function::Reserve, &calls).await;
         let taken = Instant::now();
 
         let mut tightest = Tightest::default();
-        let mut outcome = |group: &Group, reply: Result<Value, StoreError>| {
-            reply.and_then(|reply| {
-                calls::read_reserve(&snap, route, group, ask, &reply, &mut tightest)
+        let outcomes: Vec<Result<Reserved, StoreError>> = calls
+            .iter()
+            .zip(replies)
+            .map(|(call, reply)| {
+                reply.and_then(|reply| {
+                    calls::read_reserve(
+                        &snap,
+                        route,
+                        &groups[call.groups.clone()],
+                        ask,
+                        &reply,
+                        &mut tightest,
+                    )
+                })
             })
-        };
-        let ws = outcome(&groups[0], ws_reply);
-        let org = outcome(&groups[1], org_reply);
+            .collect();
 
-        let admitted = |o: &Result<Reserved, StoreError>| matches!(o, Ok(Reserved::Admitted(_)));
-        if let (Ok(Reserved::Admitted(ws_generation)), Ok(Reserved::Admitted(org_generation))) =
-            (&ws, &org)
+        if outcomes
+            .iter()
+            .all(|o| matches!(o, Ok(Reserved::Admitted(_))))
         {
-            groups[0].generation.clone_from(ws_generation);
-            groups[1].generation.clone_from(org_generation);
+            for (call, outcome) in calls.iter().zip(&outcomes) {
+                if let Ok(Reserved::Admitted(generations)) = outcome {
+                    for (group, generation) in
+                        groups[call.groups.clone()].iter_mut().zip(generations)
+                    {
+                        group.generation.clone_from(generation);
+                    }
+                }
+            }
             let hold = Arc::new(Hold { id, groups });
             return Reserve::Admitted(RedisReservation::remote(
                 Arc::clone(&self),
@@ -679,33 +696,36 @@ impl Inner {
                 taken,
             ));
         }
-        // Not admitted as a whole: give back what a group holds. A group whose reply
-        // was lost (or unreadable) may have landed: released in the background (a
-        // harmless no-op if it did not). A group that admitted is released before the
-        // denial is answered, retried in the background if Redis fails meanwhile.
+        // Not admitted as a whole: give back what a call holds (a refused call took
+        // nothing). A call whose reply was lost (or unreadable) may have landed:
+        // released in the background (a harmless no-op if it did not). A call that
+        // admitted is released before the denial is answered, retried in the
+        // background if Redis fails meanwhile.
         let hold = Arc::new(Hold { id, groups });
-        for (group, o) in [&ws, &org].into_iter().enumerate() {
+        for (call, o) in calls.iter().zip(&outcomes) {
             if o.is_err() {
-                background::release(&self, &hold, group);
+                for group in call.groups.clone() {
+                    background::release(&self, &hold, group);
+                }
             }
         }
-        for (group, o) in [&ws, &org].into_iter().enumerate() {
-            if admitted(o) {
-                background::release_now(&self, &hold, group).await;
+        for (call, o) in calls.iter().zip(&outcomes) {
+            if matches!(o, Ok(Reserved::Admitted(_))) {
+                for group in call.groups.clone() {
+                    background::release_now(&self, &hold, group).await;
+                }
             }
         }
-        match (ws, org) {
-            (Ok(Reserved::Admitted(_)), Ok(Reserved::Admitted(_))) => {
-                unreachable!("admitted above")
-            }
+        // The first call, in level order, that did not admit says why.
+        let first = outcomes
+            .into_iter()
+            .find(|o| !matches!(o, Ok(Reserved::Admitted(_))))
+            .expect("not every call admitted");
+        match first {
+            Ok(Reserved::Admitted(_)) => unreachable!("skipped above"),
             // Only the workspace group checks the key's and workspace's flags.
-            (Ok(Reserved::Gone(reason)), _)
-            | (Ok(Reserved::Admitted(_)), Ok(Reserved::Gone(reason))) => {
-                Reserve::Denied(denial(reason, Scope::Key, status))
-            }
-            // The workspace's levels come first in level order: report them first.
-            (Ok(Reserved::Refused { level, refusal }), _)
-            | (Ok(Reserved::Admitted(_)), Ok(Reserved::Refused { level, refusal })) => {
+            Ok(Reserved::Gone(reason)) => Reserve::Denied(denial(reason, Scope::Key, status)),
+            Ok(Reserved::Refused { level, refusal }) => {
                 let scope = if level == END_USER_LEVEL {
                     Scope::EndUser
                 } else {
@@ -720,7 +740,7 @@ impl Inner {
                     status,
                 ))
             }
-            (Err(error), _) | (_, Err(error)) => {
+            Err(error) => {
                 let kind = error.kind;
                 self.record_error(error);
                 Reserve::Failed(kind)
@@ -728,17 +748,44 @@ impl Inner {
         }
     }
 
-    /// Both groups' commits, concurrently, then the budget alerts they reached; the
-    /// first error if either failed (commits are idempotent: replaying both is safe).
+    /// Each call, concurrently (at most two: a cluster's workspace and org tags),
+    /// replies in order.
+    async fn run_calls(
+        &self,
+        function: Function,
+        calls: &[GroupCall],
+    ) -> Vec<Result<Value, StoreError>> {
+        match calls {
+            [one] => vec![self.run(function, &one.call).await],
+            [first, second] => {
+                let (first, second) = tokio::join!(
+                    self.run(function, &first.call),
+                    self.run(function, &second.call)
+                );
+                vec![first, second]
+            }
+            more => {
+                let mut replies = Vec::with_capacity(more.len());
+                for call in more {
+                    replies.push(self.run(function, &call.call).await);
+                }
+                replies
+            }
+        }
+    }
+
+    /// Every group's commit (one call, or one per group concurrently on a cluster),
+    /// then the budget alerts they reached; the first error if any call failed
+    /// (commits are idempotent: replaying every group is safe).
     pub(crate) async fn run_commit(&self, commit: &PendingCommit) -> Result<(), StoreError> {
-        let (ws, org) = tokio::join!(
-            self.run(Function::Commit, &commit.calls[0]),
-            self.run(Function::Commit, &commit.calls[1])
-        );
-        let reached = [
-            calls::read_commit(&commit.hold.groups[0], &ws?)?,
-            calls::read_commit(&commit.hold.groups[1], &org?)?,
-        ];
+        let replies = self.run_calls(Function::Commit, &commit.calls).await;
+        let mut reached = Vec::with_capacity(replies.len());
+        for (call, reply) in commit.calls.iter().zip(replies) {
+            reached.push(calls::read_commit(
+                &commit.hold.groups[call.groups.clone()],
+                &reply?,
+            )?);
+        }
         if let Some(events) = &commit.snapshot.events {
             let now = self.clock.now();
             // End users' budgets send no alerts: they are many, and not in the policy.

@@ -180,11 +180,11 @@ impl RedisReservation {
             input_tokens: input,
             output_tokens: output,
         };
-        let calls = remote.hold.groups.each_ref().map(|group| {
+        let calls = calls::group_calls(&remote.hold.groups, inner.together, |groups| {
             calls::commit(
                 &remote.snapshot,
                 remote.admission.route,
-                group,
+                groups,
                 &remote.hold.id,
                 remote.admission.ask,
                 used,

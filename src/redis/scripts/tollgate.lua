@@ -388,47 +388,59 @@ local function roll(s, kind, seconds, policy)
 end
 
 -- The flags of a hash tag (`<tag>:flags`, which never expires): the workspace's
--- generation (+1 each time it is deleted), whether it is deleted now, and a key's
--- revocation.
+-- generation (+1 each time it is deleted), whether it is deleted now, a key's
+-- revocation, and `sweep`: no hold in the tag's holds zset expires before this time
+-- (ms; absent: the zset may hold anything). Every call reads them with one HMGET.
 local function flags_of(flags, key_id)
-  local v = redis.call('HMGET', flags, 'gen', 'deleted', 'revoked:' .. key_id)
-  return num(flags, 'gen', v[1]), v[2] == '1', v[3] == '1'
+  local v = redis.call('HMGET', flags, 'gen', 'deleted', 'revoked:' .. key_id, 'sweep')
+  return {
+    key = flags,
+    gen = num(flags, 'gen', v[1]),
+    deleted = v[2] == '1',
+    revoked = v[3] == '1',
+    sweep = v[4] and num(flags, 'sweep', v[4]) or -1,
+  }
 end
 
--- A reservation record: t (take time, µs), c (cost), n (levels), g (the tag's
--- generation at the take), k<i> (scope key), h<i> (what level i holds: 16 packed
--- doubles, "slot" then per bucket rpm, rpd, tpm "units, ahead, seen, epoch,
--- interval").
+-- A reservation record: one string (one SET with its TTL, one GET), packed as
+-- `RECORD_HEAD` (t: take time in µs, n: levels, g: the tag's generation at the take,
+-- then the length of c, the cost in pico-dollars as a decimal string), c, then per
+-- level the length of its scope key, the key, and what the level holds: 16 packed
+-- doubles (`HOLD`), "slot" then per bucket rpm, rpd, tpm "units, ahead, seen, epoch,
+-- interval".
+local RECORD_HEAD = '<dddd'
+local KEY_LENGTH = '<d'
 local HOLD = '<dddddddddddddddd'
 local HOLD_BYTES = 128
-local RECORD_FIELDS = { 't', 'c', 'n', 'g', 'k1', 'h1', 'k2', 'h2', 'k3', 'h3', 'k4', 'h4', 'k5', 'h5' }
 
 -- Most levels one record holds (a group's levels and the budgets beyond their first).
--- The first five are read with the record's fields; the rest, rarer, with a second HMGET.
 local MAX_LEVELS = 16
-local FIRST_LEVELS = 5
+
+-- Unpack `format` from `raw` at `at`; a record cut short is corrupt.
+local function unpack_at(rkey, raw, format, bytes, at)
+  if at + bytes - 1 > #raw then error(bad(rkey, 'record', #raw .. ' bytes')) end
+  return struct.unpack(format, raw, at)
+end
 
 local function read_record(rkey)
-  local r = redis.call('HMGET', rkey, unpack(RECORD_FIELDS))
-  if r[1] == false then return nil end
-  local record = { take = num(rkey, 't', r[1]), cost = money(rkey, 'c', r[2]), gen = num(rkey, 'g', r[4]), levels = {} }
-  local n = num(rkey, 'n', r[3])
-  if n > MAX_LEVELS then error(bad(rkey, 'n', n)) end
-  if n > FIRST_LEVELS then
-    local more = {}
-    for i = FIRST_LEVELS + 1, n do
-      more[#more + 1] = 'k' .. i
-      more[#more + 1] = 'h' .. i
-    end
-    local rest = redis.call('HMGET', rkey, unpack(more))
-    for i = 1, #rest do r[4 + 2 * FIRST_LEVELS + i] = rest[i] end
+  local raw = redis.call('GET', rkey)
+  if not raw then return nil end
+  local take, n, gen, cost_length, at = unpack_at(rkey, raw, RECORD_HEAD, 32, 1)
+  if n < 0 or n > MAX_LEVELS or n % 1 ~= 0 or cost_length % 1 ~= 0 or cost_length < 1 then
+    error(bad(rkey, 'record', 'n=' .. n))
   end
+  local cost = money(rkey, 'c', string.sub(raw, at, at + cost_length - 1))
+  at = at + cost_length
+  local record = { take = take, cost = cost, gen = gen, levels = {} }
   for i = 1, n do
-    local key, raw = r[3 + 2 * i], r[4 + 2 * i]
-    if not key then error(bad(rkey, 'k' .. i, 'missing')) end
-    if not raw then error(bad(rkey, 'h' .. i, 'missing')) end
-    if #raw ~= HOLD_BYTES then error(bad(rkey, 'h' .. i, #raw .. ' bytes')) end
-    local h = { struct.unpack(HOLD, raw) }
+    local key_length
+    key_length, at = unpack_at(rkey, raw, KEY_LENGTH, 8, at)
+    if key_length % 1 ~= 0 or key_length < 1 or at + key_length + HOLD_BYTES - 1 > #raw then
+      error(bad(rkey, 'k' .. i, 'length ' .. key_length))
+    end
+    local key = string.sub(raw, at, at + key_length - 1)
+    local h = { struct.unpack(HOLD, raw, at + key_length) }
+    at = at + key_length + HOLD_BYTES
     local level = { key = key, slot = h[1] }
     for j = 1, 3 do
       local b = 1 + (j - 1) * 5
@@ -469,16 +481,21 @@ local function release_parsed(rkey, record, holds, id, gen, deleted)
   redis.call('ZREM', holds, id)
 end
 
--- Release holds whose owner let them expire (crashed, or never committed). At most
--- 16 per call; every call on the tag sweeps.
-local function purge(holds, record_base, flags_key)
-  local expired = redis.call('ZRANGEBYSCORE', holds, '-inf', fmt(math.floor(now / 1000)), 'LIMIT', 0, 16)
-  if #expired == 0 then return end
-  local gen, deleted = flags_of(flags_key, '')
+-- No hold expires before this (ms): the `sweep` of a tag whose holds zset is empty.
+local NO_HOLDS = 4503599627370496
+
+-- Release holds whose owner let them expire (crashed, or never committed), at most
+-- 16 per call, once the tag's `sweep` time has come; then move `sweep` to the
+-- earliest expiry left. Calls before it skip the zset: in steady traffic a tag is
+-- swept about once per reservation TTL, not on every call.
+local function purge(holds, record_base, flags)
+  local now_ms = math.floor(now / 1000)
+  if flags.sweep > now_ms then return end
+  local expired = redis.call('ZRANGEBYSCORE', holds, '-inf', fmt(now_ms), 'LIMIT', 0, 16)
   for _, id in ipairs(expired) do
     local rkey = record_base .. id
-    local ok, err = pcall(function()
-      release_parsed(rkey, read_record(rkey), holds, id, gen, deleted)
+    local ok = pcall(function()
+      release_parsed(rkey, read_record(rkey), holds, id, flags.gen, flags.deleted)
     end)
     if not ok then
       -- A corrupt record (or a corrupt counter it names) cannot say what to give
@@ -488,180 +505,229 @@ local function purge(holds, record_base, flags_key)
       redis.call('ZREM', holds, id)
     end
   end
+  -- The earliest expiry left (still due when more than 16 had expired: the next
+  -- call sweeps again). Renewals and commits only move expiries later or away, and
+  -- every ZADD lowers `sweep` to its own, so it stays a lower bound.
+  local first = redis.call('ZRANGE', holds, 0, 0, 'WITHSCORES')
+  local sweep = first[2] and tonumber(first[2]) or NO_HOLDS
+  redis.call('HSET', flags.key, 'sweep', fmt(sweep))
+  flags.sweep = sweep
 end
 
--- reserve: one request's worst case on every level of one hash tag, all or nothing.
--- KEYS: holds zset, this reservation's record, its commit marker, the tag's flags,
--- then one scope hash per level. ARGV: id, ttl_ms, cost, record_base, record_ttl_ms,
--- key id (the workspace group: its revocation and its workspace's deletion are
--- checked; "" for none), then 12 per level:
+-- Add a hold to the tag's holds zset, expiring at `expiry` (ms), keeping `sweep` a
+-- lower bound of every expiry in it.
+local function add_hold(holds, id, expiry, record_ttl, flags)
+  redis.call('ZADD', holds, fmt(expiry), id)
+  redis.call('PEXPIRE', holds, record_ttl)
+  if expiry < flags.sweep then
+    redis.call('HSET', flags.key, 'sweep', fmt(expiry))
+    flags.sweep = expiry
+  end
+end
+
+-- The groups of a reserve or commit call: each is one hash tag's keys (holds zset,
+-- record, commit marker, flags, then one scope hash per level) and arguments (`head`
+-- of them, the last the level count, then `per_level` per level), in order. Returns
+-- the groups, or nil when KEYS and ARGV do not add up.
+local function groups_of(KEYS, ARGV, first_arg, head, per_level)
+  local groups, k, a = {}, 0, first_arg
+  while a < #ARGV do
+    local levels = tonumber(ARGV[a + head])
+    if not levels or levels < 0 or levels % 1 ~= 0 then return nil end
+    groups[#groups + 1] = {
+      holds = KEYS[k + 1], record = KEYS[k + 2], marker = KEYS[k + 3], flags_key = KEYS[k + 4],
+      keys_at = k + 4, args_at = a, levels = levels,
+    }
+    k = k + 4 + levels
+    a = a + head + per_level * levels
+  end
+  if k ~= #KEYS or a ~= #ARGV or #groups == 0 then return nil end
+  return groups
+end
+
+-- reserve: one request's worst case on every level of one or more hash tags (a
+-- standalone server takes a request's workspace and org tags in one call; a cluster
+-- one call per tag), all or nothing. KEYS, per group: holds zset, this reservation's
+-- record, its commit marker, the tag's flags, then one scope hash per level. ARGV: id,
+-- ttl_ms, cost, record_ttl_ms, then per group: record_base, key id (the workspace
+-- group: its revocation and its workspace's deletion are checked; "" for none), the
+-- level count, then 12 per level:
 -- rpm_interval rpm_limit rpd_interval rpd_limit tpm_interval tpm_limit tpm_units
 -- max_concurrent budget_headroom("" = none) period_kind period_seconds idle_ttl_ms.
--- Returns {1, per level: rpm_rem rpm_reset rpd_rem rpd_reset tpm_rem tpm_reset
--- (-1 where no limit), then the tag's generation} or {0, level, kind, ...} for the
--- first refusal; kind 6: the key was revoked, 7: its workspace was deleted (by any
--- instance).
+-- Returns {1, per group {per level: rpm_rem rpm_reset rpd_rem rpd_reset tpm_rem
+-- tpm_reset (-1 where no limit), then the tag's generation}} or, for the first
+-- refusal, {0, group, {level, kind, ...}} with nothing taken on any group; kind 6:
+-- the key was revoked, 7: its workspace was deleted (by any instance).
 local function reserve(KEYS, ARGV)
   clock()
-  local id, ttl, cost, record_base, record_ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], tonumber(ARGV[5])
-  local key_id = ARGV[6]
-  purge(KEYS[1], record_base, KEYS[4])
-  if redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then
-    return redis.error_reply('DUPLICATE reservation id ' .. id)
-  end
-  local gen, deleted, revoked = flags_of(KEYS[4], key_id)
-  if key_id ~= '' then
-    if revoked then return { 0, 1, 6 } end
-    if deleted then return { 0, 2, 7 } end
+  local id, ttl, cost, record_ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+  local groups = groups_of(KEYS, ARGV, 4, 3, 12)
+  if not groups then return redis.error_reply('BADARGS reserve: keys and arguments do not match') end
+  for g, group in ipairs(groups) do
+    local key_id = ARGV[group.args_at + 2]
+    local flags = flags_of(group.flags_key, key_id)
+    group.flags = flags
+    purge(group.holds, ARGV[group.args_at + 1], flags)
+    if redis.call('EXISTS', group.record, group.marker) > 0 then
+      return redis.error_reply('DUPLICATE reservation id ' .. id)
+    end
+    if key_id ~= '' then
+      if flags.revoked then return { 0, g, { 1, 6 } } end
+      if flags.deleted then return { 0, g, { 2, 7 } } end
+    end
+    -- A record holds at most MAX_LEVELS levels: refuse more than it could be read back.
+    if group.levels > MAX_LEVELS then
+      return redis.error_reply('TOOMANYLEVELS ' .. group.levels .. ' > ' .. MAX_LEVELS)
+    end
   end
 
-  local levels = #KEYS - 4
-  -- A record holds at most MAX_LEVELS levels: refuse more than it could be read back.
-  if levels > MAX_LEVELS then
-    return redis.error_reply('TOOMANYLEVELS ' .. levels .. ' > ' .. MAX_LEVELS)
-  end
   local plan = {}
   -- A refusal keeps what pass 1 decided about the scopes it read (periods rolled or
   -- moved to a new kind, buckets brought to new rules), never a take.
-  local function refuse(s, reply)
+  local function refuse(s, g, reply)
     for _, done in ipairs(plan) do flush(done, done.idle) end
     flush(s, s.idle)
-    return reply
+    return { 0, g, reply }
   end
   -- Pass 1: load every scope once and decide, writing nothing but the above on a
   -- refusal, so a corrupt value leaves every level as it was.
-  for i = 1, levels do
-    local a = 6 + (i - 1) * 12
-    local rules = {
-      { 'rpm', tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), 1, 1 },
-      { 'rpd', tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), 1, 2 },
-      { 'tpm', tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7]), 3 },
-    }
-    local max_conc = tonumber(ARGV[a + 8])
-    local s = scope(KEYS[4 + i])
-    s.idle = tonumber(ARGV[a + 12])
-    -- The rules the buckets were last brought to: when they are the same, buckets of
-    -- limits that do not apply need no look.
-    local signature = ARGV[a + 1] .. ':' .. ARGV[a + 3] .. ':' .. ARGV[a + 5]
-    local rules_changed = s.rules ~= signature
-    if rules_changed then put(s, 'rules', signature) end
-    local finish = roll(s, tonumber(ARGV[a + 10]), tonumber(ARGV[a + 11]), true)
-    s.takes = {}
-    for _, rule in ipairs(rules) do
-      local name, interval, limit, units, kind = rule[1], rule[2], rule[3], rule[4], rule[5]
-      if limit <= 0 then interval = 0 end
-      if limit > 0 or rules_changed then
-        local b = bucket(s, name)
-        if conform(b, interval) then put_bucket(s, b) end
-        if limit > 0 then
-          local tolerance = limit * interval
-          local backlog = b.backlog
-          local free = math.floor(math.max(0, tolerance - backlog) / interval)
-          if units > limit then
-            return refuse(s, { 0, i, kind, fmt(math.min(free, limit)), fmt(backlog), -1 })
+  for g, group in ipairs(groups) do
+    for i = 1, group.levels do
+      local a = group.args_at + 3 + (i - 1) * 12
+      local s = scope(KEYS[group.keys_at + i])
+      s.idle = tonumber(ARGV[a + 12])
+      -- The rules the buckets were last brought to: when they are the same, buckets of
+      -- limits that do not apply need no look.
+      local signature = ARGV[a + 1] .. ':' .. ARGV[a + 3] .. ':' .. ARGV[a + 5]
+      local rules_changed = s.rules ~= signature
+      if rules_changed then put(s, 'rules', signature) end
+      local finish = roll(s, tonumber(ARGV[a + 10]), tonumber(ARGV[a + 11]), true)
+      s.takes = {}
+      for j = 1, 3 do
+        local limit = tonumber(ARGV[a + 2 * j])
+        if limit > 0 or rules_changed then
+          local name = BUCKETS[j]
+          local interval = limit > 0 and tonumber(ARGV[a + 2 * j - 1]) or 0
+          local b = bucket(s, name)
+          if conform(b, interval) then put_bucket(s, b) end
+          if limit > 0 then
+            local units = j == 3 and tonumber(ARGV[a + 7]) or 1
+            local tolerance = limit * interval
+            local backlog = b.backlog
+            if units > limit then
+              local free = math.floor(math.max(0, tolerance - backlog) / interval)
+              return refuse(s, g, { i, j, fmt(math.min(free, limit)), fmt(backlog), -1 })
+            end
+            local after = backlog + units * interval
+            if after > tolerance then
+              local free = math.floor(math.max(0, tolerance - backlog) / interval)
+              return refuse(s, g, { i, j, fmt(math.min(free, limit)), fmt(backlog), fmt(after - tolerance) })
+            end
+            s.takes[j] = {
+              bucket = b, units = units, after = after,
+              remaining = math.floor((tolerance - after) / interval),
+            }
           end
-          local after = backlog + units * interval
-          if after > tolerance then
-            return refuse(s, { 0, i, kind, fmt(math.min(free, limit)), fmt(backlog), fmt(after - tolerance) })
-          end
-          s.takes[name] = {
-            bucket = b, units = units, after = after,
-            remaining = math.floor((tolerance - after) / interval),
-          }
         end
       end
+      local max_conc = tonumber(ARGV[a + 8])
+      if max_conc > 0 then
+        local in_flight = get(s, 'conc')
+        if in_flight >= max_conc then return refuse(s, g, { i, 4, fmt(in_flight) }) end
+        s.slot = true
+      end
+      local headroom = ARGV[a + 9]
+      if headroom ~= '' and cmp(s.used, headroom) > 0 then
+        return refuse(s, g, { i, 5, s.used, fmt(finish) })
+      end
+      plan[#plan + 1] = s
     end
-    if max_conc > 0 then
-      local in_flight = get(s, 'conc')
-      if in_flight >= max_conc then return refuse(s, { 0, i, 4, fmt(in_flight) }) end
-      s.slot = true
-    end
-    local headroom = ARGV[a + 9]
-    if headroom ~= '' and cmp(s.used, headroom) > 0 then
-      return refuse(s, { 0, i, 5, s.used, fmt(finish) })
-    end
-    plan[i] = s
   end
 
   -- Pass 2: take everything and record what was taken, in units and in the terms a
   -- refund needs (backlog ahead, refunds seen, epoch and interval at the take).
-  local reply = { 1 }
-  local record = { 't', fmt(now), 'c', cost, 'n', fmt(levels), 'g', fmt(gen) }
-  for i = 1, levels do
-    local s = plan[i]
-    local h = { s.slot and 1 or 0 }
-    for j = 1, 3 do
-      local take = s.takes[BUCKETS[j]]
-      if take then
-        local b = take.bucket
-        h[#h + 1] = take.units; h[#h + 1] = b.backlog; h[#h + 1] = b.refunded
-        h[#h + 1] = b.epoch; h[#h + 1] = b.interval
-        b.backlog = take.after
-        put_bucket(s, b)
-        reply[#reply + 1] = take.remaining; reply[#reply + 1] = fmt(take.after)
-      else
-        h[#h + 1] = 0; h[#h + 1] = 0; h[#h + 1] = 0; h[#h + 1] = 0; h[#h + 1] = 0
-        reply[#reply + 1] = -1; reply[#reply + 1] = -1
+  local reply, next_plan = { 1 }, 1
+  local expiry = math.floor(now / 1000) + ttl
+  for _, group in ipairs(groups) do
+    local gen = group.flags.gen
+    local group_reply = {}
+    local record = { struct.pack(RECORD_HEAD, now, group.levels, gen, #cost), cost }
+    for _ = 1, group.levels do
+      local s = plan[next_plan]
+      next_plan = next_plan + 1
+      local h = { s.slot and 1 or 0 }
+      for j = 1, 3 do
+        local take = s.takes[j]
+        if take then
+          local b = take.bucket
+          h[#h + 1] = take.units; h[#h + 1] = b.backlog; h[#h + 1] = b.refunded
+          h[#h + 1] = b.epoch; h[#h + 1] = b.interval
+          b.backlog = take.after
+          put_bucket(s, b)
+          group_reply[#group_reply + 1] = take.remaining; group_reply[#group_reply + 1] = fmt(take.after)
+        else
+          h[#h + 1] = 0; h[#h + 1] = 0; h[#h + 1] = 0; h[#h + 1] = 0; h[#h + 1] = 0
+          group_reply[#group_reply + 1] = -1; group_reply[#group_reply + 1] = -1
+        end
       end
+      if s.slot then set(s, 'conc', get(s, 'conc') + 1) end
+      put(s, 'used', madd(s.used, cost))
+      put(s, 'held', madd(s.held, cost))
+      flush(s, s.idle)
+      record[#record + 1] = struct.pack(KEY_LENGTH, #s.key) .. s.key .. struct.pack(HOLD, unpack(h))
     end
-    if s.slot then set(s, 'conc', get(s, 'conc') + 1) end
-    put(s, 'used', madd(s.used, cost))
-    put(s, 'held', madd(s.held, cost))
-    flush(s, s.idle)
-    record[#record + 1] = 'k' .. i; record[#record + 1] = s.key
-    record[#record + 1] = 'h' .. i; record[#record + 1] = struct.pack(HOLD, unpack(h))
+    redis.call('SET', group.record, table.concat(record), 'PX', record_ttl)
+    add_hold(group.holds, id, expiry, record_ttl, group.flags)
+    group_reply[#group_reply + 1] = fmt(gen)
+    reply[#reply + 1] = group_reply
   end
-  redis.call('HSET', KEYS[2], unpack(record))
-  redis.call('PEXPIRE', KEYS[2], record_ttl)
-  redis.call('ZADD', KEYS[1], fmt(math.floor(now / 1000) + ttl), id)
-  redis.call('PEXPIRE', KEYS[1], record_ttl)
-  reply[#reply + 1] = fmt(gen)
   return reply
 end
 
--- commit: settle one reservation on every level of one hash tag: refund unused tokens
--- and money, charge overage as debt, count the request in the current period.
--- Idempotent by reservation id: a retried commit finds its marker and charges nothing
--- again. KEYS: holds zset, the record, the commit marker, the tag's flags, then one
--- scope hash per level. ARGV: id, done_ttl_ms, reserved_cost, cost, input, output,
--- record_base, generation (the tag's, from the reserve; "" = unknown), then 7 per
+-- commit: settle one reservation on every level of one or more hash tags (groups, as
+-- for reserve): refund unused tokens and money, charge overage as debt, count the
+-- request in the current period. Idempotent by reservation id: a retried commit finds
+-- its marker and charges nothing again. KEYS, per group: holds zset, the record, the
+-- commit marker, the tag's flags, then one scope hash per level. ARGV: id,
+-- done_ttl_ms, reserved_cost, cost, input, output, then per group: record_base,
+-- generation (the tag's, from the reserve; "" = unknown), the level count, then 7 per
 -- level: tpm_used_units period_kind period_seconds tally idle_ttl_ms
 -- budget_limit("" = none) lowest_alert_percent. Buckets and periods follow what the
 -- scope hashes store (the rules in force now), not the rules the reservation was
 -- admitted under; the period kind is only used for a hash that has none yet.
--- Returns {code, then per level: alerted_before alerted_now spent} with code 1
+-- Returns one reply per group, each {code, then per level: alerted_before
+-- alerted_now spent} with code 1
 -- settled, 2 already committed, 3 committed after the hold had expired (usage charged
 -- in full as debt, the request counted once in RPM and RPD), 4 the workspace was
 -- deleted since the reserve (nothing settled on this tag: its counters are gone, and a
 -- re-created workspace starts from zero); alerted_* are the percentages of the budget
 -- already reported before this commit and reached now (-1 -1 when this commit reached
 -- nothing new), so each alert fires once per period across every instance.
-local function commit(KEYS, ARGV)
-  clock()
-  local id, done_ttl, reserved, cost = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-  local input, output, record_base, own_gen = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8]
-  purge(KEYS[1], record_base, KEYS[4])
-  if redis.call('EXISTS', KEYS[3]) == 1 then return { 2 } end
+local function commit_group(KEYS, ARGV, group, id, done_ttl, reserved, cost, input, output)
+  local record_base, own_gen = ARGV[group.args_at + 1], ARGV[group.args_at + 2]
+  local flags = flags_of(group.flags_key, '')
+  purge(group.holds, record_base, flags)
+  if redis.call('EXISTS', group.marker) == 1 then return { 2 } end
 
-  local record = read_record(KEYS[2])
+  local record = read_record(group.record)
   local present = record ~= nil
-  local gen, deleted = flags_of(KEYS[4], '')
+  local gen, deleted = flags.gen, flags.deleted
   if deleted or (own_gen ~= '' and tonumber(own_gen) ~= gen) or (present and record.gen ~= gen) then
-    redis.call('DEL', KEYS[2])
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('SET', KEYS[3], '1', 'PX', done_ttl)
+    redis.call('DEL', group.record)
+    redis.call('ZREM', group.holds, id)
+    redis.call('SET', group.marker, '1', 'PX', done_ttl)
     return { 4 }
   end
-  local levels = #KEYS - 4
+  local levels = group.levels
   if present and #record.levels ~= levels then
-    return redis.error_reply('CORRUPT ' .. KEYS[2] .. ' n=' .. #record.levels .. ', expected ' .. levels)
+    error(redis.error_reply('CORRUPT ' .. group.record .. ' n=' .. #record.levels .. ', expected ' .. levels))
   end
 
   -- Pass 1: load and parse every scope (nothing written yet).
   local scopes = {}
   for i = 1, levels do
-    local a = 8 + (i - 1) * 7
-    local s = scope(KEYS[4 + i])
+    local a = group.args_at + 3 + (i - 1) * 7
+    local s = scope(KEYS[group.keys_at + i])
     roll(s, tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), false)
     s.used_units = tonumber(ARGV[a + 1])
     scopes[i] = s
@@ -671,7 +737,7 @@ local function commit(KEYS, ARGV)
   local alerts = {}
   local take_us = present and record.take or 0
   for i = 1, levels do
-    local a = 8 + (i - 1) * 7
+    local a = group.args_at + 3 + (i - 1) * 7
     local s = scopes[i]
     local used_units = s.used_units
     if present then
@@ -720,12 +786,25 @@ local function commit(KEYS, ARGV)
     alerts[#alerts + 1] = reached
     alerts[#alerts + 1] = spent_now
   end
-  if present then redis.call('DEL', KEYS[2]) end
-  redis.call('ZREM', KEYS[1], id)
-  redis.call('SET', KEYS[3], '1', 'PX', done_ttl)
+  if present then redis.call('DEL', group.record) end
+  redis.call('ZREM', group.holds, id)
+  redis.call('SET', group.marker, '1', 'PX', done_ttl)
   local reply = { present and 1 or 3 }
   for _, v in ipairs(alerts) do reply[#reply + 1] = v end
   return reply
+end
+
+local function commit(KEYS, ARGV)
+  clock()
+  local id, done_ttl, reserved, cost = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+  local input, output = tonumber(ARGV[5]), tonumber(ARGV[6])
+  local groups = groups_of(KEYS, ARGV, 6, 3, 7)
+  if not groups then return redis.error_reply('BADARGS commit: keys and arguments do not match') end
+  local replies = {}
+  for g, group in ipairs(groups) do
+    replies[g] = commit_group(KEYS, ARGV, group, id, done_ttl, reserved, cost, input, output)
+  end
+  return replies
 end
 
 -- release: give back everything one reservation holds on the levels of one hash tag
@@ -734,10 +813,9 @@ end
 -- never taken is a no-op. Returns 1.
 local function release(KEYS, ARGV)
   clock()
-  purge(KEYS[1], ARGV[2], KEYS[4])
-  local record = read_record(KEYS[2])
-  local gen, deleted = flags_of(KEYS[4], '')
-  release_parsed(KEYS[2], record, KEYS[1], ARGV[1], gen, deleted)
+  local flags = flags_of(KEYS[4], '')
+  purge(KEYS[1], ARGV[2], flags)
+  release_parsed(KEYS[2], read_record(KEYS[2]), KEYS[1], ARGV[1], flags.gen, flags.deleted)
   return 1
 end
 
