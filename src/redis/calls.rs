@@ -12,7 +12,7 @@ use crate::alerts::Crossed;
 use crate::bucket::RateRule;
 use crate::clock::Timestamp;
 use crate::denial::DenialReason;
-use crate::denial::StoreError;
+use crate::denial::{StoreError, StoreErrorKind};
 use crate::end_users::END_USER_LEVEL;
 use crate::period::{BudgetPeriod, Span};
 use crate::policy::rules::{BudgetRule, EndUserRules, LevelRules, TokenRule};
@@ -57,6 +57,48 @@ pub(crate) fn group_calls(
             call: call(&groups[i..=i]),
         })
         .collect()
+}
+
+/// The replies of a batch call (see [`crate::redis::scripts::call_batch`]): one per
+/// request, in order; a request that failed alone (`{-1, message}`: a corrupt record
+/// or counter, a duplicate id) is its error.
+pub(crate) fn unbatch(
+    op: &str,
+    reply: Value,
+    count: usize,
+) -> Result<Vec<Result<Value, StoreError>>, StoreError> {
+    let Value::Array(replies) = reply else {
+        return Err(corrupt_reply(op, format!("{reply:?}")));
+    };
+    if replies.len() != count {
+        return Err(corrupt_reply(op, format!("{count} requests, {replies:?}")));
+    }
+    Ok(replies
+        .into_iter()
+        .map(|reply| match &reply {
+            Value::Array(items) if matches!(items.first(), Some(Value::Int(-1))) => {
+                let message = match items.get(1) {
+                    Some(Value::BulkString(bytes)) => String::from_utf8_lossy(bytes).into_owned(),
+                    Some(Value::SimpleString(text)) => text.clone(),
+                    other => format!("{other:?}"),
+                };
+                Err(request_error(op, &message))
+            }
+            _ => Ok(reply),
+        })
+        .collect())
+}
+
+/// A request's own failure inside a batch, classified as a Redis error reply would be.
+fn request_error(op: &str, message: &str) -> StoreError {
+    StoreError {
+        kind: if message.starts_with("CORRUPT") {
+            StoreErrorKind::Corrupt
+        } else {
+            StoreErrorKind::Permanent
+        },
+        message: format!("{op}: {message}"),
+    }
 }
 
 /// Every group's keys, in order: what the `reserve` and `commit` functions take.
@@ -218,6 +260,7 @@ pub(crate) fn reserve(
         ttls.reservation.to_string(),
         ask.cost.to_string(),
         ttls.record().to_string(),
+        groups.len().to_string(),
     ];
     for group in groups {
         reserve_group(snap, route, group, ask, ttls, &mut args);
@@ -291,6 +334,7 @@ pub(crate) fn commit(
         used.cost.to_string(),
         used.input_tokens.to_string(),
         used.output_tokens.to_string(),
+        groups.len().to_string(),
     ];
     for group in groups {
         commit_group(snap, route, group, used, ttls, &mut args);

@@ -15,6 +15,7 @@
 
 mod background;
 mod calls;
+mod coalesce;
 pub(crate) mod conn;
 mod control;
 pub(crate) mod error;
@@ -52,6 +53,7 @@ use crate::telemetry::{MeterSource, StoreMeters};
 
 use background::{Detach, Hold, Renewals};
 use calls::{Call, GroupCall, Reserved, Ttls};
+use coalesce::Coalescer;
 use conn::Connection;
 use error::classify;
 use keys::Layout;
@@ -84,6 +86,11 @@ pub struct RedisConfig {
     pub response_timeout: Duration,
     /// A connection attempt that takes longer fails as transient. Default 250 ms.
     pub connection_timeout: Duration,
+    /// Batch this instance's concurrent reserves (and commits) into one function call
+    /// on a standalone server (a cluster always sends one call per hash tag and
+    /// request). A lone request is sent at once; under load one call serves up to 32,
+    /// each decided exactly, in order, as separate calls would be. Default `true`.
+    pub coalesce: bool,
     /// The status budget and wallet denials answer with.
     pub budget_status: BudgetStatus,
     /// Where events go (budget alerts, key and workspace changes, sampled denials).
@@ -120,6 +127,7 @@ impl Default for RedisConfig {
             expected_instances: NonZeroU32::MIN,
             response_timeout: Duration::from_millis(500),
             connection_timeout: Duration::from_millis(250),
+            coalesce: true,
             budget_status: BudgetStatus::default(),
             events: None,
             policy_poll_interval: Duration::from_millis(500),
@@ -165,6 +173,9 @@ pub(crate) struct Inner {
     /// A standalone server: a request's groups (workspace and org tags) go in one
     /// function call. A cluster needs one call per group (see [`calls::GroupCall`]).
     together: bool,
+    /// Batches concurrent reserves and commits (standalone servers, see
+    /// [`RedisConfig::coalesce`]).
+    coalescer: Option<Arc<Coalescer>>,
     layout: Layout,
     ttls: Ttls,
     config: RedisConfig,
@@ -314,6 +325,8 @@ impl RedisEngine {
         RedisEngine {
             inner: Arc::new(Inner {
                 together: matches!(connection, Connection::Single(_)),
+                coalescer: (config.coalesce && matches!(connection, Connection::Single(_)))
+                    .then(|| Coalescer::new(connection.clone())),
                 connection,
                 layout: Layout::new(&config.prefix),
                 ttls: Ttls::new(
@@ -748,30 +761,50 @@ impl Inner {
         }
     }
 
-    /// Each call, concurrently (at most two: a cluster's workspace and org tags),
-    /// replies in order.
+    /// Each call of one request of a batched function (`reserve`, `commit`),
+    /// concurrently (at most two: a cluster's workspace and org tags), replies in order.
     async fn run_calls(
         &self,
         function: Function,
         calls: &[GroupCall],
     ) -> Vec<Result<Value, StoreError>> {
         match calls {
-            [one] => vec![self.run(function, &one.call).await],
+            [one] => vec![self.run_request(function, &one.call).await],
             [first, second] => {
                 let (first, second) = tokio::join!(
-                    self.run(function, &first.call),
-                    self.run(function, &second.call)
+                    self.run_request(function, &first.call),
+                    self.run_request(function, &second.call)
                 );
                 vec![first, second]
             }
             more => {
                 let mut replies = Vec::with_capacity(more.len());
                 for call in more {
-                    replies.push(self.run(function, &call.call).await);
+                    replies.push(self.run_request(function, &call.call).await);
                 }
                 replies
             }
         }
+    }
+
+    /// One request of a batched function: with the instance's concurrent ones when
+    /// coalescing, else alone.
+    async fn run_request(&self, function: Function, call: &Call) -> Result<Value, StoreError> {
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
+        let reply = match &self.coalescer {
+            Some(coalescer) => coalescer.call(function, call.clone()).await,
+            None => {
+                let mut connection = self.connection.clone();
+                scripts::call_batch(&mut connection, function, &[call])
+                    .await
+                    .and_then(|reply| calls::unbatch(function.name(), reply, 1))
+                    .and_then(|mut replies| replies.remove(0))
+            }
+        };
+        #[cfg(feature = "metrics")]
+        self.store_meters.call(function as usize, started.elapsed());
+        reply
     }
 
     /// Every group's commit (one call, or one per group concurrently on a cluster),
@@ -910,6 +943,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("expected_instances", &self.expected_instances)
             .field("response_timeout", &self.response_timeout)
             .field("connection_timeout", &self.connection_timeout)
+            .field("coalesce", &self.coalesce)
             .field("budget_status", &self.budget_status)
             .field("events", &self.events.is_some())
             .field("policy_poll_interval", &self.policy_poll_interval)

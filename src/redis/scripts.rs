@@ -8,6 +8,7 @@ use redis::aio::ConnectionLike;
 use redis::Value;
 
 use crate::denial::StoreError;
+use crate::redis::calls::Call;
 use crate::redis::error::classify;
 
 /// The library's source; its first line names it (`#!lua name=tollgate`).
@@ -66,6 +67,35 @@ pub(crate) async fn call(
         .arg(keys.len())
         .arg(keys)
         .arg(args);
+    send(connection, function, &fcall).await
+}
+
+/// Call a function that takes a batch of requests (`reserve`, `commit`): every
+/// request's keys, then the number of requests and every request's arguments.
+pub(crate) async fn call_batch(
+    connection: &mut impl ConnectionLike,
+    function: Function,
+    requests: &[&Call],
+) -> Result<Value, StoreError> {
+    let mut fcall = redis::cmd("FCALL");
+    fcall
+        .arg(function.name())
+        .arg(requests.iter().map(|call| call.keys.len()).sum::<usize>());
+    for call in requests {
+        fcall.arg(&call.keys);
+    }
+    fcall.arg(requests.len());
+    for call in requests {
+        fcall.arg(&call.args);
+    }
+    send(connection, function, &fcall).await
+}
+
+async fn send(
+    connection: &mut impl ConnectionLike,
+    function: Function,
+    fcall: &redis::Cmd,
+) -> Result<Value, StoreError> {
     match fcall.query_async::<Value>(connection).await {
         Err(e) if is_missing_library(&e) => {
             load(connection).await?;

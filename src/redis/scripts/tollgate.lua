@@ -172,14 +172,24 @@ for i = 1, #NUM do AT[NUM[i]] = i end -- (`ipairs` is not there while the librar
 local PACKED = '<dddddddddddddddddddddddd'
 local PACKED_BYTES = 8 * #NUM
 
--- A scope hash, loaded with one HMGET: `s.v` its numbers (by `AT[name]`), `s.used`,
--- `s.held`, `s.spent` its money. A hash never written reads as zeros (no period
--- yet, no alert yet). Changes are queued with `put` (string fields) or
--- by changing `s.v` and setting `s.changed`, and written by `flush` in one HSET.
+-- The scopes one function call has loaded, by key and in load order: a call loads
+-- each scope hash once, however many requests (or purged holds) touch it, and writes
+-- each once when it ends (`write_scopes`).
+local loaded, load_order = {}, {}
+-- The flags of each hash tag the call has read (see `flags_of`).
+local flags_read = {}
+
+-- A scope hash, loaded with one HMGET the first time a call asks for it: `s.v` its
+-- numbers (by `AT[name]`), `s.used`, `s.held`, `s.spent` its money. A hash never
+-- written reads as zeros (no period yet, no alert yet). Changes are queued with `put`
+-- (string fields) or by changing `s.v` and setting `s.changed`; `keep_alive` asks for
+-- the hash's idle TTL to be renewed; `write_scopes` writes each changed hash with one HSET.
 -- (A period end `pe` of 0 marks a scope whose period has not started.)
 local function scope(key)
+  local cached = loaded[key]
+  if cached then return cached end
   local v = redis.call('HMGET', key, 'n', 'used', 'held', 'spent', 'rules')
-  local s = { key = key, out = {}, n = 0, rules = v[5] }
+  local s = { key = key, out = {}, dirty = false, rules = v[5] }
   local packed = v[1]
   if packed then
     if #packed ~= PACKED_BYTES then error(bad(key, 'n', #packed .. ' bytes')) end
@@ -203,6 +213,8 @@ local function scope(key)
   s.used = money(key, 'used', v[2])
   s.held = money(key, 'held', v[3])
   s.spent = money(key, 'spent', v[4])
+  loaded[key] = s
+  load_order[#load_order + 1] = s
   return s
 end
 
@@ -215,16 +227,42 @@ local function set(s, name, x)
   s.changed = true
 end
 
+-- The string fields a later request of the same call reads back from `s`.
+local READ_BACK = { used = true, held = true, spent = true, rules = true }
+
 local function put(s, field, value)
-  s.out[s.n + 1] = field
-  s.out[s.n + 2] = value
-  s.n = s.n + 2
+  s.out[field] = value
+  if READ_BACK[field] then s[field] = value end
+  s.dirty = true
 end
 
-local function flush(s, idle)
-  if s.changed then put(s, 'n', struct.pack(PACKED, unpack(s.v))) end
-  if s.n > 0 then redis.call('HSET', s.key, unpack(s.out, 1, s.n)) end
-  if idle and idle > 0 then redis.call('PEXPIRE', s.key, idle) end
+-- The scope is in use: renew its idle TTL (ms; none when absent) when the call ends.
+local function keep_alive(s, idle)
+  if idle and idle > (s.renew or 0) then s.renew = idle end
+end
+
+-- Start a function call with nothing loaded.
+local function begin()
+  loaded, load_order, flags_read = {}, {}, {}
+end
+
+-- Write every changed scope the call loaded (one HSET each) and renew the idle TTLs
+-- asked for: the end of every function that loads scopes.
+local function write_scopes()
+  for _, s in ipairs(load_order) do
+    if s.changed then put(s, 'n', struct.pack(PACKED, unpack(s.v))) end
+    if s.dirty then
+      local fields, n = {}, 0
+      for field, value in pairs(s.out) do
+        fields[n + 1] = field
+        fields[n + 2] = value
+        n = n + 2
+      end
+      redis.call('HSET', s.key, unpack(fields, 1, n))
+    end
+    if s.renew and s.renew > 0 then redis.call('PEXPIRE', s.key, s.renew) end
+  end
+  loaded, load_order = {}, {}
 end
 
 -- Rate buckets. Per bucket `name` (rpm, rpd, tpm) a scope keeps `name`, the backlog in
@@ -358,7 +396,7 @@ end
 -- change it: the new kind's period starts at once, carrying what the current one
 -- counted, after closing a stored period that had already ended (as the in-memory
 -- engine does). Every other caller rolls by the stored kind, and passes its own only
--- for a scope that has none yet. Queues its changes on `s` (written by `flush`).
+-- for a scope that has none yet. Queues its changes on `s` (written by `write_scopes`).
 -- Returns the end of the current period.
 local function roll(s, kind, seconds, policy)
   local stored_start, stored_end = get(s, 'ps'), get(s, 'pe')
@@ -391,15 +429,25 @@ end
 -- generation (+1 each time it is deleted), whether it is deleted now, a key's
 -- revocation, and `sweep`: no hold in the tag's holds zset expires before this time
 -- (ms; absent: the zset may hold anything). Every call reads them with one HMGET.
+-- A call reads each tag's flags once (`flags_read`, reset by `begin`), and each key's
+-- revocation once more when a later request of the call names another key.
+
 local function flags_of(flags, key_id)
-  local v = redis.call('HMGET', flags, 'gen', 'deleted', 'revoked:' .. key_id, 'sweep')
-  return {
-    key = flags,
-    gen = num(flags, 'gen', v[1]),
-    deleted = v[2] == '1',
-    revoked = v[3] == '1',
-    sweep = v[4] and num(flags, 'sweep', v[4]) or -1,
-  }
+  local f = flags_read[flags]
+  if not f then
+    local v = redis.call('HMGET', flags, 'gen', 'deleted', 'sweep', 'revoked:' .. key_id)
+    f = {
+      key = flags,
+      gen = num(flags, 'gen', v[1]),
+      deleted = v[2] == '1',
+      sweep = v[3] and num(flags, 'sweep', v[3]) or -1,
+      revoked = { [key_id] = v[4] == '1' },
+    }
+    flags_read[flags] = f
+  elseif f.revoked[key_id] == nil then
+    f.revoked[key_id] = redis.call('HGET', flags, 'revoked:' .. key_id) == '1'
+  end
+  return f
 end
 
 -- A reservation record: one string (one SET with its TTL, one GET), packed as
@@ -474,7 +522,6 @@ local function release_parsed(rkey, record, holds, id, gen, deleted)
       if level.slot == 1 then set(s, 'conc', get(s, 'conc') - 1) end
       put(s, 'used', madd(s.used, back))
       put(s, 'held', madd(s.held, back))
-      flush(s)
     end
   end
   if record then redis.call('DEL', rkey) end
@@ -525,90 +572,115 @@ local function add_hold(holds, id, expiry, record_ttl, flags)
   end
 end
 
--- The groups of a reserve or commit call: each is one hash tag's keys (holds zset,
--- record, commit marker, flags, then one scope hash per level) and arguments (`head`
--- of them, the last the level count, then `per_level` per level), in order. Returns
--- the groups, or nil when KEYS and ARGV do not add up.
-local function groups_of(KEYS, ARGV, first_arg, head, per_level)
-  local groups, k, a = {}, 0, first_arg
-  while a < #ARGV do
-    local levels = tonumber(ARGV[a + head])
-    if not levels or levels < 0 or levels % 1 ~= 0 then return nil end
-    groups[#groups + 1] = {
-      holds = KEYS[k + 1], record = KEYS[k + 2], marker = KEYS[k + 3], flags_key = KEYS[k + 4],
-      keys_at = k + 4, args_at = a, levels = levels,
-    }
-    k = k + 4 + levels
-    a = a + head + per_level * levels
+-- The requests of a reserve or commit call. ARGV[1] is their number; then each
+-- request has `head` arguments, the last its number of groups; each group one hash
+-- tag's keys (holds zset, record, commit marker, flags, then one scope hash per level)
+-- and arguments (3: record_base, then one the function names, then the level count;
+-- then `per_level` per level). Returns the requests, or nil when KEYS and ARGV do not
+-- add up (then nothing of the call is run).
+local function requests_of(KEYS, ARGV, head, per_level)
+  local count = tonumber(ARGV[1])
+  if not count or count < 1 or count % 1 ~= 0 then return nil end
+  local requests, k, a = {}, 0, 1
+  for r = 1, count do
+    local group_count = tonumber(ARGV[a + head])
+    if not group_count or group_count < 1 or group_count % 1 ~= 0 then return nil end
+    local request = { args_at = a, groups = {} }
+    a = a + head
+    for g = 1, group_count do
+      local levels = tonumber(ARGV[a + 3])
+      if not levels or levels < 0 or levels % 1 ~= 0 then return nil end
+      request.groups[g] = {
+        holds = KEYS[k + 1], record = KEYS[k + 2], marker = KEYS[k + 3], flags_key = KEYS[k + 4],
+        keys_at = k + 4, args_at = a, levels = levels,
+      }
+      k = k + 4 + levels
+      a = a + 3 + per_level * levels
+      if k > #KEYS or a > #ARGV then return nil end
+    end
+    requests[r] = request
   end
-  if k ~= #KEYS or a ~= #ARGV or #groups == 0 then return nil end
-  return groups
+  if k ~= #KEYS or a ~= #ARGV then return nil end
+  return requests
 end
 
--- reserve: one request's worst case on every level of one or more hash tags (a
--- standalone server takes a request's workspace and org tags in one call; a cluster
--- one call per tag), all or nothing. KEYS, per group: holds zset, this reservation's
--- record, its commit marker, the tag's flags, then one scope hash per level. ARGV: id,
--- ttl_ms, cost, record_ttl_ms, then per group: record_base, key id (the workspace
--- group: its revocation and its workspace's deletion are checked; "" for none), the
--- level count, then 12 per level:
+-- Run `one` for each request of a call, in order, each decided on what the requests
+-- before it left: one reply per request, or {-1, message} for a request that failed
+-- (a corrupt record or counter, a duplicate id): it alone fails, and what it had
+-- queued for writing is written (only changes a refusal would keep, or changes its
+-- record accounts for: see `reserve_one`). Every scope is written once, at the end.
+local function run_requests(KEYS, ARGV, requests, one)
+  local replies = {}
+  for r, request in ipairs(requests) do
+    local ok, reply = pcall(one, KEYS, ARGV, request)
+    if not ok then
+      local message = type(reply) == 'table' and (reply.err or reply.message) or tostring(reply)
+      reply = { -1, message }
+    end
+    replies[r] = reply
+  end
+  write_scopes()
+  return replies
+end
+
+-- reserve: requests' worst cases, each on every level of one or more hash tags (a
+-- standalone server takes a request's workspace and org tags in one call, and
+-- concurrent requests of one instance in one call; a cluster one call per tag and
+-- request), each all or nothing. Per request, ARGV: id, ttl_ms, cost, record_ttl_ms,
+-- the number of groups, then per group: record_base, key id (the workspace group: its
+-- revocation and its workspace's deletion are checked; "" for none), the level
+-- count, then 12 per level:
 -- rpm_interval rpm_limit rpd_interval rpd_limit tpm_interval tpm_limit tpm_units
 -- max_concurrent budget_headroom("" = none) period_kind period_seconds idle_ttl_ms.
--- Returns {1, per group {per level: rpm_rem rpm_reset rpd_rem rpd_reset tpm_rem
--- tpm_reset (-1 where no limit), then the tag's generation}} or, for the first
--- refusal, {0, group, {level, kind, ...}} with nothing taken on any group; kind 6:
--- the key was revoked, 7: its workspace was deleted (by any instance).
-local function reserve(KEYS, ARGV)
-  clock()
-  local id, ttl, cost, record_ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-  local groups = groups_of(KEYS, ARGV, 4, 3, 12)
-  if not groups then return redis.error_reply('BADARGS reserve: keys and arguments do not match') end
+-- KEYS, per request and group: holds zset, this reservation's record, its commit
+-- marker, the tag's flags, then one scope hash per level. Returns per request {1, per
+-- group {per level: rpm_rem rpm_reset rpd_rem rpd_reset tpm_rem tpm_reset (-1 where
+-- no limit), then the tag's generation}} or, for the first refusal, {0, group,
+-- {level, kind, ...}} with nothing taken on any group; kind 6: the key was revoked,
+-- 7: its workspace was deleted (by any instance).
+local function reserve_one(KEYS, ARGV, request)
+  local a0 = request.args_at
+  local id, ttl, cost, record_ttl = ARGV[a0 + 1], tonumber(ARGV[a0 + 2]), ARGV[a0 + 3], tonumber(ARGV[a0 + 4])
+  local groups = request.groups
   for g, group in ipairs(groups) do
     local key_id = ARGV[group.args_at + 2]
     local flags = flags_of(group.flags_key, key_id)
     group.flags = flags
     purge(group.holds, ARGV[group.args_at + 1], flags)
     if redis.call('EXISTS', group.record, group.marker) > 0 then
-      return redis.error_reply('DUPLICATE reservation id ' .. id)
+      error(redis.error_reply('DUPLICATE reservation id ' .. id))
     end
     if key_id ~= '' then
-      if flags.revoked then return { 0, g, { 1, 6 } } end
+      if flags.revoked[key_id] then return { 0, g, { 1, 6 } } end
       if flags.deleted then return { 0, g, { 2, 7 } } end
     end
     -- A record holds at most MAX_LEVELS levels: refuse more than it could be read back.
     if group.levels > MAX_LEVELS then
-      return redis.error_reply('TOOMANYLEVELS ' .. group.levels .. ' > ' .. MAX_LEVELS)
+      error(redis.error_reply('TOOMANYLEVELS ' .. group.levels .. ' > ' .. MAX_LEVELS))
     end
   end
 
+  -- Pass 1: load every scope and decide. A refusal keeps what it decided about the
+  -- scopes it read (periods rolled or moved to a new kind, buckets brought to new
+  -- rules), never a take; a corrupt value fails the request before it took anything.
   local plan = {}
-  -- A refusal keeps what pass 1 decided about the scopes it read (periods rolled or
-  -- moved to a new kind, buckets brought to new rules), never a take.
-  local function refuse(s, g, reply)
-    for _, done in ipairs(plan) do flush(done, done.idle) end
-    flush(s, s.idle)
-    return { 0, g, reply }
-  end
-  -- Pass 1: load every scope once and decide, writing nothing but the above on a
-  -- refusal, so a corrupt value leaves every level as it was.
   for g, group in ipairs(groups) do
     for i = 1, group.levels do
       local a = group.args_at + 3 + (i - 1) * 12
       local s = scope(KEYS[group.keys_at + i])
-      s.idle = tonumber(ARGV[a + 12])
+      keep_alive(s, tonumber(ARGV[a + 12]))
       -- The rules the buckets were last brought to: when they are the same, buckets of
       -- limits that do not apply need no look.
       local signature = ARGV[a + 1] .. ':' .. ARGV[a + 3] .. ':' .. ARGV[a + 5]
       local rules_changed = s.rules ~= signature
       if rules_changed then put(s, 'rules', signature) end
       local finish = roll(s, tonumber(ARGV[a + 10]), tonumber(ARGV[a + 11]), true)
-      s.takes = {}
+      local entry = { s = s, takes = {}, slot = false }
       for j = 1, 3 do
         local limit = tonumber(ARGV[a + 2 * j])
         if limit > 0 or rules_changed then
-          local name = BUCKETS[j]
           local interval = limit > 0 and tonumber(ARGV[a + 2 * j - 1]) or 0
-          local b = bucket(s, name)
+          local b = bucket(s, BUCKETS[j])
           if conform(b, interval) then put_bucket(s, b) end
           if limit > 0 then
             local units = j == 3 and tonumber(ARGV[a + 7]) or 1
@@ -616,14 +688,14 @@ local function reserve(KEYS, ARGV)
             local backlog = b.backlog
             if units > limit then
               local free = math.floor(math.max(0, tolerance - backlog) / interval)
-              return refuse(s, g, { i, j, fmt(math.min(free, limit)), fmt(backlog), -1 })
+              return { 0, g, { i, j, fmt(math.min(free, limit)), fmt(backlog), -1 } }
             end
             local after = backlog + units * interval
             if after > tolerance then
               local free = math.floor(math.max(0, tolerance - backlog) / interval)
-              return refuse(s, g, { i, j, fmt(math.min(free, limit)), fmt(backlog), fmt(after - tolerance) })
+              return { 0, g, { i, j, fmt(math.min(free, limit)), fmt(backlog), fmt(after - tolerance) } }
             end
-            s.takes[j] = {
+            entry.takes[j] = {
               bucket = b, units = units, after = after,
               remaining = math.floor((tolerance - after) / interval),
             }
@@ -633,31 +705,35 @@ local function reserve(KEYS, ARGV)
       local max_conc = tonumber(ARGV[a + 8])
       if max_conc > 0 then
         local in_flight = get(s, 'conc')
-        if in_flight >= max_conc then return refuse(s, g, { i, 4, fmt(in_flight) }) end
-        s.slot = true
+        if in_flight >= max_conc then return { 0, g, { i, 4, fmt(in_flight) } } end
+        entry.slot = true
       end
       local headroom = ARGV[a + 9]
       if headroom ~= '' and cmp(s.used, headroom) > 0 then
-        return refuse(s, g, { i, 5, s.used, fmt(finish) })
+        return { 0, g, { i, 5, s.used, fmt(finish) } }
       end
-      plan[#plan + 1] = s
+      plan[#plan + 1] = entry
     end
   end
 
   -- Pass 2: take everything and record what was taken, in units and in the terms a
-  -- refund needs (backlog ahead, refunds seen, epoch and interval at the take).
-  local reply, next_plan = { 1 }, 1
+  -- refund needs (backlog ahead, refunds seen, epoch and interval at the take). The
+  -- scopes change in memory first; then each group's record is written: a record
+  -- names exactly what its group took, so a release by id (after a lost reply) gives
+  -- back exactly that.
+  local reply, next_entry = { 1 }, 1
   local expiry = math.floor(now / 1000) + ttl
   for _, group in ipairs(groups) do
     local gen = group.flags.gen
     local group_reply = {}
     local record = { struct.pack(RECORD_HEAD, now, group.levels, gen, #cost), cost }
     for _ = 1, group.levels do
-      local s = plan[next_plan]
-      next_plan = next_plan + 1
-      local h = { s.slot and 1 or 0 }
+      local entry = plan[next_entry]
+      next_entry = next_entry + 1
+      local s = entry.s
+      local h = { entry.slot and 1 or 0 }
       for j = 1, 3 do
-        local take = s.takes[j]
+        local take = entry.takes[j]
         if take then
           local b = take.bucket
           h[#h + 1] = take.units; h[#h + 1] = b.backlog; h[#h + 1] = b.refunded
@@ -670,10 +746,9 @@ local function reserve(KEYS, ARGV)
           group_reply[#group_reply + 1] = -1; group_reply[#group_reply + 1] = -1
         end
       end
-      if s.slot then set(s, 'conc', get(s, 'conc') + 1) end
+      if entry.slot then set(s, 'conc', get(s, 'conc') + 1) end
       put(s, 'used', madd(s.used, cost))
       put(s, 'held', madd(s.held, cost))
-      flush(s, s.idle)
       record[#record + 1] = struct.pack(KEY_LENGTH, #s.key) .. s.key .. struct.pack(HOLD, unpack(h))
     end
     redis.call('SET', group.record, table.concat(record), 'PX', record_ttl)
@@ -684,19 +759,27 @@ local function reserve(KEYS, ARGV)
   return reply
 end
 
--- commit: settle one reservation on every level of one or more hash tags (groups, as
--- for reserve): refund unused tokens and money, charge overage as debt, count the
--- request in the current period. Idempotent by reservation id: a retried commit finds
--- its marker and charges nothing again. KEYS, per group: holds zset, the record, the
--- commit marker, the tag's flags, then one scope hash per level. ARGV: id,
--- done_ttl_ms, reserved_cost, cost, input, output, then per group: record_base,
--- generation (the tag's, from the reserve; "" = unknown), the level count, then 7 per
--- level: tpm_used_units period_kind period_seconds tally idle_ttl_ms
+local function reserve(KEYS, ARGV)
+  begin()
+  clock()
+  local requests = requests_of(KEYS, ARGV, 5, 12)
+  if not requests then return redis.error_reply('BADARGS reserve: keys and arguments do not match') end
+  return run_requests(KEYS, ARGV, requests, reserve_one)
+end
+
+-- commit: settle reservations, each on every level of one or more hash tags (groups
+-- and requests as for reserve): refund unused tokens and money, charge overage as
+-- debt, count the request in the current period. Idempotent by reservation id: a
+-- retried commit finds its marker and charges nothing again. KEYS, per request and
+-- group: holds zset, the record, the commit marker, the tag's flags, then one scope
+-- hash per level. Per request, ARGV: id, done_ttl_ms, reserved_cost, cost, input,
+-- output, the number of groups, then per group: record_base, generation (the tag's,
+-- from the reserve; "" = unknown), the level count, then 7 per level: tpm_used_units period_kind period_seconds tally idle_ttl_ms
 -- budget_limit("" = none) lowest_alert_percent. Buckets and periods follow what the
 -- scope hashes store (the rules in force now), not the rules the reservation was
 -- admitted under; the period kind is only used for a hash that has none yet.
--- Returns one reply per group, each {code, then per level: alerted_before
--- alerted_now spent} with code 1
+-- Returns per request one reply per group, each {code, then per level:
+-- alerted_before alerted_now spent} with code 1
 -- settled, 2 already committed, 3 committed after the hold had expired (usage charged
 -- in full as debt, the request counted once in RPM and RPD), 4 the workspace was
 -- deleted since the reserve (nothing settled on this tag: its counters are gone, and a
@@ -723,23 +806,22 @@ local function commit_group(KEYS, ARGV, group, id, done_ttl, reserved, cost, inp
     error(redis.error_reply('CORRUPT ' .. group.record .. ' n=' .. #record.levels .. ', expected ' .. levels))
   end
 
-  -- Pass 1: load and parse every scope (nothing written yet).
+  -- Pass 1: load and parse every scope (nothing changed yet).
   local scopes = {}
   for i = 1, levels do
     local a = group.args_at + 3 + (i - 1) * 7
     local s = scope(KEYS[group.keys_at + i])
     roll(s, tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), false)
-    s.used_units = tonumber(ARGV[a + 1])
     scopes[i] = s
   end
 
-  -- Pass 2: settle each scope and write it once.
+  -- Pass 2: settle each scope.
   local alerts = {}
   local take_us = present and record.take or 0
   for i = 1, levels do
     local a = group.args_at + 3 + (i - 1) * 7
     local s = scopes[i]
-    local used_units = s.used_units
+    local used_units = tonumber(ARGV[a + 1])
     if present then
       local level = record.levels[i]
       local hold = level.tpm
@@ -781,7 +863,7 @@ local function commit_group(KEYS, ARGV, group, id, done_ttl, reserved, cost, inp
         before, reached = alerted, pct
       end
     end
-    flush(s, tonumber(ARGV[a + 5]))
+    keep_alive(s, tonumber(ARGV[a + 5]))
     alerts[#alerts + 1] = before
     alerts[#alerts + 1] = reached
     alerts[#alerts + 1] = spent_now
@@ -794,17 +876,23 @@ local function commit_group(KEYS, ARGV, group, id, done_ttl, reserved, cost, inp
   return reply
 end
 
-local function commit(KEYS, ARGV)
-  clock()
-  local id, done_ttl, reserved, cost = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-  local input, output = tonumber(ARGV[5]), tonumber(ARGV[6])
-  local groups = groups_of(KEYS, ARGV, 6, 3, 7)
-  if not groups then return redis.error_reply('BADARGS commit: keys and arguments do not match') end
+local function commit_one(KEYS, ARGV, request)
+  local a0 = request.args_at
+  local id, done_ttl, reserved, cost = ARGV[a0 + 1], tonumber(ARGV[a0 + 2]), ARGV[a0 + 3], ARGV[a0 + 4]
+  local input, output = tonumber(ARGV[a0 + 5]), tonumber(ARGV[a0 + 6])
   local replies = {}
-  for g, group in ipairs(groups) do
+  for g, group in ipairs(request.groups) do
     replies[g] = commit_group(KEYS, ARGV, group, id, done_ttl, reserved, cost, input, output)
   end
   return replies
+end
+
+local function commit(KEYS, ARGV)
+  begin()
+  clock()
+  local requests = requests_of(KEYS, ARGV, 7, 7)
+  if not requests then return redis.error_reply('BADARGS commit: keys and arguments do not match') end
+  return run_requests(KEYS, ARGV, requests, commit_one)
 end
 
 -- release: give back everything one reservation holds on the levels of one hash tag
@@ -812,10 +900,12 @@ end
 -- tag's flags. ARGV: id, record_base. A reservation already committed, expired or
 -- never taken is a no-op. Returns 1.
 local function release(KEYS, ARGV)
+  begin()
   clock()
   local flags = flags_of(KEYS[4], '')
   purge(KEYS[1], ARGV[2], flags)
   release_parsed(KEYS[2], read_record(KEYS[2]), KEYS[1], ARGV[1], flags.gen, flags.deleted)
+  write_scopes()
   return 1
 end
 
@@ -853,6 +943,7 @@ end
 -- KEYS: scope hashes. ARGV: per scope rpm_interval rpd_interval tpm_interval
 -- period_kind period_seconds (interval 0: no limit). Returns 1.
 local function follow(KEYS, ARGV)
+  begin()
   clock()
   local scopes = {}
   for i = 1, #KEYS do scopes[i] = scope(KEYS[i]) end
@@ -865,9 +956,9 @@ local function follow(KEYS, ARGV)
     end
     put(s, 'rules', ARGV[a + 1] .. ':' .. ARGV[a + 2] .. ':' .. ARGV[a + 3])
     roll(s, tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), true)
-    flush(s)
     end
   end
+  write_scopes()
   return 1
 end
 
