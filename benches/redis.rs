@@ -9,15 +9,22 @@
 //!   - `reserve_commit`: `check_and_reserve` then `commit_usage`.
 //! - `redis_throughput` (multi-thread runtime, one engine, 64 tasks): one iteration is
 //!   64 × 4 operations, reported in elements (operations) per second:
-//!   - `reserve_commit_64_tasks`: each task reserves and commits in a loop;
+//!   - `reserve_commit_64_tasks`: each task reserves and commits in a loop (the
+//!     engine coalesces concurrent reserves, and commits, into shared calls);
+//!   - `reserve_commit_64_tasks_uncoalesced`: the same with `RedisConfig::coalesce`
+//!     off: one call per request, pipelined on the connection;
 //!   - `evalsha_trivial_64_tasks`: each task runs the trivial script in a loop.
 //!
 //! Every figure goes through the same kind of connection the engine uses: a
 //! `ConnectionManager` (one multiplexed connection; concurrent calls pipeline on it),
 //! configured with `RedisConfig`'s default timeouts. A reservation is one round trip
-//! carrying two script calls (the workspace's levels and the org's, each under its own
-//! hash tag), a commit another; so `reserve ÷ evalsha_trivial` is what the Lua work
-//! and the client-side decision add to one round trip.
+//! carrying one function call (the workspace's levels and the org's, each group under
+//! its own hash tag, in one call on a standalone server), a commit another; so
+//! `reserve ÷ evalsha_trivial` is what the Lua work and the client-side decision add
+//! to one round trip.
+//!
+//! After the criterion groups, `INFO commandstats` gives Redis's own time per admitted
+//! request: one request at a time, and with 64 tasks (coalesced and not).
 //!
 //! Requests are those of the other benches (`common`: 1,000 keys visited in a fixed
 //! random order, every level limited, limits and budgets far from reach, so every
@@ -102,7 +109,23 @@ async fn manager(url: &str) -> ConnectionManager {
 }
 
 async fn engine(url: &str) -> RedisEngine {
-    RedisEngine::connect(url, common::policy(Shape::keys(KEYS)), config())
+    engine_with(url, config()).await
+}
+
+/// An engine that sends one call per request (no coalescing).
+async fn uncoalesced_engine(url: &str) -> RedisEngine {
+    engine_with(
+        url,
+        RedisConfig {
+            coalesce: false,
+            ..config()
+        },
+    )
+    .await
+}
+
+async fn engine_with(url: &str, config: RedisConfig) -> RedisEngine {
+    RedisEngine::connect(url, common::policy(Shape::keys(KEYS)), config)
         .await
         .expect("connect to Redis")
 }
@@ -252,8 +275,13 @@ fn throughput(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let (connection, engine) =
-        runtime.block_on(async { (manager(&url).await, engine(&url).await) });
+    let (connection, engine, uncoalesced) = runtime.block_on(async {
+        (
+            manager(&url).await,
+            engine(&url).await,
+            uncoalesced_engine(&url).await,
+        )
+    });
     let trivial = Arc::new(Trivial::new());
     let table = Arc::new(KeyTable::for_keys(KEYS));
     // Each task starts at its own place in the visiting order.
@@ -268,6 +296,18 @@ fn throughput(c: &mut Criterion) {
     group.bench_function("reserve_commit_64_tasks", |b| {
         b.iter_custom(|iters| {
             let (engine, table) = (engine.clone(), Arc::clone(&table));
+            run_tasks(&runtime, iters * PER_TASK, move |t, i| {
+                let (engine, table) = (engine.clone(), Arc::clone(&table));
+                async move {
+                    let j = t * stride + i as usize;
+                    black_box(reserve_commit(&engine, &by_id(table.id(j))).await);
+                }
+            })
+        })
+    });
+    group.bench_function("reserve_commit_64_tasks_uncoalesced", |b| {
+        b.iter_custom(|iters| {
+            let (engine, table) = (uncoalesced.clone(), Arc::clone(&table));
             run_tasks(&runtime, iters * PER_TASK, move |t, i| {
                 let (engine, table) = (engine.clone(), Arc::clone(&table));
                 async move {
@@ -325,8 +365,37 @@ async fn reset_stats(connection: &ConnectionManager) {
         .expect("CONFIG RESETSTAT");
 }
 
+/// Redis time and function calls per admitted request with `TASKS` tasks reserving
+/// and committing at once on `engine` (`PER_TASK_LOADED` requests each).
+async fn loaded_server_time(
+    connection: &ConnectionManager,
+    engine: &RedisEngine,
+    table: &Arc<KeyTable>,
+) -> (f64, f64) {
+    const PER_TASK_LOADED: usize = 50;
+    reset_stats(connection).await;
+    let stride = table.len() / TASKS;
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let (engine, table) = (engine.clone(), Arc::clone(table));
+            tokio::spawn(async move {
+                for i in 0..PER_TASK_LOADED {
+                    black_box(reserve_commit(&engine, &by_id(table.id(t * stride + i))).await);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("bench task");
+    }
+    let (calls, usec) = commandstats_usec(connection, "fcall").await;
+    let requests = (TASKS * PER_TASK_LOADED) as f64;
+    (usec as f64 / requests, calls as f64 / requests)
+}
+
 /// What Redis spends on one admitted request: the reserve functions (workspace and
-/// org tags), the commit functions, and a trivial `EVALSHA` for scale. Written to
+/// org tags), the commit functions, and a trivial `EVALSHA` for scale; then the same
+/// with 64 tasks at once, coalesced and not. Written to
 /// `$CARGO_TARGET_DIR/criterion/redis_server_time.json` for `bench_table`.
 fn server_time() {
     const ROUNDS: usize = 20;
@@ -338,8 +407,9 @@ fn server_time() {
         .expect("tokio runtime");
     runtime.block_on(async {
         let (connection, engine) = (manager(&url).await, engine(&url).await);
+        let uncoalesced = uncoalesced_engine(&url).await;
         let trivial = Trivial::new();
-        let table = KeyTable::for_keys(KEYS);
+        let table = Arc::new(KeyTable::for_keys(KEYS));
         reset_stats(&connection).await;
         for _ in 0..ROUNDS * BATCH {
             black_box(trivial.call(&connection).await);
@@ -369,6 +439,9 @@ fn server_time() {
             requests += BATCH as u64;
         }
         let per = |usec: u64, n: u64| usec as f64 / n.max(1) as f64;
+        let (loaded_us, loaded_calls) = loaded_server_time(&connection, &engine, &table).await;
+        let (uncoalesced_us, uncoalesced_calls) =
+            loaded_server_time(&connection, &uncoalesced, &table).await;
         let figures = [
             ("trivial_evalsha_us", per(trivial_usec, trivial_calls)),
             ("reserve_us", per(reserve_usec, requests)),
@@ -378,6 +451,10 @@ fn server_time() {
                 "per_function_call_us",
                 per(reserve_usec + commit_usec, calls),
             ),
+            ("per_request_64_tasks_us", loaded_us),
+            ("calls_per_request_64_tasks", loaded_calls),
+            ("per_request_64_tasks_uncoalesced_us", uncoalesced_us),
+            ("calls_per_request_64_tasks_uncoalesced", uncoalesced_calls),
         ];
         let json = figures
             .iter()

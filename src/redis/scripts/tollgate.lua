@@ -1,10 +1,12 @@
 #!lua name=tollgate
 -- tollgate's Redis Functions library (Redis 7+): loaded once with FUNCTION LOAD, so
--- its helpers are defined once, not on every call. Each function loads each scope
--- hash it touches with ONE HMGET, decides on the parsed values, and writes each scope
--- with ONE HSET; nothing is written before every value it reads has been parsed and
--- checked, so a corrupt field fails the call with a `CORRUPT` error before anything
--- changed (Redis does not undo a function's writes).
+-- its helpers are defined once, not on every call. Each call loads each scope hash
+-- it touches with ONE HMGET (however many of its requests touch it), decides on the
+-- parsed values, and writes each changed scope with ONE HSET when it ends. `reserve`
+-- and `commit` take a batch of requests, decided one after the other; a request
+-- meets a corrupt field before it took or settled anything, and fails alone with a
+-- `CORRUPT` error naming the key and field (Redis does not undo a function's writes:
+-- nothing a failed request did is left half done).
 --
 -- A scope hash keeps its numbers (rate buckets, concurrency, period, request and
 -- token counts) packed in one field, `n`: 24 little-endian doubles (all integers
@@ -246,9 +248,13 @@ local function begin()
   loaded, load_order, flags_read = {}, {}, {}
 end
 
--- Write every changed scope the call loaded (one HSET each) and renew the idle TTLs
--- asked for: the end of every function that loads scopes.
+-- Write every changed scope the call loaded (one HSET each), renew the idle TTLs
+-- asked for and the TTL of each holds zset the call added to: the end of every
+-- function that loads scopes.
 local function write_scopes()
+  for _, f in pairs(flags_read) do
+    if f.holds then redis.call('PEXPIRE', f.holds, f.holds_ttl) end
+  end
   for _, s in ipairs(load_order) do
     if s.changed then put(s, 'n', struct.pack(PACKED, unpack(s.v))) end
     if s.dirty then
@@ -262,7 +268,7 @@ local function write_scopes()
     end
     if s.renew and s.renew > 0 then redis.call('PEXPIRE', s.key, s.renew) end
   end
-  loaded, load_order = {}, {}
+  loaded, load_order, flags_read = {}, {}, {}
 end
 
 -- Rate buckets. Per bucket `name` (rpm, rpd, tpm) a scope keeps `name`, the backlog in
@@ -562,10 +568,12 @@ local function purge(holds, record_base, flags)
 end
 
 -- Add a hold to the tag's holds zset, expiring at `expiry` (ms), keeping `sweep` a
--- lower bound of every expiry in it.
+-- lower bound of every expiry in it. The zset's own TTL is renewed once per call
+-- (`write_scopes`), however many holds the call adds.
 local function add_hold(holds, id, expiry, record_ttl, flags)
   redis.call('ZADD', holds, fmt(expiry), id)
-  redis.call('PEXPIRE', holds, record_ttl)
+  flags.holds = holds
+  if record_ttl > (flags.holds_ttl or 0) then flags.holds_ttl = record_ttl end
   if expiry < flags.sweep then
     redis.call('HSET', flags.key, 'sweep', fmt(expiry))
     flags.sweep = expiry

@@ -1,0 +1,250 @@
+//! Coalescing on the Redis backend (`RedisConfig::coalesce`, on by default on a
+//! standalone server): concurrent reserves and commits of one instance share function
+//! calls, and every request is still decided exactly, in order, as separate calls
+//! would decide it; a request that fails inside a batch fails alone.
+//!
+//! Run with `cargo test --features redis --test redis_coalesce`. Needs `redis-server`
+//! and `redis-cli` (see `support/redis_server.rs`): with `CI` set a missing server
+//! fails these tests; elsewhere `TOLLGATE_SKIP_REDIS=1` skips them.
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+use std::str::FromStr;
+
+use redis_server::{require_redis, RedisServer};
+use rust_decimal::Decimal;
+use tollgate::{
+    BudgetPeriod, BudgetSpec, DenialReason, KeySpec, LimitsSpec, ModelSpec, OrgSpec, Policy,
+    PolicyDocument, RedisConfig, RedisEngine, RedisReservation, Request, StoreErrorKind, Usage,
+    WorkspaceSpec,
+};
+
+fn dec(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+/// Model "m" at $1 per million tokens. Workspace "ws1" has a $0.010 monthly budget
+/// (ten requests of 1,000 tokens); workspace "ws2" 7 requests a minute; key "k1" in
+/// ws1, "k2" in ws2.
+fn policy() -> Policy {
+    Policy::new(
+        PolicyDocument::new(OrgSpec::new("acme"))
+            .model(ModelSpec::new("m", dec("1"), dec("1")))
+            .workspace(
+                WorkspaceSpec::new("ws1", "one")
+                    .grant("m")
+                    .budget(BudgetSpec::new(dec("0.010"), BudgetPeriod::Month)),
+            )
+            .workspace(
+                WorkspaceSpec::new("ws2", "two")
+                    .grant("m")
+                    .limits(LimitsSpec {
+                        rpm: Some(7),
+                        ..LimitsSpec::default()
+                    }),
+            )
+            .key(KeySpec::new("k1", "ws1", "sk-1"))
+            .key(KeySpec::new("k2", "ws2", "sk-2")),
+    )
+    .unwrap()
+}
+
+fn ask(key: &str) -> Request<'_> {
+    Request::with_key_id(key, "m")
+        .input_tokens(1_000)
+        .max_output_tokens(0)
+}
+
+async fn connect(server: &RedisServer, coalesce: bool) -> RedisEngine {
+    RedisEngine::connect(
+        &server.url(),
+        policy(),
+        RedisConfig {
+            coalesce,
+            ..RedisConfig::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+/// `FCALL`s the server ran since the last `CONFIG RESETSTAT`.
+fn fcalls(server: &RedisServer) -> u64 {
+    let stats = server.cli(&["info", "commandstats"]);
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_fcall:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().unwrap())
+}
+
+/// `count` reserves of `key` at once, each on its own task; what each answered.
+async fn burst(
+    engine: &RedisEngine,
+    keys: &[&'static str],
+    count: usize,
+) -> Vec<(&'static str, Result<RedisReservation, DenialReason>)> {
+    let tasks: Vec<_> = (0..count)
+        .map(|i| {
+            let engine = engine.clone();
+            let key = keys[i % keys.len()];
+            tokio::spawn(async move {
+                let answer = engine
+                    .check_and_reserve(&ask(key))
+                    .await
+                    .map_err(|denial| denial.reason);
+                (key, answer)
+            })
+        })
+        .collect();
+    let mut answers = Vec::with_capacity(count);
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    answers
+}
+
+/// 64 reserves at once on a $0.010 budget (10 fit) and a 7-per-minute limit: with
+/// coalescing exactly what fits is admitted, as without it, in fewer calls than
+/// requests; the commits settle to the cent and leave nothing held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coalesced_burst_admits_exactly_what_fits_in_fewer_calls() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    for coalesce in [true, false] {
+        let server = RedisServer::start();
+        let engine = connect(&server, coalesce).await;
+        assert_eq!(server.cli(&["config", "resetstat"]), "OK");
+        let answers = burst(&engine, &["k1", "k2"], 64).await;
+        let calls = fcalls(&server);
+
+        let admitted = |key: &str| {
+            answers
+                .iter()
+                .filter(|(k, a)| *k == key && a.is_ok())
+                .count()
+        };
+        assert_eq!(admitted("k1"), 10, "budget, coalesce {coalesce}");
+        assert_eq!(admitted("k2"), 7, "rpm, coalesce {coalesce}");
+        for (key, answer) in &answers {
+            if let Err(reason) = answer {
+                let expected = if *key == "k1" {
+                    DenialReason::Budget
+                } else {
+                    DenialReason::RequestsPerMinute
+                };
+                assert_eq!(*reason, expected, "{key}, coalesce {coalesce}");
+            }
+        }
+        if coalesce {
+            assert!(calls < 64, "64 reserves in {calls} calls: none shared");
+        } else {
+            assert_eq!(calls, 64, "one call per reserve without coalescing");
+        }
+
+        // Commit every admitted request at once (coalesced too), each for what it held.
+        let commits: Vec<_> = answers
+            .into_iter()
+            .filter_map(|(_, answer)| answer.ok())
+            .map(|reservation| {
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    engine
+                        .commit_usage(reservation, Usage::new(1_000, 0))
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut charged = Decimal::ZERO;
+        for commit in commits {
+            charged += commit.await.unwrap().cost();
+        }
+        assert_eq!(charged, dec("0.017"), "coalesce {coalesce}");
+        let usage = engine.usage().await.unwrap();
+        let ws1 = usage.workspaces.iter().find(|w| w.id == "ws1").unwrap();
+        let ws2 = usage.workspaces.iter().find(|w| w.id == "ws2").unwrap();
+        assert_eq!(ws1.usage.current.cost, dec("0.010"), "coalesce {coalesce}");
+        assert_eq!(ws1.usage.current.requests, 10);
+        assert_eq!(ws2.usage.current.requests, 7);
+        for ws in [ws1, ws2] {
+            assert_eq!(
+                ws.usage.current.held,
+                Decimal::ZERO,
+                "{} coalesce {coalesce}",
+                ws.id
+            );
+        }
+        assert_eq!(usage.org.current.cost, dec("0.017"));
+        assert_eq!(usage.org.current.held, Decimal::ZERO);
+    }
+}
+
+/// A request whose counters are corrupt fails inside a shared call without taking the
+/// others down: every request of the healthy key is admitted and settled, every one
+/// of the corrupt key fails as corrupt (naming the key), and it held nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_that_fails_inside_a_shared_call_fails_alone() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let engine = connect(&server, true).await;
+    // Key k2's counters: a packed field of the wrong length.
+    let k2 = "tollgate:v2:{ws:ws2}:key:k2";
+    server.cli(&["hset", k2, "n", "garbage"]);
+    assert_eq!(server.cli(&["config", "resetstat"]), "OK");
+
+    // k1's budget fits all 10 of its requests, k2's requests all meet the corruption.
+    let answers = burst(&engine, &["k1", "k2"], 20).await;
+    // A failed reserve is released by id in the background (its reply is not trusted
+    // to say nothing was taken): one `release` call per hash tag, 2 × 10. Wait for them.
+    let mut calls = fcalls(&server);
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let now = fcalls(&server);
+        if now == calls && now >= 20 {
+            break;
+        }
+        calls = now;
+    }
+    let reserve_calls = calls - 20;
+    assert!(
+        reserve_calls < 20,
+        "20 reserves in {reserve_calls} calls: none shared"
+    );
+    let mut held = Vec::new();
+    for (key, answer) in answers {
+        match (key, answer) {
+            ("k1", Ok(reservation)) => held.push(reservation),
+            ("k2", Err(reason)) => assert_eq!(
+                reason,
+                DenialReason::StoreUnavailable(StoreErrorKind::Corrupt)
+            ),
+            (key, answer) => panic!("{key}: {:?}", answer.map(|r| r.reserved_cost())),
+        }
+    }
+    assert_eq!(held.len(), 10);
+    let error = engine.last_store_error().expect("the corrupt key's error");
+    assert!(error.message.contains(k2), "names the key: {error:?}");
+
+    for reservation in held {
+        engine
+            .commit_usage(reservation, Usage::new(1_000, 0))
+            .await
+            .unwrap();
+    }
+    // Nothing of k2's failed requests is held anywhere (its workspace, the org).
+    for key in ["tollgate:v2:{ws:ws2}:ws", "tollgate:v2:{org:acme}:org"] {
+        let held = server.cli(&["hget", key, "held"]);
+        assert!(held.is_empty() || held == "0", "{key} held {held}");
+    }
+    assert_eq!(
+        server.cli(&["hget", "tollgate:v2:{ws:ws1}:ws", "spent"]),
+        "10000000000"
+    );
+}
