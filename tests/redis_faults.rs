@@ -326,6 +326,98 @@ async fn crashed_instance_holds_expire_after_ttl() {
     );
 }
 
+/// Rewrite a reservation record (one packed string) as the hash an older tollgate
+/// wrote: fields `t`, `c`, `n`, `g`, then `k<i>` and `h<i>` per level.
+const TO_LEGACY_RECORD: &str = "\
+    local raw = redis.call('GET', KEYS[1]) \
+    local t, n, g, cost_length, at = struct.unpack('<dddd', raw) \
+    local fields = { 't', string.format('%d', t), 'n', string.format('%d', n), \
+      'g', string.format('%d', g), 'c', string.sub(raw, at, at + cost_length - 1) } \
+    at = at + cost_length \
+    for i = 1, n do \
+      local key_length \
+      key_length, at = struct.unpack('<d', raw, at) \
+      fields[#fields + 1] = 'k' .. i \
+      fields[#fields + 1] = string.sub(raw, at, at + key_length - 1) \
+      fields[#fields + 1] = 'h' .. i \
+      fields[#fields + 1] = string.sub(raw, at + key_length, at + key_length + 127) \
+      at = at + key_length + 128 \
+    end \
+    local ttl = redis.call('PTTL', KEYS[1]) \
+    redis.call('DEL', KEYS[1]) \
+    redis.call('HSET', KEYS[1], unpack(fields)) \
+    redis.call('PEXPIRE', KEYS[1], ttl) \
+    return n";
+
+/// Holds taken by an older tollgate, whose reservation records were hashes, are
+/// given back exactly when they expire after an upgrade (and a crash): money, slots
+/// and token backlog, on every level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_recorded_by_an_older_version_are_given_back() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let limits = LimitsSpec {
+        tpm: Some(10_000),
+        max_concurrent: Some(1),
+        ..LimitsSpec::default()
+    };
+    let policy = || policy("ws1", limits.clone(), StoreFailureMode::Closed);
+    let old = RedisEngine::connect(
+        &server.url(),
+        policy(),
+        RedisConfig {
+            reservation_ttl: Duration::from_millis(300),
+            ..RedisConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let whole = Request::with_key_id("k1", "m")
+        .input_tokens(5000)
+        .max_output_tokens(5000);
+    let crashed = old.check_and_reserve(&whole).await.unwrap();
+    let id = crashed.id().unwrap().to_owned();
+    std::mem::forget(crashed);
+    drop(old);
+    for record in [ws_record("ws1", &id), org_record(&id)] {
+        let levels = server.cli(&["eval", TO_LEGACY_RECORD, "1", &record]);
+        assert!(levels == "3" || levels == "1", "{record}: {levels}");
+        assert_eq!(server.cli(&["type", &record]), "hash");
+    }
+    let ws = "tollgate:v2:{ws:ws1}:ws";
+    assert_eq!(money(&server, ws, "held"), dec("0.015"));
+    let expiry =
+        latest_expiry_ms(&server, &ws_holds("ws1")).max(latest_expiry_ms(&server, ORG_HOLDS));
+    poll_until("Redis TIME to pass the hold's expiry", || async {
+        (redis_now_ms(&server) > expiry + 1).then_some(())
+    })
+    .await;
+
+    // The whole TPM limit and the one concurrency slot: admitted only if the old hold
+    // was read and given back on every level.
+    let new = RedisEngine::connect(&server.url(), policy(), RedisConfig::default())
+        .await
+        .unwrap();
+    let reservation = new
+        .check_and_reserve(&whole)
+        .await
+        .unwrap_or_else(|d| panic!("the old record's holds still count: {d:?}"));
+    let receipt = new
+        .commit_usage(reservation, Usage::new(5000, 0))
+        .await
+        .unwrap();
+    for key in [ws.to_owned(), key_key("ws1"), new.org_key()] {
+        assert_eq!(hget(&server, &key, "held"), "0", "{key}");
+        assert_eq!(money(&server, &key, "spent"), receipt.cost(), "{key}");
+    }
+    assert_eq!(hget(&server, ws, "conc"), "0");
+    assert!(!exists(&server, &ws_record("ws1", &id)));
+    assert!(!exists(&server, &org_record(&id)));
+}
+
 /// A fail-closed workspace refuses with 503 while Redis is down and is served
 /// again once it is back, without a reconnect by the caller and without charging
 /// anything twice.

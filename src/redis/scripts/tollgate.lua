@@ -476,8 +476,49 @@ local function unpack_at(rkey, raw, format, bytes, at)
   return struct.unpack(format, raw, at)
 end
 
+-- What one level of a record holds, from its 16 packed doubles.
+local function held_level(key, h)
+  local level = { key = key, slot = h[1] }
+  for j = 1, 3 do
+    local b = 1 + (j - 1) * 5
+    if h[b + 5] > 0 then -- the take's interval: the bucket had a limit
+      level[BUCKETS[j]] = { units = h[b + 1], ahead = h[b + 2], seen = h[b + 3], epoch = h[b + 4], interval = h[b + 5] }
+    end
+  end
+  return level
+end
+
+-- A record written by tollgate before records were one string: a hash with fields t,
+-- c, n, g and k<i>, h<i> per level. Read so that holds in flight across an upgrade
+-- are still given back exactly.
+local LEGACY_FIELDS = { 't', 'c', 'n', 'g' }
+for i = 1, MAX_LEVELS do
+  LEGACY_FIELDS[#LEGACY_FIELDS + 1] = 'k' .. i
+  LEGACY_FIELDS[#LEGACY_FIELDS + 1] = 'h' .. i
+end
+
+local function read_legacy_record(rkey)
+  local r = redis.call('HMGET', rkey, unpack(LEGACY_FIELDS))
+  if r[1] == false then return nil end
+  local record = { take = num(rkey, 't', r[1]), cost = money(rkey, 'c', r[2]), gen = num(rkey, 'g', r[4]), levels = {} }
+  local n = num(rkey, 'n', r[3])
+  if n < 0 or n > MAX_LEVELS or n % 1 ~= 0 then error(bad(rkey, 'n', n)) end
+  for i = 1, n do
+    local key, raw = r[3 + 2 * i], r[4 + 2 * i]
+    if not key then error(bad(rkey, 'k' .. i, 'missing')) end
+    if not raw or #raw ~= HOLD_BYTES then error(bad(rkey, 'h' .. i, raw and #raw .. ' bytes' or 'missing')) end
+    record.levels[i] = held_level(key, { struct.unpack(HOLD, raw) })
+  end
+  return record
+end
+
 local function read_record(rkey)
-  local raw = redis.call('GET', rkey)
+  local raw = redis.pcall('GET', rkey)
+  if type(raw) == 'table' and raw.err and string.find(raw.err, 'WRONGTYPE', 1, true) then
+    return read_legacy_record(rkey)
+  elseif type(raw) == 'table' then
+    error(raw)
+  end
   if not raw then return nil end
   local take, n, gen, cost_length, at = unpack_at(rkey, raw, RECORD_HEAD, 32, 1)
   if n < 0 or n > MAX_LEVELS or n % 1 ~= 0 or cost_length % 1 ~= 0 or cost_length < 1 then
@@ -493,16 +534,8 @@ local function read_record(rkey)
       error(bad(rkey, 'k' .. i, 'length ' .. key_length))
     end
     local key = string.sub(raw, at, at + key_length - 1)
-    local h = { struct.unpack(HOLD, raw, at + key_length) }
+    record.levels[i] = held_level(key, { struct.unpack(HOLD, raw, at + key_length) })
     at = at + key_length + HOLD_BYTES
-    local level = { key = key, slot = h[1] }
-    for j = 1, 3 do
-      local b = 1 + (j - 1) * 5
-      if h[b + 5] > 0 then -- the take's interval: the bucket had a limit
-        level[BUCKETS[j]] = { units = h[b + 1], ahead = h[b + 2], seen = h[b + 3], epoch = h[b + 4], interval = h[b + 5] }
-      end
-    end
-    record.levels[i] = level
   end
   return record
 end
