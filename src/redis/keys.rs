@@ -13,10 +13,11 @@
 //! <prefix>:v2:{org:<org>}:org                    org budget and totals
 //! <prefix>:v2:{org:<org>}:wallet                 org wallet (never expires)
 //! <tag>:holds                                    zset: reservation id → expiry (ms)
-//! <tag>:resv:<id>                                hash: what one reservation holds
+//! <tag>:resv:<id>                                string: what one reservation holds (packed)
 //! <tag>:done:<id>                                commit marker (idempotency)
 //! <tag>:flags                                    hash, never expires: `revoked:<key id>`,
-//!                                                `deleted`, `gen` (workspace generation)
+//!                                                `deleted`, `gen` (workspace generation),
+//!                                                `sweep` (no hold expires before it, ms)
 //! <prefix>:v2:{policy}:doc                       hash, never expires: the shared policy,
 //!                                                `version`, `document` (JSON), `sha256`
 //! <prefix>:v2:policy-versions                    pub/sub channel: each new version number

@@ -2,13 +2,14 @@
 //! instances enforce the same limits and budgets.
 //!
 //! A request resolves its key, workspace and model locally, exactly as the in-memory
-//! engine does (`decide`), then reserves in one function call per hash tag (the
-//! library in `scripts/tollgate.lua`): the workspace's levels (key, workspace,
-//! workspace × model) under `{ws:<id>}`, the org's budget and wallet under
-//! `{org:<id>}`. The two calls go out together on one
-//! multiplexed connection, so a reservation costs one round trip of latency; each
-//! is atomic on its own shard. If one group refuses, the other's hold is released;
-//! in between it only over-holds, which can refuse a request but never overspend.
+//! engine does (`decide`), then reserves with the library in `scripts/tollgate.lua`:
+//! the workspace's levels (key, workspace, workspace × model) under `{ws:<id>}`, the
+//! org's budget and wallet under `{org:<id>}`. A standalone server takes both groups
+//! in one function call, all or nothing, and `coalesce` batches an instance's
+//! concurrent requests into shared calls. A cluster needs one call per hash tag: the
+//! two go out together on one multiplexed connection (one round trip of latency), each
+//! atomic on its own shard; if one group refuses, the other's hold is released, and in
+//! between it only over-holds, which can refuse a request but never overspend.
 //! See `keys` for the layout, and `background` for what happens when a caller goes
 //! away mid-call (store calls finish detached, releases are retried, live holds are
 //! renewed).
@@ -209,8 +210,8 @@ pub(crate) struct Inner {
     store_meters: StoreMeters,
 }
 
-/// A commit that Redis has not acknowledged: both groups' calls, replayable because
-/// commits are idempotent by reservation id.
+/// A commit that Redis has not acknowledged: its calls (one, or one per group on a
+/// cluster), replayable because commits are idempotent by reservation id.
 pub(crate) struct PendingCommit {
     pub(crate) snapshot: Arc<Snapshot>,
     pub(crate) route: Route,
