@@ -248,3 +248,97 @@ async fn a_request_that_fails_inside_a_shared_call_fails_alone() {
         "10000000000"
     );
 }
+
+/// Every `reserve` answer of a burst sent while Redis is paused, within `bound`.
+async fn burst_while_paused(
+    engine: &RedisEngine,
+    count: usize,
+    bound: std::time::Duration,
+) -> Vec<Result<RedisReservation, DenialReason>> {
+    let answers = tokio::time::timeout(bound, burst(engine, &["k1"], count))
+        .await
+        .unwrap_or_else(|_| panic!("{count} requests not all answered within {bound:?}"));
+    answers.into_iter().map(|(_, answer)| answer).collect()
+}
+
+/// While Redis stalls, coalesced requests fail within about the response timeout, as
+/// uncoalesced ones do: a request still queued when its patience runs out is taken
+/// out of the queue (never sent) instead of waiting behind batch after batch timing
+/// out. Once Redis answers again, nothing is left held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_server_fails_queued_requests_within_the_response_timeout() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let engine = connect(&server, true).await;
+    // 2,000 requests would need 16 rounds of 4 batches of 32, each timing out after
+    // 500 ms, if they queued: 8 s. The pause outlasts the bound.
+    assert_eq!(server.cli(&["client", "pause", "6000", "all"]), "OK");
+    let answers = burst_while_paused(&engine, 2000, std::time::Duration::from_secs(3)).await;
+    for answer in &answers {
+        assert_eq!(
+            answer.as_ref().err(),
+            Some(&DenialReason::StoreUnavailable(StoreErrorKind::Transient))
+        );
+    }
+    assert_eq!(server.cli(&["client", "unpause"]), "OK");
+    // The calls that were in flight land now and are released by id in the background.
+    let mut held = String::new();
+    for _ in 0..250 {
+        held = server.cli(&["hget", "tollgate:v2:{ws:ws1}:ws", "held"]);
+        if engine.releases_in_flight() == 0 && (held.is_empty() || held == "0") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        held.is_empty() || held == "0",
+        "workspace still holds {held}"
+    );
+    assert_eq!(engine.releases_in_flight(), 0);
+    // And requests are served again.
+    let r = engine.check_and_reserve(&ask("k1")).await.unwrap();
+    engine.commit_usage(r, Usage::new(1_000, 0)).await.unwrap();
+}
+
+/// A request queued behind calls whose runtime shut down is answered (an error), not
+/// left waiting for a call nobody will send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_queued_behind_a_dead_runtime_is_answered() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let engine = connect(&server, true).await;
+    assert_eq!(server.cli(&["client", "pause", "1500", "all"]), "OK");
+    // Calls in flight, sent from another runtime (given a moment to be sent: this
+    // orders real tasks against a real server; the engine's clock is not involved)...
+    let other = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    for _ in 0..4 {
+        let engine = engine.clone();
+        other.spawn(async move {
+            let _ = engine.check_and_reserve(&ask("k1")).await;
+        });
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // ...then one more, queued here, and the other runtime goes away.
+    let waiter = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.check_and_reserve(&ask("k1")).await.is_ok() })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    other.shutdown_background();
+    // Redis answers again after 1.5 s; a request nobody sends would wait forever.
+    let answered = tokio::time::timeout(std::time::Duration::from_secs(3), waiter)
+        .await
+        .expect("the queued request was never answered")
+        .unwrap();
+    assert!(!answered, "admitted while Redis was paused");
+}

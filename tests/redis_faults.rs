@@ -893,9 +893,11 @@ async fn replaying_a_failed_commit_does_not_charge_again() {
         .max_output_tokens(1000);
     let reservation = engine.check_and_reserve(&request).await.unwrap();
     let id = reservation.id().unwrap().to_owned();
-    // Corrupt the org's record: the workspace's tag is settled (in the same call on
-    // a standalone server, or in its own) when the script meets the error.
+    // Corrupt the org's record. On a standalone server one call commits both tags and
+    // reads both before settling either: the workspace's tag is left as it was, its
+    // hold still held (a cluster settles it in its own call).
     corrupt_record(&server, &org_record(&id));
+    let before_commit = books(&server);
     match engine
         .commit_usage(reservation, Usage::new(1000, 1000))
         .await
@@ -904,6 +906,11 @@ async fn replaying_a_failed_commit_does_not_charge_again() {
         other => panic!("commit of a corrupted record: {other:?}"),
     }
     let after_commit = books(&server);
+    assert_eq!(after_commit, before_commit, "a failed commit settled a tag");
+    assert!(
+        exists(&server, &ws_record("ws1", &id)),
+        "the workspace's hold"
+    );
 
     for _ in 0..2 {
         // Fails again or is dropped; either way it must not charge anything again.

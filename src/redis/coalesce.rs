@@ -12,9 +12,14 @@
 //!
 //! The batch is sent from a spawned task: a caller that goes away (its future dropped)
 //! leaves the others' call running, and the reply for it is dropped by the task that
-//! finishes its reserve or commit (see `Detach`), which releases or settles it.
+//! finishes its reserve or commit (see `Detach`), which releases or settles it. A
+//! request waits in the queue at most `response_timeout`: when Redis stalls, requests
+//! fail as fast as uncoalesced ones would (a request not yet sent is taken out of the
+//! queue, so it never lands later), instead of queueing behind timed-out batches.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use redis::Value;
@@ -29,11 +34,13 @@ use crate::redis::scripts::{self, Function};
 /// command, so a batch is kept short enough not to stall them (a few milliseconds).
 pub(crate) const MAX_BATCH: usize = 32;
 
-/// Batches of one function in flight at once: one being run while the next is sent,
-/// so Redis does not wait for a round trip between batches.
-const MAX_IN_FLIGHT: usize = 2;
+/// Batches of one function in flight at once: some being run while the next are
+/// sent, so Redis does not wait for a round trip between batches.
+const MAX_IN_FLIGHT: usize = 4;
 
 struct Waiting {
+    /// Tells this request apart in the queue (to take it out when it waited too long).
+    ticket: u64,
     call: Call,
     reply: oneshot::Sender<Result<Value, StoreError>>,
 }
@@ -47,14 +54,19 @@ struct Queue {
 /// The batching of one engine's `reserve` and `commit` calls.
 pub(crate) struct Coalescer {
     connection: Connection,
+    /// How long a request may wait to be sent (the connection's response timeout).
+    patience: Duration,
+    tickets: AtomicU64,
     /// One queue per batched function: `reserve`, `commit`.
     queues: [Mutex<Queue>; 2],
 }
 
 impl Coalescer {
-    pub(crate) fn new(connection: Connection) -> Arc<Self> {
+    pub(crate) fn new(connection: Connection, patience: Duration) -> Arc<Self> {
         Arc::new(Coalescer {
             connection,
+            patience,
+            tickets: AtomicU64::new(0),
             queues: Default::default(),
         })
     }
@@ -74,10 +86,15 @@ impl Coalescer {
         function: Function,
         call: Call,
     ) -> Result<Value, StoreError> {
-        let (reply, answer) = oneshot::channel();
+        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
+        let (reply, mut answer) = oneshot::channel();
         let batch = {
             let mut queue = self.queue(function).lock();
-            queue.waiting.push(Waiting { call, reply });
+            queue.waiting.push(Waiting {
+                ticket,
+                call,
+                reply,
+            });
             if queue.in_flight < MAX_IN_FLIGHT {
                 queue.in_flight += 1;
                 Some(take_batch(&mut queue))
@@ -86,27 +103,66 @@ impl Coalescer {
             }
         };
         if let Some(batch) = batch {
-            let coalescer = Arc::clone(self);
-            tokio::spawn(async move { coalescer.send(function, batch).await });
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    let coalescer = Arc::clone(self);
+                    drop(runtime.spawn(async move { coalescer.send(function, batch).await }));
+                }
+                // Not on a tokio runtime: send it from here.
+                Err(_) => self.send(function, batch).await,
+            }
         }
-        answer.await.unwrap_or_else(|_| {
+        let unsent = || StoreError {
+            kind: StoreErrorKind::Transient,
+            message: format!(
+                "{}: not sent within {:?} (Redis is slow to answer the calls before it)",
+                function.name(),
+                self.patience
+            ),
+        };
+        let answered = match tokio::time::timeout(self.patience, &mut answer).await {
+            Ok(answered) => answered,
+            Err(_) => {
+                if self.withdraw(function, ticket) {
+                    return Err(unsent());
+                }
+                // Already in a call: that call's own response timeout bounds the wait.
+                answer.await
+            }
+        };
+        answered.unwrap_or_else(|_| {
             Err(StoreError {
                 kind: StoreErrorKind::Transient,
-                message: format!("{}: the batch was dropped unsent", function.name()),
+                message: format!("{}: the call carrying it was abandoned", function.name()),
             })
         })
+    }
+
+    /// Take request `ticket` out of the queue if it is still there (not yet sent).
+    fn withdraw(&self, function: Function, ticket: u64) -> bool {
+        let mut queue = self.queue(function).lock();
+        let at = queue.waiting.iter().position(|w| w.ticket == ticket);
+        at.map(|at| queue.waiting.remove(at)).is_some()
     }
 
     /// Send `batch`, answer its requests, then the batches that queued meanwhile,
     /// until none waits.
     async fn send(&self, function: Function, mut batch: Vec<Waiting>) {
         // However this task ends (a panic, its runtime shutting down), it is no longer
-        // in flight: later requests must not wait for it.
+        // in flight; and if no other call is, nobody would send what waits: those
+        // requests fail now (their callers release what they may hold) rather than
+        // wait for a later request to start a call.
         struct Sending<'a>(&'a Mutex<Queue>, bool);
         impl Drop for Sending<'_> {
             fn drop(&mut self) {
-                if !self.1 {
-                    self.0.lock().in_flight -= 1;
+                if self.1 {
+                    return;
+                }
+                let mut queue = self.0.lock();
+                queue.in_flight -= 1;
+                if queue.in_flight == 0 {
+                    // Dropping a request's reply sender answers it with an error.
+                    queue.waiting.clear();
                 }
             }
         }

@@ -26,7 +26,7 @@
 //! Flags that must outlive counters live in `<tag>:flags`, which no script ever gives a
 //! TTL: counter hashes expire when idle, and late commits re-arm their TTLs.
 //!
-//! Everything one script touches shares one hash tag, so it runs on Redis Cluster:
+//! Everything one call touches on a cluster shares one hash tag, so it runs there:
 //! a workspace's levels live under its workspace tag (workspaces spread over the
 //! cluster's slots) and the org's budget and wallet under the org's tag.
 
@@ -42,7 +42,8 @@ const VERSION: &str = "v2";
 /// the rest are under the org's.
 const WORKSPACE_LEVELS: usize = 4;
 
-/// The levels of one request that share a hash tag: one script call each.
+/// The levels of one request that share a hash tag: one call each on a cluster (a
+/// standalone server takes a request's groups in one call).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Group {
     pub(crate) tag: String,

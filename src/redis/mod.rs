@@ -327,7 +327,7 @@ impl RedisEngine {
             inner: Arc::new(Inner {
                 together: matches!(connection, Connection::Single(_)),
                 coalescer: (config.coalesce && matches!(connection, Connection::Single(_)))
-                    .then(|| Coalescer::new(connection.clone())),
+                    .then(|| Coalescer::new(connection.clone(), config.response_timeout)),
                 connection,
                 layout: Layout::new(&config.prefix),
                 ttls: Ttls::new(

@@ -647,9 +647,10 @@ end
 
 -- Run `one` for each request of a call, in order, each decided on what the requests
 -- before it left: one reply per request, or {-1, message} for a request that failed
--- (a corrupt record or counter, a duplicate id): it alone fails, and what it had
--- queued for writing is written (only changes a refusal would keep, or changes its
--- record accounts for: see `reserve_one`). Every scope is written once, at the end.
+-- (a corrupt record or counter, a duplicate id): it alone fails, having taken or
+-- settled nothing (both `reserve_one` and `commit_one` read and check everything
+-- before they change anything but what a refusal would keep: periods rolled,
+-- buckets brought to new rules). Every scope is written once, at the end.
 local function run_requests(KEYS, ARGV, requests, one)
   local replies = {}
   for r, request in ipairs(requests) do
@@ -714,33 +715,41 @@ local function reserve_one(KEYS, ARGV, request)
       -- limits that do not apply need no look.
       local signature = ARGV[a + 1] .. ':' .. ARGV[a + 3] .. ':' .. ARGV[a + 5]
       local rules_changed = s.rules ~= signature
-      if rules_changed then put(s, 'rules', signature) end
       local finish = roll(s, tonumber(ARGV[a + 10]), tonumber(ARGV[a + 11]), true)
-      local entry = { s = s, takes = {}, slot = false }
+      -- Every bucket is brought to the current rules before any is decided on: the
+      -- signature then names what all three follow, even if this request is refused.
+      local limited = {}
       for j = 1, 3 do
         local limit = tonumber(ARGV[a + 2 * j])
         if limit > 0 or rules_changed then
           local interval = limit > 0 and tonumber(ARGV[a + 2 * j - 1]) or 0
           local b = bucket(s, BUCKETS[j])
           if conform(b, interval) then put_bucket(s, b) end
-          if limit > 0 then
-            local units = j == 3 and tonumber(ARGV[a + 7]) or 1
-            local tolerance = limit * interval
-            local backlog = b.backlog
-            if units > limit then
-              local free = math.floor(math.max(0, tolerance - backlog) / interval)
-              return { 0, g, { i, j, fmt(math.min(free, limit)), fmt(backlog), -1 } }
-            end
-            local after = backlog + units * interval
-            if after > tolerance then
-              local free = math.floor(math.max(0, tolerance - backlog) / interval)
-              return { 0, g, { i, j, fmt(math.min(free, limit)), fmt(backlog), fmt(after - tolerance) } }
-            end
-            entry.takes[j] = {
-              bucket = b, units = units, after = after,
-              remaining = math.floor((tolerance - after) / interval),
-            }
+          if limit > 0 then limited[j] = { b = b, limit = limit, interval = interval } end
+        end
+      end
+      if rules_changed then put(s, 'rules', signature) end
+      local entry = { s = s, takes = {}, slot = false }
+      for j = 1, 3 do
+        local rule = limited[j]
+        if rule then
+          local b, limit, interval = rule.b, rule.limit, rule.interval
+          local units = j == 3 and tonumber(ARGV[a + 7]) or 1
+          local tolerance = limit * interval
+          local backlog = b.backlog
+          if units > limit then
+            local free = math.floor(math.max(0, tolerance - backlog) / interval)
+            return { 0, g, { i, j, fmt(math.min(free, limit)), fmt(backlog), -1 } }
           end
+          local after = backlog + units * interval
+          if after > tolerance then
+            local free = math.floor(math.max(0, tolerance - backlog) / interval)
+            return { 0, g, { i, j, fmt(math.min(free, limit)), fmt(backlog), fmt(after - tolerance) } }
+          end
+          entry.takes[j] = {
+            bucket = b, units = units, after = after,
+            remaining = math.floor((tolerance - after) / interval),
+          }
         end
       end
       local max_conc = tonumber(ARGV[a + 8])
@@ -827,27 +836,26 @@ end
 -- re-created workspace starts from zero); alerted_* are the percentages of the budget
 -- already reported before this commit and reached now (-1 -1 when this commit reached
 -- nothing new), so each alert fires once per period across every instance.
-local function commit_group(KEYS, ARGV, group, id, done_ttl, reserved, cost, input, output)
+-- A commit's first pass on one group: read its marker, record and scopes and check
+-- them, settling nothing, so a corrupt value on any group of the request fails it
+-- before any group is settled. Returns what `settle_group` needs: the outcome code
+-- (see `commit`), and for 1 and 3 the record and the loaded scopes.
+local function prepare_group(KEYS, ARGV, group)
   local record_base, own_gen = ARGV[group.args_at + 1], ARGV[group.args_at + 2]
   local flags = flags_of(group.flags_key, '')
   purge(group.holds, record_base, flags)
-  if redis.call('EXISTS', group.marker) == 1 then return { 2 } end
+  if redis.call('EXISTS', group.marker) == 1 then return { code = 2 } end
 
   local record = read_record(group.record)
   local present = record ~= nil
-  local gen, deleted = flags.gen, flags.deleted
-  if deleted or (own_gen ~= '' and tonumber(own_gen) ~= gen) or (present and record.gen ~= gen) then
-    redis.call('DEL', group.record)
-    redis.call('ZREM', group.holds, id)
-    redis.call('SET', group.marker, '1', 'PX', done_ttl)
-    return { 4 }
+  local gen = flags.gen
+  if flags.deleted or (own_gen ~= '' and tonumber(own_gen) ~= gen) or (present and record.gen ~= gen) then
+    return { code = 4 }
   end
   local levels = group.levels
   if present and #record.levels ~= levels then
     error(redis.error_reply('CORRUPT ' .. group.record .. ' n=' .. #record.levels .. ', expected ' .. levels))
   end
-
-  -- Pass 1: load and parse every scope (nothing changed yet).
   local scopes = {}
   for i = 1, levels do
     local a = group.args_at + 3 + (i - 1) * 7
@@ -855,8 +863,21 @@ local function commit_group(KEYS, ARGV, group, id, done_ttl, reserved, cost, inp
     roll(s, tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), false)
     scopes[i] = s
   end
+  return { code = present and 1 or 3, record = record, scopes = scopes }
+end
 
-  -- Pass 2: settle each scope.
+-- A commit's second pass on one group, which cannot fail: settle what `prepare_group`
+-- read, drop the record and set the commit marker.
+local function settle_group(ARGV, group, plan, id, done_ttl, reserved, cost, input, output)
+  if plan.code == 2 then return { 2 } end
+  if plan.code == 4 then
+    redis.call('DEL', group.record)
+    redis.call('ZREM', group.holds, id)
+    redis.call('SET', group.marker, '1', 'PX', done_ttl)
+    return { 4 }
+  end
+  local record, scopes, levels = plan.record, plan.scopes, group.levels
+  local present = record ~= nil
   local alerts = {}
   local take_us = present and record.take or 0
   for i = 1, levels do
@@ -921,9 +942,11 @@ local function commit_one(KEYS, ARGV, request)
   local a0 = request.args_at
   local id, done_ttl, reserved, cost = ARGV[a0 + 1], tonumber(ARGV[a0 + 2]), ARGV[a0 + 3], ARGV[a0 + 4]
   local input, output = tonumber(ARGV[a0 + 5]), tonumber(ARGV[a0 + 6])
+  local plans = {}
+  for g, group in ipairs(request.groups) do plans[g] = prepare_group(KEYS, ARGV, group) end
   local replies = {}
   for g, group in ipairs(request.groups) do
-    replies[g] = commit_group(KEYS, ARGV, group, id, done_ttl, reserved, cost, input, output)
+    replies[g] = settle_group(ARGV, group, plans[g], id, done_ttl, reserved, cost, input, output)
   end
   return replies
 end
