@@ -13,6 +13,9 @@
 //!     engine coalesces concurrent reserves, and commits, into shared calls);
 //!   - `reserve_commit_64_tasks_uncoalesced`: the same with `RedisConfig::coalesce`
 //!     off: one call per request, pipelined on the connection;
+//!   - `reserve_commit_64_tasks_one_workspace` and `…_one_workspace_uncoalesced`: the
+//!     same two, every task on the 20 keys of one workspace (one tenant's burst: a
+//!     batch shares the workspace, its model, the org and the wallet);
 //!   - `evalsha_trivial_64_tasks`: each task runs the trivial script in a loop.
 //!
 //! Every figure goes through the same kind of connection the engine uses: a
@@ -47,7 +50,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{by_id, KeyTable, Shape, USAGE};
+use common::{by_id, KeyTable, Shape, KEYS_PER_WORKSPACE, USAGE};
 use criterion::{criterion_group, Criterion, SamplingMode, Throughput};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tollgate::{RedisConfig, RedisEngine};
@@ -284,6 +287,13 @@ fn throughput(c: &mut Criterion) {
     });
     let trivial = Arc::new(Trivial::new());
     let table = Arc::new(KeyTable::for_keys(KEYS));
+    // Workspace 0's keys (key `i` is in workspace `i % workspaces`), in random order.
+    let workspaces = KEYS / KEYS_PER_WORKSPACE;
+    let one_workspace = Arc::new(KeyTable::random(
+        |i| i * workspaces,
+        KEYS_PER_WORKSPACE,
+        1 << 12,
+    ));
     // Each task starts at its own place in the visiting order.
     let stride = table.len() / TASKS;
 
@@ -317,6 +327,27 @@ fn throughput(c: &mut Criterion) {
             })
         })
     });
+    for (id, engine) in [
+        ("reserve_commit_64_tasks_one_workspace", &engine),
+        (
+            "reserve_commit_64_tasks_one_workspace_uncoalesced",
+            &uncoalesced,
+        ),
+    ] {
+        group.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                let (engine, table) = (engine.clone(), Arc::clone(&one_workspace));
+                let stride = table.len() / TASKS;
+                run_tasks(&runtime, iters * PER_TASK, move |t, i| {
+                    let (engine, table) = (engine.clone(), Arc::clone(&table));
+                    async move {
+                        let j = t * stride + i as usize;
+                        black_box(reserve_commit(&engine, &by_id(table.id(j))).await);
+                    }
+                })
+            })
+        });
+    }
     group.bench_function("evalsha_trivial_64_tasks", |b| {
         b.iter_custom(|iters| {
             let (connection, trivial) = (connection.clone(), Arc::clone(&trivial));

@@ -477,6 +477,14 @@ const REDIS_THROUGHPUT: &[(&str, &str)] = &[
         "the same, `RedisConfig::coalesce` off (one call per request)",
     ),
     (
+        "redis_throughput/reserve_commit_64_tasks_one_workspace",
+        "reserve + commit, 64 tasks on the 20 keys of one workspace (coalesced)",
+    ),
+    (
+        "redis_throughput/reserve_commit_64_tasks_one_workspace_uncoalesced",
+        "the same, `RedisConfig::coalesce` off",
+    ),
+    (
         "redis_throughput/evalsha_trivial_64_tasks",
         "trivial `EVALSHA`, 64 concurrent tasks on one connection",
     ),

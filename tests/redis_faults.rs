@@ -98,6 +98,17 @@ where
     }
 }
 
+/// Wait for Redis's clock (not ours) to pass the latest expiry of workspace "ws1"'s and
+/// the org's holds.
+async fn wait_for_holds_to_expire(server: &RedisServer) {
+    let expiry =
+        latest_expiry_ms(server, &ws_holds("ws1")).max(latest_expiry_ms(server, ORG_HOLDS));
+    poll_until("Redis TIME to pass the holds' expiry", || async {
+        (redis_now_ms(server) > expiry + 1).then_some(())
+    })
+    .await;
+}
+
 /// Retry `check_and_reserve` while Redis is coming back, until Redis itself admits
 /// the request. Meanwhile a fail-closed workspace may only be refused as
 /// unavailable; a fail-open one only admitted or refused by its local limiter.
@@ -272,13 +283,7 @@ async fn crashed_instance_holds_expire_after_ttl() {
         "A's 6,000 tokens are in the TPM backlog: {backlog}"
     );
 
-    // Wait for Redis's clock (not ours) to pass the latest hold's expiry.
-    let expiry =
-        latest_expiry_ms(&server, &ws_holds("ws1")).max(latest_expiry_ms(&server, ORG_HOLDS));
-    poll_until("Redis TIME to pass the holds' expiry", || async {
-        (redis_now_ms(&server) > expiry + 1).then_some(())
-    })
-    .await;
+    wait_for_holds_to_expire(&server).await;
 
     // Instance B asks for the whole TPM limit (10,000 tokens) and a concurrency slot:
     // admitted only if every one of A's holds was given back.
@@ -389,12 +394,7 @@ async fn holds_recorded_by_an_older_version_are_given_back() {
     }
     let ws = "tollgate:v2:{ws:ws1}:ws";
     assert_eq!(money(&server, ws, "held"), dec("0.015"));
-    let expiry =
-        latest_expiry_ms(&server, &ws_holds("ws1")).max(latest_expiry_ms(&server, ORG_HOLDS));
-    poll_until("Redis TIME to pass the hold's expiry", || async {
-        (redis_now_ms(&server) > expiry + 1).then_some(())
-    })
-    .await;
+    wait_for_holds_to_expire(&server).await;
 
     // The whole TPM limit and the one concurrency slot: admitted only if the old hold
     // was read and given back on every level.

@@ -809,13 +809,6 @@ local function reserve_one(KEYS, ARGV, request)
   return reply
 end
 
-local function reserve(KEYS, ARGV)
-  begin()
-  clock()
-  local requests = requests_of(KEYS, ARGV, 5, 12)
-  if not requests then return redis.error_reply('BADARGS reserve: keys and arguments do not match') end
-  return run_requests(KEYS, ARGV, requests, reserve_one)
-end
 
 -- commit: settle reservations, each on every level of one or more hash tags (groups
 -- and requests as for reserve): refund unused tokens and money, charge overage as
@@ -951,13 +944,21 @@ local function commit_one(KEYS, ARGV, request)
   return replies
 end
 
-local function commit(KEYS, ARGV)
-  begin()
-  clock()
-  local requests = requests_of(KEYS, ARGV, 7, 7)
-  if not requests then return redis.error_reply('BADARGS commit: keys and arguments do not match') end
-  return run_requests(KEYS, ARGV, requests, commit_one)
+-- A function taking a batch of requests (see `requests_of`), `one` deciding each.
+local function batched(name, head, per_level, one)
+  return function(KEYS, ARGV)
+    begin()
+    clock()
+    local requests = requests_of(KEYS, ARGV, head, per_level)
+    if not requests then
+      return redis.error_reply('BADARGS ' .. name .. ': keys and arguments do not match')
+    end
+    return run_requests(KEYS, ARGV, requests, one)
+  end
 end
+
+local reserve = batched('reserve', 5, 12, reserve_one)
+local commit = batched('commit', 7, 7, commit_one)
 
 -- release: give back everything one reservation holds on the levels of one hash tag
 -- (the request did not happen). KEYS: holds zset, the record, the commit marker, the
