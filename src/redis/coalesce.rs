@@ -97,19 +97,25 @@ impl Coalescer {
             });
             if queue.in_flight < MAX_IN_FLIGHT {
                 queue.in_flight += 1;
-                Some(take_batch(&mut queue))
+                // From here the slot is the sender's: whatever becomes of it (even a
+                // task dropped unstarted), its guard gives the slot back.
+                Some((
+                    Sending {
+                        coalescer: Arc::clone(self),
+                        function,
+                        finished: false,
+                    },
+                    take_batch(&mut queue),
+                ))
             } else {
                 None
             }
         };
-        if let Some(batch) = batch {
+        if let Some((sending, batch)) = batch {
             match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => {
-                    let coalescer = Arc::clone(self);
-                    drop(runtime.spawn(async move { coalescer.send(function, batch).await }));
-                }
+                Ok(runtime) => drop(runtime.spawn(sending.send(batch))),
                 // Not on a tokio runtime: send it from here.
-                Err(_) => self.send(function, batch).await,
+                Err(_) => sending.send(batch).await,
             }
         }
         let unsent = || StoreError {
@@ -144,32 +150,41 @@ impl Coalescer {
         let at = queue.waiting.iter().position(|w| w.ticket == ticket);
         at.map(|at| queue.waiting.remove(at)).is_some()
     }
+}
 
+/// A batch sender's slot among the `MAX_IN_FLIGHT`. However the sender ends (a
+/// panic, its runtime shutting down, its task dropped before it ever ran), the slot is
+/// given back; and if no other sender is left, nobody would send what waits: those
+/// requests fail now (dropping a request's reply sender answers it with an error, and
+/// its caller releases what it may hold) rather than wait for a later request to
+/// start a sender.
+struct Sending {
+    coalescer: Arc<Coalescer>,
+    function: Function,
+    finished: bool,
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let mut queue = self.coalescer.queue(self.function).lock();
+        queue.in_flight -= 1;
+        if queue.in_flight == 0 {
+            queue.waiting.clear();
+        }
+    }
+}
+
+impl Sending {
     /// Send `batch`, answer its requests, then the batches that queued meanwhile,
     /// until none waits.
-    async fn send(&self, function: Function, mut batch: Vec<Waiting>) {
-        // However this task ends (a panic, its runtime shutting down), it is no longer
-        // in flight; and if no other call is, nobody would send what waits: those
-        // requests fail now (their callers release what they may hold) rather than
-        // wait for a later request to start a call.
-        struct Sending<'a>(&'a Mutex<Queue>, bool);
-        impl Drop for Sending<'_> {
-            fn drop(&mut self) {
-                if self.1 {
-                    return;
-                }
-                let mut queue = self.0.lock();
-                queue.in_flight -= 1;
-                if queue.in_flight == 0 {
-                    // Dropping a request's reply sender answers it with an error.
-                    queue.waiting.clear();
-                }
-            }
-        }
-        let mut sending = Sending(self.queue(function), false);
+    async fn send(mut self, mut batch: Vec<Waiting>) {
+        let function = self.function;
         loop {
             let calls: Vec<&Call> = batch.iter().map(|waiting| &waiting.call).collect();
-            let mut connection = self.connection.clone();
+            let mut connection = self.coalescer.connection.clone();
             let replies = scripts::call_batch(&mut connection, function, &calls)
                 .await
                 .and_then(|reply| unbatch(function.name(), reply, batch.len()));
@@ -186,10 +201,11 @@ impl Coalescer {
                     }
                 }
             }
-            let mut queue = sending.0.lock();
+            let mut queue = self.coalescer.queue(function).lock();
             if queue.waiting.is_empty() {
                 queue.in_flight -= 1;
-                sending.1 = true;
+                drop(queue);
+                self.finished = true;
                 return;
             }
             batch = take_batch(&mut queue);
