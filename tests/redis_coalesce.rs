@@ -305,42 +305,54 @@ async fn a_stalled_server_fails_queued_requests_within_the_response_timeout() {
     engine.commit_usage(r, Usage::new(1_000, 0)).await.unwrap();
 }
 
-/// A request queued behind calls whose runtime shut down is answered (an error), not
-/// left waiting for a call nobody will send.
+/// A caller whose runtime stops being polled (a sync wrapper whose `block_on` got its
+/// answer and returned) does not strand other callers' requests: batches are sent from
+/// the runtime the engine was connected on, not from whichever runtime asked first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_queued_behind_a_dead_runtime_is_answered() {
+async fn a_callers_idle_runtime_does_not_strand_other_requests() {
     if !require_redis() {
         eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
         return;
     }
     let server = RedisServer::start();
     let engine = connect(&server, true).await;
-    assert_eq!(server.cli(&["client", "pause", "1500", "all"]), "OK");
-    // Calls in flight, sent from another runtime (given a moment to be sent: this
-    // orders real tasks against a real server; the engine's clock is not involved)...
-    let other = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    for _ in 0..4 {
+    assert_eq!(server.cli(&["client", "pause", "300", "all"]), "OK");
+    // A thread with a runtime of its own asks first (its call is sent and waits on the
+    // paused server), gets its answer, and then keeps its runtime alive but idle.
+    let (finish, finished) = std::sync::mpsc::channel::<()>();
+    let lone = {
         let engine = engine.clone();
-        other.spawn(async move {
-            let _ = engine.check_and_reserve(&ask("k1")).await;
-        });
-    }
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    // ...then one more, queued here, and the other runtime goes away.
-    let waiter = {
-        let engine = engine.clone();
-        tokio::spawn(async move { engine.check_and_reserve(&ask("k1")).await.is_ok() })
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let answer = runtime.block_on(engine.check_and_reserve(&ask("k1")));
+            let admitted = answer.is_ok();
+            drop(answer);
+            finished.recv().unwrap();
+            admitted
+        })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    other.shutdown_background();
-    // Redis answers again after 1.5 s; a request nobody sends would wait forever.
-    let answered = tokio::time::timeout(std::time::Duration::from_secs(3), waiter)
-        .await
-        .expect("the queued request was never answered")
-        .unwrap();
-    assert!(!answered, "admitted while Redis was paused");
+    // (Real tasks against a real server: a moment for the lone call to be sent.)
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let answers = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        burst(&engine, &["k1"], 64),
+    )
+    .await
+    .expect("the burst was not answered");
+    finish.send(()).unwrap();
+    assert!(lone.join().unwrap(), "the lone request");
+    // The budget fits 10; every other request is refused on its merits, none lost.
+    let admitted = answers.iter().filter(|(_, a)| a.is_ok()).count();
+    assert_eq!(
+        admitted, 9,
+        "with the lone request, exactly the 10 that fit"
+    );
+    for (_, answer) in &answers {
+        if let Err(reason) = answer {
+            assert_eq!(*reason, DenialReason::Budget);
+        }
+    }
 }

@@ -850,6 +850,57 @@ async fn corrupted_counters_are_typed_errors_not_panics() {
     assert_eq!(last_error(&engine).kind, StoreErrorKind::Corrupt);
 }
 
+/// Overwrite the first number of a record's first hold (its concurrency slot) with a
+/// NaN, leaving the record's shape intact.
+const NAN_IN_HOLD: &str = "\
+    local raw = redis.call('GET', KEYS[1]) \
+    local t, n, g, cost_length, at = struct.unpack('<dddd', raw) \
+    local key_length \
+    key_length, at = struct.unpack('<d', raw, at + cost_length) \
+    return redis.call('SETRANGE', KEYS[1], at + key_length - 1, struct.pack('<d', 0/0))";
+
+/// A hold whose numbers are not numbers (a NaN in a record) is corrupt: the commit
+/// fails naming the record and the level, before anything is settled; it does not
+/// wipe a bucket's backlog or write a NaN into a counter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_that_is_not_a_number_is_corrupt() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let limits = LimitsSpec {
+        tpm: Some(1_000_000),
+        ..LimitsSpec::default()
+    };
+    let engine = RedisEngine::connect(
+        &server.url(),
+        policy("ws1", limits, StoreFailureMode::Closed),
+        RedisConfig::default(),
+    )
+    .await
+    .unwrap();
+    let request = Request::with_key_id("k1", "m")
+        .input_tokens(1000)
+        .max_output_tokens(1000);
+    let reservation = engine.check_and_reserve(&request).await.unwrap();
+    let record = ws_record("ws1", reservation.id().unwrap());
+    server.cli(&["eval", NAN_IN_HOLD, "1", &record]);
+    let before = books(&server);
+    match engine
+        .commit_usage(reservation, Usage::new(1000, 1000))
+        .await
+    {
+        Err(Error::Store(e)) => {
+            assert_eq!(e.kind, StoreErrorKind::Corrupt, "{e:?}");
+            assert!(e.message.contains(&record), "names the record: {e:?}");
+            assert!(e.message.contains("h1="), "names the level: {e:?}");
+        }
+        other => panic!("commit of a record holding a NaN: {other:?}"),
+    }
+    assert_eq!(books(&server), before, "a corrupt commit settled something");
+}
+
 /// Every counter field a script changes, per level of workspace "ws1" and the org.
 fn books(server: &RedisServer) -> Vec<(String, String, String)> {
     let mut out = Vec::new();

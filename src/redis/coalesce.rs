@@ -10,8 +10,8 @@
 //! ones before it left, as separate calls would; a request that fails alone (a corrupt
 //! counter) fails alone.
 //!
-//! The batch is sent from a spawned task: a caller that goes away (its future dropped)
-//! leaves the others' call running, and the reply for it is dropped by the task that
+//! The batch is sent from a task spawned on the runtime the engine was connected on:
+//! a caller that goes away (its future dropped) leaves the others' call running, and the reply for it is dropped by the task that
 //! finishes its reserve or commit (see `Detach`), which releases or settles it. A
 //! request waits in the queue at most `response_timeout`: when Redis stalls, requests
 //! fail as fast as uncoalesced ones would (a request not yet sent is taken out of the
@@ -54,6 +54,10 @@ struct Queue {
 /// The batching of one engine's `reserve` and `commit` calls.
 pub(crate) struct Coalescer {
     connection: Connection,
+    /// Where senders run: the runtime the engine was connected on, which drives its
+    /// connection (a caller's own runtime may stop being polled while a sender that
+    /// also carries other callers' requests still needs it).
+    runtime: tokio::runtime::Handle,
     /// How long a request may wait to be sent (the connection's response timeout).
     patience: Duration,
     tickets: AtomicU64,
@@ -62,9 +66,14 @@ pub(crate) struct Coalescer {
 }
 
 impl Coalescer {
-    pub(crate) fn new(connection: Connection, patience: Duration) -> Arc<Self> {
+    pub(crate) fn new(
+        connection: Connection,
+        runtime: tokio::runtime::Handle,
+        patience: Duration,
+    ) -> Arc<Self> {
         Arc::new(Coalescer {
             connection,
+            runtime,
             patience,
             tickets: AtomicU64::new(0),
             queues: Default::default(),
@@ -112,36 +121,30 @@ impl Coalescer {
             }
         };
         if let Some((sending, batch)) = batch {
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => drop(runtime.spawn(sending.send(batch))),
-                // Not on a tokio runtime: send it from here.
-                Err(_) => sending.send(batch).await,
-            }
+            drop(self.runtime.spawn(sending.send(batch)));
         }
-        let unsent = || StoreError {
+        let transient = |what: &str| StoreError {
             kind: StoreErrorKind::Transient,
-            message: format!(
-                "{}: not sent within {:?} (Redis is slow to answer the calls before it)",
-                function.name(),
-                self.patience
-            ),
+            message: format!("{}: {what}", function.name()),
         };
         let answered = match tokio::time::timeout(self.patience, &mut answer).await {
             Ok(answered) => answered,
-            Err(_) => {
-                if self.withdraw(function, ticket) {
-                    return Err(unsent());
-                }
-                // Already in a call: that call's own response timeout bounds the wait.
-                answer.await
+            Err(_) if self.withdraw(function, ticket) => {
+                return Err(transient(&format!(
+                    "not sent within {:?} (Redis is slow to answer the calls before it)",
+                    self.patience
+                )));
             }
+            // Already in a call, which its own response timeout ends: wait that long
+            // again at most, so no caller waits without bound whatever the sender's
+            // fate. A reply lost this way is handled as any lost reply (a reserve is
+            // released by id, a commit queued).
+            Err(_) => match tokio::time::timeout(self.patience, &mut answer).await {
+                Ok(answered) => answered,
+                Err(_) => return Err(transient("no answer from the call carrying it")),
+            },
         };
-        answered.unwrap_or_else(|_| {
-            Err(StoreError {
-                kind: StoreErrorKind::Transient,
-                message: format!("{}: the call carrying it was abandoned", function.name()),
-            })
-        })
+        answered.unwrap_or_else(|_| Err(transient("the call carrying it was abandoned")))
     }
 
     /// Take request `ticket` out of the queue if it is still there (not yet sent).

@@ -326,8 +326,15 @@ impl RedisEngine {
         RedisEngine {
             inner: Arc::new(Inner {
                 together: matches!(connection, Connection::Single(_)),
-                coalescer: (config.coalesce && matches!(connection, Connection::Single(_)))
-                    .then(|| Coalescer::new(connection.clone(), config.response_timeout)),
+                coalescer: (config.coalesce && matches!(connection, Connection::Single(_))).then(
+                    || {
+                        Coalescer::new(
+                            connection.clone(),
+                            tokio::runtime::Handle::current(),
+                            config.response_timeout,
+                        )
+                    },
+                ),
                 connection,
                 layout: Layout::new(&config.prefix),
                 ttls: Ttls::new(

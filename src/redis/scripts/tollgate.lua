@@ -476,8 +476,12 @@ local function unpack_at(rkey, raw, format, bytes, at)
   return struct.unpack(format, raw, at)
 end
 
--- What one level of a record holds, from its 16 packed doubles.
-local function held_level(key, h)
+-- What level `i` of record `rkey` holds, from its 16 packed doubles: all integers
+-- (a NaN or a fraction is corrupt: caught before anything is settled or released).
+local function held_level(rkey, i, key, h)
+  for j = 1, 16 do
+    if h[j] % 1 ~= 0 then error(bad(rkey, 'h' .. i, h[j])) end
+  end
   local level = { key = key, slot = h[1] }
   for j = 1, 3 do
     local b = 1 + (j - 1) * 5
@@ -507,7 +511,7 @@ local function read_legacy_record(rkey)
     local key, raw = r[3 + 2 * i], r[4 + 2 * i]
     if not key then error(bad(rkey, 'k' .. i, 'missing')) end
     if not raw or #raw ~= HOLD_BYTES then error(bad(rkey, 'h' .. i, raw and #raw .. ' bytes' or 'missing')) end
-    record.levels[i] = held_level(key, { struct.unpack(HOLD, raw) })
+    record.levels[i] = held_level(rkey, i, key, { struct.unpack(HOLD, raw) })
   end
   return record
 end
@@ -534,7 +538,7 @@ local function read_record(rkey)
       error(bad(rkey, 'k' .. i, 'length ' .. key_length))
     end
     local key = string.sub(raw, at, at + key_length - 1)
-    record.levels[i] = held_level(key, { struct.unpack(HOLD, raw, at + key_length) })
+    record.levels[i] = held_level(rkey, i, key, { struct.unpack(HOLD, raw, at + key_length) })
     at = at + key_length + HOLD_BYTES
   end
   return record
