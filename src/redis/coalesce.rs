@@ -38,6 +38,23 @@ pub(crate) const MAX_BATCH: usize = 32;
 /// sent, so Redis does not wait for a round trip between batches.
 const MAX_IN_FLIGHT: usize = 4;
 
+/// A request's call that failed, and whether it may still have reached Redis (and
+/// taken something there): a reserve that may have landed is released by id.
+pub(crate) struct Failed {
+    pub(crate) error: StoreError,
+    pub(crate) maybe_landed: bool,
+}
+
+impl Failed {
+    /// A call that was sent (or may have been): its reply is lost, not its effect.
+    pub(crate) fn maybe_landed(error: StoreError) -> Self {
+        Failed {
+            error,
+            maybe_landed: true,
+        }
+    }
+}
+
 struct Waiting {
     /// Tells this request apart in the queue (to take it out when it waited too long).
     ticket: u64,
@@ -89,12 +106,13 @@ impl Coalescer {
     }
 
     /// Run one request's `call` of `function` (`reserve` or `commit`), in a batch with
-    /// the instance's concurrent requests of the same function.
+    /// the instance's concurrent requests of the same function. A failure says whether
+    /// the call may have reached Redis: one taken out of the queue unsent did not.
     pub(crate) async fn call(
         self: &Arc<Self>,
         function: Function,
         call: Call,
-    ) -> Result<Value, StoreError> {
+    ) -> Result<Value, Failed> {
         let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
         let (reply, mut answer) = oneshot::channel();
         let batch = {
@@ -130,10 +148,13 @@ impl Coalescer {
         let answered = match tokio::time::timeout(self.patience, &mut answer).await {
             Ok(answered) => answered,
             Err(_) if self.withdraw(function, ticket) => {
-                return Err(transient(&format!(
-                    "not sent within {:?} (Redis is slow to answer the calls before it)",
-                    self.patience
-                )));
+                return Err(Failed {
+                    error: transient(&format!(
+                        "not sent within {:?} (Redis is slow to answer the calls before it)",
+                        self.patience
+                    )),
+                    maybe_landed: false,
+                });
             }
             // Already in a call, which its own response timeout ends: wait that long
             // again at most, so no caller waits without bound whatever the sender's
@@ -141,10 +162,12 @@ impl Coalescer {
             // released by id, a commit queued).
             Err(_) => match tokio::time::timeout(self.patience, &mut answer).await {
                 Ok(answered) => answered,
-                Err(_) => return Err(transient("no answer from the call carrying it")),
+                Err(_) => Ok(Err(transient("no answer from the call carrying it"))),
             },
         };
-        answered.unwrap_or_else(|_| Err(transient("the call carrying it was abandoned")))
+        answered
+            .unwrap_or_else(|_| Err(transient("the call carrying it was abandoned")))
+            .map_err(Failed::maybe_landed)
     }
 
     /// Take request `ticket` out of the queue if it is still there (not yet sent).

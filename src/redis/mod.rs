@@ -54,7 +54,7 @@ use crate::telemetry::{MeterSource, StoreMeters};
 
 use background::{Detach, Hold, Renewals};
 use calls::{Call, GroupCall, Reserved, Ttls};
-use coalesce::Coalescer;
+use coalesce::{Coalescer, Failed};
 use conn::Connection;
 use error::classify;
 use keys::Layout;
@@ -676,12 +676,20 @@ impl Inner {
         let replies = self.run_calls(Function::Reserve, &calls).await;
         let taken = Instant::now();
 
+        // Which calls may have taken something although their reply says nothing.
+        let maybe_landed: Vec<bool> = replies
+            .iter()
+            .map(|reply| match reply {
+                Ok(_) => true,
+                Err(failed) => failed.maybe_landed,
+            })
+            .collect();
         let mut tightest = Tightest::default();
         let outcomes: Vec<Result<Reserved, StoreError>> = calls
             .iter()
             .zip(replies)
             .map(|(call, reply)| {
-                reply.and_then(|reply| {
+                reply.map_err(|failed| failed.error).and_then(|reply| {
                     calls::read_reserve(
                         &snap,
                         route,
@@ -723,8 +731,9 @@ impl Inner {
         // admitted is released before the denial is answered, retried in the
         // background if Redis fails meanwhile.
         let hold = Arc::new(Hold { id, groups });
-        for (call, o) in calls.iter().zip(&outcomes) {
-            if o.is_err() {
+        for ((call, o), maybe_landed) in calls.iter().zip(&outcomes).zip(maybe_landed) {
+            // (A call taken out of the queue unsent took nothing: nothing to release.)
+            if o.is_err() && maybe_landed {
                 for group in call.groups.clone() {
                     background::release(&self, &hold, group);
                 }
@@ -775,7 +784,7 @@ impl Inner {
         &self,
         function: Function,
         calls: &[GroupCall],
-    ) -> Vec<Result<Value, StoreError>> {
+    ) -> Vec<Result<Value, Failed>> {
         match calls {
             [one] => vec![self.run_request(function, &one.call).await],
             [first, second] => {
@@ -797,7 +806,7 @@ impl Inner {
 
     /// One request of a batched function: with the instance's concurrent ones when
     /// coalescing, else alone.
-    async fn run_request(&self, function: Function, call: &Call) -> Result<Value, StoreError> {
+    async fn run_request(&self, function: Function, call: &Call) -> Result<Value, Failed> {
         #[cfg(feature = "metrics")]
         let started = std::time::Instant::now();
         let reply = match &self.coalescer {
@@ -808,6 +817,7 @@ impl Inner {
                     .await
                     .and_then(|reply| calls::unbatch(function.name(), reply, 1))
                     .and_then(|mut replies| replies.remove(0))
+                    .map_err(Failed::maybe_landed)
             }
         };
         #[cfg(feature = "metrics")]
@@ -822,9 +832,10 @@ impl Inner {
         let replies = self.run_calls(Function::Commit, &commit.calls).await;
         let mut reached = Vec::with_capacity(replies.len());
         for (call, reply) in commit.calls.iter().zip(replies) {
+            let reply = reply.map_err(|failed| failed.error)?;
             reached.push(calls::read_commit(
                 &commit.hold.groups[call.groups.clone()],
-                &reply?,
+                &reply,
             )?);
         }
         if let Some(events) = &commit.snapshot.events {
