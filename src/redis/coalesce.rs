@@ -1,21 +1,22 @@
 //! Coalescing: concurrent reserves (and commits) of one instance share one function
 //! call on a standalone server, as Gubernator batches requests for one owner.
 //!
-//! A request is sent at once when no batch of its function is in flight; otherwise it
-//! waits for the one in flight to be answered and goes with every request that arrived
-//! meanwhile (at most [`MAX_BATCH`]). A lone request therefore waits for nothing, and
-//! under load one call (one `FCALL`, one `TIME`, one load and one write of each scope
-//! the batch touches: the org, its wallet, a busy workspace) serves many requests.
-//! Redis decides the requests of a batch one after the other, each exactly on what the
-//! ones before it left, as separate calls would; a request that fails alone (a corrupt
-//! counter) fails alone.
+//! A request is sent at once when fewer than [`MAX_IN_FLIGHT`] calls of its function
+//! are in flight; otherwise it waits for one of them to be answered and goes with every
+//! request that arrived meanwhile (at most [`MAX_BATCH`]). A lone request therefore
+//! waits for nothing, and under load one call (one `FCALL`, one `TIME`, one load and
+//! one write of each scope the batch touches: the org, its wallet, a busy workspace)
+//! serves many requests. Redis decides the requests of a batch one after the other,
+//! each exactly on what the ones before it left, as separate calls would; a request
+//! that fails alone (a corrupt counter) fails alone.
 //!
-//! The batch is sent from a task spawned on the runtime the engine was connected on:
-//! a caller that goes away (its future dropped) leaves the others' call running, and the reply for it is dropped by the task that
-//! finishes its reserve or commit (see `Detach`), which releases or settles it. A
-//! request waits in the queue at most `response_timeout`: when Redis stalls, requests
-//! fail as fast as uncoalesced ones would (a request not yet sent is taken out of the
-//! queue, so it never lands later), instead of queueing behind timed-out batches.
+//! Batches are sent from tasks spawned on the runtime the engine was connected on: a
+//! caller that goes away (its future dropped) leaves the others' call running, and the
+//! reply for it is dropped by the task that finishes its reserve or commit (see
+//! `Detach`), which releases or settles it. A request waits in the queue at most
+//! `response_timeout`: when Redis stalls, requests fail as fast as uncoalesced ones
+//! would (a request not yet sent is taken out of the queue, so it never lands later and
+//! needs no release), instead of queueing behind timed-out batches.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
