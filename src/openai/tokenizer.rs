@@ -68,7 +68,7 @@ impl Tokenizer {
     /// Tokens of `text` as ordinary text: special tokens such as `<|endoftext|>` in
     /// it are counted as the text they are, as OpenAI's API does with user content.
     ///
-    /// Exact, except that a run of more than [`LONGEST_RUN`] bytes without whitespace
+    /// Exact, except that a run of more than `LONGEST_RUN` bytes without whitespace
     /// is counted in pieces of at most that size: BPE merging is quadratic in the
     /// length of one piece, so a megabyte without a space would take minutes, and
     /// anyone who can send a body could stall the thread counting it. No token spans
