@@ -98,6 +98,17 @@ where
     }
 }
 
+/// An engine on `server` for workspace "ws1" with `limits`, failing closed.
+async fn connect_closed(server: &RedisServer, limits: LimitsSpec) -> RedisEngine {
+    RedisEngine::connect(
+        &server.url(),
+        policy("ws1", limits, StoreFailureMode::Closed),
+        RedisConfig::default(),
+    )
+    .await
+    .unwrap()
+}
+
 /// Wait for Redis's clock (not ours) to pass the latest expiry of workspace "ws1"'s and
 /// the org's holds.
 async fn wait_for_holds_to_expire(server: &RedisServer) {
@@ -873,13 +884,7 @@ async fn a_hold_that_is_not_a_number_is_corrupt() {
         tpm: Some(1_000_000),
         ..LimitsSpec::default()
     };
-    let engine = RedisEngine::connect(
-        &server.url(),
-        policy("ws1", limits, StoreFailureMode::Closed),
-        RedisConfig::default(),
-    )
-    .await
-    .unwrap();
+    let engine = connect_closed(&server, limits).await;
     let request = Request::with_key_id("k1", "m")
         .input_tokens(1000)
         .max_output_tokens(1000);
@@ -932,13 +937,7 @@ async fn replaying_a_failed_commit_does_not_charge_again() {
         max_concurrent: Some(10),
         ..LimitsSpec::default()
     };
-    let engine = RedisEngine::connect(
-        &server.url(),
-        policy("ws1", limits, StoreFailureMode::Closed),
-        RedisConfig::default(),
-    )
-    .await
-    .unwrap();
+    let engine = connect_closed(&server, limits).await;
     let request = Request::with_key_id("k1", "m")
         .input_tokens(1000)
         .max_output_tokens(1000);
