@@ -645,14 +645,29 @@ impl Inner {
         *self.last_error.lock() = Some(error);
     }
 
-    async fn run(&self, function: Function, call: &Call) -> Result<Value, StoreError> {
-        let mut connection = self.connection.clone();
+    /// `call`'s result, its latency recorded under `function` (feature `metrics`).
+    async fn metered<T>(
+        &self,
+        function: Function,
+        call: impl std::future::Future<Output = T>,
+    ) -> T {
         #[cfg(feature = "metrics")]
         let started = std::time::Instant::now();
-        let reply = scripts::call(&mut connection, function, &call.keys, &call.args).await;
+        let result = call.await;
         #[cfg(feature = "metrics")]
         self.store_meters.call(function as usize, started.elapsed());
-        reply
+        #[cfg(not(feature = "metrics"))]
+        let _ = function;
+        result
+    }
+
+    async fn run(&self, function: Function, call: &Call) -> Result<Value, StoreError> {
+        let mut connection = self.connection.clone();
+        self.metered(
+            function,
+            scripts::call(&mut connection, function, &call.keys, &call.args),
+        )
+        .await
     }
 
     /// Both groups' reserves and what they mean, owning everything it needs: it runs
@@ -807,22 +822,20 @@ impl Inner {
     /// One request of a batched function: with the instance's concurrent ones when
     /// coalescing, else alone.
     async fn run_request(&self, function: Function, call: &Call) -> Result<Value, Failed> {
-        #[cfg(feature = "metrics")]
-        let started = std::time::Instant::now();
-        let reply = match &self.coalescer {
-            Some(coalescer) => coalescer.call(function, call.clone()).await,
-            None => {
-                let mut connection = self.connection.clone();
-                scripts::call_batch(&mut connection, function, &[call])
-                    .await
-                    .and_then(|reply| calls::unbatch(function.name(), reply, 1))
-                    .and_then(|mut replies| replies.remove(0))
-                    .map_err(Failed::maybe_landed)
+        self.metered(function, async {
+            match &self.coalescer {
+                Some(coalescer) => coalescer.call(function, call.clone()).await,
+                None => {
+                    let mut connection = self.connection.clone();
+                    scripts::call_batch(&mut connection, function, &[call])
+                        .await
+                        .and_then(|reply| calls::unbatch(function.name(), reply, 1))
+                        .and_then(|mut replies| replies.remove(0))
+                        .map_err(Failed::maybe_landed)
+                }
             }
-        };
-        #[cfg(feature = "metrics")]
-        self.store_meters.call(function as usize, started.elapsed());
-        reply
+        })
+        .await
     }
 
     /// Every group's commit (one call, or one per group concurrently on a cluster),
