@@ -113,7 +113,7 @@ pub use policy::{
 };
 pub use policy_store::{FilePolicyStore, PolicyStore, PolicyStoreError};
 #[cfg(feature = "redis")]
-pub use redis::{RedisConfig, RedisEngine, RedisReservation};
+pub use redis::{LeaseConfig, RedisConfig, RedisEngine, RedisReservation};
 pub use request::{bearer_token, Credential, Request, Usage, MAX_END_USER_LEN};
 pub use reservation::{LimitWindow, RateLimitStatus, Receipt, Reservation};
 pub use usage::{

@@ -246,6 +246,23 @@ fn end_user_rules(snap: &Snapshot, route: Route) -> &EndUserRules {
         .expect("a group lists the end user's level only when its rules apply")
 }
 
+/// How many requests a reserve takes at once, and what it must leave free.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Take {
+    /// 1, or a lease's requests (`ask` is then what they hold together).
+    pub(crate) requests: u32,
+    /// Percent of every limit and budget the take must leave free (0, or a lease's).
+    pub(crate) keep: u8,
+}
+
+impl Take {
+    /// One request, as far as its limits let it.
+    pub(crate) const ONE: Take = Take {
+        requests: 1,
+        keep: 0,
+    };
+}
+
 /// the `reserve` function for `groups`.
 pub(crate) fn reserve(
     snap: &Snapshot,
@@ -253,6 +270,7 @@ pub(crate) fn reserve(
     groups: &[Group],
     id: &str,
     ask: Ask,
+    take: Take,
     ttls: Ttls,
 ) -> Call {
     let mut args = vec![
@@ -260,10 +278,12 @@ pub(crate) fn reserve(
         ttls.reservation.to_string(),
         ask.cost.to_string(),
         ttls.record().to_string(),
+        take.requests.to_string(),
+        take.keep.to_string(),
         groups.len().to_string(),
     ];
     for group in groups {
-        reserve_group(snap, route, group, ask, ttls, &mut args);
+        reserve_group(snap, route, group, ask, take, ttls, &mut args);
     }
     Call {
         keys: keys_of(groups, id),
@@ -276,6 +296,7 @@ fn reserve_group(
     route: Route,
     group: &Group,
     ask: Ask,
+    take: Take,
     ttls: Ttls,
     args: &mut Vec<String>,
 ) {
@@ -292,14 +313,16 @@ fn reserve_group(
             .map_or(0, |t| t.counts.pick(ask.input_tokens, ask.output_tokens));
         args.push(units.to_string());
         args.push(rules.max_concurrent.unwrap_or(0).to_string());
-        // Admitted while used ≤ limit − cost: computed here, exactly, so the script
-        // only compares. A soft budget never refuses: no headroom to check.
+        // Admitted while used ≤ limit − kept − cost: computed here, exactly, so the
+        // script only compares. A soft budget never refuses: no headroom to check.
         args.push(
             rules
                 .budget
                 .filter(|b| !b.soft)
                 .map_or_else(String::new, |b| {
-                    (i128::from(b.limit) - i128::from(ask.cost)).to_string()
+                    let limit = i128::from(b.limit);
+                    let kept = limit.max(0) * i128::from(take.keep) / 100;
+                    (limit - kept - i128::from(ask.cost)).to_string()
                 }),
         );
         let (kind, seconds) = period_args(rules.span);
@@ -315,6 +338,8 @@ pub(crate) struct Used {
     pub(crate) cost: i64,
     pub(crate) input_tokens: u64,
     pub(crate) output_tokens: u64,
+    /// 1, or how many of a lease's requests were served (the rest are given back).
+    pub(crate) requests: u32,
 }
 
 /// the `commit` function for `groups`.
@@ -334,6 +359,7 @@ pub(crate) fn commit(
         used.cost.to_string(),
         used.input_tokens.to_string(),
         used.output_tokens.to_string(),
+        used.requests.to_string(),
         groups.len().to_string(),
     ];
     for group in groups {

@@ -22,6 +22,7 @@ mod control;
 pub(crate) mod error;
 pub(crate) mod fallback;
 pub(crate) mod keys;
+mod lease;
 mod policy_sync;
 mod reservation;
 pub(crate) mod scripts;
@@ -53,13 +54,15 @@ use crate::store::Tightest;
 use crate::telemetry::{MeterSource, StoreMeters};
 
 use background::{Detach, Hold, Renewals};
-use calls::{Call, GroupCall, Reserved, Ttls};
+use calls::{Call, GroupCall, Reserved, Take, Ttls};
 use coalesce::{Coalescer, Failed};
 use conn::Connection;
 use error::classify;
 use keys::Layout;
+use lease::{lease_ask, Leases, Leasing};
 use scripts::Function;
 
+pub use lease::LeaseConfig;
 pub use reservation::RedisReservation;
 
 /// Settings of a [`RedisEngine`]. Every field has a production default.
@@ -92,6 +95,15 @@ pub struct RedisConfig {
     /// request). A lone request is sent at once; under load one call serves up to 32,
     /// each decided exactly, in order, as separate calls would be. Default `true`.
     pub coalesce: bool,
+    /// Quota leasing, off by default (`None`): a key and model with requests coming
+    /// close together takes a chunk of every limit and budget on its path in one call
+    /// and admits its next requests from it in memory, settling them together in one
+    /// commit; see [`LeaseConfig`]. It trades exactness away from limits (a chunk one
+    /// instance holds is headroom others cannot use until it is settled, at most
+    /// `max_age` plus its longest request later) for about one Redis call per lease
+    /// instead of two per request. Near a limit (the last quarter of any limit or
+    /// budget) requests are decided one by one, as without it.
+    pub lease: Option<LeaseConfig>,
     /// The status budget and wallet denials answer with.
     pub budget_status: BudgetStatus,
     /// Where events go (budget alerts, key and workspace changes, sampled denials).
@@ -129,6 +141,7 @@ impl Default for RedisConfig {
             response_timeout: Duration::from_millis(500),
             connection_timeout: Duration::from_millis(250),
             coalesce: true,
+            lease: None,
             budget_status: BudgetStatus::default(),
             events: None,
             policy_poll_interval: Duration::from_millis(500),
@@ -177,6 +190,8 @@ pub(crate) struct Inner {
     /// Batches concurrent reserves and commits (standalone servers, see
     /// [`RedisConfig::coalesce`]).
     coalescer: Option<Arc<Coalescer>>,
+    /// This instance's leases (see [`RedisConfig::lease`]).
+    leases: Option<Leases>,
     layout: Layout,
     ttls: Ttls,
     config: RedisConfig,
@@ -335,6 +350,9 @@ impl RedisEngine {
                         )
                     },
                 ),
+                leases: config
+                    .lease
+                    .map(|lease| Leases::new(lease, tokio::runtime::Handle::current())),
                 connection,
                 layout: Layout::new(&config.prefix),
                 ttls: Ttls::new(
@@ -447,14 +465,35 @@ impl RedisEngine {
             .end_user
             .filter(|_| workspace.end_users.is_some())
             .map(|id| inner.layout.end_user(&workspace.id, id));
-        let remote = Inner::reserve(
-            Arc::clone(inner),
-            Arc::clone(snap),
-            admission,
-            end_user,
-            now,
-        );
-        match Detach::new(remote).await {
+        let mut outcome = None;
+        if let Some(leases) = &inner.leases {
+            let leasing = leases.admit(snap, &admission, end_user.is_none(), Instant::now());
+            match leasing {
+                Leasing::Share(share) => {
+                    snap.meters.admitted(admission.route);
+                    return Ok(RedisReservation::leased(share));
+                }
+                Leasing::Acquire(n) => {
+                    outcome = self.acquire_lease(leases, snap, admission, n, now).await;
+                }
+                Leasing::Exact => {}
+            }
+        }
+        let outcome = match outcome {
+            Some(outcome) => outcome,
+            None => {
+                let remote = Inner::reserve(
+                    Arc::clone(inner),
+                    Arc::clone(snap),
+                    admission,
+                    end_user,
+                    now,
+                    Take::ONE,
+                );
+                Detach::new(remote).await
+            }
+        };
+        match outcome {
             Reserve::Admitted(reservation) => {
                 snap.meters.admitted(admission.route);
                 Ok(reservation)
@@ -480,6 +519,48 @@ impl RedisEngine {
                     status,
                 )))
             }
+        }
+    }
+
+    /// Reserve a lease of `n` requests for `admission`'s key and model, and admit
+    /// this request from it. `None` if the lease was refused (the request is then
+    /// reserved alone); a failure of Redis is the request's.
+    async fn acquire_lease(
+        &self,
+        leases: &Leases,
+        snap: &Arc<Snapshot>,
+        admission: Admission,
+        n: u32,
+        now: Timestamp,
+    ) -> Option<Reserve> {
+        let acquiring = leases.acquiring(admission.route);
+        let (ask, take) = lease_ask(admission.ask, n)?;
+        let leased = Admission { ask, ..admission };
+        let remote = Inner::reserve(
+            Arc::clone(&self.inner),
+            Arc::clone(snap),
+            leased,
+            None,
+            now,
+            take,
+        );
+        match Detach::new(remote).await {
+            Reserve::Admitted(reservation) => {
+                let share = acquiring.install(snap, &admission, n, reservation);
+                Some(Reserve::Admitted(RedisReservation::leased(share)))
+            }
+            Reserve::Denied(_) => None,
+            Reserve::Failed(kind) => Some(Reserve::Failed(kind)),
+        }
+    }
+
+    /// Stop this instance's leases admitting requests (see [`RedisConfig::lease`]):
+    /// each is settled in the background at once, or when its last request in
+    /// flight ends. Call it before shutting down, so the unused part of every lease
+    /// is given back rather than held until its TTL. A no-op without leasing.
+    pub fn close_leases(&self) {
+        if let Some(leases) = &self.inner.leases {
+            leases.close_all();
         }
     }
 
@@ -680,13 +761,14 @@ impl Inner {
         admission: Admission,
         end_user: Option<String>,
         now: Timestamp,
+        take: Take,
     ) -> Reserve {
         let status = self.config.budget_status.code();
         let Admission { route, ask, .. } = admission;
         let id = self.next_id();
         let mut groups = self.layout.groups(&snap, route, end_user);
         let calls = calls::group_calls(&groups, self.together, |groups| {
-            calls::reserve(&snap, route, groups, &id, ask, self.ttls)
+            calls::reserve(&snap, route, groups, &id, ask, take, self.ttls)
         });
         let replies = self.run_calls(Function::Reserve, &calls).await;
         let taken = Instant::now();
@@ -738,6 +820,7 @@ impl Inner {
                 admission,
                 tightest,
                 taken,
+                take == Take::ONE,
             ));
         }
         // Not admitted as a whole: give back what a call holds (a refused call took
@@ -976,6 +1059,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("response_timeout", &self.response_timeout)
             .field("connection_timeout", &self.connection_timeout)
             .field("coalesce", &self.coalesce)
+            .field("lease", &self.lease)
             .field("budget_status", &self.budget_status)
             .field("events", &self.events.is_some())
             .field("policy_poll_interval", &self.policy_poll_interval)

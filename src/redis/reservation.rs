@@ -14,6 +14,7 @@ use crate::denial::Error;
 use crate::money::{picos_to_decimal, usage_cost};
 use crate::redis::background::{self, Detach, Hold};
 use crate::redis::calls::{self, Used};
+use crate::redis::lease::Share;
 use crate::redis::{Inner, PendingCommit};
 use crate::request::Usage;
 use crate::reservation::{LimitWindow, RateLimitStatus, Receipt, Reservation};
@@ -39,6 +40,9 @@ pub struct RedisReservation {
 #[allow(clippy::large_enum_variant)]
 enum Kind {
     Remote(Remote),
+    /// Admitted from this instance's lease on its key and model (see
+    /// `RedisConfig::lease`).
+    Leased(Share),
     /// Admitted by the local limiter of a fail-open workspace while Redis was down
     /// (boxed: it is the rare case, and much the larger).
     Local(Box<Reservation>),
@@ -55,6 +59,8 @@ struct Remote {
     admission: Admission,
     tightest: Tightest,
     settled: bool,
+    /// Counted in the engine's meters (a lease's own hold is not: its requests are).
+    metered: bool,
 }
 
 impl RedisReservation {
@@ -67,9 +73,12 @@ impl RedisReservation {
         admission: Admission,
         tightest: Tightest,
         taken: Instant,
+        metered: bool,
     ) -> Self {
         let renewal = engine.renewals.register(&engine, &hold, taken);
-        snapshot.meters.held(admission.route);
+        if metered {
+            snapshot.meters.held(admission.route);
+        }
         RedisReservation {
             kind: Kind::Remote(Remote {
                 engine,
@@ -79,7 +88,14 @@ impl RedisReservation {
                 admission,
                 tightest,
                 settled: false,
+                metered,
             }),
+        }
+    }
+
+    pub(crate) fn leased(share: Share) -> Self {
+        RedisReservation {
+            kind: Kind::Leased(share),
         }
     }
 
@@ -101,6 +117,7 @@ impl RedisReservation {
     pub fn id(&self) -> Option<&str> {
         match &self.kind {
             Kind::Remote(r) => Some(&r.hold.id),
+            Kind::Leased(s) => Some(s.lease_id()),
             Kind::Local(_) => None,
         }
     }
@@ -110,6 +127,7 @@ impl RedisReservation {
     pub fn key_id(&self) -> &str {
         match &self.kind {
             Kind::Remote(r) => r.snapshot.key_id(&r.admission.route),
+            Kind::Leased(s) => s.snapshot().key_id(&s.admission().route),
             Kind::Local(r) => r.key_id(),
         }
     }
@@ -119,6 +137,7 @@ impl RedisReservation {
     pub fn workspace_id(&self) -> &str {
         match &self.kind {
             Kind::Remote(r) => r.snapshot.workspace_id(&r.admission.route),
+            Kind::Leased(s) => s.snapshot().workspace_id(&s.admission().route),
             Kind::Local(r) => r.workspace_id(),
         }
     }
@@ -128,6 +147,7 @@ impl RedisReservation {
     pub fn reserved_cost(&self) -> Decimal {
         match &self.kind {
             Kind::Remote(r) => picos_to_decimal(r.admission.ask.cost),
+            Kind::Leased(s) => picos_to_decimal(s.admission().ask.cost),
             Kind::Local(r) => r.reserved_cost(),
         }
     }
@@ -137,6 +157,10 @@ impl RedisReservation {
     pub fn reserved_tokens(&self) -> (u64, u64) {
         match &self.kind {
             Kind::Remote(r) => (r.admission.ask.input_tokens, r.admission.ask.output_tokens),
+            Kind::Leased(s) => (
+                s.admission().ask.input_tokens,
+                s.admission().ask.output_tokens,
+            ),
             Kind::Local(r) => r.reserved_tokens(),
         }
     }
@@ -149,6 +173,7 @@ impl RedisReservation {
                 requests: r.tightest.requests.map(LimitWindow::from),
                 tokens: r.tightest.tokens.map(LimitWindow::from),
             },
+            Kind::Leased(s) => s.rate_limits(),
             Kind::Local(r) => r.rate_limits(),
         }
     }
@@ -158,47 +183,90 @@ impl RedisReservation {
         self,
         usage: Usage,
     ) -> impl Future<Output = Result<Receipt, Error>> + Send + 'static {
-        let mut remote = match self.kind {
+        let remote = match self.kind {
             Kind::Local(local) => {
                 let receipt = local.commit(usage);
                 return Detach::new(async move { Ok(receipt) });
             }
+            Kind::Leased(share) => {
+                let receipt = share.commit(usage);
+                return Detach::new(async move { Ok(receipt) });
+            }
             Kind::Remote(remote) => remote,
         };
-        remote.settled = true;
-        let inner = Arc::clone(&remote.engine);
-        inner.renewals.forget(remote.renewal);
+        let admission = remote.admission;
+        let used = Used::of(&admission, usage);
+        let receipt = Receipt::new(used.cost, admission.ask.cost, usage);
+        let sent = remote.send_commit(used, Some(usage));
+        Detach::new(async move {
+            match sent.await? {
+                Landed::Yes => Ok(receipt),
+                Landed::Queued => Ok(receipt.into_pending()),
+            }
+        })
+    }
+
+    /// Settle a lease's own hold: charge what its requests used together (`used`),
+    /// give back the rest. Not metered: each of its requests was.
+    pub(crate) fn settle(self, used: Used) -> impl Future<Output = Result<(), Error>> + Send {
+        let sent = match self.kind {
+            Kind::Remote(remote) => Some(remote.send_commit(used, None)),
+            Kind::Leased(_) | Kind::Local(_) => None,
+        };
+        async move {
+            match sent {
+                Some(sent) => sent.await.map(drop),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+/// Whether a commit reached Redis, or is queued for replay after a transient error.
+enum Landed {
+    Yes,
+    Queued,
+}
+
+impl Used {
+    /// What `usage` of an admitted request costs at its model's prices.
+    pub(crate) fn of(admission: &Admission, usage: Usage) -> Used {
         let input = u64::from(usage.input_tokens);
         let output = u64::from(usage.output_tokens);
-        let used = Used {
-            cost: usage_cost(
-                input,
-                output,
-                remote.admission.input_price,
-                remote.admission.output_price,
-            ),
+        Used {
+            cost: usage_cost(input, output, admission.input_price, admission.output_price),
             input_tokens: input,
             output_tokens: output,
-        };
-        let calls = calls::group_calls(&remote.hold.groups, inner.together, |groups| {
+            requests: 1,
+        }
+    }
+}
+
+impl Remote {
+    /// Send the commit of `used`; `usage` is what the meters count (none for a lease).
+    fn send_commit(mut self, used: Used, usage: Option<Usage>) -> Detach<Result<Landed, Error>> {
+        self.settled = true;
+        let inner = Arc::clone(&self.engine);
+        inner.renewals.forget(self.renewal);
+        let calls = calls::group_calls(&self.hold.groups, inner.together, |groups| {
             calls::commit(
-                &remote.snapshot,
-                remote.admission.route,
+                &self.snapshot,
+                self.admission.route,
                 groups,
-                &remote.hold.id,
-                remote.admission.ask,
+                &self.hold.id,
+                self.admission.ask,
                 used,
                 inner.ttls,
             )
         });
-        let receipt = Receipt::new(used.cost, remote.admission.ask.cost, usage);
-        let (snapshot, route) = (Arc::clone(&remote.snapshot), remote.admission.route);
+        let usage = usage.filter(|_| self.metered);
+        let (snapshot, route) = (Arc::clone(&self.snapshot), self.admission.route);
         let commit = QueueOnDrop {
             inner: Arc::clone(&inner),
             commit: Some(PendingCommit {
-                snapshot: Arc::clone(&remote.snapshot),
-                route: remote.admission.route,
-                hold: Arc::clone(&remote.hold),
+                snapshot: Arc::clone(&self.snapshot),
+                route: self.admission.route,
+                hold: Arc::clone(&self.hold),
                 calls,
                 first_sent: Instant::now(),
             }),
@@ -210,7 +278,9 @@ impl RedisReservation {
             let sent = commit.commit.take().expect("not yet taken");
             match result {
                 Ok(()) => {
-                    snapshot.meters.committed(route, used.cost, usage);
+                    if let Some(usage) = usage {
+                        snapshot.meters.committed(route, used.cost, usage);
+                    }
                     // Redis answers again: replay what an outage left queued.
                     if !inner.pending.lock().is_empty() {
                         let inner = Arc::clone(&inner);
@@ -219,19 +289,23 @@ impl RedisReservation {
                             let _ = inner.flush_pending().await;
                         });
                     }
-                    Ok(receipt)
+                    Ok(Landed::Yes)
                 }
                 Err(error) => {
                     let transient = error.is_transient();
                     inner.record_error(error.clone());
                     if transient {
                         // It may have landed; if not, the replay charges it, once.
-                        snapshot.meters.committed(route, used.cost, usage);
+                        if let Some(usage) = usage {
+                            snapshot.meters.committed(route, used.cost, usage);
+                        }
                         inner.pending.lock().push(sent);
-                        Ok(receipt.into_pending())
+                        Ok(Landed::Queued)
                     } else {
                         inner.failed_commits.fetch_add(1, Ordering::Relaxed);
-                        snapshot.meters.released(route);
+                        if usage.is_some() {
+                            snapshot.meters.released(route);
+                        }
                         Err(Error::Store(error))
                     }
                 }
@@ -262,7 +336,9 @@ impl Drop for Remote {
             return;
         }
         self.engine.renewals.forget(self.renewal);
-        self.snapshot.meters.released(self.admission.route);
+        if self.metered {
+            self.snapshot.meters.released(self.admission.route);
+        }
         for group in 0..2 {
             background::release(&self.engine, &self.hold, group);
         }

@@ -281,6 +281,7 @@ end
 local EPOCHS = 65536
 local REFUNDED = 1125899906842624
 local BUCKETS = { 'rpm', 'rpd', 'tpm' }
+local REQUEST_BUCKETS = { 'rpm', 'rpd' }
 
 local function bucket(s, name)
   local at, v = AT[name], s.v
@@ -562,7 +563,7 @@ local function release_parsed(rkey, record, holds, id, gen, deleted)
           if refund(b, hold, record.take, hold.units) then put_bucket(s, b) end
         end
       end
-      if level.slot == 1 then set(s, 'conc', get(s, 'conc') - 1) end
+      if level.slot > 0 then set(s, 'conc', get(s, 'conc') - level.slot) end
       put(s, 'used', madd(s.used, back))
       put(s, 'held', madd(s.held, back))
     end
@@ -673,7 +674,9 @@ end
 -- standalone server takes a request's workspace and org tags in one call, and
 -- concurrent requests of one instance in one call; a cluster one call per tag and
 -- request), each all or nothing. Per request, ARGV: id, ttl_ms, cost, record_ttl_ms,
--- the number of groups, then per group: record_base, key id (the workspace group: its
+-- requests (1, or a lease's n: rpm/rpd take n units, max_concurrent n slots), keep
+-- (percent of every rate limit a take must leave free: 0, or a lease's), the number of
+-- groups, then per group: record_base, key id (the workspace group: its
 -- revocation and its workspace's deletion are checked; "" for none), the level
 -- count, then 12 per level:
 -- rpm_interval rpm_limit rpd_interval rpd_limit tpm_interval tpm_limit tpm_units
@@ -687,6 +690,9 @@ end
 local function reserve_one(KEYS, ARGV, request)
   local a0 = request.args_at
   local id, ttl, cost, record_ttl = ARGV[a0 + 1], tonumber(ARGV[a0 + 2]), ARGV[a0 + 3], tonumber(ARGV[a0 + 4])
+  -- A lease (n > 1) takes n requests at once, and only while every limit keeps
+  -- `keep` percent free for requests that come one by one.
+  local n, keep = tonumber(ARGV[a0 + 5]), tonumber(ARGV[a0 + 6])
   local groups = request.groups
   for g, group in ipairs(groups) do
     local key_id = ARGV[group.args_at + 2]
@@ -738,8 +744,8 @@ local function reserve_one(KEYS, ARGV, request)
         local rule = limited[j]
         if rule then
           local b, limit, interval = rule.b, rule.limit, rule.interval
-          local units = j == 3 and tonumber(ARGV[a + 7]) or 1
-          local tolerance = limit * interval
+          local units = j == 3 and tonumber(ARGV[a + 7]) or n
+          local tolerance = (limit - math.floor(limit * keep / 100)) * interval
           local backlog = b.backlog
           if units > limit then
             local free = math.floor(math.max(0, tolerance - backlog) / interval)
@@ -759,7 +765,7 @@ local function reserve_one(KEYS, ARGV, request)
       local max_conc = tonumber(ARGV[a + 8])
       if max_conc > 0 then
         local in_flight = get(s, 'conc')
-        if in_flight >= max_conc then return { 0, g, { i, 4, fmt(in_flight) } } end
+        if in_flight + n > max_conc then return { 0, g, { i, 4, fmt(in_flight) } } end
         entry.slot = true
       end
       local headroom = ARGV[a + 9]
@@ -785,7 +791,7 @@ local function reserve_one(KEYS, ARGV, request)
       local entry = plan[next_entry]
       next_entry = next_entry + 1
       local s = entry.s
-      local h = { entry.slot and 1 or 0 }
+      local h = { entry.slot and n or 0 }
       for j = 1, 3 do
         local take = entry.takes[j]
         if take then
@@ -800,7 +806,7 @@ local function reserve_one(KEYS, ARGV, request)
           group_reply[#group_reply + 1] = -1; group_reply[#group_reply + 1] = -1
         end
       end
-      if entry.slot then set(s, 'conc', get(s, 'conc') + 1) end
+      if entry.slot then set(s, 'conc', get(s, 'conc') + n) end
       put(s, 'used', madd(s.used, cost))
       put(s, 'held', madd(s.held, cost))
       record[#record + 1] = struct.pack(KEY_LENGTH, #s.key) .. s.key .. struct.pack(HOLD, unpack(h))
@@ -820,7 +826,8 @@ end
 -- retried commit finds its marker and charges nothing again. KEYS, per request and
 -- group: holds zset, the record, the commit marker, the tag's flags, then one scope
 -- hash per level. Per request, ARGV: id, done_ttl_ms, reserved_cost, cost, input,
--- output, the number of groups, then per group: record_base, generation (the tag's,
+-- output, requests (1, or how many of a lease's it served: the rest of its rpm/rpd
+-- units are given back), the number of groups, then per group: record_base, generation (the tag's,
 -- from the reserve; "" = unknown), the level count, then 7 per level: tpm_used_units period_kind period_seconds tally idle_ttl_ms
 -- budget_limit("" = none) lowest_alert_percent. Buckets and periods follow what the
 -- scope hashes store (the rules in force now), not the rules the reservation was
@@ -865,7 +872,7 @@ end
 
 -- A commit's second pass on one group, which cannot fail: settle what `prepare_group`
 -- read, drop the record and set the commit marker.
-local function settle_group(ARGV, group, plan, id, done_ttl, reserved, cost, input, output)
+local function settle_group(ARGV, group, plan, id, done_ttl, reserved, cost, input, output, requests)
   if plan.code == 2 then return { 2 } end
   if plan.code == 4 then
     redis.call('DEL', group.record)
@@ -883,6 +890,14 @@ local function settle_group(ARGV, group, plan, id, done_ttl, reserved, cost, inp
     local used_units = tonumber(ARGV[a + 1])
     if present then
       local level = record.levels[i]
+      -- A lease's requests it did not use are given back like unused tokens.
+      for _, name in ipairs(REQUEST_BUCKETS) do
+        local held = level[name]
+        if held and held.units > requests then
+          local b = bucket(s, name)
+          if refund(b, held, take_us, held.units - requests) then put_bucket(s, b) end
+        end
+      end
       local hold = level.tpm
       if hold then
         local tpm = bucket(s, 'tpm')
@@ -892,14 +907,14 @@ local function settle_group(ARGV, group, plan, id, done_ttl, reserved, cost, inp
           put_bucket(s, tpm)
         end
       end
-      if level.slot == 1 then set(s, 'conc', get(s, 'conc') - 1) end
+      if level.slot > 0 then set(s, 'conc', get(s, 'conc') - level.slot) end
       s.used = madd(s.used, neg(reserved))
       put(s, 'held', madd(s.held, neg(reserved)))
     else
       -- The hold expired and was given back: charge the request as a fresh one.
       for _, name in ipairs(BUCKETS) do
         local b = bucket(s, name)
-        if charge(b, name == 'tpm' and used_units or 1) then put_bucket(s, b) end
+        if charge(b, name == 'tpm' and used_units or requests) then put_bucket(s, b) end
       end
     end
     s.used = madd(s.used, cost)
@@ -907,7 +922,7 @@ local function settle_group(ARGV, group, plan, id, done_ttl, reserved, cost, inp
     s.spent = madd(s.spent, cost)
     put(s, 'spent', s.spent)
     if ARGV[a + 4] == '1' then
-      set(s, 'req', get(s, 'req') + 1); set(s, 'in', get(s, 'in') + input); set(s, 'out', get(s, 'out') + output)
+      set(s, 'req', get(s, 'req') + requests); set(s, 'in', get(s, 'in') + input); set(s, 'out', get(s, 'out') + output)
     end
     local before, reached, spent_now = -1, -1, '0'
     local limit = ARGV[a + 6]
@@ -938,12 +953,12 @@ end
 local function commit_one(KEYS, ARGV, request)
   local a0 = request.args_at
   local id, done_ttl, reserved, cost = ARGV[a0 + 1], tonumber(ARGV[a0 + 2]), ARGV[a0 + 3], ARGV[a0 + 4]
-  local input, output = tonumber(ARGV[a0 + 5]), tonumber(ARGV[a0 + 6])
+  local input, output, requests = tonumber(ARGV[a0 + 5]), tonumber(ARGV[a0 + 6]), tonumber(ARGV[a0 + 7])
   local plans = {}
   for g, group in ipairs(request.groups) do plans[g] = prepare_group(KEYS, ARGV, group) end
   local replies = {}
   for g, group in ipairs(request.groups) do
-    replies[g] = settle_group(ARGV, group, plans[g], id, done_ttl, reserved, cost, input, output)
+    replies[g] = settle_group(ARGV, group, plans[g], id, done_ttl, reserved, cost, input, output, requests)
   end
   return replies
 end
@@ -961,8 +976,8 @@ local function batched(name, head, per_level, one)
   end
 end
 
-local reserve = batched('reserve', 5, 12, reserve_one)
-local commit = batched('commit', 7, 7, commit_one)
+local reserve = batched('reserve', 7, 12, reserve_one)
+local commit = batched('commit', 8, 7, commit_one)
 
 -- release: give back everything one reservation holds on the levels of one hash tag
 -- (the request did not happen). KEYS: holds zset, the record, the commit marker, the

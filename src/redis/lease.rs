@@ -1,0 +1,589 @@
+//! Quota leasing (`RedisConfig::lease`, off by default): a busy key and model takes a
+//! chunk of every limit and budget on its path from Redis in one reserve (a *lease*
+//! of `n` requests' worst case), admits its next requests from that chunk in memory,
+//! and settles them together in one commit, giving back what they did not use.
+//!
+//! What it keeps exact: nothing is ever admitted beyond a limit or budget (a lease is
+//! a hold like any reservation's, and a request admitted from it fits inside it); the
+//! books add up (the settle charges exactly what the lease's requests used); a
+//! crashed instance's lease comes back within one reservation TTL.
+//!
+//! What it gives up, bounded: a lease's unused part is headroom that other instances
+//! (and other keys of the same workspace or org) cannot use until it is settled, at
+//! most `max_age` after it was taken plus the longest request it admitted. A lease
+//! takes at most `1 / max_share` of any limit or budget, and only while every limit
+//! and budget on its path keeps [`KEEP_PERCENT`] free, so near a limit every request
+//! is decided by Redis one by one, exactly as without leasing. Spend and usage reach
+//! Redis when a lease settles, and a revoked key or a policy change is seen by
+//! requests admitted from a lease taken before it (at most `max_age`).
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::decide::Admission;
+use crate::redis::calls::{Take, Used};
+use crate::redis::RedisReservation;
+use crate::request::Usage;
+use crate::reservation::{RateLimitStatus, Receipt};
+use crate::snapshot::{Route, Snapshot, LEVELS};
+use crate::store::Ask;
+
+/// Percent of every limit and budget a lease must leave free: the last quarter of
+/// any limit is always decided request by request, exactly.
+pub(crate) const KEEP_PERCENT: u8 = 25;
+
+/// Settings of quota leasing (see [`RedisConfig::lease`](crate::RedisConfig::lease)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseConfig {
+    /// The most requests one lease holds. A key and model's first lease holds 2; each
+    /// next one twice what the last one served, up to this. Default 64.
+    pub max_requests: NonZeroU32,
+    /// A lease holds at most `1 / max_share` of any limit or budget on its path (a
+    /// key and model whose limits are too small for 2 requests' share is never
+    /// leased). Default 32.
+    pub max_share: NonZeroU32,
+    /// How long a lease admits requests. It is settled when its last request ends.
+    /// Default 250 ms.
+    pub max_age: Duration,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            max_requests: NonZeroU32::new(64).expect("not zero"),
+            max_share: NonZeroU32::new(32).expect("not zero"),
+            max_age: Duration::from_millis(250),
+        }
+    }
+}
+
+/// What to do with one request.
+pub(crate) enum Leasing {
+    /// Admitted from the chain's lease.
+    Share(Share),
+    /// Reserve a lease of this many requests for the chain (this request is its
+    /// first), under [`Leases::acquiring`].
+    Acquire(u32),
+    /// Reserve this request alone.
+    Exact,
+}
+
+/// One key and model.
+type ChainId = (u32, u32);
+
+#[derive(Default)]
+struct Chain {
+    /// The lease admitting requests now.
+    lease: Option<Arc<Lease>>,
+    /// A lease is being reserved (this chain's other requests go one by one).
+    acquiring: bool,
+    last_seen: Option<Instant>,
+    /// Requests the last lease served: the next one holds twice as many.
+    demand: u32,
+    /// A lease was refused: none is tried again before this.
+    quiet_until: Option<Instant>,
+}
+
+/// An engine's leases, one chain per key and model.
+pub(crate) struct Leases {
+    config: LeaseConfig,
+    chains: Mutex<HashMap<ChainId, Chain>>,
+    /// Settles run here: the runtime the engine was connected on.
+    runtime: tokio::runtime::Handle,
+}
+
+impl Leases {
+    pub(crate) fn new(config: LeaseConfig, runtime: tokio::runtime::Handle) -> Self {
+        Leases {
+            config,
+            chains: Mutex::new(HashMap::new()),
+            runtime,
+        }
+    }
+
+    /// Admit `admission` from its chain's lease, or say how to reserve it.
+    /// `eligible`: no end user's level applies (leases hold the policy's levels only).
+    pub(crate) fn admit(
+        &self,
+        snap: &Arc<Snapshot>,
+        admission: &Admission,
+        eligible: bool,
+        now: Instant,
+    ) -> Leasing {
+        if !eligible {
+            return Leasing::Exact;
+        }
+        let route = admission.route;
+        let mut chains = self.chains.lock();
+        let chain = chains.entry((route.key, route.model)).or_default();
+        let recent = chain
+            .last_seen
+            .is_some_and(|seen| now.saturating_duration_since(seen) < self.config.max_age);
+        chain.last_seen = Some(now);
+        if let Some(lease) = &chain.lease {
+            if Arc::ptr_eq(&lease.snapshot, snap)
+                && now.saturating_duration_since(lease.born) < self.config.max_age
+            {
+                if let Some(share) = Share::take(lease, admission) {
+                    return Leasing::Share(share);
+                }
+            }
+            // Spent, too old, or taken under another policy: it admits no more, and
+            // is settled when its last request ends.
+            let lease = chain.lease.take().expect("checked above");
+            chain.demand = lease.close();
+        }
+        let quiet = chain.quiet_until.is_some_and(|until| now < until);
+        if chain.acquiring || quiet || !recent {
+            return Leasing::Exact;
+        }
+        let want = chain.demand.max(1).saturating_mul(2);
+        match lease_size(snap, route, admission.ask, self.config, want) {
+            Some(n) => {
+                chain.acquiring = true;
+                Leasing::Acquire(n)
+            }
+            None => Leasing::Exact,
+        }
+    }
+
+    /// The chain of `route` is reserving a lease (after [`Leasing::Acquire`]): if the
+    /// returned guard is dropped without installing one (refused, failed, or the
+    /// caller went away), the chain's requests go one by one for a while.
+    pub(crate) fn acquiring(&self, route: Route) -> Acquiring<'_> {
+        Acquiring {
+            leases: self,
+            route,
+            installed: false,
+        }
+    }
+
+    /// The lease `reservation` holds `n` requests of `admission`'s worst case, taken
+    /// under `snap`: install it, and admit its first request from it.
+    fn install(
+        &self,
+        snap: &Arc<Snapshot>,
+        admission: &Admission,
+        n: u32,
+        reservation: RedisReservation,
+    ) -> Share {
+        let ask = admission.ask;
+        let id = reservation.id().unwrap_or_default().to_owned();
+        let lease = Arc::new(Lease {
+            snapshot: Arc::clone(snap),
+            born: Instant::now(),
+            id,
+            runtime: self.runtime.clone(),
+            rate_limits: reservation.rate_limits(),
+            state: Mutex::new(State {
+                reservation: Some(reservation),
+                free: Pool::times(ask, n),
+                served: Used {
+                    cost: 0,
+                    input_tokens: 0,
+                    output_tokens: 0,
+                    requests: 0,
+                },
+                outstanding: 0,
+                open: true,
+            }),
+        });
+        let share = Share::take(&lease, admission).expect("a new lease fits its first request");
+        let route = admission.route;
+        let mut chains = self.chains.lock();
+        let chain = chains.entry((route.key, route.model)).or_default();
+        chain.acquiring = false;
+        if let Some(old) = chain.lease.replace(Arc::clone(&lease)) {
+            old.close();
+        }
+        drop(chains);
+        // Close it when its time is up, even if no request comes to see that.
+        let max_age = self.config.max_age;
+        let weak = Arc::downgrade(&lease);
+        drop(self.runtime.spawn(async move {
+            tokio::time::sleep(max_age).await;
+            if let Some(lease) = weak.upgrade() {
+                lease.close();
+            }
+        }));
+        share
+    }
+
+    /// The chain's lease was refused (or failed): its requests go one by one for a
+    /// while.
+    fn refused(&self, route: Route) {
+        let mut chains = self.chains.lock();
+        let chain = chains.entry((route.key, route.model)).or_default();
+        chain.acquiring = false;
+        chain.demand = 1;
+        chain.quiet_until = Some(Instant::now() + self.config.max_age);
+    }
+
+    /// Stop every lease admitting requests; each is settled when its last request
+    /// ends (at once for those with none in flight).
+    pub(crate) fn close_all(&self) {
+        let mut chains = self.chains.lock();
+        for chain in chains.values_mut() {
+            if let Some(lease) = chain.lease.take() {
+                chain.demand = lease.close();
+            }
+        }
+    }
+}
+
+/// A chain reserving a lease: see [`Leases::acquiring`].
+pub(crate) struct Acquiring<'a> {
+    leases: &'a Leases,
+    route: Route,
+    installed: bool,
+}
+
+impl Acquiring<'_> {
+    /// The lease was reserved: see [`Leases::install`].
+    pub(crate) fn install(
+        mut self,
+        snap: &Arc<Snapshot>,
+        admission: &Admission,
+        n: u32,
+        reservation: RedisReservation,
+    ) -> Share {
+        self.installed = true;
+        self.leases.install(snap, admission, n, reservation)
+    }
+}
+
+impl Drop for Acquiring<'_> {
+    fn drop(&mut self) {
+        if !self.installed {
+            self.leases.refused(self.route);
+        }
+    }
+}
+
+/// The requests a lease of `want` requests of `ask` may hold on `route`'s levels: at
+/// most `1 / max_share` of each limit and budget; `None` below 2 (or when a level
+/// limits concurrency: a lease would hold that many slots).
+fn lease_size(
+    snap: &Snapshot,
+    route: Route,
+    ask: Ask,
+    config: LeaseConfig,
+    want: u32,
+) -> Option<u32> {
+    let share = u64::from(config.max_share.get());
+    let mut n = u64::from(want.min(config.max_requests.get()));
+    for level in 0..LEVELS {
+        let Some(rules) = snap.level(level, route).rules else {
+            continue;
+        };
+        if rules.max_concurrent.is_some() {
+            return None;
+        }
+        for rate in [&rules.rpm, &rules.rpd].into_iter().flatten() {
+            n = n.min(rate.limit / share);
+        }
+        if let Some(tpm) = &rules.tpm {
+            let units = tpm.counts.pick(ask.input_tokens, ask.output_tokens);
+            if units > 0 {
+                n = n.min(tpm.rate.limit / share / units);
+            }
+        }
+        for budget in rules.budgets().filter(|b| !b.soft) {
+            let cost = u64::try_from(ask.cost).unwrap_or(0);
+            if cost > 0 {
+                n = n.min(u64::try_from(budget.limit).unwrap_or(0) / share / cost);
+            }
+        }
+    }
+    (n >= 2).then(|| u32::try_from(n).unwrap_or(u32::MAX))
+}
+
+/// The worst case of `n` requests of `ask`, as one reserve's ask and take; `None` if
+/// it does not fit the integers it is sent as.
+pub(crate) fn lease_ask(ask: Ask, n: u32) -> Option<(Ask, Take)> {
+    let ask = Ask {
+        input_tokens: ask.input_tokens.checked_mul(u64::from(n))?,
+        output_tokens: ask.output_tokens.checked_mul(u64::from(n))?,
+        cost: ask.cost.checked_mul(i64::from(n))?,
+    };
+    Some((
+        ask,
+        Take {
+            requests: n,
+            keep: KEEP_PERCENT,
+        },
+    ))
+}
+
+/// What a lease has left to admit from: its hold less its requests' worst cases in
+/// flight and what its settled requests used (which may exceed their worst case:
+/// then less is left, never more).
+#[derive(Clone, Copy, Debug)]
+struct Pool {
+    requests: i128,
+    input_tokens: i128,
+    output_tokens: i128,
+    cost: i128,
+}
+
+impl Pool {
+    fn times(ask: Ask, n: u32) -> Pool {
+        let n = i128::from(n);
+        Pool {
+            requests: n,
+            input_tokens: i128::from(ask.input_tokens) * n,
+            output_tokens: i128::from(ask.output_tokens) * n,
+            cost: i128::from(ask.cost) * n,
+        }
+    }
+
+    fn fits(&self, ask: Ask) -> bool {
+        self.requests >= 1
+            && self.input_tokens >= i128::from(ask.input_tokens)
+            && self.output_tokens >= i128::from(ask.output_tokens)
+            && self.cost >= i128::from(ask.cost)
+    }
+
+    /// `sign` 1 gives `ask` back, -1 takes it.
+    fn add(&mut self, ask: Ask, sign: i128) {
+        self.input_tokens += sign * i128::from(ask.input_tokens);
+        self.output_tokens += sign * i128::from(ask.output_tokens);
+        self.cost += sign * i128::from(ask.cost);
+    }
+}
+
+struct State {
+    /// The hold in Redis, until the lease is settled.
+    reservation: Option<RedisReservation>,
+    free: Pool,
+    /// What its committed requests used, together.
+    served: Used,
+    /// Its requests admitted and not yet committed or dropped.
+    outstanding: u32,
+    /// Still admitting requests.
+    open: bool,
+}
+
+/// One lease: a reservation of several requests' worst case.
+pub(crate) struct Lease {
+    snapshot: Arc<Snapshot>,
+    born: Instant,
+    id: String,
+    /// Where its settle runs: the runtime the engine was connected on.
+    runtime: tokio::runtime::Handle,
+    /// Where the tightest limits stood when it was taken.
+    rate_limits: RateLimitStatus,
+    state: Mutex<State>,
+}
+
+impl Lease {
+    /// Admit no more; settle now if nothing is in flight. Returns the requests it
+    /// served so far (the next lease's demand).
+    fn close(&self) -> u32 {
+        let mut state = self.state.lock();
+        state.open = false;
+        let served = state.served.requests;
+        let settle = (state.outstanding == 0)
+            .then(|| Self::settlement(&mut state))
+            .flatten();
+        drop(state);
+        if let Some(settle) = settle {
+            settle.run(&self.runtime);
+        }
+        served
+    }
+
+    /// The settle of a closed lease with nothing in flight, once.
+    fn settlement(state: &mut State) -> Option<Settle> {
+        debug_assert!(!state.open && state.outstanding == 0);
+        state.reservation.take().map(|reservation| Settle {
+            reservation,
+            served: state.served,
+        })
+    }
+
+    /// One of its requests ended: `used` if it was committed, `None` if dropped.
+    fn finish(&self, ask: Ask, used: Option<Used>) {
+        let mut state = self.state.lock();
+        state.outstanding -= 1;
+        state.free.add(ask, 1);
+        match used {
+            Some(used) => {
+                state.free.add(
+                    Ask {
+                        input_tokens: used.input_tokens,
+                        output_tokens: used.output_tokens,
+                        cost: used.cost,
+                    },
+                    -1,
+                );
+                let served = &mut state.served;
+                served.requests += 1;
+                served.cost = served.cost.saturating_add(used.cost);
+                served.input_tokens = served.input_tokens.saturating_add(used.input_tokens);
+                served.output_tokens = served.output_tokens.saturating_add(used.output_tokens);
+            }
+            None => state.free.requests += 1,
+        }
+        let settle = (!state.open && state.outstanding == 0)
+            .then(|| Self::settlement(&mut state))
+            .flatten();
+        drop(state);
+        if let Some(settle) = settle {
+            settle.run(&self.runtime);
+        }
+    }
+}
+
+/// A lease's settle: one commit of what its requests used, the rest given back.
+struct Settle {
+    reservation: RedisReservation,
+    served: Used,
+}
+
+impl Settle {
+    fn run(self, runtime: &tokio::runtime::Handle) {
+        let Settle {
+            reservation,
+            served,
+        } = self;
+        drop(runtime.spawn(async move {
+            if served.requests == 0 {
+                // Nothing served: dropping it releases the whole hold (retried until
+                // Redis acknowledges it).
+                drop(reservation);
+            } else {
+                // A transient failure queues it for replay; a permanent one is counted
+                // in `failed_commits`.
+                let _ = reservation.settle(served).await;
+            }
+        }));
+    }
+}
+
+/// One request admitted from a lease.
+pub(crate) struct Share {
+    lease: Arc<Lease>,
+    admission: Admission,
+    ended: bool,
+}
+
+impl Share {
+    fn take(lease: &Arc<Lease>, admission: &Admission) -> Option<Share> {
+        let mut state = lease.state.lock();
+        if !state.open || !state.free.fits(admission.ask) {
+            return None;
+        }
+        state.free.requests -= 1;
+        state.free.add(admission.ask, -1);
+        state.outstanding += 1;
+        drop(state);
+        lease.snapshot.meters.held(admission.route);
+        Some(Share {
+            lease: Arc::clone(lease),
+            admission: *admission,
+            ended: false,
+        })
+    }
+
+    pub(crate) fn lease_id(&self) -> &str {
+        &self.lease.id
+    }
+
+    pub(crate) fn snapshot(&self) -> &Snapshot {
+        &self.lease.snapshot
+    }
+
+    pub(crate) fn admission(&self) -> &Admission {
+        &self.admission
+    }
+
+    pub(crate) fn rate_limits(&self) -> RateLimitStatus {
+        self.lease.rate_limits
+    }
+
+    /// Count what the request used against its lease; the receipt at once (the charge
+    /// reaches Redis when the lease settles).
+    pub(crate) fn commit(mut self, usage: Usage) -> Receipt {
+        self.ended = true;
+        let used = Used::of(&self.admission, usage);
+        self.lease
+            .snapshot
+            .meters
+            .committed(self.admission.route, used.cost, usage);
+        self.lease.finish(self.admission.ask, Some(used));
+        Receipt::new(used.cost, self.admission.ask.cost, usage)
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.lease.snapshot.meters.released(self.admission.route);
+            self.lease.finish(self.admission.ask, None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pool_admits_what_fits_and_gets_back_what_was_not_used() {
+        let ask = Ask {
+            input_tokens: 100,
+            output_tokens: 50,
+            cost: 1_000,
+        };
+        let mut pool = Pool::times(ask, 2);
+        assert!(pool.fits(ask));
+        pool.requests -= 1;
+        pool.add(ask, -1);
+        assert!(pool.fits(ask));
+        pool.requests -= 1;
+        pool.add(ask, -1);
+        assert!(!pool.fits(ask), "two requests' worst case is all it holds");
+        // The first used more output than it held: less is left, not more.
+        pool.add(ask, 1);
+        pool.add(
+            Ask {
+                input_tokens: 100,
+                output_tokens: 80,
+                cost: 1_200,
+            },
+            -1,
+        );
+        pool.requests += 1; // (a dropped request gives its request back)
+        assert!(!pool.fits(ask));
+    }
+
+    #[test]
+    fn a_lease_ask_that_overflows_is_not_taken() {
+        let ask = Ask {
+            input_tokens: u64::MAX / 2,
+            output_tokens: 1,
+            cost: 1,
+        };
+        assert!(lease_ask(ask, 3).is_none());
+        let (scaled, take) = lease_ask(
+            Ask {
+                input_tokens: 10,
+                output_tokens: 20,
+                cost: 30,
+            },
+            4,
+        )
+        .expect("fits");
+        assert_eq!(
+            (scaled.input_tokens, scaled.output_tokens, scaled.cost),
+            (40, 80, 120)
+        );
+        assert_eq!(take.requests, 4);
+        assert_eq!(take.keep, KEEP_PERCENT);
+    }
+}
