@@ -288,14 +288,15 @@ fn lease_size(
         }
         if let Some(tpm) = &rules.tpm {
             let units = tpm.counts.pick(ask.input_tokens, ask.output_tokens);
-            if units > 0 {
-                n = n.min(tpm.rate.limit / share / units);
+            if let Some(fit) = (tpm.rate.limit / share).checked_div(units) {
+                n = n.min(fit);
             }
         }
         for budget in rules.budgets().filter(|b| !b.soft) {
             let cost = u64::try_from(ask.cost).unwrap_or(0);
-            if cost > 0 {
-                n = n.min(u64::try_from(budget.limit).unwrap_or(0) / share / cost);
+            let limit = u64::try_from(budget.limit).unwrap_or(0);
+            if let Some(fit) = (limit / share).checked_div(cost) {
+                n = n.min(fit);
             }
         }
     }
