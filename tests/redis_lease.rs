@@ -1,0 +1,309 @@
+//! Quota leasing on the Redis backend (`RedisConfig::lease`): a busy key and model
+//! takes a chunk of its limits and budgets in one call and admits from it in memory.
+//! What must hold: never more admitted than a limit or budget allows (across
+//! instances too), the books equal the receipts once leases are settled, nothing stays
+//! held, small budgets are decided exactly (never leased), and a policy change stops
+//! an old lease at once.
+//!
+//! Run with `cargo test --features redis --test redis_lease`. Needs `redis-server`
+//! and `redis-cli` (see `support/redis_server.rs`): with `CI` set a missing server
+//! fails these tests; elsewhere `TOLLGATE_SKIP_REDIS=1` skips them.
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+use std::future::Future;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use redis_server::{require_redis, RedisServer};
+use rust_decimal::Decimal;
+use tollgate::{
+    BudgetPeriod, BudgetSpec, DenialReason, KeySpec, LeaseConfig, LimitsSpec, ModelSpec, OrgSpec,
+    Policy, PolicyDocument, RedisConfig, RedisEngine, Request, Usage, UsageSnapshot, WorkspaceSpec,
+};
+
+fn dec(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+/// Model "m" at $1 per million tokens; org "acme" with `org_budget` a month;
+/// workspace "ws1" with `ws_budget` a month and `rpm` requests a minute; keys "k1"
+/// and "k2" in it.
+fn policy(ws_budget: &str, org_budget: &str, rpm: i64) -> Policy {
+    let mut org = OrgSpec::new("acme");
+    org.budget = Some(BudgetSpec::new(dec(org_budget), BudgetPeriod::Month));
+    Policy::new(
+        PolicyDocument::new(org)
+            .model(ModelSpec::new("m", dec("1"), dec("1")))
+            .workspace(
+                WorkspaceSpec::new("ws1", "one")
+                    .grant("m")
+                    .budget(BudgetSpec::new(dec(ws_budget), BudgetPeriod::Month))
+                    .limits(LimitsSpec {
+                        rpm: Some(rpm),
+                        ..LimitsSpec::default()
+                    }),
+            )
+            .key(KeySpec::new("k1", "ws1", "sk-1"))
+            .key(KeySpec::new("k2", "ws1", "sk-2")),
+    )
+    .unwrap()
+}
+
+/// 1,000 tokens at most: $0.001 held per request.
+fn ask(key: &str) -> Request<'_> {
+    Request::with_key_id(key, "m")
+        .input_tokens(600)
+        .max_output_tokens(400)
+}
+
+fn leasing() -> RedisConfig {
+    RedisConfig {
+        lease: Some(LeaseConfig {
+            // Long enough that the tests, not the clock, decide when leases end.
+            max_age: Duration::from_secs(30),
+            ..LeaseConfig::default()
+        }),
+        ..RedisConfig::default()
+    }
+}
+
+async fn connect(server: &RedisServer, policy: Policy) -> RedisEngine {
+    RedisEngine::connect(&server.url(), policy, leasing())
+        .await
+        .unwrap()
+}
+
+/// `FCALL`s the server ran since the last `CONFIG RESETSTAT`.
+fn fcalls(server: &RedisServer) -> u64 {
+    let stats = server.cli(&["info", "commandstats"]);
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_fcall:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().unwrap())
+}
+
+/// Poll `probe` until it yields a value, panicking after 10 s.
+async fn poll_until<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Close `engine`'s leases and wait until Redis holds nothing for the org.
+async fn settled(engine: &RedisEngine) -> UsageSnapshot {
+    engine.close_leases();
+    poll_until("leases to settle", || async {
+        let usage = engine.usage().await.unwrap();
+        let held = usage.org.current.held + usage.workspaces[0].usage.current.held;
+        (held.is_zero() && engine.releases_in_flight() == 0).then_some(usage)
+    })
+    .await
+}
+
+/// Usage of request `i`: between half and all of its worst case.
+fn usage_of(i: u64) -> Usage {
+    let input = 300 + u32::try_from(i * 37 % 301).unwrap();
+    let output = 200 + u32::try_from(i * 53 % 201).unwrap();
+    Usage::new(input, output)
+}
+
+/// 300 requests one after another on one key: served from leases in a small
+/// fraction of the calls exact reserves and commits would take (600), and once the
+/// leases are settled Redis's books equal the receipts: requests, tokens and cost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_key_is_served_from_leases_and_the_books_equal_the_receipts() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let engine = connect(&server, policy("100", "1000", 100_000)).await;
+    assert_eq!(server.cli(&["config", "resetstat"]), "OK");
+    let (mut cost, mut input, mut output) = (Decimal::ZERO, 0u64, 0u64);
+    for i in 0..300 {
+        let reservation = engine.check_and_reserve(&ask("k1")).await.unwrap();
+        let usage = usage_of(i);
+        let receipt = engine.commit_usage(reservation, usage).await.unwrap();
+        assert!(!receipt.is_pending());
+        cost += receipt.cost();
+        input += u64::from(usage.input_tokens);
+        output += u64::from(usage.output_tokens);
+    }
+    let usage = settled(&engine).await;
+    let calls = fcalls(&server);
+    assert!(calls < 60, "300 leased requests took {calls} calls");
+    for scope in [&usage.workspaces[0].usage.current, &usage.org.current] {
+        assert_eq!(scope.requests, 300);
+        assert_eq!(scope.cost, cost);
+        assert_eq!(scope.input_tokens, input);
+        assert_eq!(scope.output_tokens, output);
+        assert_eq!(scope.held, Decimal::ZERO);
+    }
+}
+
+/// A budget of ten requests is too small to lease (a lease takes at most 1/32 of a
+/// budget): 64 reserves at once admit exactly the ten that fit, as without leasing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_small_budget_is_never_leased_and_admits_exactly_what_fits() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let engine = connect(&server, policy("0.010", "1000", 100_000)).await;
+    // Make the key busy first: leases are tried only for requests close together.
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.check_and_reserve(&ask("k1")).await })
+        })
+        .collect();
+    let mut admitted = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(reservation) => admitted.push(reservation),
+            Err(denial) => assert_eq!(denial.reason, DenialReason::Budget),
+        }
+    }
+    assert_eq!(admitted.len(), 10);
+    assert!(admitted.iter().all(|r| r.id().is_some()));
+    for reservation in admitted {
+        engine
+            .commit_usage(reservation, Usage::new(600, 400))
+            .await
+            .unwrap();
+    }
+    let usage = settled(&engine).await;
+    assert_eq!(usage.workspaces[0].usage.current.cost, dec("0.010"));
+    assert_eq!(usage.workspaces[0].usage.current.requests, 10);
+}
+
+/// Two leasing instances, 32 tasks each, on a budget of 400 requests' worst case
+/// (leases while it is far, exact near its end): never more spent than the budget,
+/// Redis's books equal the receipts of both, nothing held at the end, and most of the
+/// budget served (the unused part of a lease is given back, not lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_leasing_instances_never_overspend_and_the_books_add_up() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let budget = dec("0.400");
+    let engines = [
+        connect(&server, policy("0.400", "1000", 1_000_000)).await,
+        connect(&server, policy("0.400", "1000", 1_000_000)).await,
+    ];
+    let mut tasks = Vec::new();
+    for (e, engine) in engines.iter().enumerate() {
+        for t in 0..32u64 {
+            let engine = engine.clone();
+            tasks.push(tokio::spawn(async move {
+                let (mut cost, mut requests) = (Decimal::ZERO, 0u64);
+                for i in 0..40u64 {
+                    let key = if (t + i) % 2 == 0 { "k1" } else { "k2" };
+                    match engine.check_and_reserve(&ask(key)).await {
+                        Ok(reservation) => {
+                            let usage = usage_of(e as u64 * 10_000 + t * 100 + i);
+                            let receipt = engine.commit_usage(reservation, usage).await.unwrap();
+                            cost += receipt.cost();
+                            requests += 1;
+                        }
+                        Err(denial) => assert_eq!(denial.reason, DenialReason::Budget),
+                    }
+                }
+                (cost, requests)
+            }));
+        }
+    }
+    let (mut cost, mut requests) = (Decimal::ZERO, 0u64);
+    for task in tasks {
+        let (c, r) = task.await.unwrap();
+        cost += c;
+        requests += r;
+    }
+    settled(&engines[0]).await;
+    let usage = settled(&engines[1]).await;
+    let ws = usage.workspaces[0].usage.current;
+    assert!(ws.cost <= budget, "spent {} of {budget}", ws.cost);
+    assert_eq!(ws.cost, cost, "books = receipts");
+    assert_eq!(ws.requests, requests);
+    assert_eq!(usage.org.current.cost, cost);
+    assert!(
+        ws.cost >= budget * dec("0.5"),
+        "only {} of {budget} served",
+        ws.cost
+    );
+}
+
+/// Requests admitted from a lease and then dropped (a client that hung up) are not
+/// charged; the lease settles what the committed ones used, and gives back the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_leased_requests_are_not_charged() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let engine = connect(&server, policy("100", "1000", 100_000)).await;
+    let mut cost = Decimal::ZERO;
+    let mut committed = 0;
+    for i in 0..120u64 {
+        let reservation = engine.check_and_reserve(&ask("k1")).await.unwrap();
+        if i % 3 == 0 {
+            drop(reservation);
+        } else {
+            cost += engine
+                .commit_usage(reservation, usage_of(i))
+                .await
+                .unwrap()
+                .cost();
+            committed += 1;
+        }
+    }
+    let usage = settled(&engine).await;
+    let ws = usage.workspaces[0].usage.current;
+    assert_eq!(ws.requests, committed);
+    assert_eq!(ws.cost, cost);
+    assert_eq!(usage.org.current.cost, cost);
+}
+
+/// A lease taken under one policy admits nothing once the policy changes: a budget
+/// lowered below what is spent refuses the very next request, although the old
+/// lease had room left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_stops_a_lease_at_once() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let engine = connect(&server, policy("100", "1000", 100_000)).await;
+    for i in 0..20 {
+        let reservation = engine.check_and_reserve(&ask("k1")).await.unwrap();
+        engine.commit_usage(reservation, usage_of(i)).await.unwrap();
+    }
+    engine
+        .apply_policy(policy("0.001", "1000", 100_000))
+        .await
+        .unwrap();
+    let denial = engine.check_and_reserve(&ask("k1")).await.unwrap_err();
+    assert_eq!(denial.reason, DenialReason::Budget);
+    engine.revoke_key("k2", None).await.unwrap();
+    let denial = engine.check_and_reserve(&ask("k2")).await.unwrap_err();
+    assert_eq!(denial.reason, DenialReason::KeyRevoked);
+    let usage = settled(&engine).await;
+    assert_eq!(usage.workspaces[0].usage.current.requests, 20);
+}
