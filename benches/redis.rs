@@ -53,7 +53,7 @@ use std::time::{Duration, Instant};
 use common::{by_id, KeyTable, Shape, KEYS_PER_WORKSPACE, USAGE};
 use criterion::{criterion_group, Criterion, SamplingMode, Throughput};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tollgate::{RedisConfig, RedisEngine};
+use tollgate::{LeaseConfig, RedisConfig, RedisEngine};
 
 const DEFAULT_URL: &str = "redis://127.0.0.1:6379/";
 /// Keys in the bench policy (as in `hot_path` and `peers`).
@@ -127,6 +127,24 @@ async fn uncoalesced_engine(url: &str) -> RedisEngine {
     .await
 }
 
+/// An engine with quota leasing (`RedisConfig::lease`). Its leases last 1 s rather
+/// than the default 250 ms: the bench spreads its requests over 1,000 keys, so at
+/// the rate of exact calls (~2,000 a second) a key sees a request about every 0.5 s,
+/// and a key is leased only when its requests come within one lease lifetime.
+async fn leased_engine(url: &str) -> RedisEngine {
+    engine_with(
+        url,
+        RedisConfig {
+            lease: Some(LeaseConfig {
+                max_age: Duration::from_secs(1),
+                ..LeaseConfig::default()
+            }),
+            ..config()
+        },
+    )
+    .await
+}
+
 async fn engine_with(url: &str, config: RedisConfig) -> RedisEngine {
     RedisEngine::connect(url, common::policy(Shape::keys(KEYS)), config)
         .await
@@ -177,11 +195,22 @@ fn latency(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let (connection, engine) =
-        runtime.block_on(async { (manager(&url).await, engine(&url).await) });
+    let (connection, engine, leased) = runtime.block_on(async {
+        (
+            manager(&url).await,
+            engine(&url).await,
+            leased_engine(&url).await,
+        )
+    });
     let trivial = Trivial::new();
     let table = KeyTable::for_keys(KEYS);
     let mut j = 0usize;
+    // Leases grow as they are used: measure the leasing engine in its steady state.
+    runtime.block_on(async {
+        for i in 0..50 * KEYS {
+            black_box(reserve_commit(&leased, &by_id(table.id(i))).await);
+        }
+    });
 
     let mut group = c.benchmark_group("redis_latency");
     group.bench_function("ping", |b| {
@@ -211,37 +240,40 @@ fn latency(c: &mut Criterion) {
             })
         })
     });
-    group.bench_function("reserve", |b| {
-        b.iter_custom(|iters| {
-            runtime.block_on(async {
-                let mut reserving = Duration::ZERO;
-                for _ in 0..iters {
-                    j = j.wrapping_add(1);
-                    let request = by_id(table.id(j));
+    for (suffix, engine) in [("", &engine), ("_leased", &leased)] {
+        group.bench_function(format!("reserve{suffix}"), |b| {
+            b.iter_custom(|iters| {
+                runtime.block_on(async {
+                    let mut reserving = Duration::ZERO;
+                    for _ in 0..iters {
+                        j = j.wrapping_add(1);
+                        let request = by_id(table.id(j));
+                        let start = Instant::now();
+                        let reservation =
+                            engine.check_and_reserve(&request).await.expect("admitted");
+                        reserving += start.elapsed();
+                        engine
+                            .commit_usage(reservation, USAGE)
+                            .await
+                            .expect("committed");
+                    }
+                    reserving
+                })
+            })
+        });
+        group.bench_function(format!("reserve_commit{suffix}"), |b| {
+            b.iter_custom(|iters| {
+                runtime.block_on(async {
                     let start = Instant::now();
-                    let reservation = engine.check_and_reserve(&request).await.expect("admitted");
-                    reserving += start.elapsed();
-                    engine
-                        .commit_usage(reservation, USAGE)
-                        .await
-                        .expect("committed");
-                }
-                reserving
+                    for _ in 0..iters {
+                        j = j.wrapping_add(1);
+                        black_box(reserve_commit(engine, &by_id(table.id(j))).await);
+                    }
+                    start.elapsed()
+                })
             })
-        })
-    });
-    group.bench_function("reserve_commit", |b| {
-        b.iter_custom(|iters| {
-            runtime.block_on(async {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    j = j.wrapping_add(1);
-                    black_box(reserve_commit(&engine, &by_id(table.id(j))).await);
-                }
-                start.elapsed()
-            })
-        })
-    });
+        });
+    }
     group.finish();
 }
 
@@ -278,11 +310,12 @@ fn throughput(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let (connection, engine, uncoalesced) = runtime.block_on(async {
+    let (connection, engine, uncoalesced, leased) = runtime.block_on(async {
         (
             manager(&url).await,
             engine(&url).await,
             uncoalesced_engine(&url).await,
+            leased_engine(&url).await,
         )
     });
     let trivial = Arc::new(Trivial::new());
@@ -306,6 +339,18 @@ fn throughput(c: &mut Criterion) {
     group.bench_function("reserve_commit_64_tasks", |b| {
         b.iter_custom(|iters| {
             let (engine, table) = (engine.clone(), Arc::clone(&table));
+            run_tasks(&runtime, iters * PER_TASK, move |t, i| {
+                let (engine, table) = (engine.clone(), Arc::clone(&table));
+                async move {
+                    let j = t * stride + i as usize;
+                    black_box(reserve_commit(&engine, &by_id(table.id(j))).await);
+                }
+            })
+        })
+    });
+    group.bench_function("reserve_commit_64_tasks_leased", |b| {
+        b.iter_custom(|iters| {
+            let (engine, table) = (leased.clone(), Arc::clone(&table));
             run_tasks(&runtime, iters * PER_TASK, move |t, i| {
                 let (engine, table) = (engine.clone(), Arc::clone(&table));
                 async move {
@@ -396,21 +441,18 @@ async fn reset_stats(connection: &ConnectionManager) {
         .expect("CONFIG RESETSTAT");
 }
 
-/// Redis time and function calls per admitted request with `TASKS` tasks reserving
-/// and committing at once on `engine` (`PER_TASK_LOADED` requests each).
-async fn loaded_server_time(
-    connection: &ConnectionManager,
-    engine: &RedisEngine,
-    table: &Arc<KeyTable>,
-) -> (f64, f64) {
-    const PER_TASK_LOADED: usize = 50;
-    reset_stats(connection).await;
+/// How long the settles of closed leases are given to land before the figures are
+/// read (a settle is one call, sent at once).
+const SETTLE_WAIT: Duration = Duration::from_millis(300);
+
+/// `per_task` requests on each of `TASKS` tasks at once on `engine`.
+async fn load(engine: &RedisEngine, table: &Arc<KeyTable>, per_task: usize) {
     let stride = table.len() / TASKS;
     let tasks: Vec<_> = (0..TASKS)
         .map(|t| {
             let (engine, table) = (engine.clone(), Arc::clone(table));
             tokio::spawn(async move {
-                for i in 0..PER_TASK_LOADED {
+                for i in 0..per_task {
                     black_box(reserve_commit(&engine, &by_id(table.id(t * stride + i))).await);
                 }
             })
@@ -419,9 +461,53 @@ async fn loaded_server_time(
     for task in tasks {
         task.await.expect("bench task");
     }
+}
+
+/// Redis time and function calls per admitted request with `TASKS` tasks reserving
+/// and committing at once on `engine` (`per_task` requests each). With `leased`,
+/// after an unmeasured round as long (leases grow as they are used), and counting
+/// the settles of the leases it took (closed at the end).
+async fn loaded_server_time(
+    connection: &ConnectionManager,
+    engine: &RedisEngine,
+    table: &Arc<KeyTable>,
+    per_task: usize,
+    leased: bool,
+) -> (f64, f64) {
+    if leased {
+        load(engine, table, per_task).await;
+    }
+    reset_stats(connection).await;
+    load(engine, table, per_task).await;
+    if leased {
+        engine.close_leases();
+        tokio::time::sleep(SETTLE_WAIT).await;
+    }
     let (calls, usec) = commandstats_usec(connection, "fcall").await;
-    let requests = (TASKS * PER_TASK_LOADED) as f64;
+    let requests = (TASKS * per_task) as f64;
     (usec as f64 / requests, calls as f64 / requests)
+}
+
+/// Redis time and function calls per admitted request, one request at a time, on a
+/// leasing engine: after `n` unmeasured requests, `n` measured ones and the settles
+/// of every lease they used.
+async fn leased_server_time(
+    connection: &ConnectionManager,
+    engine: &RedisEngine,
+    table: &KeyTable,
+    n: usize,
+) -> (f64, f64) {
+    for i in 0..n {
+        black_box(reserve_commit(engine, &by_id(table.id(i))).await);
+    }
+    reset_stats(connection).await;
+    for i in n..2 * n {
+        black_box(reserve_commit(engine, &by_id(table.id(i))).await);
+    }
+    engine.close_leases();
+    tokio::time::sleep(SETTLE_WAIT).await;
+    let (calls, usec) = commandstats_usec(connection, "fcall").await;
+    (usec as f64 / n as f64, calls as f64 / n as f64)
 }
 
 /// What Redis spends on one admitted request: the reserve functions (workspace and
@@ -429,6 +515,7 @@ async fn loaded_server_time(
 /// with 64 tasks at once, coalesced and not. Written to
 /// `$CARGO_TARGET_DIR/criterion/redis_server_time.json` for `bench_table`.
 fn server_time() {
+    const PER_TASK_LOADED: usize = 50;
     const ROUNDS: usize = 20;
     const BATCH: usize = 100;
     let url = url();
@@ -470,9 +557,16 @@ fn server_time() {
             requests += BATCH as u64;
         }
         let per = |usec: u64, n: u64| usec as f64 / n.max(1) as f64;
-        let (loaded_us, loaded_calls) = loaded_server_time(&connection, &engine, &table).await;
+        let (loaded_us, loaded_calls) =
+            loaded_server_time(&connection, &engine, &table, PER_TASK_LOADED, false).await;
         let (uncoalesced_us, uncoalesced_calls) =
-            loaded_server_time(&connection, &uncoalesced, &table).await;
+            loaded_server_time(&connection, &uncoalesced, &table, PER_TASK_LOADED, false).await;
+        // Leases pay off over many requests per key: 50 per key of the 1,000.
+        let leased = leased_engine(&url).await;
+        let (leased_us, leased_calls) =
+            leased_server_time(&connection, &leased, &table, 50 * KEYS).await;
+        let (leased_64_us, leased_64_calls) =
+            loaded_server_time(&connection, &leased, &table, 50 * KEYS / TASKS, true).await;
         let figures = [
             ("trivial_evalsha_us", per(trivial_usec, trivial_calls)),
             ("reserve_us", per(reserve_usec, requests)),
@@ -486,6 +580,10 @@ fn server_time() {
             ("calls_per_request_64_tasks", loaded_calls),
             ("per_request_64_tasks_uncoalesced_us", uncoalesced_us),
             ("calls_per_request_64_tasks_uncoalesced", uncoalesced_calls),
+            ("per_request_leased_us", leased_us),
+            ("calls_per_request_leased", leased_calls),
+            ("per_request_64_tasks_leased_us", leased_64_us),
+            ("calls_per_request_64_tasks_leased", leased_64_calls),
         ];
         let json = figures
             .iter()

@@ -39,14 +39,16 @@ pub(crate) const KEEP_PERCENT: u8 = 25;
 /// Settings of quota leasing (see [`RedisConfig::lease`](crate::RedisConfig::lease)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LeaseConfig {
-    /// The most requests one lease holds. A key and model's first lease holds 2; each
-    /// next one twice what the last one served, up to this. Default 64.
+    /// The most requests one lease holds. A lease holds twice what the key and
+    /// model's last lease served, or what the gap between its last two requests says
+    /// would come in `max_age`, whichever is more, up to this. Default 64.
     pub max_requests: NonZeroU32,
     /// A lease holds at most `1 / max_share` of any limit or budget on its path (a
     /// key and model whose limits are too small for 2 requests' share is never
     /// leased). Default 32.
     pub max_share: NonZeroU32,
     /// How long a lease admits requests. It is settled when its last request ends.
+    /// Only a key and model whose last two requests came within this is leased.
     /// Default 250 ms.
     pub max_age: Duration,
 }
@@ -120,9 +122,12 @@ impl Leases {
         let route = admission.route;
         let mut chains = self.chains.lock();
         let chain = chains.entry((route.key, route.model)).or_default();
-        let recent = chain
+        // The gap since the chain's last request, if it came within a lease's
+        // lifetime: how many requests a lease would see.
+        let gap = chain
             .last_seen
-            .is_some_and(|seen| now.saturating_duration_since(seen) < self.config.max_age);
+            .map(|seen| now.saturating_duration_since(seen))
+            .filter(|gap| *gap < self.config.max_age);
         chain.last_seen = Some(now);
         if let Some(lease) = &chain.lease {
             if Arc::ptr_eq(&lease.snapshot, snap)
@@ -138,10 +143,20 @@ impl Leases {
             chain.demand = lease.close();
         }
         let quiet = chain.quiet_until.is_some_and(|until| now < until);
-        if chain.acquiring || quiet || !recent {
+        let Some(gap) = gap else {
+            return Leasing::Exact;
+        };
+        if chain.acquiring || quiet {
             return Leasing::Exact;
         }
-        let want = chain.demand.max(1).saturating_mul(2);
+        // Twice what the last lease served, or what the rate the gap shows would
+        // bring in one lifetime, whichever is more.
+        let by_rate = self.config.max_age.as_nanos() / gap.as_nanos().max(1);
+        let want = chain
+            .demand
+            .max(1)
+            .saturating_mul(2)
+            .max(u32::try_from(by_rate).unwrap_or(u32::MAX));
         match lease_size(snap, route, admission.ask, self.config, want) {
             Some(n) => {
                 chain.acquiring = true;
