@@ -480,7 +480,7 @@ async fn loaded_server_time(
     reset_stats(connection).await;
     load(engine, table, per_task).await;
     if leased {
-        engine.close_leases();
+        engine.close_leases().await;
         tokio::time::sleep(SETTLE_WAIT).await;
     }
     let (calls, usec) = commandstats_usec(connection, "fcall").await;
@@ -504,7 +504,7 @@ async fn leased_server_time(
     for i in n..2 * n {
         black_box(reserve_commit(engine, &by_id(table.id(i))).await);
     }
-    engine.close_leases();
+    engine.close_leases().await;
     tokio::time::sleep(SETTLE_WAIT).await;
     let (calls, usec) = commandstats_usec(connection, "fcall").await;
     (usec as f64 / n as f64, calls as f64 / n as f64)

@@ -103,7 +103,7 @@ where
 
 /// Close `engine`'s leases and wait until Redis holds nothing for the org.
 async fn settled(engine: &RedisEngine) -> UsageSnapshot {
-    engine.close_leases();
+    engine.close_leases().await;
     poll_until("leases to settle", || async {
         let usage = engine.usage().await.unwrap();
         let held = usage.org.current.held + usage.workspaces[0].usage.current.held;

@@ -157,13 +157,15 @@ impl Backend {
         }
     }
 
-    /// Replay commits Redis has not acknowledged yet (a blip answered them `pending`),
-    /// so a shutdown does not lose their charges; how many are still queued after.
+    /// Settle the leases (`--lease`), then replay commits Redis has not acknowledged
+    /// yet (a blip answered them `pending`), so a shutdown does not lose their charges;
+    /// how many are still queued after.
     pub async fn flush_pending(&self) -> usize {
         match self {
             Backend::Memory(_) => 0,
             #[cfg(feature = "redis")]
             Backend::Redis(e) => {
+                e.close_leases().await;
                 if let Err(e) = e.flush_pending().await {
                     eprintln!("shutdown: replaying pending commits: {e}");
                 }

@@ -8,6 +8,9 @@
 //! - `--reservation-ttl-secs N` [`GATEWAY_RESERVATION_TTL_SECS`], default 30 (Redis
 //!   only): how long a hold outlives its instance if that instance dies; live holds are
 //!   renewed every third of it, so it does not limit how long a request may stream
+//! - `--lease` [`GATEWAY_LEASE=1`] (Redis only): quota leasing with its defaults
+//!   (`RedisConfig::lease`): busy keys are admitted from chunks taken from Redis in one
+//!   call, settled together; see the README for what it trades
 //! - `--mock-delay-ms N` [`MOCK_DELAY_MS`], default 50: the mock provider's latency
 //!   (a streamed answer spreads it over its chunks)
 //! - `--upstream URL` [`GATEWAY_UPSTREAM`]: forward to this OpenAI-compatible provider
@@ -83,6 +86,7 @@ struct Options {
     policy: String,
     redis: Option<String>,
     reservation_ttl_secs: Option<u64>,
+    lease: bool,
     mock_delay_ms: u64,
     counters: Option<PathBuf>,
     state_dir: Option<PathBuf>,
@@ -122,6 +126,7 @@ impl Options {
             reservation_ttl_secs: env("GATEWAY_RESERVATION_TTL_SECS")
                 .map(|v| ttl_secs(&v))
                 .transpose()?,
+            lease: env("GATEWAY_LEASE").is_some_and(|v| v == "1" || v == "true"),
             mock_delay_ms: env("MOCK_DELAY_MS")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(50),
@@ -154,6 +159,7 @@ impl Options {
                 "--reservation-ttl-secs" => {
                     options.reservation_ttl_secs = Some(ttl_secs(&value()?)?);
                 }
+                "--lease" => options.lease = true,
                 "--mock-delay-ms" => {
                     options.mock_delay_ms = value()?
                         .parse()
@@ -248,7 +254,7 @@ fn list(value: Option<String>) -> Vec<String> {
 
 fn usage() -> String {
     "usage: gateway [--addr HOST:PORT] [--policy FILE] [--redis URL] \
-     [--reservation-ttl-secs N] [--mock-delay-ms N] \
+     [--reservation-ttl-secs N] [--lease] [--mock-delay-ms N] \
      [--counters FILE] [--state-dir DIR] [--upstream URL] \
      [--admin-key NAME:ROLE:SECRET]... [--audit-log PATH|-] [--webhook URL]... \
      [--request-log PATH|-] [--log-max-bytes N] \
@@ -304,6 +310,7 @@ async fn backend(
                 reservation_ttl: options
                     .reservation_ttl_secs
                     .map_or(defaults.reservation_ttl, Duration::from_secs),
+                lease: options.lease.then(tollgate::LeaseConfig::default),
                 #[cfg(feature = "metrics")]
                 metrics_recorder: recorder.map(|r| r as _),
                 ..defaults
@@ -320,6 +327,9 @@ async fn backend(
     }
     if options.reservation_ttl_secs.is_some() {
         eprintln!("--reservation-ttl-secs: only the Redis backend has reservation TTLs; ignored");
+    }
+    if options.lease {
+        eprintln!("--lease: only the Redis backend leases; ignored");
     }
     let mut builder = Engine::builder(policy).events(events);
     if let Some(store) = store {

@@ -239,14 +239,18 @@ impl Leases {
     }
 
     /// Stop every lease admitting requests; each is settled when its last request
-    /// ends (at once for those with none in flight).
-    pub(crate) fn close_all(&self) {
+    /// ends. Returns the settles started now (of those with none in flight).
+    pub(crate) fn close_all(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut settles = Vec::new();
         let mut chains = self.chains.lock();
         for chain in chains.values_mut() {
             if let Some(lease) = chain.lease.take() {
-                chain.demand = lease.close();
+                let (served, settle) = lease.stop();
+                chain.demand = served;
+                settles.extend(settle.map(|settle| settle.run(&lease.runtime)));
             }
         }
+        settles
     }
 }
 
@@ -400,17 +404,23 @@ impl Lease {
     /// Admit no more; settle now if nothing is in flight. Returns the requests it
     /// served so far (the next lease's demand).
     fn close(&self) -> u32 {
+        let (served, settle) = self.stop();
+        if let Some(settle) = settle {
+            drop(settle.run(&self.runtime));
+        }
+        served
+    }
+
+    /// Admit no more; the requests served so far, and the settle to run if nothing
+    /// is in flight.
+    fn stop(&self) -> (u32, Option<Settle>) {
         let mut state = self.state.lock();
         state.open = false;
         let served = state.served.requests;
         let settle = (state.outstanding == 0)
             .then(|| Self::settlement(&mut state))
             .flatten();
-        drop(state);
-        if let Some(settle) = settle {
-            settle.run(&self.runtime);
-        }
-        served
+        (served, settle)
     }
 
     /// The settle of a closed lease with nothing in flight, once.
@@ -450,7 +460,7 @@ impl Lease {
             .flatten();
         drop(state);
         if let Some(settle) = settle {
-            settle.run(&self.runtime);
+            drop(settle.run(&self.runtime));
         }
     }
 }
@@ -462,12 +472,12 @@ struct Settle {
 }
 
 impl Settle {
-    fn run(self, runtime: &tokio::runtime::Handle) {
+    fn run(self, runtime: &tokio::runtime::Handle) -> tokio::task::JoinHandle<()> {
         let Settle {
             reservation,
             served,
         } = self;
-        drop(runtime.spawn(async move {
+        runtime.spawn(async move {
             if served.requests == 0 {
                 // Nothing served: dropping it releases the whole hold (retried until
                 // Redis acknowledges it).
@@ -477,7 +487,7 @@ impl Settle {
                 // in `failed_commits`.
                 let _ = reservation.settle(served).await;
             }
-        }));
+        })
     }
 }
 

@@ -554,13 +554,19 @@ impl RedisEngine {
         }
     }
 
-    /// Stop this instance's leases admitting requests (see [`RedisConfig::lease`]):
-    /// each is settled in the background at once, or when its last request in
-    /// flight ends. Call it before shutting down, so the unused part of every lease
-    /// is given back rather than held until its TTL. A no-op without leasing.
-    pub fn close_leases(&self) {
+    /// Stop this instance's leases admitting requests (see [`RedisConfig::lease`]),
+    /// and settle them: those with no request in flight now (this waits for their
+    /// settle calls), the others when their last request ends. Call it before
+    /// shutting down, once requests have drained, so the unused part of every lease
+    /// is given back rather than held until its TTL. A settle that fails transiently
+    /// is queued like a commit ([`RedisEngine::flush_pending`]). A no-op without
+    /// leasing.
+    pub async fn close_leases(&self) {
         if let Some(leases) = &self.inner.leases {
-            leases.close_all();
+            for settle in leases.close_all() {
+                // A settle task that panicked or was cancelled has nothing to report.
+                let _ = settle.await;
+            }
         }
     }
 
