@@ -25,9 +25,9 @@ use redis_server::{require_redis, RedisServer};
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 use tollgate::{
-    BudgetPeriod, BudgetSpec, DenialReason, KeySpec, LimitsSpec, ModelSpec, OrgSpec, Policy,
-    PolicyDocument, RedisConfig, RedisEngine, Request, StoreErrorKind, StoreFailureMode, Usage,
-    WorkspaceSpec,
+    BudgetPeriod, BudgetSpec, DenialReason, KeySpec, LeaseConfig, LimitsSpec, ModelSpec, OrgSpec,
+    Policy, PolicyDocument, RedisConfig, RedisEngine, Request, StoreErrorKind, StoreFailureMode,
+    Usage, WorkspaceSpec,
 };
 
 /// Pause between two polls of a wait.
@@ -201,9 +201,12 @@ impl Tally {
         self.reserves_dropped + self.commits_dropped
     }
 
-    /// 1,000 futures dropped, at least 300 of each kind.
-    fn enough(&self) -> bool {
-        self.dropped() >= 1_000 && self.reserves_dropped >= 300 && self.commits_dropped >= 300
+    /// 1,000 futures dropped, at least 300 of each kind; with leasing at least 30
+    /// reserves (most are admitted from a lease without waiting on anything, so no
+    /// timeout can interrupt them: only those that reserve a lease or go alone can be).
+    fn enough(&self, leasing: bool) -> bool {
+        let reserves = if leasing { 30 } else { 300 };
+        self.dropped() >= 1_000 && self.reserves_dropped >= reserves && self.commits_dropped >= 300
     }
 }
 
@@ -214,6 +217,19 @@ impl Tally {
 /// taken, and exactly the commits that were sent charged, once each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_reserves_and_commits_leave_nothing_held() {
+    storm(false).await;
+}
+
+/// The same storm with quota leasing (`RedisConfig::lease`; no concurrency limit, which
+/// is never leased): lease reserves dropped while in flight, leased requests dropped
+/// and committed, lease settles lost to pauses and replayed. Once the leases are
+/// closed, within a second: nothing held, and every commit sent charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_leased_reserves_and_commits_leave_nothing_held() {
+    storm(true).await;
+}
+
+async fn storm(leasing: bool) {
     if !require_redis() {
         eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
         return;
@@ -222,10 +238,20 @@ async fn dropped_reserves_and_commits_leave_nothing_held() {
     let limits = LimitsSpec {
         rpm: Some(1_000_000),
         tpm: Some(100_000_000),
-        max_concurrent: Some(100_000),
+        max_concurrent: (!leasing).then_some(100_000),
         ..LimitsSpec::default()
     };
-    let engine = connect(&server, policy(limits, "1000", "1000"), LONG_TTL).await;
+    let engine = RedisEngine::connect(
+        &server.url(),
+        policy(limits, "1000", "1000"),
+        RedisConfig {
+            reservation_ttl: LONG_TTL,
+            lease: leasing.then(LeaseConfig::default),
+            ..RedisConfig::default()
+        },
+    )
+    .await
+    .unwrap();
     let seed: u64 = rand::rng().random();
     eprintln!("seed {seed}");
 
@@ -277,7 +303,7 @@ async fn dropped_reserves_and_commits_leave_nothing_held() {
             // Bounded, whatever happens: the storm ends once enough was dropped, over
             // several pauses.
             for _ in 0..20_000 {
-                if tally.lock().unwrap().enough() && pauses.load(Ordering::SeqCst) >= 5 {
+                if tally.lock().unwrap().enough(leasing) && pauses.load(Ordering::SeqCst) >= 5 {
                     return;
                 }
                 let input = rng.random_range(1..2_000u32);
@@ -365,9 +391,11 @@ async fn dropped_reserves_and_commits_leave_nothing_held() {
     assert_eq!(server.cli(&["client", "unpause"]), "OK");
     let storm_took = started.elapsed();
 
-    // Within a second: commits queued by lost replies replayed (the queue is flushed
-    // as a gateway's next commit would), releases acknowledged, nothing held.
+    // Within a second: leases closed and settled (as a gateway's shutdown would),
+    // commits queued by lost replies replayed (the queue is flushed as a gateway's next
+    // commit would), releases acknowledged, nothing held.
     let settled = Instant::now();
+    engine.close_leases().await;
     poll_until(
         "every hold released and every commit charged",
         Duration::from_secs(1),
@@ -395,7 +423,7 @@ async fn dropped_reserves_and_commits_leave_nothing_held() {
         tally.unavailable,
         pauses.load(Ordering::SeqCst)
     );
-    assert!(tally.enough(), "not enough dropped");
+    assert!(tally.enough(leasing), "not enough dropped");
     assert!(tally.dropped_while_paused > 0, "nothing dropped in flight");
     // Every commit sent was charged, once: the awaited ones, the ones dropped before
     // they were polled, the ones dropped in flight, the ones whose reply was lost.

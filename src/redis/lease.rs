@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 
 use crate::decide::Admission;
 use crate::redis::calls::{Take, Used};
-use crate::redis::RedisReservation;
+use crate::redis::{Inner, RedisReservation};
 use crate::request::Usage;
 use crate::reservation::{RateLimitStatus, Receipt};
 use crate::snapshot::{Route, Snapshot, LEVELS};
@@ -68,7 +68,7 @@ pub(crate) enum Leasing {
     /// Admitted from the chain's lease.
     Share(Share),
     /// Reserve a lease of this many requests for the chain (this request is its
-    /// first), under [`Leases::acquiring`].
+    /// first), under an [`Acquiring`] guard.
     Acquire(u32),
     /// Reserve this request alone.
     Exact,
@@ -166,17 +166,6 @@ impl Leases {
         }
     }
 
-    /// The chain of `route` is reserving a lease (after [`Leasing::Acquire`]): if the
-    /// returned guard is dropped without installing one (refused, failed, or the
-    /// caller went away), the chain's requests go one by one for a while.
-    pub(crate) fn acquiring(&self, route: Route) -> Acquiring<'_> {
-        Acquiring {
-            leases: self,
-            route,
-            installed: false,
-        }
-    }
-
     /// The lease `reservation` holds `n` requests of `admission`'s worst case, taken
     /// under `snap`: install it, and admit its first request from it.
     fn install(
@@ -255,13 +244,34 @@ impl Leases {
 }
 
 /// A chain reserving a lease: see [`Leases::acquiring`].
-pub(crate) struct Acquiring<'a> {
-    leases: &'a Leases,
+///
+/// It owns what it needs, so it can go with the lease's reserve into the task that
+/// finishes it when the caller went away: a lease that lands is installed for the
+/// chain's next requests even then. Dropped without installing one (refused, failed),
+/// it sends the chain's requests one by one for a while.
+pub(crate) struct Acquiring {
+    inner: Arc<Inner>,
     route: Route,
     installed: bool,
 }
 
-impl Acquiring<'_> {
+impl Acquiring {
+    /// The chain of `route` of `inner` (which leases) starts reserving a lease.
+    pub(crate) fn new(inner: Arc<Inner>, route: Route) -> Self {
+        Acquiring {
+            inner,
+            route,
+            installed: false,
+        }
+    }
+
+    fn leases(&self) -> &Leases {
+        self.inner
+            .leases
+            .as_ref()
+            .expect("only an engine that leases acquires leases")
+    }
+
     /// The lease was reserved: see [`Leases::install`].
     pub(crate) fn install(
         mut self,
@@ -271,14 +281,14 @@ impl Acquiring<'_> {
         reservation: RedisReservation,
     ) -> Share {
         self.installed = true;
-        self.leases.install(snap, admission, n, reservation)
+        self.leases().install(snap, admission, n, reservation)
     }
 }
 
-impl Drop for Acquiring<'_> {
+impl Drop for Acquiring {
     fn drop(&mut self) {
         if !self.installed {
-            self.leases.refused(self.route);
+            self.leases().refused(self.route);
         }
     }
 }

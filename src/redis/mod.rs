@@ -59,7 +59,7 @@ use coalesce::{Coalescer, Failed};
 use conn::Connection;
 use error::classify;
 use keys::Layout;
-use lease::{lease_ask, Leases, Leasing};
+use lease::{lease_ask, Acquiring, Leases, Leasing};
 use scripts::Function;
 
 pub use lease::LeaseConfig;
@@ -474,7 +474,7 @@ impl RedisEngine {
                     return Ok(RedisReservation::leased(share));
                 }
                 Leasing::Acquire(n) => {
-                    outcome = self.acquire_lease(leases, snap, admission, n, now).await;
+                    outcome = self.acquire_lease(snap, admission, n, now).await;
                 }
                 Leasing::Exact => {}
             }
@@ -524,34 +524,32 @@ impl RedisEngine {
 
     /// Reserve a lease of `n` requests for `admission`'s key and model, and admit
     /// this request from it. `None` if the lease was refused (the request is then
-    /// reserved alone); a failure of Redis is the request's.
+    /// reserved alone); a failure of Redis is the request's. If the caller goes away
+    /// meanwhile, a lease that lands is still installed (its first request given back
+    /// to it).
     async fn acquire_lease(
         &self,
-        leases: &Leases,
         snap: &Arc<Snapshot>,
         admission: Admission,
         n: u32,
         now: Timestamp,
     ) -> Option<Reserve> {
-        let acquiring = leases.acquiring(admission.route);
+        let acquiring = Acquiring::new(Arc::clone(&self.inner), admission.route);
         let (ask, take) = lease_ask(admission.ask, n)?;
-        let leased = Admission { ask, ..admission };
-        let remote = Inner::reserve(
-            Arc::clone(&self.inner),
-            Arc::clone(snap),
-            leased,
-            None,
-            now,
-            take,
-        );
-        match Detach::new(remote).await {
-            Reserve::Admitted(reservation) => {
-                let share = acquiring.install(snap, &admission, n, reservation);
-                Some(Reserve::Admitted(RedisReservation::leased(share)))
+        let (inner, snap) = (Arc::clone(&self.inner), Arc::clone(snap));
+        Detach::new(async move {
+            let leased = Admission { ask, ..admission };
+            let reserve = Inner::reserve(inner, Arc::clone(&snap), leased, None, now, take);
+            match reserve.await {
+                Reserve::Admitted(reservation) => {
+                    let share = acquiring.install(&snap, &admission, n, reservation);
+                    Some(Reserve::Admitted(RedisReservation::leased(share)))
+                }
+                Reserve::Denied(_) => None,
+                Reserve::Failed(kind) => Some(Reserve::Failed(kind)),
             }
-            Reserve::Denied(_) => None,
-            Reserve::Failed(kind) => Some(Reserve::Failed(kind)),
-        }
+        })
+        .await
     }
 
     /// Stop this instance's leases admitting requests (see [`RedisConfig::lease`]),
