@@ -307,3 +307,141 @@ async fn a_policy_change_stops_a_lease_at_once() {
     let usage = settled(&engine).await;
     assert_eq!(usage.workspaces[0].usage.current.requests, 20);
 }
+
+/// The Redis clock, in ms.
+fn redis_now_ms(server: &RedisServer) -> f64 {
+    let out = server.cli(&["time"]);
+    let mut lines = out.lines().map(|l| l.trim().parse::<f64>().unwrap());
+    let (seconds, micros) = (lines.next().unwrap(), lines.next().unwrap());
+    seconds * 1000.0 + micros / 1000.0
+}
+
+/// A leased request that streams for three reservation TTLs (1 s) keeps its lease's
+/// hold in Redis, renewed in the background although the lease stopped admitting
+/// requests after 100 ms; its commit then settles the lease, exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leased_stream_keeps_its_lease_held_past_the_ttl() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let ttl = Duration::from_secs(1);
+    let engine = RedisEngine::connect(
+        &server.url(),
+        policy("100", "1000", 100_000),
+        RedisConfig {
+            reservation_ttl: ttl,
+            lease: Some(LeaseConfig {
+                max_age: Duration::from_millis(100),
+                ..LeaseConfig::default()
+            }),
+            ..RedisConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    // The first request goes alone; the second, close behind, takes a lease.
+    let mut cost = Decimal::ZERO;
+    let first = engine.check_and_reserve(&ask("k1")).await.unwrap();
+    cost += engine
+        .commit_usage(first, usage_of(1))
+        .await
+        .unwrap()
+        .cost();
+    let second = engine.check_and_reserve(&ask("k1")).await.unwrap();
+    let stream = engine.check_and_reserve(&ask("k1")).await.unwrap();
+    let lease = stream.id().unwrap().to_owned();
+    assert_eq!(second.id(), Some(lease.as_str()), "both from one lease");
+    cost += engine
+        .commit_usage(second, usage_of(2))
+        .await
+        .unwrap()
+        .cost();
+
+    let until = Instant::now() + 3 * ttl + ttl / 5;
+    let mut checks = 0;
+    while Instant::now() < until {
+        for holds in ["tollgate:v2:{ws:ws1}:holds", "tollgate:v2:{org:acme}:holds"] {
+            let score = server.cli(&["zscore", holds, &lease]);
+            assert!(!score.is_empty(), "the lease's hold left {holds}");
+            let expiry: f64 = score.parse().unwrap();
+            assert!(expiry > redis_now_ms(&server), "the lease's hold expired");
+        }
+        checks += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(checks >= 3, "only {checks} checks");
+
+    cost += engine
+        .commit_usage(stream, usage_of(3))
+        .await
+        .unwrap()
+        .cost();
+    let usage = settled(&engine).await;
+    let ws = usage.workspaces[0].usage.current;
+    assert_eq!(ws.requests, 3);
+    assert_eq!(ws.cost, cost);
+    assert_eq!(usage.org.current.cost, cost);
+    assert!(server
+        .cli(&["zscore", "tollgate:v2:{ws:ws1}:holds", &lease])
+        .is_empty());
+}
+
+/// A lease gives back the requests it did not serve: with 320 requests a day (a
+/// lease holds at most 10), one request served alone and one from a lease of 10,
+/// once the lease is settled exactly 318 more fit (another instance, request by
+/// request), not 310.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settled_lease_gives_back_the_requests_it_did_not_serve() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let per_day = || {
+        let mut org = OrgSpec::new("acme");
+        org.budget = Some(BudgetSpec::new(dec("1000"), BudgetPeriod::Month));
+        Policy::new(
+            PolicyDocument::new(org)
+                .model(ModelSpec::new("m", dec("1"), dec("1")))
+                .workspace(
+                    WorkspaceSpec::new("ws1", "one")
+                        .grant("m")
+                        .limits(LimitsSpec {
+                            rpd: Some(320),
+                            ..LimitsSpec::default()
+                        }),
+                )
+                .key(KeySpec::new("k1", "ws1", "sk-1")),
+        )
+        .unwrap()
+    };
+    let engine = connect(&server, per_day()).await;
+    let alone = engine.check_and_reserve(&ask("k1")).await.unwrap();
+    let leased = engine.check_and_reserve(&ask("k1")).await.unwrap();
+    assert_ne!(alone.id(), leased.id());
+    for reservation in [alone, leased] {
+        engine
+            .commit_usage(reservation, Usage::new(600, 400))
+            .await
+            .unwrap();
+    }
+    settled(&engine).await;
+
+    let exact = RedisEngine::connect(&server.url(), per_day(), RedisConfig::default())
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    loop {
+        match exact.check_and_reserve(&ask("k1")).await {
+            Ok(reservation) => held.push(reservation),
+            Err(denial) => {
+                assert_eq!(denial.reason, DenialReason::RequestsPerDay);
+                break;
+            }
+        }
+        assert!(held.len() <= 320, "more than the day's requests admitted");
+    }
+    assert_eq!(held.len(), 318);
+}
