@@ -77,6 +77,9 @@ pub(crate) enum Leasing {
 /// One key and model.
 type ChainId = (u32, u32);
 
+/// Shards of an engine's chains.
+const SHARDS: usize = 16;
+
 #[derive(Default)]
 struct Chain {
     /// The lease admitting requests now.
@@ -93,7 +96,9 @@ struct Chain {
 /// An engine's leases, one chain per key and model.
 pub(crate) struct Leases {
     config: LeaseConfig,
-    chains: Mutex<HashMap<ChainId, Chain>>,
+    /// By key and model, in shards so instances' tasks on different keys rarely
+    /// wait for one another.
+    shards: Box<[Mutex<HashMap<ChainId, Chain>>]>,
     /// Settles run here: the runtime the engine was connected on.
     runtime: tokio::runtime::Handle,
 }
@@ -102,9 +107,15 @@ impl Leases {
     pub(crate) fn new(config: LeaseConfig, runtime: tokio::runtime::Handle) -> Self {
         Leases {
             config,
-            chains: Mutex::new(HashMap::new()),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             runtime,
         }
+    }
+
+    fn shard(&self, route: Route) -> parking_lot::MutexGuard<'_, HashMap<ChainId, Chain>> {
+        // Keys are numbered in policy order: consecutive keys land in different shards.
+        let at = (route.key as usize).wrapping_add(route.model as usize) % SHARDS;
+        self.shards[at].lock()
     }
 
     /// Admit `admission` from its chain's lease, or say how to reserve it.
@@ -120,8 +131,8 @@ impl Leases {
             return Leasing::Exact;
         }
         let route = admission.route;
-        let mut chains = self.chains.lock();
-        let chain = chains.entry((route.key, route.model)).or_default();
+        let mut shard = self.shard(route);
+        let chain = shard.entry((route.key, route.model)).or_default();
         // The gap since the chain's last request, if it came within a lease's
         // lifetime: how many requests a lease would see.
         let gap = chain
@@ -198,13 +209,13 @@ impl Leases {
         });
         let share = Share::take(&lease, admission).expect("a new lease fits its first request");
         let route = admission.route;
-        let mut chains = self.chains.lock();
-        let chain = chains.entry((route.key, route.model)).or_default();
+        let mut shard = self.shard(route);
+        let chain = shard.entry((route.key, route.model)).or_default();
         chain.acquiring = false;
         if let Some(old) = chain.lease.replace(Arc::clone(&lease)) {
             old.close();
         }
-        drop(chains);
+        drop(shard);
         // Close it when its time is up, even if no request comes to see that.
         let max_age = self.config.max_age;
         let weak = Arc::downgrade(&lease);
@@ -220,8 +231,8 @@ impl Leases {
     /// The chain's lease was refused (or failed): its requests go one by one for a
     /// while.
     fn refused(&self, route: Route) {
-        let mut chains = self.chains.lock();
-        let chain = chains.entry((route.key, route.model)).or_default();
+        let mut shard = self.shard(route);
+        let chain = shard.entry((route.key, route.model)).or_default();
         chain.acquiring = false;
         chain.demand = 1;
         chain.quiet_until = Some(Instant::now() + self.config.max_age);
@@ -231,12 +242,13 @@ impl Leases {
     /// ends. Returns the settles started now (of those with none in flight).
     pub(crate) fn close_all(&self) -> Vec<tokio::task::JoinHandle<()>> {
         let mut settles = Vec::new();
-        let mut chains = self.chains.lock();
-        for chain in chains.values_mut() {
-            if let Some(lease) = chain.lease.take() {
-                let (served, settle) = lease.stop();
-                chain.demand = served;
-                settles.extend(settle.map(|settle| settle.run(&lease.runtime)));
+        for shard in &*self.shards {
+            for chain in shard.lock().values_mut() {
+                if let Some(lease) = chain.lease.take() {
+                    let (served, settle) = lease.stop();
+                    chain.demand = served;
+                    settles.extend(settle.map(|settle| settle.run(&lease.runtime)));
+                }
             }
         }
         settles
