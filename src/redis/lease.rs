@@ -99,8 +99,7 @@ pub(crate) struct Leases {
     /// By key and model, in shards so instances' tasks on different keys rarely
     /// wait for one another.
     shards: Box<[Mutex<HashMap<ChainId, Chain>>]>,
-    /// Settles run here: the runtime the engine was connected on.
-    runtime: tokio::runtime::Handle,
+    settler: Arc<Settler>,
 }
 
 impl Leases {
@@ -108,7 +107,10 @@ impl Leases {
         Leases {
             config,
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            runtime,
+            settler: Arc::new(Settler {
+                runtime,
+                running: Mutex::default(),
+            }),
         }
     }
 
@@ -192,7 +194,7 @@ impl Leases {
             snapshot: Arc::clone(snap),
             born: Instant::now(),
             id,
-            runtime: self.runtime.clone(),
+            settler: Arc::clone(&self.settler),
             rate_limits: reservation.rate_limits(),
             state: Mutex::new(State {
                 reservation: Some(reservation),
@@ -219,7 +221,7 @@ impl Leases {
         // Close it when its time is up, even if no request comes to see that.
         let max_age = self.config.max_age;
         let weak = Arc::downgrade(&lease);
-        drop(self.runtime.spawn(async move {
+        drop(self.settler.runtime.spawn(async move {
             tokio::time::sleep(max_age).await;
             if let Some(lease) = weak.upgrade() {
                 lease.close();
@@ -238,20 +240,18 @@ impl Leases {
         chain.quiet_until = Some(Instant::now() + self.config.max_age);
     }
 
-    /// Stop every lease admitting requests; each is settled when its last request
-    /// ends. Returns the settles started now (of those with none in flight).
-    pub(crate) fn close_all(&self) -> Vec<tokio::task::JoinHandle<()>> {
-        let mut settles = Vec::new();
+    /// Stop every lease admitting requests (each is settled when its last request
+    /// ends: at once for those with none in flight), then wait for every settle
+    /// running, whoever started it.
+    pub(crate) async fn close_all(&self) {
         for shard in &*self.shards {
             for chain in shard.lock().values_mut() {
                 if let Some(lease) = chain.lease.take() {
-                    let (served, settle) = lease.stop();
-                    chain.demand = served;
-                    settles.extend(settle.map(|settle| settle.run(&lease.runtime)));
+                    chain.demand = lease.close();
                 }
             }
         }
-        settles
+        self.settler.wait().await;
     }
 }
 
@@ -415,8 +415,7 @@ pub(crate) struct Lease {
     snapshot: Arc<Snapshot>,
     born: Instant,
     id: String,
-    /// Where its settle runs: the runtime the engine was connected on.
-    runtime: tokio::runtime::Handle,
+    settler: Arc<Settler>,
     /// Where the tightest limits stood when it was taken.
     rate_limits: RateLimitStatus,
     state: Mutex<State>,
@@ -426,23 +425,17 @@ impl Lease {
     /// Admit no more; settle now if nothing is in flight. Returns the requests it
     /// served so far (the next lease's demand).
     fn close(&self) -> u32 {
-        let (served, settle) = self.stop();
-        if let Some(settle) = settle {
-            drop(settle.run(&self.runtime));
-        }
-        served
-    }
-
-    /// Admit no more; the requests served so far, and the settle to run if nothing
-    /// is in flight.
-    fn stop(&self) -> (u32, Option<Settle>) {
         let mut state = self.state.lock();
         state.open = false;
         let served = state.served.requests;
         let settle = (state.outstanding == 0)
             .then(|| Self::settlement(&mut state))
             .flatten();
-        (served, settle)
+        drop(state);
+        if let Some(settle) = settle {
+            self.settler.start(settle);
+        }
+        served
     }
 
     /// The settle of a closed lease with nothing in flight, once.
@@ -482,7 +475,37 @@ impl Lease {
             .flatten();
         drop(state);
         if let Some(settle) = settle {
-            drop(settle.run(&self.runtime));
+            self.settler.start(settle);
+        }
+    }
+}
+
+/// Runs settles on the runtime the engine was connected on, and keeps track of them so
+/// that `close_leases` can wait for every one.
+struct Settler {
+    runtime: tokio::runtime::Handle,
+    running: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Settler {
+    fn start(&self, settle: Settle) {
+        let task = settle.run(&self.runtime);
+        let mut running = self.running.lock();
+        running.retain(|task| !task.is_finished());
+        running.push(task);
+    }
+
+    /// Until no settle is running (those started meanwhile too).
+    async fn wait(&self) {
+        loop {
+            let running = std::mem::take(&mut *self.running.lock());
+            if running.is_empty() {
+                return;
+            }
+            for task in running {
+                // A settle task that panicked or was cancelled has nothing to report.
+                let _ = task.await;
+            }
         }
     }
 }
@@ -501,9 +524,9 @@ impl Settle {
         } = self;
         runtime.spawn(async move {
             if served.requests == 0 {
-                // Nothing served: dropping it releases the whole hold (retried until
-                // Redis acknowledges it).
-                drop(reservation);
+                // Nothing served: the whole hold goes back (retried in the background
+                // until Redis acknowledges it, if it fails now).
+                reservation.release_now().await;
             } else {
                 // A transient failure queues it for replay; a permanent one is counted
                 // in `failed_commits`.

@@ -553,18 +553,16 @@ impl RedisEngine {
     }
 
     /// Stop this instance's leases admitting requests (see [`RedisConfig::lease`]),
-    /// and settle them: those with no request in flight now (this waits for their
-    /// settle calls), the others when their last request ends. Call it before
-    /// shutting down, once requests have drained, so the unused part of every lease
-    /// is given back rather than held until its TTL. A settle that fails transiently
-    /// is queued like a commit ([`RedisEngine::flush_pending`]). A no-op without
-    /// leasing.
+    /// and settle them: those with no request in flight now, the others when their
+    /// last request ends. Waits for every settle running (these and any started
+    /// before). Call it before shutting down, once requests have drained, so the
+    /// unused part of every lease is given back rather than held until its TTL and
+    /// what its requests used is charged. A settle that fails transiently is queued
+    /// like a commit ([`RedisEngine::flush_pending`]). Requests after it may take new
+    /// leases. A no-op without leasing.
     pub async fn close_leases(&self) {
         if let Some(leases) = &self.inner.leases {
-            for settle in leases.close_all() {
-                // A settle task that panicked or was cancelled has nothing to report.
-                let _ = settle.await;
-            }
+            leases.close_all().await;
         }
     }
 

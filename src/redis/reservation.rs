@@ -112,7 +112,9 @@ impl RedisReservation {
         matches!(self.kind, Kind::Local(_))
     }
 
-    /// The reservation's id in Redis (`None` for a local one).
+    /// The reservation's id in Redis (`None` for a local one). A request admitted
+    /// from a lease (`RedisConfig::lease`) has its lease's id, shared with the other
+    /// requests of that lease.
     #[must_use]
     pub fn id(&self) -> Option<&str> {
         match &self.kind {
@@ -165,7 +167,10 @@ impl RedisReservation {
         }
     }
 
-    /// Where the tightest limits stand after this admission, for response headers.
+    /// Where the tightest limits stand after this admission, for response headers. For
+    /// a request admitted from a lease: where they stood when its lease was taken
+    /// (counting the whole lease as taken, against three quarters of each limit), so
+    /// `remaining` errs low.
     #[must_use]
     pub fn rate_limits(&self) -> RateLimitStatus {
         match &self.kind {
@@ -204,6 +209,22 @@ impl RedisReservation {
                 Landed::Queued => Ok(receipt.into_pending()),
             }
         })
+    }
+
+    /// Give a lease's whole hold back now (it served nothing); a release that fails
+    /// transiently is retried in the background until Redis acknowledges it.
+    pub(crate) async fn release_now(self) {
+        let Kind::Remote(mut remote) = self.kind else {
+            return;
+        };
+        remote.settled = true;
+        remote.engine.renewals.forget(remote.renewal);
+        if remote.metered {
+            remote.snapshot.meters.released(remote.admission.route);
+        }
+        for group in 0..2 {
+            background::release_now(&remote.engine, &remote.hold, group).await;
+        }
     }
 
     /// Settle a lease's own hold: charge what its requests used together (`used`),

@@ -48,6 +48,8 @@ mod admin_api;
 mod chat;
 mod estimate;
 mod hygiene;
+#[cfg(feature = "redis")]
+mod lease;
 mod members;
 #[cfg(feature = "metrics")]
 mod metrics_endpoint;
