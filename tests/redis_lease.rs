@@ -16,7 +16,7 @@ use std::future::Future;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use redis_server::{require_redis, RedisServer};
+use redis_server::{require_redis, RedisCluster, RedisServer};
 use rust_decimal::Decimal;
 use tollgate::{
     BudgetPeriod, BudgetSpec, DenialReason, KeySpec, LeaseConfig, LimitsSpec, ModelSpec, OrgSpec,
@@ -444,4 +444,41 @@ async fn a_settled_lease_gives_back_the_requests_it_did_not_serve() {
         assert!(held.len() <= 320, "more than the day's requests admitted");
     }
     assert_eq!(held.len(), 318);
+}
+
+/// Leasing on a 3-master cluster (the workspace's and the org's tags on their own
+/// shards, one call each): books equal the receipts once the leases are settled, and
+/// nothing is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_on_a_cluster_settle_exactly() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let cluster = RedisCluster::start(3);
+    let engine =
+        RedisEngine::connect_cluster(&cluster.urls(), policy("100", "1000", 100_000), leasing())
+            .await
+            .unwrap();
+    let (mut cost, mut requests) = (Decimal::ZERO, 0u64);
+    for i in 0..200 {
+        let key = if i % 2 == 0 { "k1" } else { "k2" };
+        let reservation = engine.check_and_reserve(&ask(key)).await.unwrap();
+        if i % 5 == 0 {
+            drop(reservation);
+            continue;
+        }
+        cost += engine
+            .commit_usage(reservation, usage_of(i))
+            .await
+            .unwrap()
+            .cost();
+        requests += 1;
+    }
+    let usage = settled(&engine).await;
+    for scope in [&usage.workspaces[0].usage.current, &usage.org.current] {
+        assert_eq!(scope.requests, requests);
+        assert_eq!(scope.cost, cost);
+        assert_eq!(scope.held, Decimal::ZERO);
+    }
 }
