@@ -516,14 +516,6 @@ fn stream_request() -> Request<'static> {
     request(1_000, 2_500)
 }
 
-/// The Redis clock, in ms.
-fn redis_now_ms(server: &RedisServer) -> f64 {
-    let out = server.cli(&["time"]);
-    let mut lines = out.lines().map(|l| l.trim().parse::<f64>().unwrap());
-    let (seconds, micros) = (lines.next().unwrap(), lines.next().unwrap());
-    seconds * 1000.0 + micros / 1000.0
-}
-
 /// While the stream `id` lives, for `how_long`: its hold is in both holds zsets with an
 /// expiry still ahead of Redis's clock, and `other` (another instance) is refused for
 /// the budget the stream holds.
@@ -541,7 +533,7 @@ async fn assert_held_for(server: &RedisServer, other: &RedisEngine, id: &str, ho
             assert!(!score.is_empty(), "the stream's hold left {holds}");
             let expiry: f64 = score.parse().unwrap();
             assert!(
-                expiry > redis_now_ms(server),
+                expiry > server.time_ms(),
                 "the stream's hold in {holds} has expired"
             );
         }

@@ -119,6 +119,28 @@ fn usage_of(i: u64) -> Usage {
     Usage::new(input, output)
 }
 
+/// `n` requests one after another, taking turns over `keys`: every `drop_every`-th
+/// dropped (a client that hung up), the others committed with `usage_of(i)`. What the
+/// receipts charged, and for how many requests.
+async fn serve(engine: &RedisEngine, keys: &[&str], n: u64, drop_every: u64) -> (Decimal, u64) {
+    let (mut cost, mut requests) = (Decimal::ZERO, 0u64);
+    for i in 0..n {
+        let key = keys[usize::try_from(i).unwrap() % keys.len()];
+        let reservation = engine.check_and_reserve(&ask(key)).await.unwrap();
+        if i % drop_every == 0 {
+            drop(reservation);
+            continue;
+        }
+        cost += engine
+            .commit_usage(reservation, usage_of(i))
+            .await
+            .unwrap()
+            .cost();
+        requests += 1;
+    }
+    (cost, requests)
+}
+
 /// 300 requests one after another on one key: served from leases in a small
 /// fraction of the calls exact reserves and commits would take (600), and once the
 /// leases are settled Redis's books equal the receipts: requests, tokens and cost.
@@ -258,21 +280,7 @@ async fn dropped_leased_requests_are_not_charged() {
     }
     let server = RedisServer::start();
     let engine = connect(&server, policy("100", "1000", 100_000)).await;
-    let mut cost = Decimal::ZERO;
-    let mut committed = 0;
-    for i in 0..120u64 {
-        let reservation = engine.check_and_reserve(&ask("k1")).await.unwrap();
-        if i % 3 == 0 {
-            drop(reservation);
-        } else {
-            cost += engine
-                .commit_usage(reservation, usage_of(i))
-                .await
-                .unwrap()
-                .cost();
-            committed += 1;
-        }
-    }
+    let (cost, committed) = serve(&engine, &["k1"], 120, 3).await;
     let usage = settled(&engine).await;
     let ws = usage.workspaces[0].usage.current;
     assert_eq!(ws.requests, committed);
@@ -306,14 +314,6 @@ async fn a_policy_change_stops_a_lease_at_once() {
     assert_eq!(denial.reason, DenialReason::KeyRevoked);
     let usage = settled(&engine).await;
     assert_eq!(usage.workspaces[0].usage.current.requests, 20);
-}
-
-/// The Redis clock, in ms.
-fn redis_now_ms(server: &RedisServer) -> f64 {
-    let out = server.cli(&["time"]);
-    let mut lines = out.lines().map(|l| l.trim().parse::<f64>().unwrap());
-    let (seconds, micros) = (lines.next().unwrap(), lines.next().unwrap());
-    seconds * 1000.0 + micros / 1000.0
 }
 
 /// A leased request that streams for three reservation TTLs (1 s) keeps its lease's
@@ -366,7 +366,7 @@ async fn a_leased_stream_keeps_its_lease_held_past_the_ttl() {
             let score = server.cli(&["zscore", holds, &lease]);
             assert!(!score.is_empty(), "the lease's hold left {holds}");
             let expiry: f64 = score.parse().unwrap();
-            assert!(expiry > redis_now_ms(&server), "the lease's hold expired");
+            assert!(expiry > server.time_ms(), "the lease's hold expired");
         }
         checks += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -460,21 +460,7 @@ async fn leases_on_a_cluster_settle_exactly() {
         RedisEngine::connect_cluster(&cluster.urls(), policy("100", "1000", 100_000), leasing())
             .await
             .unwrap();
-    let (mut cost, mut requests) = (Decimal::ZERO, 0u64);
-    for i in 0..200 {
-        let key = if i % 2 == 0 { "k1" } else { "k2" };
-        let reservation = engine.check_and_reserve(&ask(key)).await.unwrap();
-        if i % 5 == 0 {
-            drop(reservation);
-            continue;
-        }
-        cost += engine
-            .commit_usage(reservation, usage_of(i))
-            .await
-            .unwrap()
-            .cost();
-        requests += 1;
-    }
+    let (cost, requests) = serve(&engine, &["k1", "k2"], 200, 5).await;
     let usage = settled(&engine).await;
     for scope in [&usage.workspaces[0].usage.current, &usage.org.current] {
         assert_eq!(scope.requests, requests);

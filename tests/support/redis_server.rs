@@ -673,6 +673,14 @@ impl RedisServer {
     pub fn try_cli(&self, args: &[&str]) -> Result<String, String> {
         self.node.try_cli(&[], args)
     }
+
+    /// The server's clock (`TIME`), in ms: the clock of holds and their expiries.
+    pub fn time_ms(&self) -> f64 {
+        let out = self.cli(&["time"]);
+        let mut lines = out.lines().map(|l| l.trim().parse::<f64>().unwrap());
+        let (seconds, micros) = (lines.next().unwrap(), lines.next().unwrap());
+        seconds * 1000.0 + micros / 1000.0
+    }
 }
 
 // ---------------------------------------------------------------------------
