@@ -194,6 +194,10 @@ struct Tally {
     pending: u64,
     /// Reserves refused while Redis was paused past the response timeout.
     unavailable: u64,
+    /// Reservation ids seen, and how many admissions had one seen before (admitted
+    /// from a lease that had admitted another).
+    ids: std::collections::HashSet<String>,
+    from_leases: u64,
 }
 
 impl Tally {
@@ -336,6 +340,11 @@ async fn storm(leasing: bool) {
                         Ok(Ok(reservation)) => reservation,
                     };
                 assert!(!reservation.is_local());
+                {
+                    let mut tally = tally.lock().unwrap();
+                    let id = reservation.id().unwrap().to_owned();
+                    tally.from_leases += u64::from(!tally.ids.insert(id));
+                }
                 if rng.random_ratio(1, 8) {
                     drop(reservation); // the upstream failed: released
                     continue;
@@ -412,8 +421,8 @@ async fn storm(leasing: bool) {
     let tally = tally.lock().unwrap();
     eprintln!(
         "{} reserves and {} commits dropped ({} while paused), {} commits sent ({} awaited, \
-         {} pending), {} refused as unavailable, {} pauses; storm {storm_took:?}, settled \
-         in {settle_took:?}",
+         {} pending), {} refused as unavailable, {} pauses, {} admitted from leases; storm \
+         {storm_took:?}, settled in {settle_took:?}",
         tally.reserves_dropped,
         tally.commits_dropped,
         tally.dropped_while_paused,
@@ -421,10 +430,16 @@ async fn storm(leasing: bool) {
         tally.awaited,
         tally.pending,
         tally.unavailable,
-        pauses.load(Ordering::SeqCst)
+        pauses.load(Ordering::SeqCst),
+        tally.from_leases
     );
     assert!(tally.enough(leasing), "not enough dropped");
     assert!(tally.dropped_while_paused > 0, "nothing dropped in flight");
+    if leasing {
+        assert!(tally.from_leases > 0, "no request admitted from a lease");
+    } else {
+        assert_eq!(tally.from_leases, 0, "a reservation id used twice");
+    }
     // Every commit sent was charged, once: the awaited ones, the ones dropped before
     // they were polled, the ones dropped in flight, the ones whose reply was lost.
     for scope in [KEY, WS, MODEL, ORG] {

@@ -74,6 +74,15 @@ pub(crate) enum Leasing {
     Exact,
 }
 
+/// What became of a lease reserve that landed.
+pub(crate) enum Installed {
+    /// Installed for its chain: its first request's share.
+    Share(Share),
+    /// `close_leases` ran since the reserve started: release this hold; the request
+    /// goes alone.
+    Closed(RedisReservation),
+}
+
 /// One key and model.
 type ChainId = (u32, u32);
 
@@ -100,6 +109,24 @@ pub(crate) struct Leases {
     /// wait for one another.
     shards: Box<[Mutex<HashMap<ChainId, Chain>>]>,
     settler: Arc<Settler>,
+    acquisitions: Mutex<Acquisitions>,
+}
+
+/// How often `close_leases` looks whether the lease reserves it waits for have ended.
+const ACQUIRE_POLL: Duration = Duration::from_millis(2);
+
+/// Lease reserves in flight, by the close epoch (`close_leases` calls so far) they
+/// started in.
+#[derive(Default)]
+struct Acquisitions {
+    epoch: u64,
+    in_flight: std::collections::BTreeMap<u64, usize>,
+}
+
+impl Acquisitions {
+    fn in_flight_since(&self, epoch: u64) -> bool {
+        self.in_flight.range(..=epoch).any(|(_, n)| *n > 0)
+    }
 }
 
 impl Leases {
@@ -111,6 +138,7 @@ impl Leases {
                 runtime,
                 running: Mutex::default(),
             }),
+            acquisitions: Mutex::default(),
         }
     }
 
@@ -180,14 +208,27 @@ impl Leases {
     }
 
     /// The lease `reservation` holds `n` requests of `admission`'s worst case, taken
-    /// under `snap`: install it, and admit its first request from it.
+    /// under `snap` by a reserve started in close epoch `epoch`: install it, and admit
+    /// its first request from it; or, if `close_leases` ran since the reserve started,
+    /// hand it back (to be released: the request goes alone).
     fn install(
         &self,
         snap: &Arc<Snapshot>,
         admission: &Admission,
         n: u32,
         reservation: RedisReservation,
-    ) -> Share {
+        epoch: u64,
+    ) -> Installed {
+        let route = admission.route;
+        // Under the chain's shard lock: `close_all` moves the epoch on before it takes
+        // each shard's lock, so a lease installed here is either seen by it or not
+        // installed at all.
+        let mut shard = self.shard(route);
+        let chain = shard.entry((route.key, route.model)).or_default();
+        chain.acquiring = false;
+        if self.acquisitions.lock().epoch != epoch {
+            return Installed::Closed(reservation);
+        }
         let ask = admission.ask;
         let id = reservation.id().unwrap_or_default().to_owned();
         let lease = Arc::new(Lease {
@@ -210,10 +251,6 @@ impl Leases {
             }),
         });
         let share = Share::take(&lease, admission).expect("a new lease fits its first request");
-        let route = admission.route;
-        let mut shard = self.shard(route);
-        let chain = shard.entry((route.key, route.model)).or_default();
-        chain.acquiring = false;
         if let Some(old) = chain.lease.replace(Arc::clone(&lease)) {
             old.close();
         }
@@ -227,7 +264,7 @@ impl Leases {
                 lease.close();
             }
         }));
-        share
+        Installed::Share(share)
     }
 
     /// The chain's lease was refused (or failed): its requests go one by one for a
@@ -241,15 +278,26 @@ impl Leases {
     }
 
     /// Stop every lease admitting requests (each is settled when its last request
-    /// ends: at once for those with none in flight), then wait for every settle
-    /// running, whoever started it.
+    /// ends: at once for those with none in flight); wait for the lease reserves
+    /// already in flight (one that lands now is released, not installed), then for
+    /// every settle running, whoever started it.
     pub(crate) async fn close_all(&self) {
+        let before = {
+            let mut acquisitions = self.acquisitions.lock();
+            acquisitions.epoch += 1;
+            acquisitions.epoch - 1
+        };
         for shard in &*self.shards {
             for chain in shard.lock().values_mut() {
                 if let Some(lease) = chain.lease.take() {
                     chain.demand = lease.close();
                 }
             }
+        }
+        // A reserve ends within its response timeouts; a hold it took is released
+        // before it counts as ended.
+        while self.acquisitions.lock().in_flight_since(before) {
+            tokio::time::sleep(ACQUIRE_POLL).await;
         }
         self.settler.wait().await;
     }
@@ -264,15 +312,28 @@ impl Leases {
 pub(crate) struct Acquiring {
     inner: Arc<Inner>,
     route: Route,
+    /// The close epoch it started in.
+    epoch: u64,
     installed: bool,
 }
 
 impl Acquiring {
     /// The chain of `route` of `inner` (which leases) starts reserving a lease.
     pub(crate) fn new(inner: Arc<Inner>, route: Route) -> Self {
+        let leases = inner
+            .leases
+            .as_ref()
+            .expect("only an engine that leases acquires leases");
+        let epoch = {
+            let mut acquisitions = leases.acquisitions.lock();
+            let epoch = acquisitions.epoch;
+            *acquisitions.in_flight.entry(epoch).or_default() += 1;
+            epoch
+        };
         Acquiring {
             inner,
             route,
+            epoch,
             installed: false,
         }
     }
@@ -284,23 +345,34 @@ impl Acquiring {
             .expect("only an engine that leases acquires leases")
     }
 
-    /// The lease was reserved: see [`Leases::install`].
+    /// The lease was reserved: see [`Leases::install`]. A lease handed back (leases
+    /// were closed meanwhile) must be released before this guard is dropped, so that
+    /// `close_leases` waits for it.
     pub(crate) fn install(
-        mut self,
+        &mut self,
         snap: &Arc<Snapshot>,
         admission: &Admission,
         n: u32,
         reservation: RedisReservation,
-    ) -> Share {
+    ) -> Installed {
         self.installed = true;
-        self.leases().install(snap, admission, n, reservation)
+        self.leases()
+            .install(snap, admission, n, reservation, self.epoch)
     }
 }
 
 impl Drop for Acquiring {
     fn drop(&mut self) {
+        let leases = self.leases();
         if !self.installed {
-            self.leases().refused(self.route);
+            leases.refused(self.route);
+        }
+        let mut acquisitions = leases.acquisitions.lock();
+        if let Some(n) = acquisitions.in_flight.get_mut(&self.epoch) {
+            *n -= 1;
+            if *n == 0 {
+                acquisitions.in_flight.remove(&self.epoch);
+            }
         }
     }
 }
@@ -427,24 +499,23 @@ impl Lease {
     fn close(&self) -> u32 {
         let mut state = self.state.lock();
         state.open = false;
-        let served = state.served.requests;
-        let settle = (state.outstanding == 0)
-            .then(|| Self::settlement(&mut state))
-            .flatten();
-        drop(state);
-        if let Some(settle) = settle {
-            self.settler.start(settle);
-        }
-        served
+        self.settle_if_done(&mut state);
+        state.served.requests
     }
 
-    /// The settle of a closed lease with nothing in flight, once.
-    fn settlement(state: &mut State) -> Option<Settle> {
-        debug_assert!(!state.open && state.outstanding == 0);
-        state.reservation.take().map(|reservation| Settle {
-            reservation,
-            served: state.served,
-        })
+    /// Start the settle of a closed lease with nothing in flight, once. Started (and
+    /// registered with the settler) before the state's lock is let go, so whoever
+    /// finds the lease settled next also finds its settle to wait for.
+    fn settle_if_done(&self, state: &mut State) {
+        if state.open || state.outstanding > 0 {
+            return;
+        }
+        if let Some(reservation) = state.reservation.take() {
+            self.settler.start(Settle {
+                reservation,
+                served: state.served,
+            });
+        }
     }
 
     /// One of its requests ended: `used` if it was committed, `None` if dropped.
@@ -470,13 +541,7 @@ impl Lease {
             }
             None => state.free.requests += 1,
         }
-        let settle = (!state.open && state.outstanding == 0)
-            .then(|| Self::settlement(&mut state))
-            .flatten();
-        drop(state);
-        if let Some(settle) = settle {
-            self.settler.start(settle);
-        }
+        self.settle_if_done(&mut state);
     }
 }
 

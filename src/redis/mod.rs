@@ -59,7 +59,7 @@ use coalesce::{Coalescer, Failed};
 use conn::Connection;
 use error::classify;
 use keys::Layout;
-use lease::{lease_ask, Acquiring, Leases, Leasing};
+use lease::{lease_ask, Acquiring, Installed, Leases, Leasing};
 use scripts::Function;
 
 pub use lease::LeaseConfig;
@@ -534,22 +534,35 @@ impl RedisEngine {
         n: u32,
         now: Timestamp,
     ) -> Option<Reserve> {
-        let acquiring = Acquiring::new(Arc::clone(&self.inner), admission.route);
+        let mut acquiring = Acquiring::new(Arc::clone(&self.inner), admission.route);
         let (ask, take) = lease_ask(admission.ask, n)?;
         let (inner, snap) = (Arc::clone(&self.inner), Arc::clone(snap));
-        Detach::new(async move {
+        let (outcome, acquiring) = Detach::new(async move {
             let leased = Admission { ask, ..admission };
             let reserve = Inner::reserve(inner, Arc::clone(&snap), leased, None, now, take);
-            match reserve.await {
+            let outcome = match reserve.await {
                 Reserve::Admitted(reservation) => {
-                    let share = acquiring.install(&snap, &admission, n, reservation);
-                    Some(Reserve::Admitted(RedisReservation::leased(share)))
+                    match acquiring.install(&snap, &admission, n, reservation) {
+                        Installed::Share(share) => {
+                            Some(Reserve::Admitted(RedisReservation::leased(share)))
+                        }
+                        Installed::Closed(closed) => {
+                            closed.release_now().await;
+                            None
+                        }
+                    }
                 }
                 Reserve::Denied(_) => None,
                 Reserve::Failed(kind) => Some(Reserve::Failed(kind)),
-            }
+            };
+            // The guard goes with the outcome: when nobody waits for it, the first
+            // request's share is dropped (and a settle it starts registered) before
+            // the guard tells `close_leases` this reserve has ended.
+            (outcome, acquiring)
         })
-        .await
+        .await;
+        drop(acquiring);
+        outcome
     }
 
     /// Stop this instance's leases admitting requests (see [`RedisConfig::lease`]),
