@@ -489,3 +489,45 @@ async fn leases_on_a_cluster_settle_exactly() {
         assert_eq!(scope.held, Decimal::ZERO);
     }
 }
+
+/// One key on a budget of exactly 1,000 requests (each uses its whole worst case),
+/// requests one after another until refused: leased while the budget is far, decided
+/// one by one in its last quarter (no two requests there share a reservation), and
+/// every one of the 1,000 served: a lease strands nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_a_limit_requests_are_decided_one_by_one_and_the_whole_budget_is_served() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let engine = connect(&server, policy("1.000", "1000", 1_000_000)).await;
+    let mut ids = Vec::new();
+    loop {
+        match engine.check_and_reserve(&ask("k1")).await {
+            Ok(reservation) => {
+                ids.push(reservation.id().unwrap().to_owned());
+                engine
+                    .commit_usage(reservation, Usage::new(600, 400))
+                    .await
+                    .unwrap();
+            }
+            Err(denial) => {
+                assert_eq!(denial.reason, DenialReason::Budget);
+                break;
+            }
+        }
+        assert!(ids.len() <= 1_000, "more admitted than the budget holds");
+    }
+    assert_eq!(ids.len(), 1_000);
+    let distinct = |range: std::ops::Range<usize>| {
+        ids[range]
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    };
+    assert!(distinct(0..700) < 700, "no lease while the budget was far");
+    assert_eq!(distinct(760..1_000), 240, "a lease in the last quarter");
+    let usage = settled(&engine).await;
+    assert_eq!(usage.workspaces[0].usage.current.cost, dec("1.000"));
+}
