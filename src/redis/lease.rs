@@ -37,6 +37,22 @@ use crate::store::Ask;
 pub(crate) const KEEP_PERCENT: u8 = 25;
 
 /// Settings of quota leasing (see [`RedisConfig::lease`](crate::RedisConfig::lease)).
+///
+/// ```
+/// use std::time::Duration;
+/// use tollgate::{LeaseConfig, RedisConfig};
+///
+/// // Leases that admit requests for half a second, each at most 1/64 of any limit.
+/// let config = RedisConfig {
+///     lease: Some(LeaseConfig {
+///         max_age: Duration::from_millis(500),
+///         max_share: 64.try_into().unwrap(),
+///         ..LeaseConfig::default()
+///     }),
+///     ..RedisConfig::default()
+/// };
+/// # let _ = config;
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LeaseConfig {
     /// The most requests one lease holds. A lease holds twice what the key and
