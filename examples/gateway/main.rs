@@ -436,12 +436,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     serve_metrics(&options, &app).await?;
     let listener = tokio::net::TcpListener::bind(&options.addr).await?;
     let url = format!("http://{}", listener.local_addr()?);
-    print_welcome(
-        &url,
-        &options.policy,
-        app.backend.name(),
-        &app.provider.describe(),
-    );
+    let backend = match (app.backend.name(), options.lease && options.redis.is_some()) {
+        (name, true) => format!("{name} with quota leasing"),
+        (name, false) => name.to_owned(),
+    };
+    print_welcome(&url, &options.policy, &backend, &app.provider.describe());
     print_admin(&url, &app, !options.admin_keys.is_empty(), &events.webhooks);
     let limits = &options.limits;
     println!(
