@@ -531,3 +531,47 @@ async fn near_a_limit_requests_are_decided_one_by_one_and_the_whole_budget_is_se
     let usage = settled(&engine).await;
     assert_eq!(usage.workspaces[0].usage.current.cost, dec("1.000"));
 }
+
+/// A key revoked on another instance: this instance's lease on it stops admitting
+/// once the new policy reaches it (pub/sub), well within a second, although the lease
+/// (30 s) has room left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_on_another_instance_stops_its_lease_within_a_second() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let leasing = connect(&server, policy("100", "1000", 100_000)).await;
+    let other = connect(&server, policy("100", "1000", 100_000)).await;
+    let mut ids = std::collections::HashSet::new();
+    for i in 0..10 {
+        let reservation = leasing.check_and_reserve(&ask("k1")).await.unwrap();
+        ids.insert(reservation.id().unwrap().to_owned());
+        leasing
+            .commit_usage(reservation, usage_of(i))
+            .await
+            .unwrap();
+    }
+    assert!(ids.len() < 10, "no lease taken");
+    other.revoke_key("k1", None).await.unwrap();
+    let revoked = Instant::now();
+    let denial = poll_until("the revocation to stop the lease", || async {
+        match leasing.check_and_reserve(&ask("k1")).await {
+            Ok(reservation) => {
+                leasing
+                    .commit_usage(reservation, Usage::new(600, 400))
+                    .await
+                    .unwrap();
+                None
+            }
+            Err(denial) => Some(denial),
+        }
+    })
+    .await;
+    let took = revoked.elapsed();
+    assert_eq!(denial.reason, DenialReason::KeyRevoked);
+    assert!(took < Duration::from_secs(1), "admitted for {took:?}");
+    let usage = settled(&leasing).await;
+    assert_eq!(usage.org.current.held, Decimal::ZERO);
+}

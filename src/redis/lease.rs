@@ -14,8 +14,10 @@
 //! takes at most `1 / max_share` of any limit or budget, and only while every limit
 //! and budget on its path keeps [`KEEP_PERCENT`] free, so near a limit every request
 //! is decided by Redis one by one, exactly as without leasing. Spend and usage reach
-//! Redis when a lease settles, and a revoked key or a policy change is seen by
-//! requests admitted from a lease taken before it (at most `max_age`).
+//! Redis when a lease settles. A policy change (a revoked key, a lowered limit) stops
+//! an instance's leases when that instance applies it (at once on the one that made
+//! it, by pub/sub on the others), or when they end, whichever comes first; a request
+//! decided by Redis sees a revocation's flag at once.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
