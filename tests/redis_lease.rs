@@ -575,3 +575,45 @@ async fn a_key_revoked_on_another_instance_stops_its_lease_within_a_second() {
     let usage = settled(&leasing).await;
     assert_eq!(usage.org.current.held, Decimal::ZERO);
 }
+
+/// 64 requests at once on a busy key: the first reserves a lease and the others wait
+/// for it rather than each going to Redis alone, so the burst takes a few calls, not
+/// 64; the books equal the receipts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_on_a_busy_key_waits_for_the_lease_being_reserved() {
+    if !require_redis() {
+        eprintln!("skipping: TOLLGATE_SKIP_REDIS set");
+        return;
+    }
+    let server = RedisServer::start();
+    let engine = connect(&server, policy("100", "1000", 100_000)).await;
+    let first = engine.check_and_reserve(&ask("k1")).await.unwrap();
+    let mut cost = engine
+        .commit_usage(first, Usage::new(600, 400))
+        .await
+        .unwrap()
+        .cost();
+    assert_eq!(server.cli(&["config", "resetstat"]), "OK");
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let reservation = engine.check_and_reserve(&ask("k1")).await.unwrap();
+                engine
+                    .commit_usage(reservation, Usage::new(600, 400))
+                    .await
+                    .unwrap()
+                    .cost()
+            })
+        })
+        .collect();
+    for task in tasks {
+        cost += task.await.unwrap();
+    }
+    let calls = fcalls(&server);
+    // Without the wait: 18 calls (the 63 others coalesced, each decided alone).
+    assert!(calls <= 4, "the burst took {calls} calls");
+    let usage = settled(&engine).await;
+    assert_eq!(usage.workspaces[0].usage.current.requests, 65);
+    assert_eq!(usage.workspaces[0].usage.current.cost, cost);
+}

@@ -8,6 +8,9 @@
 //! books add up (the settle charges exactly what the lease's requests used); a
 //! crashed instance's lease comes back within one reservation TTL.
 //!
+//! A chain's requests that arrive while its lease is being reserved wait for that
+//! reserve (at most twice the response timeout) rather than each going to Redis.
+//!
 //! What it gives up, bounded: a lease's unused part is headroom that other instances
 //! (and other keys of the same workspace or org) cannot use until it is settled, at
 //! most `max_age` after it was taken plus the longest request it admitted. A lease
@@ -86,8 +89,12 @@ pub(crate) enum Leasing {
     /// Admitted from the chain's lease.
     Share(Share),
     /// Reserve a lease of this many requests for the chain (this request is its
-    /// first), under an [`Acquiring`] guard.
-    Acquire(u32),
+    /// first), under an [`Acquiring`] guard made with this sender: the chain's other
+    /// requests wait for it to be dropped.
+    Acquire(u32, tokio::sync::watch::Sender<()>),
+    /// A lease for the chain is being reserved: wait until this receiver's sender is
+    /// gone (the lease installed or refused), then ask again, without waiting twice.
+    Await(tokio::sync::watch::Receiver<()>),
     /// Reserve this request alone.
     Exact,
 }
@@ -111,8 +118,9 @@ const SHARDS: usize = 16;
 struct Chain {
     /// The lease admitting requests now.
     lease: Option<Arc<Lease>>,
-    /// A lease is being reserved (this chain's other requests go one by one).
-    acquiring: bool,
+    /// A lease is being reserved: the chain's other requests wait for it (until the
+    /// reserve's guard, which holds the sender, is dropped).
+    acquiring: Option<tokio::sync::watch::Receiver<()>>,
     last_seen: Option<Instant>,
     /// Requests the last lease served: the next one holds twice as many.
     demand: u32,
@@ -168,11 +176,13 @@ impl Leases {
 
     /// Admit `admission` from its chain's lease, or say how to reserve it.
     /// `eligible`: no end user's level applies (leases hold the policy's levels only).
+    /// `may_wait`: it may wait for a lease being reserved (not after it did once).
     pub(crate) fn admit(
         &self,
         snap: &Arc<Snapshot>,
         admission: &Admission,
         eligible: bool,
+        may_wait: bool,
         now: Instant,
     ) -> Leasing {
         if !eligible {
@@ -201,11 +211,18 @@ impl Leases {
             let lease = chain.lease.take().expect("checked above");
             chain.demand = lease.close();
         }
+        if let Some(acquiring) = &chain.acquiring {
+            return if may_wait {
+                Leasing::Await(acquiring.clone())
+            } else {
+                Leasing::Exact
+            };
+        }
         let quiet = chain.quiet_until.is_some_and(|until| now < until);
         let Some(gap) = gap else {
             return Leasing::Exact;
         };
-        if chain.acquiring || quiet {
+        if quiet {
             return Leasing::Exact;
         }
         // Twice what the last lease served, or what the rate the gap shows would
@@ -218,8 +235,9 @@ impl Leases {
             .max(u32::try_from(by_rate).unwrap_or(u32::MAX));
         match lease_size(snap, route, admission.ask, self.config, want) {
             Some(n) => {
-                chain.acquiring = true;
-                Leasing::Acquire(n)
+                let (done, waiting) = tokio::sync::watch::channel(());
+                chain.acquiring = Some(waiting);
+                Leasing::Acquire(n, done)
             }
             None => Leasing::Exact,
         }
@@ -243,7 +261,7 @@ impl Leases {
         // installed at all.
         let mut shard = self.shard(route);
         let chain = shard.entry((route.key, route.model)).or_default();
-        chain.acquiring = false;
+        chain.acquiring = None;
         if self.acquisitions.lock().epoch != epoch {
             return Installed::Closed(reservation);
         }
@@ -290,7 +308,7 @@ impl Leases {
     fn refused(&self, route: Route) {
         let mut shard = self.shard(route);
         let chain = shard.entry((route.key, route.model)).or_default();
-        chain.acquiring = false;
+        chain.acquiring = None;
         chain.demand = 1;
         chain.quiet_until = Some(Instant::now() + self.config.max_age);
     }
@@ -333,11 +351,18 @@ pub(crate) struct Acquiring {
     /// The close epoch it started in.
     epoch: u64,
     installed: bool,
+    /// Dropped with the guard: wakes the chain's requests waiting for this lease.
+    _done: tokio::sync::watch::Sender<()>,
 }
 
 impl Acquiring {
-    /// The chain of `route` of `inner` (which leases) starts reserving a lease.
-    pub(crate) fn new(inner: Arc<Inner>, route: Route) -> Self {
+    /// The chain of `route` of `inner` (which leases) starts reserving a lease;
+    /// `done` is the sender [`Leasing::Acquire`] gave.
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        route: Route,
+        done: tokio::sync::watch::Sender<()>,
+    ) -> Self {
         let leases = inner
             .leases
             .as_ref()
@@ -353,6 +378,7 @@ impl Acquiring {
             route,
             epoch,
             installed: false,
+            _done: done,
         }
     }
 

@@ -467,16 +467,27 @@ impl RedisEngine {
             .map(|id| inner.layout.end_user(&workspace.id, id));
         let mut outcome = None;
         if let Some(leases) = &inner.leases {
-            let leasing = leases.admit(snap, &admission, end_user.is_none(), Instant::now());
-            match leasing {
-                Leasing::Share(share) => {
-                    snap.meters.admitted(admission.route);
-                    return Ok(RedisReservation::leased(share));
+            let mut may_wait = true;
+            loop {
+                let eligible = end_user.is_none();
+                match leases.admit(snap, &admission, eligible, may_wait, Instant::now()) {
+                    Leasing::Share(share) => {
+                        snap.meters.admitted(admission.route);
+                        return Ok(RedisReservation::leased(share));
+                    }
+                    Leasing::Acquire(n, done) => {
+                        outcome = self.acquire_lease(snap, admission, n, done, now).await;
+                        break;
+                    }
+                    Leasing::Await(mut reserving) => {
+                        // As long as that reserve may take (queued, then sent); then
+                        // this request goes alone.
+                        let patience = inner.config.response_timeout.saturating_mul(2);
+                        let _ = tokio::time::timeout(patience, reserving.changed()).await;
+                        may_wait = false;
+                    }
+                    Leasing::Exact => break,
                 }
-                Leasing::Acquire(n) => {
-                    outcome = self.acquire_lease(snap, admission, n, now).await;
-                }
-                Leasing::Exact => {}
             }
         }
         let outcome = match outcome {
@@ -532,9 +543,10 @@ impl RedisEngine {
         snap: &Arc<Snapshot>,
         admission: Admission,
         n: u32,
+        done: tokio::sync::watch::Sender<()>,
         now: Timestamp,
     ) -> Option<Reserve> {
-        let mut acquiring = Acquiring::new(Arc::clone(&self.inner), admission.route);
+        let mut acquiring = Acquiring::new(Arc::clone(&self.inner), admission.route, done);
         let (ask, take) = lease_ask(admission.ask, n)?;
         let (inner, snap) = (Arc::clone(&self.inner), Arc::clone(snap));
         let (outcome, acquiring) = Detach::new(async move {
