@@ -211,6 +211,15 @@ impl Leases {
             let lease = chain.lease.take().expect("checked above");
             chain.demand = lease.close();
         }
+        // (A reserve whose guard never came to be, its sender dropped early, holds
+        // nobody up.)
+        if chain
+            .acquiring
+            .as_ref()
+            .is_some_and(|acquiring| acquiring.has_changed().is_err())
+        {
+            chain.acquiring = None;
+        }
         if let Some(acquiring) = &chain.acquiring {
             return if may_wait {
                 Leasing::Await(acquiring.clone())
