@@ -437,6 +437,24 @@ pub(crate) fn release(group: &Group, id: &str) -> Call {
     }
 }
 
+/// Element `i` of a reply's `items` as an integer; a reply cut short is corrupt.
+fn item(op: &str, items: &[Value], i: usize) -> Result<i64, StoreError> {
+    items
+        .get(i)
+        .ok_or_else(|| corrupt_reply(op, format!("short reply {items:?}")))
+        .and_then(|v| integer(op, v))
+}
+
+/// A reply's duration in nanoseconds (negative: none left).
+fn nanos(n: i64) -> Duration {
+    Duration::from_nanos(u64::try_from(n).unwrap_or(0))
+}
+
+/// A reply's count (negative: none).
+fn count(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
 /// A reply element as an integer (the scripts send numbers as integers or strings).
 fn integer(op: &str, value: &Value) -> Result<i64, StoreError> {
     match value {
@@ -509,14 +527,7 @@ fn read_admitted(
     items: &[Value],
     tightest: &mut Tightest,
 ) -> Result<String, StoreError> {
-    let int = |i: usize| {
-        items
-            .get(i)
-            .ok_or_else(|| corrupt_reply(OP_RESERVE, format!("short reply {items:?}")))
-            .and_then(|v| integer(OP_RESERVE, v))
-    };
-    let nanos = |n: i64| Duration::from_nanos(u64::try_from(n).unwrap_or(0));
-    let count = |n: i64| u64::try_from(n).unwrap_or(0);
+    let int = |i: usize| item(OP_RESERVE, items, i);
     for (position, member) in group.levels.iter().enumerate() {
         let rules = part(snap, route, member);
         let base = position * 6;
@@ -552,14 +563,7 @@ fn read_refusal(
     ask: Ask,
     items: &[Value],
 ) -> Result<Reserved, StoreError> {
-    let int = |i: usize| {
-        items
-            .get(i)
-            .ok_or_else(|| corrupt_reply(OP_RESERVE, format!("short reply {items:?}")))
-            .and_then(|v| integer(OP_RESERVE, v))
-    };
-    let nanos = |n: i64| Duration::from_nanos(u64::try_from(n).unwrap_or(0));
-    let count = |n: i64| u64::try_from(n).unwrap_or(0);
+    let int = |i: usize| item(OP_RESERVE, items, i);
     let position = usize::try_from(int(0)? - 1)
         .ok()
         .filter(|&p| p < group.levels.len())
@@ -654,12 +658,7 @@ fn read_group_commit(
         return Ok(());
     }
     for (position, member) in group.levels.iter().enumerate() {
-        let value = |i: usize| {
-            items
-                .get(1 + 3 * position + i)
-                .ok_or_else(|| corrupt_reply("commit", format!("short reply {items:?}")))
-                .and_then(|v| integer("commit", v))
-        };
+        let value = |i: usize| item("commit", items, 1 + 3 * position + i);
         let (before, now) = (value(0)?, value(1)?);
         if now >= 0 {
             reached.push(Reached {
