@@ -336,42 +336,24 @@ fn throughput(c: &mut Criterion) {
         .sampling_mode(SamplingMode::Flat)
         .sample_size(10)
         .measurement_time(Duration::from_secs(4));
-    group.bench_function("reserve_commit_64_tasks", |b| {
-        b.iter_custom(|iters| {
-            let (engine, table) = (engine.clone(), Arc::clone(&table));
-            run_tasks(&runtime, iters * PER_TASK, move |t, i| {
+    for (id, engine) in [
+        ("reserve_commit_64_tasks", &engine),
+        ("reserve_commit_64_tasks_leased", &leased),
+        ("reserve_commit_64_tasks_uncoalesced", &uncoalesced),
+    ] {
+        group.bench_function(id, |b| {
+            b.iter_custom(|iters| {
                 let (engine, table) = (engine.clone(), Arc::clone(&table));
-                async move {
-                    let j = t * stride + i as usize;
-                    black_box(reserve_commit(&engine, &by_id(table.id(j))).await);
-                }
+                run_tasks(&runtime, iters * PER_TASK, move |t, i| {
+                    let (engine, table) = (engine.clone(), Arc::clone(&table));
+                    async move {
+                        let j = t * stride + i as usize;
+                        black_box(reserve_commit(&engine, &by_id(table.id(j))).await);
+                    }
+                })
             })
-        })
-    });
-    group.bench_function("reserve_commit_64_tasks_leased", |b| {
-        b.iter_custom(|iters| {
-            let (engine, table) = (leased.clone(), Arc::clone(&table));
-            run_tasks(&runtime, iters * PER_TASK, move |t, i| {
-                let (engine, table) = (engine.clone(), Arc::clone(&table));
-                async move {
-                    let j = t * stride + i as usize;
-                    black_box(reserve_commit(&engine, &by_id(table.id(j))).await);
-                }
-            })
-        })
-    });
-    group.bench_function("reserve_commit_64_tasks_uncoalesced", |b| {
-        b.iter_custom(|iters| {
-            let (engine, table) = (uncoalesced.clone(), Arc::clone(&table));
-            run_tasks(&runtime, iters * PER_TASK, move |t, i| {
-                let (engine, table) = (engine.clone(), Arc::clone(&table));
-                async move {
-                    let j = t * stride + i as usize;
-                    black_box(reserve_commit(&engine, &by_id(table.id(j))).await);
-                }
-            })
-        })
-    });
+        });
+    }
     for (id, engine) in [
         ("reserve_commit_64_tasks_one_workspace", &engine),
         (

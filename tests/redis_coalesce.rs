@@ -69,16 +69,6 @@ async fn connect(server: &RedisServer, coalesce: bool) -> RedisEngine {
     .unwrap()
 }
 
-/// `FCALL`s the server ran since the last `CONFIG RESETSTAT`.
-fn fcalls(server: &RedisServer) -> u64 {
-    let stats = server.cli(&["info", "commandstats"]);
-    stats
-        .lines()
-        .find_map(|line| line.strip_prefix("cmdstat_fcall:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |calls| calls.parse().unwrap())
-}
-
 /// `count` reserves of `key` at once, each on its own task; what each answered.
 async fn burst(
     engine: &RedisEngine,
@@ -119,7 +109,7 @@ async fn a_coalesced_burst_admits_exactly_what_fits_in_fewer_calls() {
         let engine = connect(&server, coalesce).await;
         assert_eq!(server.cli(&["config", "resetstat"]), "OK");
         let answers = burst(&engine, &["k1", "k2"], 64).await;
-        let calls = fcalls(&server);
+        let calls = server.fcalls();
 
         let admitted = |key: &str| {
             answers
@@ -203,10 +193,10 @@ async fn a_request_that_fails_inside_a_shared_call_fails_alone() {
     let answers = burst(&engine, &["k1", "k2"], 20).await;
     // A failed reserve is released by id in the background (its reply is not trusted
     // to say nothing was taken): one `release` call per hash tag, 2 × 10. Wait for them.
-    let mut calls = fcalls(&server);
+    let mut calls = server.fcalls();
     for _ in 0..100 {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        let now = fcalls(&server);
+        let now = server.fcalls();
         if now == calls && now >= 20 {
             break;
         }

@@ -75,16 +75,6 @@ async fn connect(server: &RedisServer, policy: Policy) -> RedisEngine {
         .unwrap()
 }
 
-/// `FCALL`s the server ran since the last `CONFIG RESETSTAT`.
-fn fcalls(server: &RedisServer) -> u64 {
-    let stats = server.cli(&["info", "commandstats"]);
-    stats
-        .lines()
-        .find_map(|line| line.strip_prefix("cmdstat_fcall:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |calls| calls.parse().unwrap())
-}
-
 /// Poll `probe` until it yields a value, panicking after 10 s.
 async fn poll_until<T, F, Fut>(what: &str, mut probe: F) -> T
 where
@@ -172,7 +162,7 @@ async fn a_busy_key_is_served_from_leases_and_the_books_equal_the_receipts() {
         assert_eq!(server.cli(&["hget", scope, "held"]), "0", "{scope}");
     }
     let usage = engine.usage().await.unwrap();
-    let calls = fcalls(&server);
+    let calls = server.fcalls();
     assert!(calls < 60, "300 leased requests took {calls} calls");
     for scope in [&usage.workspaces[0].usage.current, &usage.org.current] {
         assert_eq!(scope.requests, 300);
@@ -610,7 +600,7 @@ async fn a_burst_on_a_busy_key_waits_for_the_lease_being_reserved() {
     for task in tasks {
         cost += task.await.unwrap();
     }
-    let calls = fcalls(&server);
+    let calls = server.fcalls();
     // Without the wait: 18 calls (the 63 others coalesced, each decided alone).
     assert!(calls <= 4, "the burst took {calls} calls");
     let usage = settled(&engine).await;

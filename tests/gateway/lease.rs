@@ -66,16 +66,6 @@ async fn eight_chats(gateway: &Gateway) -> Vec<crate::support::Answer> {
     vec![a, b, c, d, e, f, g, h]
 }
 
-/// `FCALL`s the server ran so far (reserves, commits, settles, policy calls).
-fn fcalls(redis: &RedisServer) -> u64 {
-    redis
-        .cli(&["info", "commandstats"])
-        .lines()
-        .find_map(|line| line.strip_prefix("cmdstat_fcall:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |calls| calls.parse().unwrap())
-}
-
 /// The production workspace's spend, requests and holds this period, from
 /// `/admin/usage` of `gateway`.
 async fn workspace_usage(gateway: &Gateway) -> (Decimal, u64, Decimal) {
@@ -107,7 +97,7 @@ async fn a_graceful_shutdown_settles_every_lease() {
     let mut leasing = spawn(&redis, &["--lease"]);
     let charged = traffic(&leasing).await;
     // Exact, 120 requests take 240 calls and more; from leases, a fraction.
-    let calls = fcalls(&redis);
+    let calls = redis.fcalls();
     assert!(
         calls < 120,
         "{calls} calls: requests were not served from leases"

@@ -674,6 +674,15 @@ impl RedisServer {
         self.node.try_cli(&[], args)
     }
 
+    /// `FCALL`s the server ran since it started or the last `CONFIG RESETSTAT`.
+    pub fn fcalls(&self) -> u64 {
+        self.cli(&["info", "commandstats"])
+            .lines()
+            .find_map(|line| line.strip_prefix("cmdstat_fcall:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |calls| calls.parse().unwrap())
+    }
+
     /// The server's clock (`TIME`), in ms: the clock of holds and their expiries.
     pub fn time_ms(&self) -> f64 {
         let out = self.cli(&["time"]);
